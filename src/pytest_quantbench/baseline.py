@@ -1,0 +1,137 @@
+"""The baseline logits: computed once per key across xdist workers and runs, kept in a cache.
+
+The cache file is llama-perplexity's ``--kl-divergence-base`` format (ik variant, R = 24; see
+:mod:`pytest_quantbench.kldbase`), so a file from llama-perplexity can be used as the baseline
+(``--quantbench-kld-base``) and ours can be given to llama-perplexity. The cache key,
+:class:`RunIdentity`, holds everything that changes a logit; the results store uses the same key.
+Concurrency follows xdist's "session-scoped fixture once" recipe: a :class:`filelock.FileLock`
+next to the file; the first process computes and atomically writes it, the others wait and read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from filelock import FileLock
+
+from .kldbase import KLDBaseFile, KLDBaseFormatError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Everything that decides whether two numbers are comparable.
+
+    model_sha256 / corpus_sha256: content hashes (hex); n_ctx: chunk length (tokens);
+    chunks: number of chunks; engine: :attr:`EngineIdentity.key`; eval: evaluation settings text
+    (flash attention, n_ubatch, batch layout).
+    """
+
+    model_sha256: str
+    corpus_sha256: str
+    n_ctx: int
+    chunks: int
+    engine: str
+    eval: str
+
+    def digest(self) -> str:
+        """16-hex-char digest of all fields (cache file names, store keys)."""
+        text = "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def as_row(self) -> dict[str, str | int]:
+        """The identity as result-row columns (builtin types only)."""
+        return asdict(self)
+
+
+def baseline_cache_path(cache_dir: Path, identity: RunIdentity) -> Path:
+    """``<cache_dir>/baselines/<model12>-c<n_ctx>-<chunks>ch-<digest>.kld``."""
+    name = (f"{identity.model_sha256[:12]}-c{identity.n_ctx}-{identity.chunks}ch-"
+            f"{identity.digest()}.kld")
+    return cache_dir / "baselines" / name
+
+
+def matches(base: KLDBaseFile, tokens: np.ndarray, n_vocab: int) -> str | None:
+    """Why ``base`` does not belong to this run, or None when it does.
+
+    tokens: int32 (n_chunk, n_ctx) of the run's corpus. Checks n_ctx, n_chunk, n_vocab and tokens.
+    """
+    n_chunk, n_ctx = tokens.shape
+    if base.n_vocab != n_vocab:
+        return f"it was computed for n_vocab={base.n_vocab}, the model has n_vocab={n_vocab}"
+    if base.n_ctx != n_ctx:
+        return f"it was computed with n_ctx={base.n_ctx}, this run uses n_ctx={n_ctx}"
+    if base.n_chunk != n_chunk:
+        return f"it holds {base.n_chunk} chunks, this run uses {n_chunk}"
+    if not np.array_equal(base.tokens, tokens):
+        return "its tokens differ from this run's corpus tokens"
+    return None
+
+
+def ensure_baseline(
+    path: Path,
+    tokens: np.ndarray,
+    n_vocab: int,
+    compute: Callable[[Path], None],
+) -> KLDBaseFile:
+    """Return the cached baseline at ``path``, computing it first if absent or invalid.
+
+    Args:
+        path: cache file; its directory is created. tokens: int32 (n_chunk, n_ctx), the chunks.
+        n_vocab: the model's vocabulary size. compute: writes a complete file at the given path
+            (atomically); called at most once across processes, under the lock.
+    Returns:
+        the opened :class:`KLDBaseFile`.
+    Raises:
+        whatever ``compute`` raises; KLDBaseFormatError if a fresh file is still invalid.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                base = KLDBaseFile(path)
+                problem = matches(base, tokens, n_vocab)
+            except KLDBaseFormatError as exc:
+                problem = str(exc)
+            if problem is None:
+                return base
+            log.warning("baseline cache %s is not usable (%s): recomputing", path, problem)
+            path.unlink()
+        compute(path)
+    base = KLDBaseFile(path)
+    problem = matches(base, tokens, n_vocab)
+    if problem is not None:
+        raise KLDBaseFormatError(f"freshly computed baseline {path} does not match: {problem}")
+    return base
+
+
+def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
+    """Evaluate every chunk of ``tokens`` with ``model`` and write the base file at ``path``.
+
+    model: :class:`pytest_quantbench.engine.llama.LlamaModel` of the baseline; tokens: int32
+    (n_chunk, n_ctx). The file is written atomically by :class:`KLDBaseWriter`.
+    """
+    from .kldbase import KLDBaseWriter
+
+    n_chunk, n_ctx = tokens.shape
+    with KLDBaseWriter(path, n_ctx, model.n_vocab, tokens) as writer:
+        for chunk in tokens:
+            writer.write_chunk(model.eval_chunk(chunk))
+
+
+def user_baseline(path: Path, n_vocab: int) -> KLDBaseFile:
+    """Open a user-given ``--kl-divergence-base`` file and check it fits the model.
+
+    Raises KLDBaseFormatError (bad/truncated file) or ValueError when n_vocab differs, with the fix.
+    """
+    base = KLDBaseFile(path)
+    if base.n_vocab != n_vocab:
+        raise ValueError(f"--quantbench-kld-base {path} was computed for n_vocab={base.n_vocab} but "
+                         f"the model has n_vocab={n_vocab}: use the base file of this model")
+    return base

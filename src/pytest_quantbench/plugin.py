@@ -1,0 +1,247 @@
+"""pytest hooks of pytest-quantbench (the ``pytest11`` entry point). Thin: it wires pytest to the
+modules that do the work, and imports them lazily so an ordinary test suite pays nothing.
+
+Flow: ``pytest_configure`` merges the settings (:mod:`config`) and plans the work units (GGUF
+header × selection rules × qtypes) or raises a usage error; ``pytest_collection_modifyitems``
+adds one :class:`QuantbenchItem` per unit; an item *measures in setup* (so a broken engine, NaN
+logits or a fallback type surface as errors/skips) and *checks thresholds in call* (so a regression
+is a failure); the controller gathers each item's ``user_properties`` and writes the CSV tables and
+the terminal summary.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import OPTIONS, ConfigError
+
+SESSION_KEY = pytest.StashKey["Any"]()
+REPORTER_KEY = pytest.StashKey["Any"]()
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("quantbench", "pytest-quantbench: per-tensor quantization benchmarks")
+    for opt in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": opt.dest, "default": None, "help": opt.help}
+        if opt.kind == "list" and opt.name == "tensors":
+            kwargs.update(nargs="+", action="extend", metavar="RULE")
+        elif opt.kind == "list":
+            kwargs.update(action="append", metavar="LIST")
+        elif opt.kind == "bool":
+            kwargs.update(action="store_const", const=True)
+        else:
+            kwargs["metavar"] = opt.kind.upper() if opt.kind != "path" else "PATH"
+        group.addoption(opt.flag, **kwargs)
+        parser.addini(opt.dest, opt.help, type="linelist" if opt.kind == "list" else "string",
+                      default=None)
+    group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
+                    help="YAML file of quantbench settings (default: quantbench.yaml in the "
+                         "rootdir, if present)")
+
+
+def _build_config(config: pytest.Config):
+    from .config import DEFAULT_CONFIG_FILE, build_config
+
+    invocation = Path(config.invocation_params.dir)
+    cfg_file = config.getoption("quantbench_config")
+    return build_config(
+        config.getoption,
+        lambda dest: config.getini(dest),
+        invocation_dir=invocation,
+        ini_dir=Path(config.inipath).parent if config.inipath else config.rootpath,
+        config_file=(invocation / cfg_file) if cfg_file else None,
+        default_config_file=config.rootpath / DEFAULT_CONFIG_FILE,
+    )
+
+
+def _cache_dir(config: pytest.Config, qb_config) -> Path:
+    if qb_config.cache_dir is not None:
+        path = qb_config.cache_dir
+    elif getattr(config, "cache", None) is not None:
+        path = config.cache.mkdir("quantbench")
+    else:
+        path = config.rootpath / ".pytest_cache" / "d" / "quantbench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        qb_config = _build_config(config)
+        if qb_config is None:
+            return
+        from .planning import plan_units
+        from .session import QuantbenchSession
+
+        n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        session = QuantbenchSession(qb_config, _cache_dir(config, qb_config), n_workers)
+        session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
+            pytest.PytestWarning(msg), stacklevel=2))
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    except ValueError as exc:  # GGUF, selection, qtype and threshold errors are usage errors
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION_KEY] = session
+    config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
+    if not hasattr(config, "workerinput"):
+        reporter = ResultCollector(config, session)
+        config.stash[REPORTER_KEY] = reporter
+        config.pluginmanager.register(reporter, "quantbench-reporter")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is not None:
+        session.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None:
+        return None
+    try:
+        return session.header_lines() + [f"quantbench items: {len(session.units)}"]
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """Add the quantbench collector beside the session's own top-level nodes."""
+    report = yield
+    if (isinstance(collector, pytest.Session) and SESSION_KEY in collector.config.stash
+            and report.passed):
+        model = collector.config.stash[SESSION_KEY].model_path
+        report.result.append(QuantbenchCollector.from_parent(collector, name="quantbench",
+                                                             path=model))
+    return report
+
+
+class QuantbenchCollector(pytest.Collector):
+    """Yields one :class:`QuantbenchItem` per planned work unit, in the planned (sorted) order."""
+
+    def collect(self):
+        for unit in self.config.stash[SESSION_KEY].units:
+            yield QuantbenchItem.from_parent(self, name=unit.id, unit=unit)
+
+
+class QuantbenchItem(pytest.Item):
+    """One (tensor or group, qtype) work unit: measured in setup, judged in call."""
+
+    def __init__(self, *, unit, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from .selection import layer_of, tensor_kind
+
+        self.unit = unit
+        self.measured: dict[str, Any] | None = None
+        tensor = unit.tensors[0]
+        layer, kind = layer_of(tensor), tensor_kind(tensor)
+        self.add_marker(pytest.mark.quantbench(tensor=unit.name, qtype=unit.qtype, layer=layer,
+                                               kind=kind))
+        self.extra_keyword_matches.update(
+            {unit.qtype, kind} | ({f"layer{layer}"} if layer is not None else set()))
+
+    def _session(self):
+        return self.config.stash[SESSION_KEY]
+
+    def setup(self) -> None:
+        from .session import ItemSkip
+
+        qb = self._session()
+        row = qb.identity_row(self.unit)
+        try:
+            self.measured = qb.measure(self.unit, row)
+            row.update(self.measured)
+        except ItemSkip as exc:
+            row["reason"] = str(exc)
+            raise pytest.skip.Exception(str(exc), _use_item_location=True) from None
+        finally:
+            self.user_properties.extend((k, _builtin(v)) for k, v in row.items())
+
+    def runtest(self) -> None:
+        qb = self._session()
+        violations = qb.thresholds.check(self.unit.name, self.unit.qtype, self.measured)
+        if violations:
+            pytest.fail("\n".join(v.message for v in violations), pytrace=False)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, _USER_ERRORS) and not isinstance(excinfo.value, AssertionError):
+            return f"{type(excinfo.value).__name__}: {excinfo.value}"
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        return self.path, 0, f"quantbench {self.name}"
+
+
+def _builtin(value: Any) -> Any:
+    """Reports travel through execnet, which accepts builtin types only (no numpy scalars)."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+class ResultCollector:
+    """Controller-side: gathers result rows from reports, writes the tables, prints the summary."""
+
+    def __init__(self, config: pytest.Config, session) -> None:
+        self.config = config
+        self.session = session
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.written: list[Path] = []
+        self.write_error: str | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = dict(report.user_properties)
+        if "qtype" not in props or "model_sha256" not in props:
+            return
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            status = "error" if report.when == "setup" and report.failed else report.outcome
+            row = {**props, "status": status, "nodeid": report.nodeid}
+            if report.failed and "reason" not in row:
+                row["reason"] = str(getattr(report, "longreprtext", ""))[-500:]
+            self.rows[report.nodeid] = row
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        from .report import write_suite_tables
+
+        rows = list(self.rows.values())
+        if not rows:
+            return
+        units = self.session.units
+        tensors = sorted({u.name for u in units}, key=_natural)
+        qtypes = sorted({u.qtype for u in units})
+        try:
+            self.written = write_suite_tables(rows, self.session.config.output, tensors=tensors,
+                                              qtypes=qtypes)
+        except OSError as exc:
+            self.write_error = str(exc)
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        from .report import format_summary
+
+        rows = list(self.rows.values())
+        if not rows:
+            return
+        tr = terminalreporter
+        tr.section("quantbench")
+        for line in format_summary(rows, self.session.config.top):
+            tr.write_line(line)
+        if self.write_error:
+            tr.write_line(f"could not write the result tables: {self.write_error}", red=True)
+        for path in self.written:
+            tr.write_line(f"wrote {path}")
+
+
+def _natural(name: str):
+    from .selection import natural_key
+
+    return natural_key(name)

@@ -1,0 +1,293 @@
+"""One process's quantbench state: inputs, baseline and the measurement of one work unit.
+
+Every pytest process (controller or xdist worker) holds one :class:`QuantbenchSession` in
+``config.stash``. Its expensive parts are lazy: the controller only reads headers and tokenizes
+(for the run header), workers load the baseline model once, ensure the baseline logits (computed
+once across workers by :mod:`baseline`) and measure items. Nothing here knows pytest: skips are
+raised as :class:`ItemSkip`, engine failures as EngineError / ValueError.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from . import inputs
+from .config import ConfigError, QuantbenchConfig
+
+
+class ItemSkip(Exception):
+    """The item cannot be measured as asked (fallback type, missing imatrix…); str is the reason."""
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """What one item measures: ``tensors`` (names, natural order) quantized to ``qtype``.
+
+    ``name`` is the column name (the tensor, or a group name); ``qtype`` the user's spelling.
+    """
+
+    name: str
+    tensors: tuple[str, ...]
+    qtype: str
+
+    @property
+    def id(self) -> str:
+        """The pytest item name, ``<tensor>[<qtype>]``."""
+        return f"{self.name}[{self.qtype}]"
+
+
+def default_threads(n_workers: int) -> int:
+    """About cores / workers threads per process (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, n_workers))
+
+
+class QuantbenchSession:
+    """Inputs, engine and baseline of one run, and :meth:`measure` for one work unit.
+
+    Args:
+        config: merged settings; cache_dir: where baselines/models live; n_workers: xdist workers
+            (1 without xdist), used for the default thread count.
+    """
+
+    def __init__(self, config: QuantbenchConfig, cache_dir: Path, n_workers: int = 1) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self.threads = config.threads or default_threads(n_workers)
+
+    # ---- inputs -------------------------------------------------------------------------
+    @cached_property
+    def model_path(self) -> Path:
+        """The baseline GGUF (the default one is converted on first use)."""
+        if self.config.model is not None:
+            return self.config.model
+        return inputs.ensure_default_model(self.cache_dir, self.config.baseline_qtype,
+                                           self.threads)
+
+    @cached_property
+    def model_header(self):
+        """GGUF header of the baseline (every shard of a split model). Raises GGUFError."""
+        from .gguf import read_model_header
+
+        return read_model_header(self.model_path)
+
+    @cached_property
+    def model_sha256(self) -> str:
+        return inputs.sha256_file(self.model_path, self.cache_dir)
+
+    @cached_property
+    def corpus_text(self) -> str:
+        return inputs.read_corpus(self.config.corpus)
+
+    @cached_property
+    def identity_engine(self):
+        from .engine.identity import engine_identity
+
+        return engine_identity()
+
+    @cached_property
+    def eval_settings(self):
+        from .engine.llama import EvalSettings
+
+        return EvalSettings(n_ctx=self.n_ctx, threads=self.threads,
+                            n_gpu_layers=self.config.n_gpu_layers)
+
+    @cached_property
+    def base_model(self):
+        """The baseline model loaded once in this process (tokenizer and baseline evaluation)."""
+        from .engine.llama import EvalSettings, LlamaModel
+
+        return LlamaModel(self.model_path, EvalSettings(n_ctx=self.n_ctx, threads=self.threads,
+                                                        n_gpu_layers=self.config.n_gpu_layers))
+
+    @cached_property
+    def user_base(self):
+        """The user's ``--quantbench-kld-base`` file, or None."""
+        if self.config.kld_base is None:
+            return None
+        from .kldbase import KLDBaseFile
+
+        return KLDBaseFile(self.config.kld_base)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.user_base.n_ctx if self.user_base is not None else self.config.ctx
+
+    @cached_property
+    def corpus_tokens(self):
+        """All corpus tokens, int32 (N,), tokenized as llama-perplexity does."""
+        return self.base_model.tokenize(self.corpus_text)
+
+    @cached_property
+    def chunk_tokens(self):
+        """The evaluated chunks, int32 (n_chunk, n_ctx). Raises ConfigError when text is short."""
+        if self.user_base is not None:
+            return self.user_base.tokens
+        tokens, n_ctx, want = self.corpus_tokens, self.n_ctx, self.config.chunks
+        where = self.config.corpus or inputs.DEFAULT_CORPUS_NAME
+        available = len(tokens) // n_ctx
+        if len(tokens) < 2 * n_ctx:
+            raise ConfigError(f"corpus {where} has {len(tokens)} tokens; llama-perplexity needs at "
+                              f"least {2 * n_ctx} for n_ctx={n_ctx}: use a longer text or a "
+                              "smaller --quantbench-ctx")
+        if want is not None and want > available:
+            raise ConfigError(f"--quantbench-chunks {want}: corpus {where} has {len(tokens)} "
+                              f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}")
+        n_chunk = available if want is None else want
+        return tokens[: n_chunk * n_ctx].reshape(n_chunk, n_ctx)
+
+    @cached_property
+    def run_identity(self):
+        from .baseline import RunIdentity
+
+        corpus_hash = (inputs.sha256_file(self.config.kld_base, self.cache_dir)
+                       if self.user_base is not None else inputs.sha256_text(self.corpus_text))
+        settings = self.eval_settings
+        return RunIdentity(
+            model_sha256=self.model_sha256,
+            corpus_sha256=corpus_hash,
+            n_ctx=self.n_ctx,
+            chunks=int(self.chunk_tokens.shape[0]),
+            engine=self.identity_engine.key,
+            eval=f"fa={int(settings.flash_attn)},ub={settings.n_ubatch},seq=1",
+        )
+
+    def header_lines(self) -> list[str]:
+        """The run-header lines: model + hash, corpus + tokens, n_ctx, chunks, engine."""
+        ident = self.run_identity
+        corpus = (f"kld-base {self.config.kld_base}" if self.user_base is not None else
+                  f"{self.config.corpus or inputs.DEFAULT_CORPUS_NAME} "
+                  f"({len(self.corpus_tokens)} tokens, sha256 {ident.corpus_sha256[:12]})")
+        return [
+            f"quantbench model: {self.model_path} (sha256 {ident.model_sha256[:12]}, "
+            f"baseline type {self.config.baseline_qtype})",
+            f"quantbench corpus: {corpus}",
+            f"quantbench n_ctx={ident.n_ctx}, chunks={ident.chunks}, threads={self.threads}, "
+            f"{ident.eval}",
+            f"quantbench engine: {self.identity_engine.describe()}",
+        ]
+
+    # ---- baseline -----------------------------------------------------------------------
+    @cached_property
+    def baseline(self):
+        """The baseline logits file (:class:`KLDBaseFile`), computed once across workers/runs."""
+        from . import baseline
+
+        if self.user_base is not None:
+            return baseline.user_baseline(self.config.kld_base, self.base_model.n_vocab)
+        path = baseline.baseline_cache_path(self.cache_dir, self.run_identity)
+        return baseline.ensure_baseline(
+            path, self.chunk_tokens, self.base_model.n_vocab,
+            lambda dest: baseline.write_baseline(self.base_model, self.chunk_tokens, dest))
+
+    @cached_property
+    def thresholds(self):
+        from .thresholds import Thresholds, load_thresholds
+
+        if self.config.thresholds is None:
+            return Thresholds.empty()
+        return load_thresholds(self.config.thresholds, run_qtypes=self.config.qtypes)
+
+    @cached_property
+    def work_dir(self) -> Path:
+        """A private temporary directory for variant models (removed by :meth:`close`)."""
+        root = self.cache_dir / "tmp"
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"variants-{os.getpid()}-", dir=root))
+
+    def close(self) -> None:
+        """Free the engine objects and remove temporary files."""
+        if "base_model" in self.__dict__:
+            self.base_model.close()
+        if "work_dir" in self.__dict__:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # ---- one item -----------------------------------------------------------------------
+    def identity_row(self, unit: WorkUnit) -> dict[str, Any]:
+        """The row columns every result of ``unit`` carries (builtin types)."""
+        return {"tensor": unit.name, "qtype": unit.qtype, "members": ",".join(unit.tensors),
+                **self.run_identity.as_row()}
+
+    def measure(self, unit: WorkUnit, row: dict[str, Any]) -> dict[str, Any]:
+        """Quantize ``unit``'s tensors, evaluate every chunk, and return the statistics.
+
+        ``row`` is updated in place as facts become known (``requested_type``, ``written_type``,
+        ``reason``), so the caller keeps them even when this raises.
+        Returns: :meth:`KLDStats.as_dict` (floats/ints).
+        Raises: ItemSkip (fallback type, missing imatrix, preset-only name), EngineError,
+            ValueError (non-finite logits: the message says where).
+        """
+        from .engine.llama import LlamaModel
+        from .engine.quantize import run_llama_quantize
+        from .gguf import read_model_header
+        from .metrics import KLDAccumulator
+        from .qtypes import needs_imatrix, resolve_qtype
+
+        qtype = resolve_qtype(unit.qtype)
+        if qtype.kind != "type":
+            raise ItemSkip(f"{unit.qtype} is a llama-quantize preset, not a ggml type: per-tensor "
+                           "preset rules are not supported yet")
+        target = qtype.ggml_type
+        row["requested_type"] = target.name
+        if needs_imatrix(target) and self.config.imatrix is None:
+            raise ItemSkip(f"{target.name} needs an importance matrix: pass "
+                           "--quantbench-imatrix FILE")
+        base = self.baseline
+        variant = self.work_dir / f"variant-{unit.id}.gguf"
+        try:
+            run_llama_quantize(self.model_path, variant, {t: target.name for t in unit.tensors},
+                               baseline_type=self.config.baseline_qtype, threads=self.threads,
+                               imatrix=self.config.imatrix)
+            written = self._check_written(read_model_header(variant), unit, target.name, row)
+            if written != target.name and not self.config.allow_fallback:
+                raise ItemSkip(row["reason"])
+            acc = KLDAccumulator()
+            first = self.n_ctx // 2
+            with LlamaModel(variant, self.eval_settings) as model:
+                for i, chunk in enumerate(base.tokens):
+                    acc.add_chunk(model.eval_chunk(chunk), base.chunk_logprobs(i),
+                                  chunk[first + 1:])
+        finally:
+            variant.unlink(missing_ok=True)
+        return acc.stats().as_dict()
+
+    def _check_written(self, header, unit: WorkUnit, requested: str, row: dict) -> str:
+        """Read back the written types; record them in ``row``; return the target's written type.
+
+        Raises EngineError if any tensor outside the unit changed type (the variant would not be
+        "one tensor quantized, all else baseline").
+        """
+        from .engine.llama import EngineError
+
+        base_types = {t.name: t.type_name for t in self.model_header.tensors}
+        written = {t.name: t.type_name for t in header.tensors}
+        changed = sorted(n for n in base_types if n not in unit.tensors
+                         and written.get(n) != base_types[n])
+        if changed:
+            raise EngineError(f"llama-quantize changed tensors outside the item: {changed[:5]} "
+                              f"(baseline types {[base_types[n] for n in changed[:5]]}, written "
+                              f"{[written.get(n) for n in changed[:5]]}); check "
+                              "--quantbench-baseline-qtype")
+        types = sorted({written[t] for t in unit.tensors})
+        row["written_type"] = ",".join(types)
+        fell_back = [t for t in unit.tensors if written[t] != requested]
+        if fell_back:
+            from .qtypes import predict_written_type
+
+            info = header.tensor(fell_back[0])
+            try:
+                _, why = predict_written_type(requested, info.shape[0], info.n_rows,
+                                              tensor_name=fell_back[0])
+            except ValueError as exc:
+                why = str(exc)
+            why = why or f"row length {info.shape[0]}"
+            row["reason"] = (f"llama-quantize wrote {written[fell_back[0]]} instead of {requested} "
+                             f"for {fell_back[0]} ({why})")
+            return written[fell_back[0]]
+        return requested
