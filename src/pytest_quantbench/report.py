@@ -1,0 +1,432 @@
+"""Reports: the suite's wide CSVs, a tidy results CSV, the terminal summary.
+
+Pure module (pandas is imported lazily, only by the CSV builders; no engine,
+no pytest). Results arrive as rows: ``dict[str, str | int | float]`` with at
+least ``tensor``, ``qtype``, ``written_type`` and ``status``, plus the metric
+keys of :data:`METRIC_KEYS` (absent when not measured), the run-identity keys
+of :data:`RUN_IDENTITY_KEYS`, ``nodeid`` and ``reason``.
+
+Formats and where they are specified:
+
+* the wide tables ``kld_results.csv`` / ``ppl_results.csv`` (and
+  ``topp_results.csv``, the suite's ``--regex`` table for "Same top p"):
+  ``docs/gguf-tool-suite-formats.md`` §7 "CSV layout (interop)";
+* the values and their printed precision: ``docs/llama-perplexity-spec.md``
+  §3.4 (definitions) and §3.5 (``printf`` formats);
+* atomic replacement of output files: ``docs/pytest-conventions.md`` §5
+  "Atomic writes".
+
+:func:`atomic_write_text` is the one function here that writes files; the
+other writers call it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .selection import natural_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas
+
+__all__ = [
+    "ITEM_KEYS",
+    "METRIC_KEYS",
+    "MISSING",
+    "PRINT_DECIMALS",
+    "RUN_IDENTITY_KEYS",
+    "SUITE_TABLES",
+    "atomic_write_text",
+    "format_summary",
+    "tidy_columns",
+    "wide_table",
+    "worst_items",
+    "write_suite_tables",
+    "write_tidy_csv",
+    "write_wide_csv",
+]
+
+Row = Mapping[str, Any]
+
+#: Keys that identify an item and its outcome.
+ITEM_KEYS: tuple[str, ...] = ("tensor", "qtype", "written_type", "status")
+
+#: Keys that identify the run (what makes two numbers comparable).
+RUN_IDENTITY_KEYS: tuple[str, ...] = ("model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine")
+
+#: Metric keys in llama-perplexity's order (spec §3.4/§3.5); Δp and
+#: same-top-p values are in percent.
+METRIC_KEYS: tuple[str, ...] = (
+    "ppl_q", "ppl_q_err", "ppl_base", "ppl_base_err", "cor_ln_ppl",
+    "ln_ratio", "ln_ratio_err", "ppl_ratio", "ppl_ratio_err", "ppl_diff", "ppl_diff_err",
+    "mean_kld", "mean_kld_err", "max_kld", "kld_p99_9", "kld_p99", "kld_p95", "kld_p90",
+    "median_kld", "kld_p10", "kld_p5", "kld_p1", "kld_p0_1", "min_kld",
+    "mean_dp", "mean_dp_err", "max_dp", "dp_p99_9", "dp_p99", "dp_p95", "dp_p90", "dp_p75",
+    "median_dp", "dp_p25", "dp_p10", "dp_p5", "dp_p1", "dp_p0_1", "min_dp",
+    "rms_dp", "rms_dp_err", "same_top_p", "same_top_p_err", "n_tokens",
+)
+
+_TRAILING_KEYS: tuple[str, ...] = ("nodeid", "reason")
+
+#: Decimals llama-perplexity prints for each statistic (spec §3.5): ``%10.6lf``
+#: for the PPL and KLD blocks, ``%6.3lf`` for Δp and same top p, ``%6.2lf``
+#: for the correlation.
+PRINT_DECIMALS: Mapping[str, int] = {
+    **{k: 6 for k in METRIC_KEYS if "kld" in k or k.startswith(("ppl", "ln_ratio"))},
+    **{k: 3 for k in METRIC_KEYS if "dp" in k or k.startswith("same_top_p")},
+    "cor_ln_ppl": 2,
+    "n_tokens": 0,
+}
+
+#: The cell text for "not measured" (suite formats §7).
+MISSING = "404"
+
+#: The suite-compatible wide tables: file name → metric.
+SUITE_TABLES: Mapping[str, str] = {
+    "kld_results.csv": "mean_kld",
+    "ppl_results.csv": "ppl_q",
+    "topp_results.csv": "same_top_p",
+}
+
+# Metrics for which a *smaller* value is worse (used to rank "worst" items).
+_LOWER_IS_WORSE = frozenset(
+    {"same_top_p", "cor_ln_ppl", "mean_dp", "max_dp", "median_dp", "min_dp"}
+    | {k for k in METRIC_KEYS if k.startswith("dp_p")}
+)
+
+
+# --------------------------------------------------------------------------
+# Writing files
+# --------------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8, bytes as given: no newline
+    translation), atomically.
+
+    The text is written to a temporary file in the same directory, flushed
+    and ``fsync``-ed, then moved over ``path`` with :func:`os.replace`, so a
+    reader sees either the old file or the new one, never a partial file
+    (pytest conventions §5 "Atomic writes"). Missing parent directories are
+    created. A new file gets the default permissions (``0o666`` less the
+    umask); an existing file keeps its permissions.
+
+    Raises :class:`OSError` naming ``path`` when anything fails; the
+    temporary file is then removed and an existing ``path`` is left as it
+    was. Errors that are not ``OSError`` (e.g. ``KeyboardInterrupt``) are
+    re-raised unchanged after the same clean-up.
+    """
+    target = Path(path)
+    data = text.encode("utf-8")
+    tmp: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = -1
+        for _ in range(100):
+            tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:
+                tmp = None
+                continue
+        if fd < 0:  # pragma: no cover - 100 random collisions
+            raise FileExistsError(f"no free temporary name next to {target}")
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            mode = os.stat(target).st_mode & 0o7777
+        except FileNotFoundError:
+            pass
+        else:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as exc:
+        detail = exc.strerror or str(exc)
+        raise OSError(
+            exc.errno,
+            f"could not write {target} (an existing file is left unchanged): {detail}",
+        ) from exc
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------
+# Wide tables (suite interop)
+# --------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def wide_table(
+    rows: Iterable[Row],
+    metric: str,
+    *,
+    tensors: Sequence[str] | None = None,
+    qtypes: Sequence[str] | None = None,
+    decimals: int | None = None,
+) -> pandas.DataFrame:
+    """One metric as the suite's wide table (suite formats §7).
+
+    Inputs: ``rows`` (result rows; a later row for the same tensor and qtype
+    replaces an earlier one); ``metric``, a row key such as ``"mean_kld"``;
+    ``tensors`` / ``qtypes``, columns and rows to include even without any
+    result (the selected tensors and requested qtypes), added to those found
+    in ``rows``; ``decimals``, the printed precision, by default the one
+    llama-perplexity uses for that statistic (:data:`PRINT_DECIMALS`: 6 for
+    PPL and KLD, 3 for Δp and same top p).
+
+    Output: a :class:`pandas.DataFrame` of strings: column ``QTYPE``, then one
+    column per tensor (or group) in natural order (``sort -Vu``,
+    :func:`~pytest_quantbench.selection.natural_key`); one row per qtype,
+    sorted (plain string order, as ``sort -u`` in the C locale); each cell
+    ``"%.{decimals}f" % value``, or ``404`` where the item was not run, not
+    measured, or the value is not finite.
+
+    Raises :class:`ValueError` when a row lacks ``tensor`` or ``qtype``.
+    """
+    import pandas as pd
+
+    places = PRINT_DECIMALS.get(metric, 6) if decimals is None else decimals
+    cells: dict[tuple[str, str], str] = {}
+    tensor_set = set(tensors or ())
+    qtype_set = set(qtypes or ())
+    for row in rows:
+        try:
+            tensor, qtype = str(row["tensor"]), str(row["qtype"])
+        except KeyError as exc:
+            raise ValueError(f"result row without {exc.args[0]!r}: {dict(row)!r}") from None
+        tensor_set.add(tensor)
+        qtype_set.add(qtype)
+        value = _finite(row.get(metric))
+        cells[(qtype, tensor)] = MISSING if value is None else f"{value:.{places}f}"
+    columns = sorted(tensor_set, key=natural_key)
+    data: dict[str, list[str]] = {"QTYPE": sorted(qtype_set)}
+    for tensor in columns:
+        data[tensor] = [cells.get((q, tensor), MISSING) for q in data["QTYPE"]]
+    return pd.DataFrame(data, columns=["QTYPE", *columns], dtype=object)
+
+
+_CSV_SPECIAL = (",", "\n", "\r", '"')
+
+
+def write_wide_csv(df: pandas.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write a :func:`wide_table` frame as the suite writes its CSVs.
+
+    Format (suite formats §7): plain comma-separated, LF line endings, no
+    quoting, no index column, header ``QTYPE,<col1>,…``; the file is
+    replaced atomically (:func:`atomic_write_text`). Output: the path.
+
+    Raises :class:`ValueError` when a header or cell contains ``,``, a quote
+    or a line break (the format has no quoting), :class:`OSError` when the
+    file cannot be written.
+    """
+    for name in df.columns:
+        if any(ch in str(name) for ch in _CSV_SPECIAL):
+            raise ValueError(
+                f"cannot write {path}: column name {str(name)!r} contains a comma, quote "
+                "or line break, which the suite's unquoted CSV cannot hold"
+            )
+    for value in df.itertuples(index=False, name=None):
+        for cell in value:
+            if any(ch in str(cell) for ch in _CSV_SPECIAL):
+                raise ValueError(
+                    f"cannot write {path}: cell {str(cell)!r} contains a comma, quote or "
+                    "line break, which the suite's unquoted CSV cannot hold"
+                )
+    text = df.to_csv(index=False, lineterminator="\n", quoting=csv.QUOTE_NONE)
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------
+# Tidy table
+# --------------------------------------------------------------------------
+
+
+def tidy_columns(rows: Iterable[Row]) -> list[str]:
+    """Column order of ``results.csv``.
+
+    Item keys (:data:`ITEM_KEYS`), run-identity keys
+    (:data:`RUN_IDENTITY_KEYS`), every metric (:data:`METRIC_KEYS`, in
+    llama-perplexity's order), then any other key found in the rows
+    (sorted), then ``nodeid`` and ``reason``. The known columns are always
+    present, so the header is the same in every run.
+    """
+    known = (*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *_TRAILING_KEYS)
+    extra = sorted({key for row in rows for key in row} - set(known))
+    return [*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *extra, *_TRAILING_KEYS]
+
+
+def _tidy_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        # repr of a Python float: the shortest text that reads back to the
+        # same double (float() first: numpy's repr would add "np.float64(").
+        return repr(float(value))
+    if isinstance(value, int):
+        return str(value)
+    try:  # numpy scalars and the like
+        import numbers
+
+        if isinstance(value, numbers.Integral):
+            return str(int(value))
+        if isinstance(value, numbers.Real):
+            return repr(float(value))
+    except Exception:  # pragma: no cover
+        pass
+    return str(value)
+
+
+def _item_order(row: Row) -> tuple[Any, ...]:
+    return (natural_key(str(row.get("tensor", ""))), str(row.get("qtype", "")))
+
+
+def write_tidy_csv(rows: Iterable[Row], path: str | os.PathLike[str]) -> Path:
+    """Write ``results.csv``: one line per item, every key of the rows.
+
+    Columns: :func:`tidy_columns`. Lines are sorted by tensor (natural
+    order), then qtype. Floats are written with full precision (``repr``:
+    they read back to the same double), integers as integers, absent values
+    as empty cells. Standard CSV (fields quoted only where needed), LF line
+    endings; replaced atomically. Output: the path.
+
+    Raises :class:`OSError` when the file cannot be written.
+    """
+    import pandas as pd
+
+    ordered = sorted(rows, key=_item_order)
+    columns = tidy_columns(ordered)
+    data = {col: [_tidy_cell(row.get(col)) for row in ordered] for col in columns}
+    df = pd.DataFrame(data, columns=columns, dtype=object)
+    text = df.to_csv(index=False, lineterminator="\n")
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+def write_suite_tables(
+    rows: Iterable[Row],
+    out_dir: str | os.PathLike[str],
+    *,
+    tensors: Sequence[str] | None = None,
+    qtypes: Sequence[str] | None = None,
+) -> list[Path]:
+    """Write every report table into ``out_dir`` (created if missing).
+
+    Files: ``kld_results.csv`` (mean KLD), ``ppl_results.csv`` (Mean PPL(Q)),
+    ``topp_results.csv`` (same top p, percent) in the suite's wide layout
+    (:func:`wide_table`, suite formats §7), and ``results.csv``, the tidy
+    table (:func:`write_tidy_csv`). ``tensors``/``qtypes`` add columns/rows
+    with no result (written ``404``). Every file is replaced atomically.
+
+    Output: the four paths, in that order. Raises :class:`OSError` when a
+    file cannot be written, :class:`ValueError` for a row without
+    ``tensor``/``qtype`` or a name the unquoted CSV cannot hold.
+    """
+    rows = list(rows)
+    out = Path(out_dir)
+    written: list[Path] = []
+    for name, metric in SUITE_TABLES.items():
+        df = wide_table(rows, metric, tensors=tensors, qtypes=qtypes)
+        written.append(write_wide_csv(df, out / name))
+    written.append(write_tidy_csv(rows, out / "results.csv"))
+    return written
+
+
+# --------------------------------------------------------------------------
+# Terminal summary
+# --------------------------------------------------------------------------
+
+
+def worst_items(rows: Iterable[Row], n: int = 10, metric: str = "mean_kld") -> list[Row]:
+    """The ``n`` items with the worst value of ``metric``.
+
+    Worst means largest, except for metrics where smaller is worse (same top
+    p, the Δp statistics, the PPL correlation). Rows without a finite value
+    for ``metric`` are left out. Ties are broken by natural tensor order,
+    then qtype. Output: the rows themselves, worst first. Raises nothing.
+    """
+    lower_worse = metric in _LOWER_IS_WORSE
+    scored = []
+    for row in rows:
+        value = _finite(row.get(metric))
+        if value is None:
+            continue
+        scored.append((value if lower_worse else -value, _item_order(row), row))
+    scored.sort(key=lambda item: (item[0], item[1]))
+    return [row for _, _, row in scored[: max(n, 0)]]
+
+
+def _pm(row: Row, key: str, places: int, unit: str = "") -> str:
+    value = _finite(row.get(key))
+    if value is None:
+        return "n/a"
+    text = f"{value:.{places}f}"
+    err = _finite(row.get(key + "_err"))
+    if err is not None:
+        text += f" ± {err:.{places}f}"
+    return text + unit
+
+
+def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld") -> list[str]:
+    """Lines for the terminal summary: the ``n`` worst items by ``metric``.
+
+    One header line, then one line per item (see :func:`worst_items`):
+    rank, tensor, qtype (requested), written type, mean KLD ± err (6
+    decimals), PPL(Q)/PPL(base) ± err (4 decimals), same top p ± err (3
+    decimals, percent); ``n/a`` where not measured. Columns are padded to
+    align; lines have no trailing spaces. Output: ``[]`` when no row has a
+    finite ``metric``. Raises nothing.
+    """
+    worst = worst_items(rows, n, metric)
+    if not worst:
+        return []
+    header = ("rank", "tensor", "qtype", "written", "mean KLD", "PPL ratio", "same top p")
+    table = [header]
+    for rank, row in enumerate(worst, start=1):
+        table.append(
+            (
+                str(rank),
+                str(row.get("tensor", "")),
+                str(row.get("qtype", "")),
+                str(row.get("written_type", "") or "n/a"),
+                _pm(row, "mean_kld", 6),
+                _pm(row, "ppl_ratio", 4),
+                _pm(row, "same_top_p", 3, " %"),
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = []
+    for line in table:
+        cells = [line[0].rjust(widths[0])]
+        cells += [cell.ljust(width) for cell, width in zip(line[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return lines

@@ -1,0 +1,289 @@
+"""Tests for pytest_quantbench.report (suite formats §7; spec §3.5)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import stat
+
+import pytest
+
+from pytest_quantbench import report
+from pytest_quantbench.report import (
+    METRIC_KEYS,
+    atomic_write_text,
+    format_summary,
+    tidy_columns,
+    wide_table,
+    worst_items,
+    write_suite_tables,
+    write_wide_csv,
+)
+
+
+def row(tensor, qtype, status="passed", written=None, **metrics):
+    written_type = qtype if written is None else written
+    return {"tensor": tensor, "qtype": qtype, "written_type": written_type, "status": status,
+            **metrics}
+
+
+ROWS = [
+    row("blk.10.attn_q.weight", "q4_0", mean_kld=0.0123456789, mean_kld_err=0.000456,
+        ppl_q=7.3125, ppl_ratio=1.0312, ppl_ratio_err=0.0041, same_top_p=93.4567,
+        same_top_p_err=0.1234),
+    row("blk.2.attn_q.weight", "q4_0", status="failed", mean_kld=0.2, ppl_q=8.0,
+        ppl_ratio=1.1, same_top_p=88.0),
+    row("blk.0.attn_q.weight", "iq2_k", mean_kld=0.5, ppl_q=9.25, ppl_ratio=1.28,
+        same_top_p=80.0),
+    row("token_embd.weight", "iq2_k", status="error", written="", reason="engine crashed, rc=-11"),
+]
+
+KLD_CSV = (
+    b"QTYPE,blk.0.attn_q.weight,blk.2.attn_q.weight,blk.10.attn_q.weight,token_embd.weight\n"
+    b"iq2_k,0.500000,404,404,404\n"
+    b"q4_0,404,0.200000,0.012346,404\n"
+)
+
+
+# ------------------------------------------------------------------ wide CSV
+
+
+def test_wide_table_layout():
+    df = wide_table(ROWS, "mean_kld")
+    assert list(df.columns) == [
+        "QTYPE",
+        "blk.0.attn_q.weight",
+        "blk.2.attn_q.weight",
+        "blk.10.attn_q.weight",
+        "token_embd.weight",
+    ]
+    assert df.values.tolist() == [
+        ["iq2_k", "0.500000", "404", "404", "404"],
+        ["q4_0", "404", "0.200000", "0.012346", "404"],
+    ]
+
+
+def test_write_wide_csv_exact_bytes(tmp_path):
+    path = tmp_path / "kld_results.csv"
+    assert write_wide_csv(wide_table(ROWS, "mean_kld"), path) == path
+    assert path.read_bytes() == KLD_CSV
+
+
+def test_wide_table_extra_tensors_and_qtypes_become_404_columns_and_rows():
+    df = wide_table(
+        ROWS[:1], "ppl_q", tensors=["output.weight", "blk.1.attn_q.weight"], qtypes=["q8_0"]
+    )
+    text = df.to_csv(index=False, lineterminator="\n")
+    assert text == (
+        "QTYPE,blk.1.attn_q.weight,blk.10.attn_q.weight,output.weight\n"
+        "q4_0,404,7.312500,404\n"
+        "q8_0,404,404,404\n"
+    )
+
+
+def test_wide_table_printed_precision_and_non_finite():
+    rows = [row("a", "q", same_top_p=93.4567, mean_kld=float("nan"), ppl_q=float("inf"))]
+    assert wide_table(rows, "same_top_p").values.tolist() == [["q", "93.457"]]
+    assert wide_table(rows, "same_top_p", decimals=6).values.tolist() == [["q", "93.456700"]]
+    assert wide_table(rows, "mean_kld").values.tolist() == [["q", "404"]]
+    assert wide_table(rows, "ppl_q").values.tolist() == [["q", "404"]]
+
+
+def test_later_row_replaces_earlier_for_same_item():
+    rows = [row("a", "q", mean_kld=1.0), row("a", "q", mean_kld=2.0)]
+    assert wide_table(rows, "mean_kld").values.tolist() == [["q", "2.000000"]]
+
+
+def test_wide_table_row_without_tensor():
+    with pytest.raises(ValueError, match="result row without 'tensor'"):
+        wide_table([{"qtype": "q4_0"}], "mean_kld")
+
+
+def test_write_wide_csv_refuses_what_needs_quoting(tmp_path):
+    df = wide_table([row("a,b", "q4_0", mean_kld=1.0)], "mean_kld")
+    with pytest.raises(ValueError) as exc:
+        write_wide_csv(df, tmp_path / "x.csv")
+    assert str(exc.value) == (
+        f"cannot write {tmp_path / 'x.csv'}: column name 'a,b' contains a comma, quote or "
+        "line break, which the suite's unquoted CSV cannot hold"
+    )
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_suite_tables(tmp_path):
+    out = tmp_path / "reports" / "run1"
+    paths = write_suite_tables(ROWS, out, qtypes=["q8_0"])
+    assert [p.name for p in paths] == [
+        "kld_results.csv", "ppl_results.csv", "topp_results.csv", "results.csv"
+    ]
+    header = KLD_CSV.split(b"\n")[0] + b"\n"
+    assert (out / "kld_results.csv").read_bytes() == KLD_CSV + b"q8_0,404,404,404,404\n"
+    assert (out / "ppl_results.csv").read_bytes() == header + (
+        b"iq2_k,9.250000,404,404,404\n"
+        b"q4_0,404,8.000000,7.312500,404\n"
+        b"q8_0,404,404,404,404\n"
+    )
+    assert (out / "topp_results.csv").read_bytes() == header + (
+        b"iq2_k,80.000,404,404,404\n"
+        b"q4_0,404,88.000,93.457,404\n"
+        b"q8_0,404,404,404,404\n"
+    )
+    assert sorted(os.listdir(out)) == sorted(p.name for p in paths)  # no temp files
+
+
+def test_suite_tables_read_back_with_pandas_as_quant_assign_does(tmp_path):
+    import pandas as pd
+
+    write_suite_tables(ROWS, tmp_path)
+    df = pd.read_csv(tmp_path / "kld_results.csv")
+    assert df.columns[0] == "QTYPE"
+    assert df.set_index("QTYPE").loc["q4_0", "blk.10.attn_q.weight"] == pytest.approx(0.012346)
+    assert df.set_index("QTYPE").loc["q4_0", "token_embd.weight"] == 404
+
+
+# ---------------------------------------------------------------- tidy CSV
+
+
+def test_results_csv_columns_and_full_precision(tmp_path):
+    rows = [
+        {**ROWS[0], "model_sha256": "ab" * 32, "n_ctx": 512, "chunks": 4, "engine": "ik@abc",
+         "nodeid": "tests/q.py::x[blk.10.attn_q.weight-q4_0]", "zz_extra": "e"},
+        ROWS[3],
+        ROWS[1],
+    ]
+    write_suite_tables(rows, tmp_path)
+    text = (tmp_path / "results.csv").read_bytes().decode("utf-8")
+    assert "\r" not in text
+    records = list(csv.DictReader(io.StringIO(text)))
+    assert list(records[0]) == [
+        "tensor", "qtype", "written_type", "status",
+        "model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine",
+        *METRIC_KEYS, "zz_extra", "nodeid", "reason",
+    ]
+    assert [r["tensor"] for r in records] == [
+        "blk.2.attn_q.weight", "blk.10.attn_q.weight", "token_embd.weight"
+    ]
+    r10 = records[1]
+    assert r10["mean_kld"] == "0.0123456789"
+    assert float(r10["mean_kld"]) == 0.0123456789
+    assert r10["n_ctx"] == "512" and r10["chunks"] == "4"
+    assert r10["corpus_sha256"] == "" and r10["max_kld"] == ""
+    assert records[2]["reason"] == "engine crashed, rc=-11"
+    assert records[2]["status"] == "error"
+
+
+def test_tidy_columns_are_stable_without_extra_keys():
+    assert tidy_columns([]) == tidy_columns([ROWS[3]])
+    assert tidy_columns([])[:4] == ["tensor", "qtype", "written_type", "status"]
+    assert tidy_columns([])[-2:] == ["nodeid", "reason"]
+
+
+def test_tidy_numpy_values_are_plain_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    rows = [row("a", "q", mean_kld=np.float64(0.1), n_tokens=np.int64(2048),
+                max_kld=np.float32(0.1))]
+    report.write_tidy_csv(rows, tmp_path / "r.csv")
+    (record,) = csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text()))
+    assert record["mean_kld"] == "0.1"
+    assert record["n_tokens"] == "2048"
+    assert record["max_kld"] == "0.10000000149011612"
+
+
+# ------------------------------------------------------------ atomic write
+
+
+def test_atomic_write_creates_and_replaces(tmp_path):
+    path = tmp_path / "sub" / "f.csv"
+    atomic_write_text(path, "a\nb\n")
+    assert path.read_bytes() == b"a\nb\n"
+    atomic_write_text(path, "c\n")
+    assert path.read_bytes() == b"c\n"
+    assert os.listdir(path.parent) == ["f.csv"]
+
+
+def test_atomic_write_keeps_mode_of_existing_file(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_text("old")
+    os.chmod(path, 0o640)
+    atomic_write_text(path, "new")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+@pytest.mark.parametrize("fail", ["replace", "fsync", "write"])
+def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, fail):
+    path = tmp_path / "kld_results.csv"
+    path.write_bytes(b"old contents\n")
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report.os, fail, boom)
+    with pytest.raises(OSError) as exc:
+        atomic_write_text(path, "new contents\n")
+    monkeypatch.undo()
+    assert str(exc.value) == (
+        f"[Errno 28] could not write {path} (an existing file is left unchanged): "
+        "No space left on device"
+    )
+    assert exc.value.errno == 28
+    assert path.read_bytes() == b"old contents\n"
+    assert os.listdir(tmp_path) == ["kld_results.csv"]
+
+
+def test_atomic_write_interrupt_cleans_up(tmp_path, monkeypatch):
+    path = tmp_path / "f.csv"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(path, "x")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_suite_tables_failure_names_the_file(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="could not write .*not_a_dir/kld_results.csv"):
+        write_suite_tables(ROWS, blocker)
+
+
+# --------------------------------------------------------------- summary
+
+
+def test_worst_items_by_kld_skips_unmeasured():
+    assert [r["tensor"] for r in worst_items(ROWS, 10)] == [
+        "blk.0.attn_q.weight", "blk.2.attn_q.weight", "blk.10.attn_q.weight"
+    ]
+    assert [r["tensor"] for r in worst_items(ROWS, 1)] == ["blk.0.attn_q.weight"]
+    assert worst_items(ROWS, 0) == []
+
+
+def test_worst_items_lower_is_worse_for_same_top_p():
+    assert [r["same_top_p"] for r in worst_items(ROWS, 2, "same_top_p")] == [80.0, 88.0]
+
+
+def test_worst_items_ties_in_natural_order():
+    rows = [row("blk.10.x", "q", mean_kld=1.0), row("blk.9.x", "q", mean_kld=1.0)]
+    assert [r["tensor"] for r in worst_items(rows)] == ["blk.9.x", "blk.10.x"]
+
+
+def test_format_summary_lines():
+    assert format_summary(ROWS, 2) == [
+        "rank  tensor               qtype  written  mean KLD  PPL ratio  same top p",
+        "   1  blk.0.attn_q.weight  iq2_k  iq2_k    0.500000  1.2800     80.000 %",
+        "   2  blk.2.attn_q.weight  q4_0   q4_0     0.200000  1.1000     88.000 %",
+    ]
+    lines = format_summary(ROWS, 10)
+    assert lines[3] == (
+        "   3  blk.10.attn_q.weight  q4_0   q4_0     0.012346 ± 0.000456  "
+        "1.0312 ± 0.0041  93.457 ± 0.123 %"
+    )
+    assert len(lines) == 4  # the errored item has no KLD
+
+
+def test_format_summary_nothing_measured():
+    assert format_summary([ROWS[3]], 5) == []
