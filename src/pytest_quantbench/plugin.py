@@ -119,7 +119,7 @@ def pytest_make_collect_report(collector: pytest.Collector):
             and report.passed):
         model = collector.config.stash[SESSION_KEY].model_path
         report.result.append(QuantbenchCollector.from_parent(collector, name="quantbench",
-                                                             path=model))
+                                                             nodeid="quantbench", path=model))
     return report
 
 

@@ -146,8 +146,12 @@ class QuantbenchSession:
     def run_identity(self):
         from .baseline import RunIdentity
 
-        corpus_hash = (inputs.sha256_file(self.config.kld_base, self.cache_dir)
-                       if self.user_base is not None else inputs.sha256_text(self.corpus_text))
+        if self.user_base is not None:
+            corpus_hash = inputs.sha256_file(self.config.kld_base, self.cache_dir)
+        elif self.config.corpus is not None:
+            corpus_hash = inputs.sha256_file(self.config.corpus, self.cache_dir)
+        else:  # the sha256 of the default text written to a file, as `sha256sum` shows it
+            corpus_hash = inputs.sha256_text(inputs.default_corpus_text())
         settings = self.eval_settings
         return RunIdentity(
             model_sha256=self.model_sha256,

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny synthetic GGUF model and a corpus, built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+CORPUS_TEXT = "\n\n".join(
+    f"Paragraph {i}: the model reads this text and predicts the next token; "
+    f"{' '.join(str(i * j) for j in range(12))} is a line of numbers, and words "
+    "like the, a, of and to come back again and again." for i in range(60)
+)
+
+
+@pytest.fixture(scope="session")
+def synth_model(tmp_path_factory) -> Path:
+    """A 2-layer bf16 llama GGUF (n_embd 256, vocab 384) that the engine loads (seconds)."""
+    pytest.importorskip("gguf", reason="gguf-py writes the synthetic test model")
+    from synthmodel import build_synthetic_model
+
+    return build_synthetic_model(tmp_path_factory.mktemp("model") / "synth-bf16.gguf")
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> Path:
+    """A UTF-8 text long enough for several 64-token chunks of the synthetic model."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(CORPUS_TEXT + "\n", encoding="utf-8")
+    return path

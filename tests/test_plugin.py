@@ -1,0 +1,159 @@
+"""End-to-end runs of the plugin through pytester, on the tiny synthetic model (seconds each).
+
+Each run is a real pytest subprocess: the plugin is loaded from its ``pytest11`` entry point, items
+quantize a tensor with the wheel's llama-quantize and evaluate it with the wheel's engine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+@pytest.fixture
+def qb_args(synth_model, synth_corpus, tmp_path_factory):
+    """Common options: synthetic model and corpus, n_ctx 64, 2 chunks, a shared cache dir."""
+    cache = tmp_path_factory.getbasetemp() / "qb-cache"
+    return [
+        f"--quantbench-model={synth_model}",
+        f"--quantbench-corpus={synth_corpus}",
+        "--quantbench-ctx=64",
+        "--quantbench-chunks=2",
+        f"--quantbench-cache-dir={cache}",
+        "-p", "no:randomly",
+    ]
+
+
+def read_wide(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str).set_index("QTYPE")
+
+
+def test_plugin_stays_out_of_an_ordinary_suite(pytester):
+    pytester.makepyfile(test_ok="def test_ok():\n    assert True\n")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    assert "quantbench model" not in result.stdout.str()
+    assert not (pytester.path / "quantbench-results").exists()
+
+
+def test_plugin_module_imports_no_heavy_dependency():
+    code = ("import sys, pytest_quantbench.plugin; "
+            "print(sorted(m for m in ('numpy', 'pandas', 'yaml', 'ctypes', 'filelock') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_items_measure_and_write_suite_tables(pytester, qb_args):
+    result = pytester.runpytest_subprocess(
+        *qb_args, "--quantbench-qtypes=q8_0,q4_0",
+        "--quantbench-tensors", r"blk\.0\.attn_(q|v)\.weight", "--junitxml=report.xml", "-v")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines([
+        "quantbench model: *synth-bf16.gguf (sha256 *",
+        "quantbench corpus: *corpus.txt (* tokens, sha256 *)",
+        "quantbench n_ctx=64, chunks=2, *",
+        "quantbench engine: ik-llama-cpp-python *",
+        "*blk.0.attn_q.weight?q4_0? PASSED*",
+        "*= quantbench =*",
+    ])
+    out = pytester.path / "quantbench-results"
+    kld = read_wide(out / "kld_results.csv")
+    assert list(kld.columns) == ["blk.0.attn_q.weight", "blk.0.attn_v.weight"]
+    assert list(kld.index) == ["q4_0", "q8_0"]
+    values = kld.astype(float)
+    # q8_0 keeps far more of the tensor than q4_0: its KLD is much lower on every tensor
+    assert (values.loc["q8_0"] * 10 < values.loc["q4_0"]).all()
+    assert (values.loc["q8_0"] >= 0).all()
+    assert (out / "ppl_results.csv").read_text().startswith("QTYPE,blk.0.attn_q.weight,")
+    assert (out / "topp_results.csv").exists()
+    tidy = pd.read_csv(out / "results.csv")
+    assert len(tidy) == 4 and set(tidy["written_type"]) == {"q8_0", "q4_0"}
+    assert (tidy["n_ctx"] == 64).all() and (tidy["chunks"] == 2).all()
+    assert tidy["ppl_base"].nunique() == 1  # one baseline for all items
+    cases = ET.parse(pytester.path / "report.xml").getroot().iter("testcase")
+    props = [{p.get("name"): p.get("value") for p in case.iter("property")} for case in cases]
+    assert len(props) == 4 and all("mean_kld" in p and "same_top_p" in p for p in props)
+
+
+def test_xdist_two_workers_share_one_baseline(pytester, synth_model, synth_corpus, tmp_path):
+    cache = tmp_path / "cache"
+    args = [f"--quantbench-model={synth_model}", f"--quantbench-corpus={synth_corpus}",
+            "--quantbench-ctx=64", "--quantbench-chunks=3", f"--quantbench-cache-dir={cache}",
+            "--quantbench-qtypes=q8_0 q4_0", "--quantbench-tensors", r"blk\.[01]\.attn_v",
+            "-n", "2", "-p", "no:randomly"]
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=4)
+    baselines = list((cache / "baselines").glob("*.kld"))
+    assert len(baselines) == 1
+    first_mtime = baselines[0].stat().st_mtime_ns
+    tidy = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    assert len(tidy) == 4 and tidy["ppl_base"].nunique() == 1
+    # a second run reuses the cached baseline instead of recomputing it
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=4)
+    assert baselines[0].stat().st_mtime_ns == first_mtime
+
+
+def test_failing_threshold_is_a_failure_with_value_limit_and_rule(pytester, qb_args):
+    pytester.makefile(".yaml", thresholds="rules:\n  - tensor: attn_v\n    max_kld: 1.0e-9\n")
+    result = pytester.runpytest_subprocess(
+        *qb_args, "--quantbench-qtypes=q4_0", "--quantbench-tensors", r"blk\.1\.attn_(q|v)",
+        "--quantbench-thresholds=thresholds.yaml", "--junitxml=report.xml")
+    result.assert_outcomes(passed=1, failed=1)
+    assert result.ret == 1
+    result.stdout.re_match_lines([r".*mean KLD [0-9.e-]+ ± [0-9.e-]+ > max_kld 1e-09 .*attn_v.*"])
+    failures = list(ET.parse(pytester.path / "report.xml").getroot().iter("failure"))
+    assert len(failures) == 1
+    tidy = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    assert sorted(tidy["status"]) == ["failed", "passed"]
+
+
+def test_unknown_qtype_is_a_usage_error_naming_the_closest(pytester, qb_args):
+    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=iq2-kt")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*iq2-kt*iq2_kt*"])
+
+
+def test_cli_beats_yaml_beats_ini(pytester, qb_args):
+    pytester.makeini("[pytest]\nquantbench_qtypes = q8_0\nquantbench_ctx = 32\n")
+    pytester.makefile(".yaml", quantbench="qtypes: q5_0\ntensors: ['blk\\.0\\.attn_k']\n")
+    no_ctx = [a for a in qb_args if not a.startswith("--quantbench-ctx")]
+    ids = pytester.runpytest_subprocess("--collect-only", *no_ctx)
+    # qtypes: YAML beats ini; n_ctx: ini used where neither CLI nor YAML set it
+    ids.stdout.fnmatch_lines(["quantbench n_ctx=32, *", "*<QuantbenchItem blk.0.attn_k.weight[[]q5_0[]]>"])
+    cli = pytester.runpytest_subprocess("--collect-only", *qb_args, "--quantbench-qtypes=q4_1")
+    cli.stdout.fnmatch_lines(["quantbench n_ctx=64, *", "*<QuantbenchItem blk.0.attn_k.weight[[]q4_1[]]>"])
+
+
+def test_items_are_filterable_and_sorted(pytester, qb_args):
+    result = pytester.runpytest_subprocess("--collect-only", "-q", *qb_args,
+                                           "--quantbench-qtypes=q8_0,q4_0", "-k", "layer1 and q4_0")
+    result.stdout.fnmatch_lines([
+        "quantbench::blk.1.attn_k.weight[[]q4_0[]]",
+        "quantbench::blk.1.attn_output.weight[[]q4_0[]]",
+        "quantbench::blk.1.attn_q.weight[[]q4_0[]]",
+        "quantbench::blk.1.attn_v.weight[[]q4_0[]]",
+        "4/16 tests collected (12 deselected)*",
+    ])
+
+
+@pytest.mark.parametrize("words, chunks, message", [
+    (300, 50, "*--quantbench-chunks 50: corpus *short.txt has * tokens, which allows at most "
+              "* chunks of n_ctx=64*"),
+    (20, 1, "*corpus *short.txt has * tokens; llama-perplexity needs at least 128 for n_ctx=64*"),
+])
+def test_corpus_too_short_names_tokens_and_chunk_limit(pytester, qb_args, tmp_path, words,
+                                                       chunks, message):
+    short = tmp_path / "short.txt"
+    short.write_text("the " * words, encoding="utf-8")
+    args = [a for a in qb_args if not a.startswith(("--quantbench-corpus", "--quantbench-chunks"))]
+    result = pytester.runpytest_subprocess(*args, f"--quantbench-corpus={short}",
+                                           "--quantbench-qtypes=q4_0",
+                                           f"--quantbench-chunks={chunks}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
