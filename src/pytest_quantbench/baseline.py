@@ -111,18 +111,46 @@ def ensure_baseline(
     return base
 
 
+def sidecar_path(path: Path) -> Path:
+    """The JSON beside a baseline file: its own PPL line and how long it took."""
+    return path.with_name(path.name + ".json")
+
+
 def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
     """Evaluate every chunk of ``tokens`` with ``model`` and write the base file at ``path``.
 
     model: :class:`pytest_quantbench.engine.llama.LlamaModel` of the baseline; tokens: int32
-    (n_chunk, n_ctx). The file is written atomically by :class:`KLDBaseWriter`.
+    (n_chunk, n_ctx). The file is written atomically by :class:`KLDBaseWriter`; beside it,
+    :func:`sidecar_path` records the base run's ``Final estimate`` line (PPL from the raw logits,
+    as llama-perplexity prints it when writing a base file, spec §1.5/§2) and the seconds taken.
     """
-    from .kldbase import KLDBaseWriter
+    import json
+    import time
 
+    from .kldbase import KLDBaseWriter
+    from .metrics import PPLAccumulator
+    from .report import atomic_write_text
+
+    start = time.perf_counter()
     n_chunk, n_ctx = tokens.shape
+    ppl = PPLAccumulator()
     with KLDBaseWriter(path, n_ctx, model.n_vocab, tokens) as writer:
         for chunk in tokens:
-            writer.write_chunk(model.eval_chunk(chunk))
+            ppl.add(writer.write_chunk(model.eval_chunk(chunk)))
+    value, err = ppl.ppl()
+    atomic_write_text(sidecar_path(path), json.dumps({
+        "final_estimate": ppl.final_line(n_ctx), "ppl": value, "ppl_err": err,
+        "seconds": round(time.perf_counter() - start, 3), "bytes": path.stat().st_size}) + "\n")
+
+
+def baseline_facts(path: Path) -> dict:
+    """The sidecar of a cached baseline ({} when absent or unreadable)."""
+    import json
+
+    try:
+        return json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def user_baseline(path: Path, n_vocab: int) -> KLDBaseFile:

@@ -79,7 +79,9 @@ def pytest_configure(config: pytest.Config) -> None:
         from .planning import plan_units
         from .session import QuantbenchSession
 
-        n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        numprocesses = getattr(config.option, "numprocesses", None)
+        n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+                        or (numprocesses if isinstance(numprocesses, int) else 0) or 1)
         session = QuantbenchSession(qb_config, _cache_dir(config, qb_config), n_workers)
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
@@ -233,8 +235,14 @@ class ResultCollector:
             return
         tr = terminalreporter
         tr.section("quantbench")
+        for line in self.session.baseline_lines():
+            tr.write_line(line)
         for line in format_summary(rows, self.session.config.top):
             tr.write_line(line)
+        skipped = [r for r in rows if r.get("status") == "skipped"]
+        if skipped:
+            tr.write_line(f"{len(skipped)} skipped, e.g. {skipped[0]['tensor']}[{skipped[0]['qtype']}]:"
+                          f" {skipped[0].get('reason', '')} (-rs lists all)")
         if self.write_error:
             tr.write_line(f"could not write the result tables: {self.write_error}", red=True)
         for path in self.written:

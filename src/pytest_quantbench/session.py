@@ -185,10 +185,29 @@ class QuantbenchSession:
 
         if self.user_base is not None:
             return baseline.user_baseline(self.config.kld_base, self.base_model.n_vocab)
-        path = baseline.baseline_cache_path(self.cache_dir, self.run_identity)
+        path = self.baseline_path
         return baseline.ensure_baseline(
             path, self.chunk_tokens, self.base_model.n_vocab,
             lambda dest: baseline.write_baseline(self.base_model, self.chunk_tokens, dest))
+
+    @property
+    def baseline_path(self) -> Path:
+        """Where this run's baseline logits are cached."""
+        from .baseline import baseline_cache_path
+
+        return baseline_cache_path(self.cache_dir, self.run_identity)
+
+    def baseline_lines(self) -> list[str]:
+        """Summary lines about the baseline: its own PPL line, time and cache size."""
+        from .baseline import baseline_facts
+
+        if self.user_base is not None:
+            return [f"baseline: --quantbench-kld-base {self.config.kld_base}"]
+        facts = baseline_facts(self.baseline_path)
+        if not facts:
+            return []
+        return [f"baseline: {facts['final_estimate']} (computed in {facts['seconds']:.1f} s; "
+                f"cache {self.baseline_path} {facts['bytes'] / 1e6:.1f} MB)"]
 
     @cached_property
     def thresholds(self):
@@ -286,8 +305,7 @@ class QuantbenchSession:
 
             info = header.tensor(fell_back[0])
             try:
-                _, why = predict_written_type(requested, info.shape[0], info.n_rows,
-                                              tensor_name=fell_back[0])
+                _, why = predict_written_type(requested, info.shape[0], info.n_rows)
             except ValueError as exc:
                 why = str(exc)
             why = why or f"row length {info.shape[0]}"
