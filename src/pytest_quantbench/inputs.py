@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from filelock import FileLock
 
 from .config import ConfigError
+from .report import atomic_write_text
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -120,9 +120,7 @@ def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
         with FileLock(str(memo_path) + ".lock"):
             memo = _read_json(memo_path)
             memo[memo_key] = value
-            tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo, indent=1))
-            os.replace(tmp, memo_path)
+            atomic_write_text(memo_path, json.dumps(memo, indent=1))
     return value
 
 

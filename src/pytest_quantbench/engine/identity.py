@@ -13,6 +13,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from ..inputs import sha256_file
 from . import bindings
 from .quantize import find_quantize_binary
 
@@ -42,14 +43,6 @@ class EngineIdentity:
                 f"[{self.cpu_features}], engine id {self.key}")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _mapped_library(pattern: str) -> str:
     """Path of the first shared object mapped into this process whose name matches ``pattern``."""
     try:
@@ -73,7 +66,7 @@ def engine_identity(lib_path: Path | None = None) -> EngineIdentity:
     libllama = str(lib.quantbench_path)
     libggml = _mapped_library(r"^libggml") or ""
     quantize = str(find_quantize_binary())
-    hashes = [_sha256_file(Path(p)) for p in (libllama, libggml, quantize) if p]
+    hashes = [sha256_file(Path(p)) for p in (libllama, libggml, quantize) if p]
     info = (lib.llama_print_system_info() or b"").decode()
     features = " ".join(name for name, on in re.findall(r"(\w+) = (\d)", info)
                         if on == "1" and name not in ("SSE3", "SSSE3"))
