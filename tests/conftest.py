@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,6 +12,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def _wheel_dir() -> Path | None:
+    """The installed ik_llama_cpp package folder (lib/, bin/), or None."""
+    spec = importlib.util.find_spec("ik_llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+WHEEL = _wheel_dir()
 
 CORPUS_TEXT = "\n\n".join(
     f"Paragraph {i}: the model reads this text and predicts the next token; "

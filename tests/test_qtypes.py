@@ -35,14 +35,7 @@ from pytest_quantbench.qtypes import (
 # --------------------------------------------------------------------------
 
 
-def _wheel_dir() -> Path | None:
-    spec = importlib.util.find_spec("ik_llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-WHEEL = _wheel_dir()
+from conftest import WHEEL  # noqa: E402
 needs_wheel = pytest.mark.skipif(WHEEL is None, reason="ik-llama-cpp-python is not installed")
 
 

@@ -28,14 +28,7 @@ if str(Path(__file__).parent) not in sys.path:  # also under --import-mode=impor
 from synthmodel import build_synthetic_model, f32_to_bf16_bits, synthetic_vocab  # noqa: E402
 
 
-def _wheel_dir() -> Path | None:
-    spec = importlib.util.find_spec("ik_llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-WHEEL = _wheel_dir()
+from conftest import WHEEL  # noqa: E402
 QUANTIZE = WHEEL / "bin" / "llama-quantize" if WHEEL else None
 needs_quantize = pytest.mark.skipif(
     QUANTIZE is None or not QUANTIZE.is_file(), reason="the wheel's llama-quantize is not installed"
