@@ -7,7 +7,6 @@ only), ggml.h, llama.h and `llama-quantize --help`.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import re
 import subprocess
 from pathlib import Path

@@ -7,7 +7,6 @@ take the test session down).  Seconds, CPU only.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
