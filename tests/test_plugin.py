@@ -157,3 +157,43 @@ def test_corpus_too_short_names_tokens_and_chunk_limit(pytester, qb_args, tmp_pa
                                            f"--quantbench-chunks={chunks}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_kld_base_file_from_a_previous_run_gives_the_same_numbers(pytester, qb_args, tmp_path):
+    """Our cached baseline is a llama-perplexity base file: given back as --quantbench-kld-base
+    (no corpus needed), it reproduces the statistics of the run that wrote it."""
+    cache = tmp_path / "cache"
+    args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir")]
+    args += [f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
+             "--quantbench-tensors", r"blk\.1\.attn_q"]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    first = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+    base_file = next((cache / "baselines").glob("*.kld"))
+    reuse = [a for a in args if not a.startswith(("--quantbench-corpus", "--quantbench-ctx",
+                                                  "--quantbench-chunks", "--quantbench-cache"))]
+    result = pytester.runpytest_subprocess(*reuse, f"--quantbench-kld-base={base_file}",
+                                           f"--quantbench-cache-dir={tmp_path / 'other'}")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"quantbench corpus: kld-base {base_file}",
+                                 "quantbench n_ctx=64, chunks=2, *"])
+    second = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+    for key in ("mean_kld", "ppl_q", "ppl_base", "same_top_p", "rms_dp"):
+        assert second[key] == first[key], key
+
+
+def test_kld_base_for_another_vocabulary_is_an_error(pytester, qb_args, tmp_path):
+    from pytest_quantbench.kldbase import KLDBaseWriter
+    import numpy as np
+
+    wrong = tmp_path / "other-vocab.kld"
+    tokens = np.zeros((1, 32), dtype=np.int32)
+    with KLDBaseWriter(wrong, 32, 50, tokens) as writer:
+        writer.write_chunk(np.zeros((15, 50), dtype=np.float32))
+    args = [a for a in qb_args if not a.startswith(("--quantbench-corpus", "--quantbench-ctx",
+                                                    "--quantbench-chunks"))]
+    result = pytester.runpytest_subprocess(*args, f"--quantbench-kld-base={wrong}",
+                                           "--quantbench-qtypes=q4_0",
+                                           "--quantbench-tensors", r"blk\.1\.attn_q")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*--quantbench-kld-base *other-vocab.kld was computed for "
+                                 "n_vocab=50 but the model has n_vocab=384*"])
