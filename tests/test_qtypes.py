@@ -253,7 +253,7 @@ def test_resolve(given: str, kind: str, name: str, ggml: str) -> None:
 def test_unknown_name_suggests() -> None:
     with pytest.raises(UnknownQTypeError, match="iq2_kt") as e:
         resolve_qtype("iq2-kt")
-    assert "valid_qtype_names" in str(e.value)
+    assert "python -m pytest_quantbench.qtypes` lists them" in str(e.value)
     with pytest.raises(UnknownQTypeError, match="did you mean") as e:
         resolve_qtype("q4_k_x")
     assert "Q4_K_M" in str(e.value) or "Q4_K_S" in str(e.value)

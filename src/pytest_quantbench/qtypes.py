@@ -454,9 +454,8 @@ _PRESET_ONLY_LOWER = frozenset({"q8_kv_r8"})
 _BITNET = frozenset({"iq1_bn", "iq2_bn", "iq2_bn_r4"})
 _QUANTIZABLE = tuple(t for t in GGML_TYPES if t.quantizable)
 _VALID_HINT = (
-    "valid names are the ggml weight types and llama-quantize presets listed by "
-    "pytest_quantbench.qtypes.valid_qtype_names() (spec §5.6/§5.7; "
-    "`llama-quantize --help` prints the presets)"
+    "valid names are the ggml weight types and llama-quantize presets; "
+    "`python -m pytest_quantbench.qtypes` lists them"
 )
 
 
@@ -664,3 +663,7 @@ def needs_imatrix(t: GGMLType | QType | str) -> bool:
     if isinstance(t, str):
         return needs_imatrix(TYPES_BY_NAME.get(t) or resolve_qtype(t))
     return t.imatrix is not None
+
+
+if __name__ == "__main__":  # `python -m pytest_quantbench.qtypes`: the accepted qtype names
+    print("\n".join(valid_qtype_names()))
