@@ -153,13 +153,13 @@ def baseline_facts(path: Path) -> dict:
         return {}
 
 
-def user_baseline(path: Path, n_vocab: int) -> KLDBaseFile:
-    """Open a user-given ``--kl-divergence-base`` file and check it fits the model.
+def check_user_baseline(base: KLDBaseFile, n_vocab: int) -> KLDBaseFile:
+    """Check that a user-given ``--kl-divergence-base`` file fits the model; return it.
 
-    Raises KLDBaseFormatError (bad/truncated file) or ValueError when n_vocab differs, with the fix.
+    Raises ValueError when n_vocab differs, naming the file and the fix.
     """
-    base = KLDBaseFile(path)
     if base.n_vocab != n_vocab:
-        raise ValueError(f"--quantbench-kld-base {path} was computed for n_vocab={base.n_vocab} but "
-                         f"the model has n_vocab={n_vocab}: use the base file of this model")
+        raise ValueError(f"--quantbench-kld-base {base.path} was computed for "
+                         f"n_vocab={base.n_vocab} but the model has n_vocab={n_vocab}: use the "
+                         "base file of this model")
     return base

@@ -12,15 +12,12 @@ from .config import ConfigError
 from .session import QuantbenchSession, WorkUnit
 
 
-def qtype_label(name: str) -> str:
+def qtype_label(qtype) -> str:
     """The qtype as it appears in ids and CSV rows: the exact ggml name for a ggml type
     (``q4_k`` → ``q4_K``), the lower-case preset name for a preset (``Q4_K_M`` → ``q4_k_m``).
 
-    Raises UnknownQTypeError (with the closest valid names) for an unknown name.
+    qtype: a resolved :class:`pytest_quantbench.qtypes.QType`.
     """
-    from .qtypes import resolve_qtype
-
-    qtype = resolve_qtype(name)
     return qtype.name if qtype.kind == "type" else qtype.name.lower()
 
 
@@ -37,8 +34,7 @@ def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[
     from .selection import is_quantizable_tensor, natural_key, parse_rules, select_tensors
 
     config = session.config
-    qtypes = sorted({(q.name if q.kind == "type" else q.name.lower())
-                     for q in parse_qtype_list(list(config.qtypes))})
+    qtypes = sorted({qtype_label(q) for q in parse_qtype_list(list(config.qtypes))})
     header = session.model_header
     if header.n_ctx_train and config.kld_base is None and config.ctx > header.n_ctx_train:
         raise ConfigError(f"--quantbench-ctx {config.ctx} is larger than the model's training "

@@ -99,12 +99,12 @@ class QuantbenchSession:
                             n_gpu_layers=self.config.n_gpu_layers)
 
     @cached_property
-    def base_model(self):
-        """The baseline model loaded once in this process (tokenizer and baseline evaluation)."""
-        from .engine.llama import EvalSettings, LlamaModel
+    def tokenizer(self):
+        """The baseline's vocabulary only (tokenizing loads no weights, so the controller of a
+        700B run stays light)."""
+        from .engine.llama import LlamaModel
 
-        return LlamaModel(self.model_path, EvalSettings(n_ctx=self.n_ctx, threads=self.threads,
-                                                        n_gpu_layers=self.config.n_gpu_layers))
+        return LlamaModel(self.model_path, self.eval_settings, vocab_only=True)
 
     @cached_property
     def user_base(self):
@@ -122,7 +122,7 @@ class QuantbenchSession:
     @cached_property
     def corpus_tokens(self):
         """All corpus tokens, int32 (N,), tokenized as llama-perplexity does."""
-        return self.base_model.tokenize(self.corpus_text)
+        return self.tokenizer.tokenize(self.corpus_text)
 
     @cached_property
     def chunk_tokens(self):
@@ -183,12 +183,19 @@ class QuantbenchSession:
         """The baseline logits file (:class:`KLDBaseFile`), computed once across workers/runs."""
         from . import baseline
 
+        n_vocab = self.tokenizer.n_vocab
         if self.user_base is not None:
-            return baseline.user_baseline(self.config.kld_base, self.base_model.n_vocab)
-        path = self.baseline_path
-        return baseline.ensure_baseline(
-            path, self.chunk_tokens, self.base_model.n_vocab,
-            lambda dest: baseline.write_baseline(self.base_model, self.chunk_tokens, dest))
+            return baseline.check_user_baseline(self.user_base, n_vocab)
+        return baseline.ensure_baseline(self.baseline_path, self.chunk_tokens, n_vocab,
+                                        self._compute_baseline)
+
+    def _compute_baseline(self, dest: Path) -> None:
+        """Load the baseline model for evaluation, write the base file, free the model."""
+        from . import baseline
+        from .engine.llama import LlamaModel
+
+        with LlamaModel(self.model_path, self.eval_settings) as model:
+            baseline.write_baseline(model, self.chunk_tokens, dest)
 
     @property
     def baseline_path(self) -> Path:
@@ -226,8 +233,8 @@ class QuantbenchSession:
 
     def close(self) -> None:
         """Free the engine objects and remove temporary files."""
-        if "base_model" in self.__dict__:
-            self.base_model.close()
+        if "tokenizer" in self.__dict__:
+            self.tokenizer.close()
         if "work_dir" in self.__dict__:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 

@@ -56,7 +56,9 @@ class LlamaModel:
     refuses the file (the message holds the engine's log tail: unknown architecture, bad tensor…).
     """
 
-    def __init__(self, path: Path, settings: EvalSettings, lib_path: Path | None = None) -> None:
+    def __init__(self, path: Path, settings: EvalSettings, lib_path: Path | None = None, *,
+                 vocab_only: bool = False) -> None:
+        """``vocab_only`` loads just the vocabulary (tokenize only: no weights, no context)."""
         self.lib = bindings.load_library(lib_path)
         self.path = Path(path)
         self.settings = settings
@@ -65,12 +67,24 @@ class LlamaModel:
         mparams = self.lib.llama_model_default_params()
         mparams.n_gpu_layers = settings.n_gpu_layers
         mparams.use_mmap = True
+        mparams.vocab_only = vocab_only
         self.lib.log_tail.lines.clear()
         self._model = self.lib.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise EngineError(
                 f"the engine could not load model {self.path}:\n{self.lib.log_tail.text()}"
             )
+        vocab = self.lib.llama_model_get_vocab(self._model)
+        self.n_vocab = int(self.lib.llama_n_vocab(self._model))
+        self.n_ctx_train = int(self.lib.llama_n_ctx_train(self._model))
+        self.add_bos = bool(self.lib.llama_vocab_get_add_bos(vocab))
+        self.add_eos = bool(self.lib.llama_vocab_get_add_eos(vocab))
+        self.bos = int(self.lib.llama_vocab_bos(vocab))
+        if not vocab_only:
+            self._create_context()
+
+    def _create_context(self) -> None:
+        settings = self.settings
         cparams = self.lib.llama_context_default_params()
         cparams.n_ctx = settings.n_ctx
         cparams.n_batch = settings.n_ctx
@@ -87,12 +101,6 @@ class LlamaModel:
                 f"the engine could not create a context (n_ctx={settings.n_ctx}) for {self.path}:\n"
                 f"{self.lib.log_tail.text()}"
             )
-        vocab = self.lib.llama_model_get_vocab(self._model)
-        self.n_vocab = int(self.lib.llama_n_vocab(self._model))
-        self.n_ctx_train = int(self.lib.llama_n_ctx_train(self._model))
-        self.add_bos = bool(self.lib.llama_vocab_get_add_bos(vocab))
-        self.add_eos = bool(self.lib.llama_vocab_get_add_eos(vocab))
-        self.bos = int(self.lib.llama_vocab_bos(vocab))
         self._batch = self.lib.llama_batch_init(settings.n_ctx, 0, 1)
 
     def __enter__(self) -> "LlamaModel":
@@ -141,6 +149,8 @@ class LlamaModel:
         Raises:
             EngineError: decode failed (with the engine's log tail).
         """
+        if not self._ctx:
+            raise EngineError(f"{self.path} was loaded for tokenizing only; it cannot evaluate")
         n_ctx = self.settings.n_ctx
         if tokens.shape != (n_ctx,):
             raise ValueError(f"a chunk must hold n_ctx={n_ctx} tokens, got shape {tokens.shape}")
