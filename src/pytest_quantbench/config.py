@@ -62,6 +62,9 @@ OPTIONS: tuple[Option, ...] = (
            "cache dir)"),
     Option("kld-base", "path", None, "use this llama-perplexity --kl-divergence-base file as the "
            "baseline logits"),
+    Option("engine", "str", "inplace", "how items quantize: 'inplace' (quantize the tensor in "
+           "memory and swap it into the loaded baseline; default) or 'file' (write a variant GGUF "
+           "with llama-quantize and load it); inplace falls back to file where it cannot work"),
     Option("allow-fallback", "bool", False, "measure items whose type llama-quantize replaced by a "
            "fallback type (reported as such) instead of skipping them"),
     Option("top", "int", 10, "how many most damaging (tensor, qtype) pairs the summary shows"),
@@ -93,6 +96,7 @@ class QuantbenchConfig:
     thresholds: Path | None
     cache_dir: Path | None
     kld_base: Path | None
+    engine: str
     allow_fallback: bool
     top: int
     config_file: Path | None = None
@@ -254,6 +258,8 @@ def validate(config: QuantbenchConfig) -> None:
                           "or leave it unset for all the corpus allows")
     if config.threads is not None and config.threads <= 0:
         raise ConfigError(f"{where('threads')}: {config.threads}; give a positive thread count")
+    if config.engine not in ("inplace", "file"):
+        raise ConfigError(f"{where('engine')}: {config.engine!r}; use 'inplace' or 'file'")
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
     if not config.qtypes:

@@ -60,6 +60,7 @@ class QuantbenchSession:
         self.config = config
         self.cache_dir = cache_dir
         self.threads = config.threads or default_threads(n_workers)
+        self._swap_error: str | None = None
 
     # ---- inputs -------------------------------------------------------------------------
     @cached_property
@@ -190,10 +191,14 @@ class QuantbenchSession:
                                         self._compute_baseline)
 
     def _compute_baseline(self, dest: Path) -> None:
-        """Load the baseline model for evaluation, write the base file, free the model."""
+        """Evaluate the baseline into the base file: with the swap model when items use it
+        (same load, same settings), else with a model loaded for this and freed."""
         from . import baseline
         from .engine.llama import LlamaModel
 
+        if self.config.engine == "inplace" and self.swap_model is not None:
+            baseline.write_baseline(self.swap_model.model, self.chunk_tokens, dest)
+            return  # the worker's one model load serves the baseline and every swap
         with LlamaModel(self.model_path, self.eval_settings) as model:
             baseline.write_baseline(model, self.chunk_tokens, dest)
 
@@ -235,6 +240,8 @@ class QuantbenchSession:
         """Free the engine objects and remove temporary files."""
         if "tokenizer" in self.__dict__:
             self.tokenizer.close()
+        if self.__dict__.get("swap_model") is not None:
+            self.swap_model.close()
         if "work_dir" in self.__dict__:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -248,14 +255,11 @@ class QuantbenchSession:
         """Quantize ``unit``'s tensors, evaluate every chunk, and return the statistics.
 
         ``row`` is updated in place as facts become known (``requested_type``, ``written_type``,
-        ``reason``), so the caller keeps them even when this raises.
+        ``engine``, ``reason``), so the caller keeps them even when this raises.
         Returns: :meth:`KLDStats.as_dict` (floats/ints).
         Raises: ItemSkip (fallback type, missing imatrix, preset-only name), EngineError,
             ValueError (non-finite logits: the message says where).
         """
-        from .engine.llama import LlamaModel
-        from .engine.quantize import run_llama_quantize
-        from .gguf import read_model_header
         from .metrics import KLDAccumulator
         from .qtypes import needs_imatrix, resolve_qtype
 
@@ -269,6 +273,81 @@ class QuantbenchSession:
             raise ItemSkip(f"{target.name} needs an importance matrix: pass "
                            "--quantbench-imatrix FILE")
         base = self.baseline
+        engine, note = self.choose_engine(unit)
+        row["engine"] = engine
+        if note:
+            row["engine_note"] = note
+        acc = KLDAccumulator()
+        if engine == "inplace":
+            self._measure_inplace(unit, target, row, base, acc)
+        else:
+            self._measure_file(unit, target, row, base, acc)
+        return acc.stats().as_dict()
+
+    def choose_engine(self, unit: WorkUnit) -> tuple[str, str | None]:
+        """``("inplace", None)`` when the in-process swap can measure ``unit``, else
+        ``("file", why)``: --quantbench-engine=file, an imatrix, a non-float baseline tensor, or
+        an engine library the swap cannot bind."""
+        if self.config.engine == "file":
+            return "file", None
+        if self.config.imatrix is not None:
+            return "file", "the in-process engine does not apply importance matrices yet"
+        for name in unit.tensors:
+            base_type = self.model_header.tensor(name).type_name
+            if base_type not in ("f32", "f16", "bf16"):
+                return "file", f"{name} is {base_type} in the baseline (in-process needs float)"
+        if self.swap_model is None:
+            return "file", self._swap_error
+        return "inplace", None
+
+    @cached_property
+    def swap_model(self):
+        """The baseline loaded once in this process for in-process swaps (None if unusable)."""
+        from .engine.llama import EngineError
+        from .engine.swap import SwapModel
+
+        try:
+            return SwapModel(self.model_path, self.eval_settings)
+        except EngineError as exc:
+            self._swap_error = f"in-process engine unavailable: {exc}"
+            return None
+
+    def _evaluate(self, model, base, acc) -> None:
+        """Evaluate every chunk of the baseline file with ``model`` into ``acc``."""
+        first = self.n_ctx // 2
+        for i, chunk in enumerate(base.tokens):
+            acc.add_chunk(model.eval_chunk(chunk), base.chunk_logprobs(i), chunk[first + 1:])
+
+    def _measure_inplace(self, unit: WorkUnit, target, row: dict, base, acc) -> None:
+        """Quantize in memory with ggml_quantize_chunk, swap in, evaluate, restore."""
+        from .qtypes import UnsupportedShapeError, predict_written_type
+
+        swap = self.swap_model
+        replacements, written = {}, {}
+        for name in unit.tensors:
+            info = self.model_header.tensor(name)
+            try:
+                wtype, why = predict_written_type(target, info.ne0, info.n_rows, tensor_name=name)
+            except UnsupportedShapeError as exc:
+                raise ItemSkip(str(exc)) from None
+            written[name] = wtype.name
+            if wtype.name != target.name and "reason" not in row:
+                row["reason"] = fallback_reason(name, wtype.name, target.name, why, "writes")
+            data = swap.quantize(swap.baseline_f32(name, info.type_name), wtype.type_id,
+                                 wtype.row_size(info.ne0), wtype.interleave)
+            replacements[name] = (wtype.type_id, wtype.type_size, wtype.row_size(info.ne0), data)
+        row["written_type"] = ",".join(sorted(set(written.values())))
+        if "reason" in row and not self.config.allow_fallback:
+            raise ItemSkip(row["reason"])
+        with swap.swapped(replacements):
+            self._evaluate(swap.model, base, acc)
+
+    def _measure_file(self, unit: WorkUnit, target, row: dict, base, acc) -> None:
+        """Write a variant GGUF with llama-quantize, read back its types, load it, evaluate."""
+        from .engine.llama import LlamaModel
+        from .engine.quantize import run_llama_quantize
+        from .gguf import read_model_header
+
         variant = self.work_dir / f"variant-{unit.id}.gguf"
         try:
             run_llama_quantize(self.model_path, variant, {t: target.name for t in unit.tensors},
@@ -277,15 +356,10 @@ class QuantbenchSession:
             written = self._check_written(read_model_header(variant), unit, target.name, row)
             if written != target.name and not self.config.allow_fallback:
                 raise ItemSkip(row["reason"])
-            acc = KLDAccumulator()
-            first = self.n_ctx // 2
             with LlamaModel(variant, self.eval_settings) as model:
-                for i, chunk in enumerate(base.tokens):
-                    acc.add_chunk(model.eval_chunk(chunk), base.chunk_logprobs(i),
-                                  chunk[first + 1:])
+                self._evaluate(model, base, acc)
         finally:
             variant.unlink(missing_ok=True)
-        return acc.stats().as_dict()
 
     def _check_written(self, header, unit: WorkUnit, requested: str, row: dict) -> str:
         """Read back the written types; record them in ``row``; return the target's written type.
@@ -312,11 +386,18 @@ class QuantbenchSession:
 
             info = header.tensor(fell_back[0])
             try:
-                _, why = predict_written_type(requested, info.shape[0], info.n_rows)
+                _, why = predict_written_type(requested, info.ne0, info.n_rows)
             except ValueError as exc:
                 why = str(exc)
-            why = why or f"row length {info.shape[0]}"
-            row["reason"] = (f"llama-quantize wrote {written[fell_back[0]]} instead of {requested} "
-                             f"for {fell_back[0]} ({why})")
+            row["reason"] = fallback_reason(fell_back[0], written[fell_back[0]], requested, why,
+                                            "wrote")
             return written[fell_back[0]]
         return requested
+
+
+def fallback_reason(tensor: str, written: str, requested: str, why: str | None,
+                    verb: str) -> str:
+    """The skip reason of a fallback type, worded alike by both engines: ``verb`` is "wrote"
+    (read back from llama-quantize's output) or "writes" (its decision, applied in process)."""
+    return (f"llama-quantize {verb} {written} instead of {requested} for {tensor} "
+            f"({why or 'fallback'})")

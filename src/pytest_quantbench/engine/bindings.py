@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from collections import deque
 from pathlib import Path
 
@@ -229,6 +230,19 @@ class LogTail:
     def text(self) -> str:
         """The retained lines, newline-joined."""
         return "\n".join([*self.lines, self._partial] if self._partial else self.lines)
+
+
+def mapped_library(pattern: str) -> str:
+    """Path of the first shared object mapped into this process whose name matches ``pattern``."""
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 6 and re.search(pattern, Path(parts[-1]).name):
+                    return parts[-1]
+    except OSError:
+        pass
+    return ""
 
 
 _loaded: dict[Path, ctypes.CDLL] = {}

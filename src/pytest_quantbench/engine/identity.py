@@ -43,19 +43,6 @@ class EngineIdentity:
                 f"[{self.cpu_features}], engine id {self.key}")
 
 
-def _mapped_library(pattern: str) -> str:
-    """Path of the first shared object mapped into this process whose name matches ``pattern``."""
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) >= 6 and re.search(pattern, Path(parts[-1]).name):
-                    return parts[-1]
-    except OSError:
-        pass
-    return ""
-
-
 @lru_cache(maxsize=4)
 def engine_identity(lib_path: Path | None = None) -> EngineIdentity:
     """Load the engine library (if not yet loaded) and describe it.
@@ -64,7 +51,7 @@ def engine_identity(lib_path: Path | None = None) -> EngineIdentity:
     """
     lib = bindings.load_library(lib_path)
     libllama = str(lib.quantbench_path)
-    libggml = _mapped_library(r"^libggml") or ""
+    libggml = bindings.mapped_library(r"^libggml")
     quantize = str(find_quantize_binary())
     hashes = [sha256_file(Path(p)) for p in (libllama, libggml, quantize) if p]
     info = (lib.llama_print_system_info() or b"").decode()
