@@ -197,3 +197,11 @@ def test_kld_base_for_another_vocabulary_is_an_error(pytester, qb_args, tmp_path
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*--quantbench-kld-base *other-vocab.kld was computed for "
                                  "n_vocab=50 but the model has n_vocab=384*"])
+
+
+def test_missing_engine_library_is_a_usage_error(pytester, qb_args):
+    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q4_0",
+                                           "--quantbench-engine-lib=/nonexistent/libllama.so")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--quantbench-engine-lib /nonexistent/libllama.so does not "
+                                 "exist: give the libllama.so of an ik_llama.cpp build*"])

@@ -65,6 +65,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("engine", "str", "inplace", "how items quantize: 'inplace' (quantize the tensor in "
            "memory and swap it into the loaded baseline; default) or 'file' (write a variant GGUF "
            "with llama-quantize and load it); inplace falls back to file where it cannot work"),
+    Option("engine-lib", "path", None, "libllama.so of your own ik_llama.cpp build (native CPU "
+           "flags, CUDA); same as setting IK_LLAMA_CPP_LIB_PATH (default: the wheel's)"),
     Option("allow-fallback", "bool", False, "measure items whose type llama-quantize replaced by a "
            "fallback type (reported as such) instead of skipping them"),
     Option("top", "int", 10, "how many most damaging (tensor, qtype) pairs the summary shows"),
@@ -97,6 +99,7 @@ class QuantbenchConfig:
     cache_dir: Path | None
     kld_base: Path | None
     engine: str
+    engine_lib: Path | None
     allow_fallback: bool
     top: int
     config_file: Path | None = None

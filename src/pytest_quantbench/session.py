@@ -61,6 +61,11 @@ class QuantbenchSession:
         self.cache_dir = cache_dir
         self.threads = config.threads or default_threads(n_workers)
         self._swap_error: str | None = None
+        if config.engine_lib is not None:  # read by the engine bindings, inherited by workers
+            if not config.engine_lib.is_file():
+                raise ConfigError(f"--quantbench-engine-lib {config.engine_lib} does not exist: "
+                                  "give the libllama.so of an ik_llama.cpp build")
+            os.environ["IK_LLAMA_CPP_LIB_PATH"] = str(config.engine_lib)
 
     # ---- inputs -------------------------------------------------------------------------
     @cached_property
