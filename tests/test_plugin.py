@@ -205,3 +205,68 @@ def test_missing_engine_library_is_a_usage_error(pytester, qb_args):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--quantbench-engine-lib /nonexistent/libllama.so does not "
                                  "exist: give the libllama.so of an ik_llama.cpp build*"])
+
+
+def test_bad_thresholds_file_is_a_usage_error_before_any_item(pytester, qb_args):
+    pytester.makefile(".yaml", thresholds="rules:\n  - tensor: attn_v\n    max_kdl: 0.1\n")
+    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q4_0",
+                                           "--quantbench-thresholds=thresholds.yaml")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*thresholds.yaml*max_kdl*max_kld*"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "*empty.gguf*"),
+    (b"NOTAGGUF" + bytes(64), "*empty.gguf*not a GGUF*"),
+])
+def test_model_that_is_not_a_gguf_is_a_usage_error(pytester, qb_args, tmp_path, content, message):
+    bad = tmp_path / "empty.gguf"
+    bad.write_bytes(content)
+    args = [a for a in qb_args if not a.startswith("--quantbench-model")]
+    result = pytester.runpytest_subprocess(*args, f"--quantbench-model={bad}",
+                                           "--quantbench-qtypes=q4_0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_corrupted_baseline_cache_is_recomputed(pytester, qb_args, tmp_path):
+    cache = tmp_path / "cache"
+    args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir")]
+    args += [f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
+             "--quantbench-tensors", r"blk\.0\.attn_v"]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    first = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+    base_file = next((cache / "baselines").glob("*.kld"))
+    size = base_file.stat().st_size
+    with open(base_file, "r+b") as fh:
+        fh.truncate(size // 2)
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    assert base_file.stat().st_size == size
+    again = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+    assert again["mean_kld"] == first["mean_kld"] and again["ppl_base"] == first["ppl_base"]
+
+
+def test_non_finite_logits_error_the_item_and_the_run_continues(pytester, qb_args):
+    """A tensor whose weights are NaN gives NaN logits: that item errors with the finding."""
+    pytester.makeconftest('''
+import numpy as np
+from pytest_quantbench.engine import swap
+
+_orig = swap.SwapModel.baseline_f32
+
+def nan_weights(self, name, type_name):
+    w = _orig(self, name, type_name)
+    return np.full_like(w, np.nan) if name == "blk.1.attn_v.weight" else w
+
+swap.SwapModel.baseline_f32 = nan_weights
+''')
+    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q8_0",
+                                           "--quantbench-tensors", r"blk\.1\.attn_(q|v)")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at setup of quantbench blk.1.attn_v.weight?q8_0?*",
+                                "ValueError: chunk 1: 31 of 31 scored positions have non-finite "
+                                "logits (NaN or inf); first at position 0"])
+    assert "Traceback" not in result.stdout.str() and "metrics.py" not in result.stdout.str()
+    tidy = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    assert sorted(tidy["status"]) == ["error", "passed"]

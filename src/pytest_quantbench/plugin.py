@@ -85,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
         session = QuantbenchSession(qb_config, _cache_dir(config, qb_config), n_workers)
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
+        session.thresholds  # a bad thresholds file is a usage error now, not an item failure
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     except ValueError as exc:  # GGUF, selection, qtype and threshold errors are usage errors
@@ -163,6 +164,9 @@ class QuantbenchItem(pytest.Item):
         except ItemSkip as exc:
             row["reason"] = str(exc)
             raise pytest.skip.Exception(str(exc), _use_item_location=True) from None
+        except _USER_ERRORS as exc:  # an item error with the finding, not a deep traceback
+            row["reason"] = f"{type(exc).__name__}: {exc}"
+            pytest.fail(row["reason"], pytrace=False)
         finally:
             self.user_properties.extend((k, _builtin(v)) for k, v in row.items())
 
