@@ -270,3 +270,68 @@ swap.SwapModel.baseline_f32 = nan_weights
     assert "Traceback" not in result.stdout.str() and "metrics.py" not in result.stdout.str()
     tidy = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
     assert sorted(tidy["status"]) == ["error", "passed"]
+
+
+def test_a_worker_dying_in_native_code_costs_only_its_item(pytester, qb_args):
+    """os.abort() stands in for a segfault in the engine: xdist replaces the worker, the item is
+    reported as crashed, every other item completes and the tables are written."""
+    pytester.makeconftest('''
+import os
+from pytest_quantbench import session
+
+_orig = session.QuantbenchSession.measure
+
+def measure(self, unit, row):
+    if unit.name == "blk.0.attn_v.weight":
+        os.abort()
+    return _orig(self, unit, row)
+
+session.QuantbenchSession.measure = measure
+''')
+    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q4_0", "-n", "2",
+                                           "--quantbench-tensors", r"blk\.[01]\.attn_(q|v)")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*worker 'gw*' crashed while running "
+                                 "'quantbench::blk.0.attn_v.weight[[]q4_0[]]'*"])
+    kld = read_wide(pytester.path / "quantbench-results" / "kld_results.csv")
+    assert kld.loc["q4_0", "blk.0.attn_v.weight"] == "404"
+    assert "404" not in kld.drop(columns="blk.0.attn_v.weight").loc["q4_0"].tolist()
+
+
+def test_two_runs_at_once_share_one_baseline(pytester, synth_model, synth_corpus, tmp_path):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    procs = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+             f"--quantbench-model={synth_model}", f"--quantbench-corpus={synth_corpus}",
+             "--quantbench-ctx=64", "--quantbench-chunks=4", f"--quantbench-cache-dir={cache}",
+             "--quantbench-qtypes=q4_0", "--quantbench-tensors", r"blk\.0\.attn_v"],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert len(list((cache / "baselines").glob("*.kld"))) == 1
+    rows = [pd.read_csv(tmp_path / n / "quantbench-results" / "results.csv").iloc[0]
+            for n in ("a", "b")]
+    assert rows[0]["mean_kld"] == rows[1]["mean_kld"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "*--quantbench-corpus * is a directory: give a text file*"),
+    (lambda p: p.write_bytes(b"\xff\xfe bad"), "*--quantbench-corpus * is not UTF-8 text (byte 0)*"),
+    (lambda p: p.write_text("\n"), "*--quantbench-corpus * is empty*"),
+    (lambda p: None, "*--quantbench-corpus * does not exist*"),
+])
+def test_bad_corpus_is_a_usage_error(pytester, qb_args, tmp_path, make, message):
+    corpus = tmp_path / "corpus-input"
+    make(corpus)
+    args = [a for a in qb_args if not a.startswith("--quantbench-corpus")]
+    result = pytester.runpytest_subprocess(*args, f"--quantbench-corpus={corpus}",
+                                           "--quantbench-qtypes=q4_0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])

@@ -155,6 +155,7 @@ class QuantbenchSession:
         if self.user_base is not None:
             corpus_hash = inputs.sha256_file(self.config.kld_base, self.cache_dir)
         elif self.config.corpus is not None:
+            self.corpus_text  # validates the file (missing, directory, not UTF-8, empty) first
             corpus_hash = inputs.sha256_file(self.config.corpus, self.cache_dir)
         else:  # the sha256 of the default text written to a file, as `sha256sum` shows it
             corpus_hash = inputs.sha256_text(inputs.default_corpus_text())
