@@ -194,9 +194,28 @@ def test_kld_base_for_another_vocabulary_is_an_error(pytester, qb_args, tmp_path
     result = pytester.runpytest_subprocess(*args, f"--quantbench-kld-base={wrong}",
                                            "--quantbench-qtypes=q4_0",
                                            "--quantbench-tensors", r"blk\.1\.attn_q")
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*--quantbench-kld-base *other-vocab.kld was computed for "
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--quantbench-kld-base *other-vocab.kld was computed for "
                                  "n_vocab=50 but the model has n_vocab=384*"])
+
+
+def test_model_of_an_unknown_architecture_is_a_usage_error(pytester, qb_args, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "alien.gguf"
+    writer = gguf.GGUFWriter(path, "notanarch")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((256, 256), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    args = [a for a in qb_args if not a.startswith("--quantbench-model")]
+    result = pytester.runpytest_subprocess(*args, f"--quantbench-model={path}",
+                                           "--quantbench-qtypes=q4_0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the engine could not load model *alien.gguf*",
+                                 "*unknown model architecture: 'notanarch'*"])
 
 
 def test_missing_engine_library_is_a_usage_error(pytester, qb_args):

@@ -17,10 +17,13 @@ from typing import Any
 
 import pytest
 
-from .config import OPTIONS, ConfigError
+from .config import OPTIONS
 
 SESSION_KEY = pytest.StashKey["Any"]()
 REPORTER_KEY = pytest.StashKey["Any"]()
+# ValueError covers ConfigError, GGUFError, SelectionError, UnknownQTypeError, ThresholdsError,
+# KLDBaseFormatError and non-finite logits; RuntimeError the engine's EngineError and
+# EngineLibraryError; OSError file access.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
 
 
@@ -86,10 +89,9 @@ def pytest_configure(config: pytest.Config) -> None:
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
         session.thresholds  # a bad thresholds file is a usage error now, not an item failure
-    except ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    except ValueError as exc:  # GGUF, selection, qtype and threshold errors are usage errors
-        raise pytest.UsageError(str(exc)) from None
+        session.validate_inputs()
+    except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the
+        raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
     config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
     if not hasattr(config, "workerinput"):
@@ -108,10 +110,7 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return None
-    try:
-        return session.header_lines() + [f"quantbench items: {len(session.units)}"]
-    except ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
+    return session.header_lines() + [f"quantbench items: {len(session.units)}"]
 
 
 @pytest.hookimpl(wrapper=True)

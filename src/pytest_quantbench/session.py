@@ -169,6 +169,18 @@ class QuantbenchSession:
             eval=f"fa={int(settings.flash_attn)},ub={settings.n_ubatch},seq=1",
         )
 
+    def validate_inputs(self) -> None:
+        """Check, before any item runs, what can be checked cheaply: the corpus yields the chunks
+        asked for, the tokenizer loads, a user kld-base file fits the model.
+
+        Raises ConfigError, EngineError, KLDBaseFormatError or ValueError with the fix.
+        """
+        self.chunk_tokens
+        if self.user_base is not None:
+            from .baseline import check_user_baseline
+
+            check_user_baseline(self.user_base, self.tokenizer.n_vocab)
+
     def header_lines(self) -> list[str]:
         """The run-header lines: model + hash, corpus + tokens, n_ctx, chunks, engine."""
         ident = self.run_identity
