@@ -354,3 +354,29 @@ def test_bad_corpus_is_a_usage_error(pytester, qb_args, tmp_path, make, message)
                                            "--quantbench-qtypes=q4_0")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_split_model_is_measured_by_both_engines_and_a_missing_shard_is_named(
+        pytester, synth_corpus, tmp_path):
+    pytest.importorskip("gguf")
+    from synthmodel import build_synthetic_model
+
+    (tmp_path / "split").mkdir()
+    first = build_synthetic_model(tmp_path / "split" / "synth.gguf", split_max_tensors=8)
+    assert first.name == "synth-00001-of-00003.gguf"
+    args = [f"--quantbench-model={first}", f"--quantbench-corpus={synth_corpus}",
+            "--quantbench-ctx=64", "--quantbench-chunks=2", "--quantbench-qtypes=q4_0",
+            f"--quantbench-cache-dir={tmp_path / 'cache'}", "-p", "no:randomly",
+            "--quantbench-tensors", r"blk\.1\.attn_v"]
+    kld = []
+    for engine in ("inplace", "file"):
+        pytester.runpytest_subprocess(*args, f"--quantbench-engine={engine}").assert_outcomes(
+            passed=1)
+        row = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+        assert row["engine"] == engine
+        kld.append(row["mean_kld"])
+    assert kld[0] == kld[1] > 0
+    (tmp_path / "split" / "synth-00003-of-00003.gguf").unlink()
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*synth-00003-of-00003.gguf*"])
