@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -85,7 +87,7 @@ TABLE_HEADER = (
 )
 
 # Largest number of float64 temporaries (rows x vocab) materialised at once.
-_BLOCK_ELEMS = 1 << 22
+_BLOCK_ELEMS = 1 << 20
 
 _F32 = np.float32
 _F64 = np.float64
@@ -108,7 +110,7 @@ def expf(x: np.ndarray) -> np.ndarray:
 def row_blocks(n_rows: int, n_cols: int, max_elems: int | None = None) -> Iterator[slice]:
     """Yield row slices covering ``range(n_rows)`` with at most ~``max_elems`` elements each.
 
-    ``max_elems`` defaults to the module's ``_BLOCK_ELEMS`` (2**22); a single row is
+    ``max_elems`` defaults to the module's ``_BLOCK_ELEMS`` (2**20); a single row is
     never split.
 
     Used to bound the float64 temporaries of the vectorised per-row computations;
@@ -119,6 +121,31 @@ def row_blocks(n_rows: int, n_cols: int, max_elems: int | None = None) -> Iterat
     step = max(1, max_elems // max(1, n_cols))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def for_row_blocks(n_rows: int, n_cols: int, fn: Callable[[slice], None]) -> None:
+    """Call ``fn(rows)`` for every block of :func:`row_blocks`, on a thread pool.
+
+    Rows are independent and each block writes only its own rows, so the results are identical
+    to a sequential loop; numpy releases the GIL in the large ufunc calls, so blocks run on
+    several cores (the statistics must not dominate a chunk when decoding runs on a GPU).
+    Exceptions of ``fn`` propagate.
+    """
+    global _POOL
+    blocks = list(row_blocks(n_rows, n_cols))
+    if len(blocks) <= 1:
+        for blk in blocks:
+            fn(blk)
+        return
+    if _POOL is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, workers)),
+                                   thread_name_prefix="quantbench-metrics")
+    for _ in _POOL.map(fn, blocks):
+        pass
 
 
 def _ordered_row_sum(terms: np.ndarray) -> np.ndarray:
@@ -175,10 +202,13 @@ def row_max_lse(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     imax = np.argmax(logits, axis=1)
     mx = logits[np.arange(n_rows), imax].astype(_F32)
     lse = np.empty(n_rows, dtype=_F32)
-    for blk in row_blocks(n_rows, n_vocab):
+
+    def block(blk: slice) -> None:
         shifted = (logits[blk] - mx[blk, None]).astype(_F32, copy=False)
         z = _ordered_row_sum(expf(shifted))
         lse[blk] = np.log(z).astype(_F32)
+
+    for_row_blocks(n_rows, n_vocab, block)
     return imax, mx, lse
 
 
@@ -451,12 +481,15 @@ def kld_token_stats(
     imax_b = np.argmax(base, axis=1)
 
     kld = np.empty(n_rows, dtype=_F64)
-    for blk in row_blocks(n_rows, n_vocab):
+
+    def block(blk: slice) -> None:
         lp = base[blk]
         inner = (lp - logits[blk]) + a[blk, None]         # f32(f32(lp_i − l_i) + A)
         terms = expf(lp) * inner                           # float32 product
         terms[~(lp > KLD_LOG_PROB_CUTOFF)] = 0  # skipped terms: adding +0.0 is a no-op
         kld[blk] = _ordered_row_sum(terms)
+
+    for_row_blocks(n_rows, n_vocab, block)
 
     same_top = imax == imax_b
     dp = expf(-nll) - expf(-nll_base)
