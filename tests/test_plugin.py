@@ -29,6 +29,16 @@ def qb_args(synth_model, synth_corpus, tmp_path_factory):
     ]
 
 
+def without(args: list[str], *prefixes: str) -> list[str]:
+    """``args`` minus the options starting with any of ``prefixes``."""
+    return [a for a in args if not a.startswith(prefixes)]
+
+
+def results(pytester) -> pd.DataFrame:
+    """The tidy results.csv of the last run in ``pytester``'s folder."""
+    return pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+
+
 def read_wide(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str).set_index("QTYPE")
 
@@ -92,7 +102,7 @@ def test_xdist_two_workers_share_one_baseline(pytester, synth_model, synth_corpu
     baselines = list((cache / "baselines").glob("*.kld"))
     assert len(baselines) == 1
     first_mtime = baselines[0].stat().st_mtime_ns
-    tidy = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    tidy = results(pytester)
     assert len(tidy) == 4 and tidy["ppl_base"].nunique() == 1
     # a second run reuses the cached baseline instead of recomputing it
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=4)
@@ -109,7 +119,7 @@ def test_failing_threshold_is_a_failure_with_value_limit_and_rule(pytester, qb_a
     result.stdout.re_match_lines([r".*mean KLD [0-9.e-]+ ± [0-9.e-]+ > max_kld 1e-09 .*attn_v.*"])
     failures = list(ET.parse(pytester.path / "report.xml").getroot().iter("failure"))
     assert len(failures) == 1
-    tidy = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    tidy = results(pytester)
     assert sorted(tidy["status"]) == ["failed", "passed"]
 
 
@@ -122,7 +132,7 @@ def test_unknown_qtype_is_a_usage_error_naming_the_closest(pytester, qb_args):
 def test_cli_beats_yaml_beats_ini(pytester, qb_args):
     pytester.makeini("[pytest]\nquantbench_qtypes = q8_0\nquantbench_ctx = 32\n")
     pytester.makefile(".yaml", quantbench="qtypes: q5_0\ntensors: ['blk\\.0\\.attn_k']\n")
-    no_ctx = [a for a in qb_args if not a.startswith("--quantbench-ctx")]
+    no_ctx = without(qb_args, "--quantbench-ctx")
     ids = pytester.runpytest_subprocess("--collect-only", *no_ctx)
     # qtypes: YAML beats ini; n_ctx: ini used where neither CLI nor YAML set it
     ids.stdout.fnmatch_lines(["quantbench n_ctx=32, *", "*<QuantbenchItem blk.0.attn_k.weight[[]q5_0[]]>"])
@@ -151,7 +161,7 @@ def test_corpus_too_short_names_tokens_and_chunk_limit(pytester, qb_args, tmp_pa
                                                        chunks, message):
     short = tmp_path / "short.txt"
     short.write_text("the " * words, encoding="utf-8")
-    args = [a for a in qb_args if not a.startswith(("--quantbench-corpus", "--quantbench-chunks"))]
+    args = without(qb_args, "--quantbench-corpus", "--quantbench-chunks")
     result = pytester.runpytest_subprocess(*args, f"--quantbench-corpus={short}",
                                            "--quantbench-qtypes=q4_0",
                                            f"--quantbench-chunks={chunks}")
@@ -163,20 +173,20 @@ def test_kld_base_file_from_a_previous_run_gives_the_same_numbers(pytester, qb_a
     """Our cached baseline is a llama-perplexity base file: given back as --quantbench-kld-base
     (no corpus needed), it reproduces the statistics of the run that wrote it."""
     cache = tmp_path / "cache"
-    args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir")]
+    args = without(qb_args, "--quantbench-cache-dir")
     args += [f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
              "--quantbench-tensors", r"blk\.1\.attn_q"]
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
-    first = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+    first = results(pytester).iloc[0]
     base_file = next((cache / "baselines").glob("*.kld"))
-    reuse = [a for a in args if not a.startswith(("--quantbench-corpus", "--quantbench-ctx",
-                                                  "--quantbench-chunks", "--quantbench-cache"))]
+    reuse = without(args, "--quantbench-corpus", "--quantbench-ctx", "--quantbench-chunks",
+                    "--quantbench-cache")
     result = pytester.runpytest_subprocess(*reuse, f"--quantbench-kld-base={base_file}",
                                            f"--quantbench-cache-dir={tmp_path / 'other'}")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"quantbench corpus: kld-base {base_file}",
                                  "quantbench n_ctx=64, chunks=2, *"])
-    second = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+    second = results(pytester).iloc[0]
     for key in ("mean_kld", "ppl_q", "ppl_base", "same_top_p", "rms_dp"):
         assert second[key] == first[key], key
 
@@ -189,8 +199,7 @@ def test_kld_base_for_another_vocabulary_is_an_error(pytester, qb_args, tmp_path
     tokens = np.zeros((1, 32), dtype=np.int32)
     with KLDBaseWriter(wrong, 32, 50, tokens) as writer:
         writer.write_chunk(np.zeros((15, 50), dtype=np.float32))
-    args = [a for a in qb_args if not a.startswith(("--quantbench-corpus", "--quantbench-ctx",
-                                                    "--quantbench-chunks"))]
+    args = without(qb_args, "--quantbench-corpus", "--quantbench-ctx", "--quantbench-chunks")
     result = pytester.runpytest_subprocess(*args, f"--quantbench-kld-base={wrong}",
                                            "--quantbench-qtypes=q4_0",
                                            "--quantbench-tensors", r"blk\.1\.attn_q")
@@ -210,7 +219,7 @@ def test_model_of_an_unknown_architecture_is_a_usage_error(pytester, qb_args, tm
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    args = [a for a in qb_args if not a.startswith("--quantbench-model")]
+    args = without(qb_args, "--quantbench-model")
     result = pytester.runpytest_subprocess(*args, f"--quantbench-model={path}",
                                            "--quantbench-qtypes=q4_0")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -241,7 +250,7 @@ def test_bad_thresholds_file_is_a_usage_error_before_any_item(pytester, qb_args)
 def test_model_that_is_not_a_gguf_is_a_usage_error(pytester, qb_args, tmp_path, content, message):
     bad = tmp_path / "empty.gguf"
     bad.write_bytes(content)
-    args = [a for a in qb_args if not a.startswith("--quantbench-model")]
+    args = without(qb_args, "--quantbench-model")
     result = pytester.runpytest_subprocess(*args, f"--quantbench-model={bad}",
                                            "--quantbench-qtypes=q4_0")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -251,18 +260,18 @@ def test_model_that_is_not_a_gguf_is_a_usage_error(pytester, qb_args, tmp_path, 
 
 def test_corrupted_baseline_cache_is_recomputed(pytester, qb_args, tmp_path):
     cache = tmp_path / "cache"
-    args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir")]
+    args = without(qb_args, "--quantbench-cache-dir")
     args += [f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
              "--quantbench-tensors", r"blk\.0\.attn_v"]
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
-    first = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+    first = results(pytester).iloc[0]
     base_file = next((cache / "baselines").glob("*.kld"))
     size = base_file.stat().st_size
     with open(base_file, "r+b") as fh:
         fh.truncate(size // 2)
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
     assert base_file.stat().st_size == size
-    again = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+    again = results(pytester).iloc[0]
     assert again["mean_kld"] == first["mean_kld"] and again["ppl_base"] == first["ppl_base"]
 
 
@@ -287,7 +296,7 @@ swap.SwapModel.baseline_f32 = nan_weights
                                 "ValueError: chunk 1: 31 of 31 scored positions have non-finite "
                                 "logits (NaN or inf); first at position 0"])
     assert "Traceback" not in result.stdout.str() and "metrics.py" not in result.stdout.str()
-    tidy = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    tidy = results(pytester)
     assert sorted(tidy["status"]) == ["error", "passed"]
 
 
@@ -349,7 +358,7 @@ def test_two_runs_at_once_share_one_baseline(pytester, synth_model, synth_corpus
 def test_bad_corpus_is_a_usage_error(pytester, qb_args, tmp_path, make, message):
     corpus = tmp_path / "corpus-input"
     make(corpus)
-    args = [a for a in qb_args if not a.startswith("--quantbench-corpus")]
+    args = without(qb_args, "--quantbench-corpus")
     result = pytester.runpytest_subprocess(*args, f"--quantbench-corpus={corpus}",
                                            "--quantbench-qtypes=q4_0")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -372,7 +381,7 @@ def test_split_model_is_measured_by_both_engines_and_a_missing_shard_is_named(
     for engine in ("inplace", "file"):
         pytester.runpytest_subprocess(*args, f"--quantbench-engine={engine}").assert_outcomes(
             passed=1)
-        row = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").iloc[0]
+        row = results(pytester).iloc[0]
         assert row["engine"] == engine
         kld.append(row["mean_kld"])
     assert kld[0] == kld[1] > 0
