@@ -341,22 +341,25 @@ class QuantbenchSession:
         from .qtypes import UnsupportedShapeError, predict_written_type
 
         swap = self.swap_model
-        replacements, written = {}, {}
+        written = {}
         for name in unit.tensors:
             info = self.model_header.tensor(name)
             try:
                 wtype, why = predict_written_type(target, info.ne0, info.n_rows, tensor_name=name)
             except UnsupportedShapeError as exc:
                 raise ItemSkip(str(exc)) from None
-            written[name] = wtype.name
+            written[name] = wtype
             if wtype.name != target.name and "reason" not in row:
                 row["reason"] = fallback_reason(name, wtype.name, target.name, why, "writes")
+        row["written_type"] = ",".join(sorted({t.name for t in written.values()}))
+        if "reason" in row and not self.config.allow_fallback:
+            raise ItemSkip(row["reason"])
+        replacements = {}
+        for name, wtype in written.items():
+            info = self.model_header.tensor(name)
             data = swap.quantize(swap.baseline_f32(name, info.type_name), wtype.type_id,
                                  wtype.row_size(info.ne0), wtype.interleave)
             replacements[name] = (wtype.type_id, wtype.type_size, wtype.row_size(info.ne0), data)
-        row["written_type"] = ",".join(sorted(set(written.values())))
-        if "reason" in row and not self.config.allow_fallback:
-            raise ItemSkip(row["reason"])
         with swap.swapped(replacements):
             self._evaluate(swap.model, base, acc)
 
