@@ -98,7 +98,8 @@ def test_engines_give_identical_statistics(pytester, synth_model, synth_corpus, 
             "--quantbench-tensors", r"blk\.0\.(attn_v|ffn_down)"]
     pytester.runpytest_subprocess(*args, "--quantbench-engine=file").assert_outcomes(passed=4)
     reference = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
-    pytester.runpytest_subprocess(*args, f"--quantbench-engine={engine}").assert_outcomes(passed=4)
+    pytester.runpytest_subprocess(*args, f"--quantbench-engine={engine}",
+                                  "--quantbench-rerun").assert_outcomes(passed=4)
     rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
     assert (rows["engine"] == engine).all()
     metrics = [c for c in reference.columns if c.startswith(("ppl", "kld", "mean_", "median_",

@@ -10,6 +10,7 @@ This module imports only the standard library at import time (PyYAML lazily).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One setting: ``name`` (kebab-case suffix), kind (str|int|path|list|bool), default, help."""
+    """One setting: ``name`` (kebab-case suffix), kind (str|int|float|path|list|bool), default,
+    help."""
 
     name: str
     kind: str
@@ -53,6 +55,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("tensors", "list", (), "tensor selection rules 'regex=qtype[=locked]' (suite syntax); "
            "default: attn_q/k/v/output of every layer"),
     Option("tensors-file", "path", None, "file of selection rules, one per line"),
+    Option("group-tensors", "groups", (), "tensor groups, one argument per group, each a "
+           "comma-separated list of regexes (suite syntax): one item per (group, qtype) quantizes "
+           "all members together; members are not benchmarked alone; '.*' is the whole model"),
+    Option("groups-only", "bool", False, "run the groups only, no single-tensor items "
+           "(the suite's --benchmark-groups-only)"),
+    Option("rerun", "bool", False, "measure every item again instead of reusing results already "
+           "in the results store for the same settings"),
     Option("imatrix", "path", None, "importance matrix (legacy .dat) used when quantizing"),
     Option("threads", "int", None, "threads per worker (default: CPU cores / number of workers)"),
     Option("n-gpu-layers", "int", 0, "layers to offload to a GPU build of the engine (default 0)"),
@@ -70,6 +79,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow-fallback", "bool", False, "measure items whose type llama-quantize replaced by a "
            "fallback type (reported as such) instead of skipping them"),
     Option("top", "int", 10, "how many most damaging (tensor, qtype) pairs the summary shows"),
+    Option("csv-metrics", "list", (), "more statistics to write, each as its own wide CSV "
+           "<metric>_results.csv: field names of llama-perplexity's final block (kld_p99, rms_dp, "
+           "ppl_ratio, *_err …) or 'all'"),
+    Option("ppl-percent", "bool", False, "write ppl_results.csv as the change against the baseline "
+           "PPL in percent, e.g. +1.23 percent, as the suite's collector does"),
+    Option("baseline-ppl", "float", None, "baseline PPL for --quantbench-ppl-percent and the "
+           "baseline row (default: the run's baseline PPL)"),
+    Option("logs", "path", None, "directory for one suite-style log per item, "
+           "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
 )
 BY_DEST = {opt.dest: opt for opt in OPTIONS}
 YAML_KEYS = {opt.name.replace("-", "_"): opt for opt in OPTIONS}
@@ -91,6 +109,9 @@ class QuantbenchConfig:
     qtypes: tuple[str, ...]
     tensors: tuple[str, ...]
     tensors_file: Path | None
+    group_tensors: tuple[str, ...]
+    groups_only: bool
+    rerun: bool
     imatrix: Path | None
     threads: int | None
     n_gpu_layers: int
@@ -102,6 +123,10 @@ class QuantbenchConfig:
     engine_lib: Path | None
     allow_fallback: bool
     top: int
+    csv_metrics: tuple[str, ...] = ()
+    ppl_percent: bool = False
+    baseline_ppl: float | None = None
+    logs: Path | None = None
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -137,6 +162,15 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {value!r} is not an integer") from None
+    if opt.kind == "float":
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or (opt.name == "baseline-ppl" and number < 0):
+            raise ConfigError(f"{where}: {value!r} is not a finite number"
+                              + (" >= 0" if opt.name == "baseline-ppl" else ""))
+        return number
     if opt.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -149,6 +183,10 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
     if opt.kind == "path":
         path = Path(os.path.expanduser(str(value)))
         return path if path.is_absolute() else (base / path)
+    if opt.kind == "groups":  # one group per item/line; commas separate regexes inside a group
+        items = [value] if isinstance(value, str) else list(value)
+        return tuple(line.strip() for item in items for line in str(item).splitlines()
+                     if line.strip())
     if opt.kind == "list":
         if opt.name == "tensors":  # rules may contain spaces inside a regex: one per item/line
             items = [value] if isinstance(value, str) else list(value)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "DEFAULT_REGEX",
     "DEFAULT_RULES",
+    "Group",
     "Rule",
     "Selection",
     "SelectionError",
@@ -35,6 +36,7 @@ __all__ = [
     "layer_of",
     "natural_key",
     "parse_rules",
+    "select_groups",
     "select_tensors",
     "tensor_kind",
 ]
@@ -393,6 +395,68 @@ def select_tensors(
         shadowed_rules=shadowed,
         rules=applied,
     )
+
+
+@dataclass(frozen=True)
+class Group:
+    """One tensor group of ``--quantbench-group-tensors``: measured as a single unit.
+
+    ``name``: ``group<N>``, N the position of its argument (0-based), as the suite names its
+    CSV columns and log files; ``regexes``: the argument split on ``,``; ``members``: the matched
+    tensors in natural order.
+    """
+
+    name: str
+    regexes: tuple[str, ...]
+    members: tuple[str, ...]
+
+    @property
+    def spec(self) -> str:
+        """The group as the suite's mapping file writes it: ``regex[,regex…]``."""
+        return ",".join(self.regexes)
+
+
+def select_groups(
+    group_args: Sequence[str], tensor_names: Iterable[str], *, warn=lambda msg: None
+) -> tuple[Group, ...]:
+    """The tensor groups of the run (suite formats §5).
+
+    Inputs: ``group_args``, one string per group, each a comma-separated list of regexes
+    (a group regex cannot contain ``,``); ``tensor_names``, the eligible tensors; ``warn`` is
+    called with a message for a group that matches no tensor or repeats an earlier group's
+    members (identical member sets are measured once, under the first group's name).
+
+    Output: the groups with at least one member, in argument order.
+    Raises :class:`SelectionError` for an empty group argument or a regex that does not compile
+    (the message names the group and the regex).
+    """
+    names = sorted(set(tensor_names), key=natural_key)
+    groups: list[Group] = []
+    seen: dict[tuple[str, ...], str] = {}
+    for index, arg in enumerate(group_args):
+        name = f"group{index}"
+        regexes = tuple(part.strip() for part in arg.split(","))
+        if not arg.strip() or not all(regexes):
+            raise SelectionError(f"--quantbench-group-tensors {name} {arg!r}: an empty regex; "
+                                 "give comma-separated regexes such as '^blk\\.0\\.attn_.*'")
+        patterns = []
+        for regex in regexes:
+            try:
+                patterns.append(compile_regex(regex))
+            except re.error as exc:
+                raise SelectionError(f"--quantbench-group-tensors {name}: invalid regex "
+                                     f"'{regex}': {exc}") from None
+        members = tuple(n for n in names if any(p.search(n) for p in patterns))
+        if not members:
+            warn(f"quantbench: group {name} ({arg}) matches no tensor")
+            continue
+        if members in seen:
+            warn(f"quantbench: group {name} ({arg}) has the same members as {seen[members]}: "
+                 "measured once, as " + seen[members])
+            continue
+        seen[members] = name
+        groups.append(Group(name, regexes, members))
+    return tuple(groups)
 
 
 # --------------------------------------------------------------------------

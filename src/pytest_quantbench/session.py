@@ -61,6 +61,8 @@ class QuantbenchSession:
         self.cache_dir = cache_dir
         self.threads = config.threads or default_threads(n_workers)
         self._swap_error: str | None = None
+        self.units: list[WorkUnit] = []
+        self.groups: tuple = ()
         if config.engine_lib is not None:  # read by the engine bindings, inherited by workers
             if not config.engine_lib.is_file():
                 raise ConfigError(f"--quantbench-engine-lib {config.engine_lib} does not exist: "
@@ -260,8 +262,37 @@ class QuantbenchSession:
             self.tokenizer.close()
         if self.__dict__.get("swap_model") is not None:
             self.swap_model.close()
+        if "store" in self.__dict__:
+            self.store.close()
         if "work_dir" in self.__dict__:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # ---- results store ----------------------------------------------------------------
+    @cached_property
+    def imatrix_sha256(self) -> str | None:
+        """The importance matrix file's sha256, or None without one."""
+        if self.config.imatrix is None:
+            return None
+        return inputs.sha256_file(self.config.imatrix, self.cache_dir)
+
+    @cached_property
+    def run_key(self) -> str:
+        """The store's key of this run's settings (:func:`store.run_key`)."""
+        from .store import run_key
+
+        return run_key(self.run_identity.as_row(), self.imatrix_sha256)
+
+    @cached_property
+    def store(self):
+        """The durable :class:`~pytest_quantbench.store.ResultsStore` in the output directory."""
+        from .store import STORE_FILE, ResultsStore
+
+        return ResultsStore(self.config.output / STORE_FILE)
+
+    def item_key(self, unit: WorkUnit) -> str:
+        from .store import item_key
+
+        return item_key(self.run_key, unit.tensors, unit.qtype)
 
     # ---- one item -----------------------------------------------------------------------
     def identity_row(self, unit: WorkUnit) -> dict[str, Any]:
@@ -270,26 +301,38 @@ class QuantbenchSession:
                 **self.run_identity.as_row()}
 
     def measure(self, unit: WorkUnit, row: dict[str, Any]) -> dict[str, Any]:
-        """Quantize ``unit``'s tensors, evaluate every chunk, and return the statistics.
+        """The statistics of ``unit``: reused from the results store when it holds them for these
+        settings (unless ``--quantbench-rerun``), else measured and stored at once.
 
         ``row`` is updated in place as facts become known (``requested_type``, ``written_type``,
-        ``engine``, ``reason``), so the caller keeps them even when this raises.
+        ``engine``, ``reason``, ``reused``), so the caller keeps them even when this raises.
         Returns: :meth:`KLDStats.as_dict` (floats/ints).
-        Raises: ItemSkip (fallback type, missing imatrix, preset-only name), EngineError,
-            ValueError (non-finite logits: the message says where).
+        Raises: ItemSkip (fallback type, missing imatrix, a type this build cannot run),
+            EngineError, StoreError, ValueError (non-finite logits: the message says where).
         """
-        from .metrics import KLDAccumulator
-        from .qtypes import needs_imatrix, resolve_qtype
+        key = self.item_key(unit)
+        stored = None if self.config.rerun else self.store.get(key)
+        if stored is not None:
+            row.update(stored["facts"], reused=True)
+            if row.get("fallback") and not self.config.allow_fallback:
+                raise ItemSkip(row["reason"])
+            return stored["stats"]
+        stats = self._measure(unit, row)
+        facts = {k: row[k] for k in _FACTS if k in row}
+        self.store.put(key, self.run_key, {"tensor": unit.name, "qtype": unit.qtype,
+                                           "facts": facts, "stats": stats.as_dict()})
+        return stats.as_dict()
 
+    def _measure(self, unit: WorkUnit, row: dict[str, Any]):
+        """Plan the written types, quantize, evaluate every chunk; return the KLDStats."""
+        import time
+
+        from .metrics import KLDAccumulator
+        from .qtypes import resolve_qtype
+
+        started = time.perf_counter()
         qtype = resolve_qtype(unit.qtype)
-        if qtype.kind != "type":
-            raise ItemSkip(f"{unit.qtype} is a llama-quantize preset, not a ggml type: per-tensor "
-                           "preset rules are not supported yet")
-        target = qtype.ggml_type
-        row["requested_type"] = target.name
-        if needs_imatrix(target) and self.config.imatrix is None:
-            raise ItemSkip(f"{target.name} needs an importance matrix: pass "
-                           "--quantbench-imatrix FILE")
+        written = self.plan_types(unit, qtype, row)
         base = self.baseline
         engine, note = self.choose_engine(unit)
         row["engine"] = engine
@@ -297,10 +340,85 @@ class QuantbenchSession:
             row["engine_note"] = note
         acc = KLDAccumulator()
         if engine == "inplace":
-            self._measure_inplace(unit, target, row, base, acc)
+            self._measure_inplace(written, base, acc)
         else:
-            self._measure_file(unit, target, row, base, acc)
-        return acc.stats().as_dict()
+            self._measure_file(unit, qtype, written, row, base, acc)
+        row["seconds"] = round(time.perf_counter() - started, 3)
+        return acc.stats()
+
+    def plan_types(self, unit: WorkUnit, qtype, row: dict[str, Any]) -> dict[str, Any]:
+        """The ggml type llama-quantize writes for each tensor of ``unit`` (tensor → GGMLType).
+
+        A ggml type goes through the row-length / row-count fallbacks (spec §5.4); a preset
+        through its per-tensor mixture rules (``llama-quantize --dry-run``). Records
+        ``requested_type``, ``written_type``, ``fallback`` and ``reason`` in ``row``.
+        Raises ItemSkip: a fallback type (unless --quantbench-allow-fallback), a shape the type
+        cannot hold, or a type that needs an importance matrix when none is given.
+        """
+        from .qtypes import TYPES_BY_NAME, UnsupportedShapeError, needs_imatrix, \
+            predict_written_type
+
+        written: dict[str, Any] = {}
+        fallbacks: list[tuple[str, str]] = []
+        if qtype.kind == "preset":
+            row["requested_type"] = f"preset {qtype.name}"
+            chosen = self.preset_types(qtype)
+            for name in unit.tensors:
+                if chosen.get(name) not in TYPES_BY_NAME:
+                    raise ItemSkip(f"preset {qtype.name} gives {name} type {chosen.get(name)}, "
+                                   "which this build cannot quantize to")
+                written[name] = TYPES_BY_NAME[chosen[name]]
+        else:
+            target = qtype.ggml_type
+            row["requested_type"] = target.name
+            for name in unit.tensors:
+                info = self.model_header.tensor(name)
+                try:
+                    wtype, why = predict_written_type(target, info.ne0, info.n_rows,
+                                                      tensor_name=name)
+                except UnsupportedShapeError as exc:
+                    raise ItemSkip(str(exc)) from None
+                written[name] = wtype
+                if wtype.name != target.name:
+                    fallbacks.append((name, fallback_reason(name, wtype.name, target.name, why,
+                                                            "writes")))
+        row["written_type"] = ",".join(sorted({t.name for t in written.values()}))
+        if fallbacks:
+            row["fallback"] = True
+            more = (f" (and {len(fallbacks) - 1} more of the {len(unit.tensors)} members)"
+                    if len(fallbacks) > 1 else "")
+            row["reason"] = fallbacks[0][1] + more
+            if not self.config.allow_fallback:
+                raise ItemSkip(row["reason"])
+        if self.config.imatrix is None:
+            needy = [n for n, t in written.items() if needs_imatrix(t)]
+            if needy:
+                raise ItemSkip(f"{written[needy[0]].name} needs an importance matrix "
+                               f"({needy[0]}{' …' if len(needy) > 1 else ''}): pass "
+                               "--quantbench-imatrix FILE")
+        return written
+
+    def preset_types(self, qtype) -> dict[str, str]:
+        """Tensor → ggml type name under llama-quantize preset ``qtype`` on the baseline model
+        (its ``--dry-run``, once per preset and process). Raises ItemSkip when llama-quantize
+        refuses the preset without an importance matrix, EngineError otherwise."""
+        from .engine.llama import EngineError
+        from .engine.quantize import preset_tensor_types
+
+        cache = self.__dict__.setdefault("_preset_types", {})
+        if qtype.name not in cache:
+            try:
+                cache[qtype.name] = preset_tensor_types(
+                    self.model_path, qtype.preset.name, threads=self.threads,
+                    imatrix=self.config.imatrix)
+            except EngineError as exc:
+                if "importance matrix" in str(exc) and self.config.imatrix is None:
+                    last = str(exc).strip().splitlines()[-2:]
+                    raise ItemSkip(f"preset {qtype.name} needs an importance matrix "
+                                   f"(llama-quantize: {' '.join(last)}): pass "
+                                   "--quantbench-imatrix FILE") from None
+                raise
+        return cache[qtype.name]
 
     def choose_engine(self, unit: WorkUnit) -> tuple[str, str | None]:
         """``("inplace", None)`` when the in-process swap can measure ``unit``, else
@@ -336,84 +454,68 @@ class QuantbenchSession:
         for i, chunk in enumerate(base.tokens):
             acc.add_chunk(model.eval_chunk(chunk), base.chunk_logprobs(i), chunk[first + 1:])
 
-    def _measure_inplace(self, unit: WorkUnit, target, row: dict, base, acc) -> None:
-        """Quantize in memory with ggml_quantize_chunk, swap in, evaluate, restore."""
-        from .qtypes import UnsupportedShapeError, predict_written_type
-
+    def _measure_inplace(self, written: dict[str, Any], base, acc) -> None:
+        """Quantize each changed tensor in memory with ggml_quantize_chunk, swap them all in,
+        evaluate, restore."""
         swap = self.swap_model
-        written = {}
-        for name in unit.tensors:
-            info = self.model_header.tensor(name)
-            try:
-                wtype, why = predict_written_type(target, info.ne0, info.n_rows, tensor_name=name)
-            except UnsupportedShapeError as exc:
-                raise ItemSkip(str(exc)) from None
-            written[name] = wtype
-            if wtype.name != target.name and "reason" not in row:
-                row["reason"] = fallback_reason(name, wtype.name, target.name, why, "writes")
-        row["written_type"] = ",".join(sorted({t.name for t in written.values()}))
-        if "reason" in row and not self.config.allow_fallback:
-            raise ItemSkip(row["reason"])
         replacements = {}
         for name, wtype in written.items():
             info = self.model_header.tensor(name)
+            if wtype.name == info.type_name:
+                continue  # a preset that leaves this tensor as it is
             data = swap.quantize(swap.baseline_f32(name, info.type_name), wtype.type_id,
                                  wtype.row_size(info.ne0), wtype.interleave)
             replacements[name] = (wtype.type_id, wtype.type_size, wtype.row_size(info.ne0), data)
         with swap.swapped(replacements):
             self._evaluate(swap.model, base, acc)
 
-    def _measure_file(self, unit: WorkUnit, target, row: dict, base, acc) -> None:
-        """Write a variant GGUF with llama-quantize, read back its types, load it, evaluate."""
+    def _measure_file(self, unit: WorkUnit, qtype, written: dict[str, Any], row: dict,
+                      base, acc) -> None:
+        """Write a variant GGUF with llama-quantize, check its types against the plan, load it,
+        evaluate. llama-quantize gets the requested type (it applies its own fallbacks), or the
+        preset's chosen type per tensor."""
         from .engine.llama import LlamaModel
         from .engine.quantize import run_llama_quantize
         from .gguf import read_model_header
 
+        changes = {t: (w.name if qtype.kind == "preset" else qtype.ggml_type.name)
+                   for t, w in written.items()
+                   if w.name != self.model_header.tensor(t).type_name}
         variant = self.work_dir / f"variant-{unit.id}.gguf"
         try:
-            run_llama_quantize(self.model_path, variant, {t: target.name for t in unit.tensors},
+            run_llama_quantize(self.model_path, variant, changes,
                                baseline_type=self.config.baseline_qtype, threads=self.threads,
                                imatrix=self.config.imatrix)
-            written = self._check_written(read_model_header(variant), unit, target.name, row)
-            if written != target.name and not self.config.allow_fallback:
-                raise ItemSkip(row["reason"])
+            self._check_written(read_model_header(variant), unit, written)
             with LlamaModel(variant, self.eval_settings) as model:
                 self._evaluate(model, base, acc)
         finally:
             variant.unlink(missing_ok=True)
 
-    def _check_written(self, header, unit: WorkUnit, requested: str, row: dict) -> str:
-        """Read back the written types; record them in ``row``; return the target's written type.
+    def _check_written(self, header, unit: WorkUnit, planned: dict[str, Any]) -> None:
+        """Read back the variant's types: the unit's tensors must have the planned types and every
+        other tensor its baseline type.
 
-        Raises EngineError if any tensor outside the unit changed type (the variant would not be
-        "one tensor quantized, all else baseline").
+        Raises EngineError naming the first tensors that differ (llama-quantize and our plan
+        disagree, or it changed tensors outside the item).
         """
         from .engine.llama import EngineError
 
         base_types = {t.name: t.type_name for t in self.model_header.tensors}
+        expected = {**base_types, **{n: w.name for n, w in planned.items()}}
         written = {t.name: t.type_name for t in header.tensors}
-        changed = sorted(n for n in base_types if n not in unit.tensors
-                         and written.get(n) != base_types[n])
-        if changed:
-            raise EngineError(f"llama-quantize changed tensors outside the item: {changed[:5]} "
-                              f"(baseline types {[base_types[n] for n in changed[:5]]}, written "
-                              f"{[written.get(n) for n in changed[:5]]}); check "
-                              "--quantbench-baseline-qtype")
-        types = sorted({written[t] for t in unit.tensors})
-        row["written_type"] = ",".join(types)
-        fell_back = [t for t in unit.tensors if written[t] != requested]
-        if fell_back:
-            from .qtypes import predict_written_type
+        wrong = sorted(n for n in expected if written.get(n) != expected[n])
+        if wrong:
+            raise EngineError(
+                f"llama-quantize wrote {[written.get(n) for n in wrong[:5]]} for {wrong[:5]} "
+                f"where {[expected[n] for n in wrong[:5]]} was expected "
+                f"({len(wrong)} tensor(s) differ; item members: {len(unit.tensors)}); check "
+                "--quantbench-baseline-qtype and the engine build")
 
-            info = header.tensor(fell_back[0])
-            try:
-                _, why = predict_written_type(requested, info.ne0, info.n_rows)
-            except ValueError as exc:
-                why = str(exc)
-            row["reason"] = fallback_reason(fell_back[0], written[fell_back[0]], requested, why,
-                                            "wrote")
-            return written[fell_back[0]]
-        return requested
+
+#: The row facts the results store keeps with an item's statistics.
+_FACTS = ("members", "requested_type", "written_type", "engine", "engine_note", "reason", "fallback",
+          "seconds")
 
 
 def fallback_reason(tensor: str, written: str, requested: str, why: str | None,

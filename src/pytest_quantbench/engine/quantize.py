@@ -60,6 +60,60 @@ def custom_q_rules(changes: dict[str, str], baseline_type: str) -> str:
     return ",".join(rules)
 
 
+def _run(cmd: list[str], what: str) -> str:
+    """Run llama-quantize (an argument list, never a shell string); return its combined log.
+
+    Raises EngineError with the last log lines when it exits non-zero.
+    """
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        raise EngineError(f"llama-quantize failed (exit {proc.returncode}) {what}:\n{tail}")
+    return proc.stdout
+
+
+# One tensor's record in llama-quantize's log: "[  3/ 272]   blk.0.ffn_down.weight - [ 1536,
+# 576, 1, 1], type =   bf16, converting to q6_K .. size = …" (the "converting to" part may follow
+# fallback messages on later lines; tensors that are not converted have none).
+_RECORD = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+) - \[[^\]]*\], type =\s*(\S+?),", re.M)
+_CONVERTING = re.compile(r"converting to (\S+?) \.\.")
+
+
+def parse_tensor_types(log: str) -> dict[str, str]:
+    """Tensor name → ggml type name that llama-quantize writes, read from its log (one record per
+    tensor; a tensor without ``converting to`` keeps its source type)."""
+    records = list(_RECORD.finditer(log))
+    types = {}
+    for i, rec in enumerate(records):
+        end = records[i + 1].start() if i + 1 < len(records) else len(log)
+        conv = _CONVERTING.findall(log, rec.end(), end)
+        types[rec.group(1)] = conv[-1] if conv else rec.group(2)
+    return types
+
+
+def preset_tensor_types(source: Path, preset: str, *, threads: int,
+                        imatrix: Path | None = None) -> dict[str, str]:
+    """The ggml type of every tensor under llama-quantize preset ``preset`` (e.g. ``Q4_K_M``),
+    with its mixture rules and row-length fallbacks, from ``llama-quantize --dry-run`` (nothing
+    is written, so this costs seconds even for very large models).
+
+    Returns: tensor name → exact ggml type name (tensors the preset leaves alone keep theirs).
+    Raises: EngineError when llama-quantize refuses (e.g. a preset that needs an imatrix) or
+        its log lists no tensor.
+    """
+    exe = find_quantize_binary()
+    with tempfile.TemporaryDirectory(prefix="quantbench-dry-") as tmp:
+        cmd = [str(exe), "--dry-run"] + (["--imatrix", str(imatrix)] if imatrix else [])
+        cmd += [str(source), str(Path(tmp) / "dry-run.gguf"), preset, str(max(1, threads))]
+        log = _run(cmd, f"on preset {preset} (--dry-run)")
+    types = parse_tensor_types(log)
+    if not types:
+        raise EngineError(f"llama-quantize --dry-run {preset} printed no tensor records; "
+                          "is this ik_llama.cpp's llama-quantize?")
+    return types
+
+
 def run_llama_quantize(
     source: Path,
     dest: Path,
@@ -98,15 +152,9 @@ def run_llama_quantize(
         cmd += ["--custom-q", custom_q_rules(changes, baseline_type)]
     cmd += [str(source), tmp_name, preset, str(max(1, threads))]
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              errors="replace", check=False)
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-            raise EngineError(
-                f"llama-quantize failed (exit {proc.returncode}) writing {dest.name}:\n{tail}"
-            )
+        log = _run(cmd, f"writing {dest.name}")
         os.replace(tmp_name, dest)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    return proc.stdout
+    return log
