@@ -46,3 +46,18 @@ def synth_corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(CORPUS_TEXT + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def qb_args(synth_model, synth_corpus, tmp_path_factory) -> list[str]:
+    """Common options of a pytester run: synthetic model and corpus, n_ctx 64, 2 chunks, a
+    cache dir shared by the session's runs, pytest-randomly off."""
+    cache = tmp_path_factory.getbasetemp() / "qb-cache"
+    return [
+        f"--quantbench-model={synth_model}",
+        f"--quantbench-corpus={synth_corpus}",
+        "--quantbench-ctx=64",
+        "--quantbench-chunks=2",
+        f"--quantbench-cache-dir={cache}",
+        "-p", "no:randomly",
+    ]

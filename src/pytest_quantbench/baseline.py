@@ -10,6 +10,7 @@ next to the file; the first process computes and atomically writes it, the other
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 from dataclasses import asdict, dataclass
@@ -89,7 +90,8 @@ def ensure_baseline(
     Returns:
         the opened :class:`KLDBaseFile`.
     Raises:
-        whatever ``compute`` raises; KLDBaseFormatError if a fresh file is still invalid.
+        whatever ``compute`` raises, an OSError restated by :func:`cache_write_error` (same
+        errno: a full disk is ENOSPC); KLDBaseFormatError if a fresh file is still invalid.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -103,12 +105,28 @@ def ensure_baseline(
                 return base
             log.warning("baseline cache %s is not usable (%s): recomputing", path, problem)
             path.unlink()
-        compute(path)
+        try:
+            compute(path)
+        except OSError as exc:
+            raise cache_write_error(exc) from exc
     base = KLDBaseFile(path)
     problem = matches(base, tokens, n_vocab)
     if problem is not None:
         raise KLDBaseFormatError(f"freshly computed baseline {path} does not match: {problem}")
     return base
+
+
+def cache_write_error(exc: OSError) -> OSError:
+    """``exc`` (a failed write of the baseline cache) restated with what to do, same errno."""
+    detail = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = ("the disk of the quantbench cache is full: free space there, or set "
+               "--quantbench-cache-dir to a directory on another disk, and run again")
+    elif exc.errno == errno.EFBIG:
+        fix = "a file-size limit (ulimit -f) stopped it: raise the limit and run again"
+    else:
+        fix = "make the cache directory writable, or set --quantbench-cache-dir"
+    return OSError(exc.errno, f"baseline cache: {detail}; {fix}")
 
 
 def sidecar_path(path: Path) -> Path:

@@ -224,7 +224,9 @@ class KLDBaseWriter:
     directory) is flushed, fsync'ed and ``os.replace``'d onto ``path``; on an
     exception — or if chunks are missing — the temporary file is removed and
     ``path`` is left untouched.  ``fma`` / ``log_prob_range`` are as in
-    :func:`encode_logits`.
+    :func:`encode_logits`.  A failed write (a full disk, ENOSPC) raises
+    :class:`OSError` with the same errno, naming ``path``; no temporary file
+    is left behind.
     """
 
     def __init__(
@@ -256,16 +258,28 @@ class KLDBaseWriter:
         self._tmp: str | None = None
 
     def __enter__(self) -> "KLDBaseWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                             dir=self.path.parent)
+        except OSError as exc:
+            raise self._write_error(exc) from exc
         self._fh = os.fdopen(fd, "wb")
         try:
             self._fh.write(MAGIC + struct.pack("<iii", self.n_ctx, self.n_vocab, self.n_chunk))
             self._fh.write(self.tokens.tobytes())
+        except OSError as exc:
+            self._abort()
+            raise self._write_error(exc) from exc
         except BaseException:
             self._abort()
             raise
         return self
+
+    def _write_error(self, exc: OSError) -> OSError:
+        """``exc`` restated naming the file, with the same errno (ENOSPC: disk full)."""
+        return OSError(exc.errno, f"could not write KLD base file {self.path} (an existing file "
+                                  f"is left unchanged): {exc.strerror or exc}")
 
     def write_chunk(self, logits: np.ndarray) -> np.ndarray:
         """Encode and append one chunk's records; return its per-token base NLL f32 (S,).
@@ -289,15 +303,20 @@ class KLDBaseWriter:
             )
         enc = encode_logits(logits, fma=self.fma, log_prob_range=self.log_prob_range,
                             chunk=self.chunks_written + 1)
-        self._fh.write(_records_bytes(enc, self.n_vocab))
+        try:
+            self._fh.write(_records_bytes(enc, self.n_vocab))
+        except OSError as exc:
+            raise self._write_error(exc) from exc
         targets = self.tokens[self.chunks_written, self.first + 1:self.n_ctx]
         self.chunks_written += 1
         return base_nll(logits, targets, encoded=enc)
 
     def _abort(self) -> None:
         if self._fh is not None:
-            try:
+            try:  # closing flushes: on a full disk that fails again, and must not keep the unlink
                 self._fh.close()
+            except OSError:
+                pass
             finally:
                 self._fh = None
         if self._tmp is not None:
@@ -324,6 +343,9 @@ class KLDBaseWriter:
             self._fh = None
             os.replace(self._tmp, self.path)
             self._tmp = None
+        except OSError as exc:
+            self._abort()
+            raise self._write_error(exc) from exc
         except BaseException:
             self._abort()
             raise

@@ -215,7 +215,12 @@ class LogTail:
     """Keeps the engine's last log lines (for error messages) instead of printing them.
 
     ``lines`` is a deque of str, most recent last; ``text()`` joins them.
+    ``LogTail.sinks`` (class-wide) are called with every piece of text as it arrives:
+    :mod:`pytest_quantbench.faults` writes it to a file, so a worker that crashes in native code
+    leaves its last log lines behind.
     """
+
+    sinks: list = []
 
     def __init__(self, maxlen: int = 40) -> None:
         self.lines: deque[str] = deque(maxlen=maxlen)
@@ -223,6 +228,8 @@ class LogTail:
 
     def feed(self, text: str) -> None:
         """Add raw log text (may hold partial lines)."""
+        for sink in LogTail.sinks:
+            sink(text)
         text = self._partial + text
         *complete, self._partial = text.split("\n")
         self.lines.extend(line for line in complete if line.strip())
