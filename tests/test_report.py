@@ -13,6 +13,7 @@ from pytest_quantbench import report
 from pytest_quantbench.report import (
     METRIC_KEYS,
     atomic_write_text,
+    check_csv_metrics,
     format_summary,
     tidy_columns,
     wide_table,
@@ -142,6 +143,151 @@ def test_suite_tables_read_back_with_pandas_as_quant_assign_does(tmp_path):
     assert df.set_index("QTYPE").loc["q4_0", "token_embd.weight"] == 404
 
 
+# ------------------------------------------- extra metrics, percent mode (§7)
+
+
+def test_metric_keys_are_the_kldstats_fields():
+    import dataclasses
+
+    from pytest_quantbench.metrics import KLDStats
+
+    assert METRIC_KEYS == tuple(f.name for f in dataclasses.fields(KLDStats))
+
+
+def test_check_csv_metrics_keeps_order_drops_duplicates_and_suite_tables():
+    assert check_csv_metrics(["kld_p99", "rms_dp", "mean_kld", "kld_p99", "ppl_q_err"]) == (
+        "kld_p99", "rms_dp", "ppl_q_err"
+    )
+    assert check_csv_metrics([]) == ()
+    every = check_csv_metrics(["n_tokens", "all"])
+    assert every[0] == "n_tokens" and len(every) == len(METRIC_KEYS) - 3
+    assert not {"mean_kld", "ppl_q", "same_top_p"} & set(every)
+
+
+def test_check_csv_metrics_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError) as exc:
+        check_csv_metrics(["rms_dp", "kld_99"])
+    assert str(exc.value).startswith(
+        "--quantbench-csv-metrics: unknown metric 'kld_99'; valid: all, ppl_q, ppl_q_err, "
+    )
+    assert str(exc.value).endswith(", same_top_p, same_top_p_err, n_tokens")
+
+
+def test_extra_metric_tables_use_llama_perplexity_decimals(tmp_path):
+    rows = [
+        row("blk.10.attn_q.weight", "q4_0", mean_kld=0.1, kld_p99=0.0338074, cor_ln_ppl=99.8449,
+            n_tokens=252, rms_dp_err=0.17549),
+        row("blk.2.attn_q.weight", "q4_0", kld_p99=float("nan")),
+    ]
+    paths = write_suite_tables(rows, tmp_path, qtypes=["q8_0"],
+                               metrics=["kld_p99", "cor_ln_ppl", "mean_kld", "n_tokens",
+                                        "rms_dp_err"])
+    assert [p.name for p in paths] == [
+        "kld_results.csv", "ppl_results.csv", "topp_results.csv", "kld_p99_results.csv",
+        "cor_ln_ppl_results.csv", "n_tokens_results.csv", "rms_dp_err_results.csv", "results.csv",
+    ]
+    header = b"QTYPE,blk.2.attn_q.weight,blk.10.attn_q.weight\n"
+    assert (tmp_path / "kld_p99_results.csv").read_bytes() == header + (
+        b"q4_0,404,0.033807\nq8_0,404,404\n"
+    )
+    assert (tmp_path / "cor_ln_ppl_results.csv").read_bytes() == header + (
+        b"q4_0,404,99.84\nq8_0,404,404\n"
+    )
+    assert (tmp_path / "n_tokens_results.csv").read_bytes() == header + (
+        b"q4_0,404,252\nq8_0,404,404\n"
+    )
+    assert (tmp_path / "rms_dp_err_results.csv").read_bytes() == header + (
+        b"q4_0,404,0.175\nq8_0,404,404\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+
+
+def test_unknown_metric_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="unknown metric 'bogus'"):
+        write_suite_tables(ROWS, tmp_path, metrics=["bogus"])
+    assert os.listdir(tmp_path) == []
+
+
+PPL_HEADER = KLD_CSV.split(b"\n")[0] + b"\n"
+
+
+def test_ppl_percent_against_given_baseline(tmp_path):
+    write_suite_tables(ROWS, tmp_path, qtypes=["q8_0"], ppl_percent=True, baseline_ppl=8.0)
+    # (7.3125-8)/8 = -8.59375 %; 9.25 gives exactly +15.625 %, printed as C does (+15.62).
+    assert (tmp_path / "ppl_results.csv").read_bytes() == PPL_HEADER + (
+        b"iq2_k,+15.62%,404%,404%,404%\n"
+        b"q4_0,404%,+0.00%,-8.59%,404%\n"
+        b"q8_0,404%,404%,404%,404%\n"
+    )
+    # KLD is never converted.
+    assert (tmp_path / "kld_results.csv").read_bytes() == KLD_CSV + b"q8_0,404,404,404,404\n"
+
+
+def test_ppl_percent_uses_printed_value_and_rows_baseline_by_default(tmp_path):
+    rows = [row("a", "q4_0", ppl_q=0.0010004999, ppl_base=0.001),
+            row("b", "q4_0", ppl_q=0.0009, ppl_base=0.001)]
+    write_suite_tables(rows, tmp_path, ppl_percent=True)
+    # a is read as printed, 0.001000 (+0.00 %), as the collector reads the log; the
+    # unrounded value would give +0.05 %.
+    assert (tmp_path / "ppl_results.csv").read_bytes() == b"QTYPE,a,b\nq4_0,+0.00%,-10.00%\n"
+
+
+@pytest.mark.parametrize("baseline, rows", [(0.0, ROWS), (None, ROWS)])
+def test_ppl_percent_without_usable_baseline_is_404_percent(tmp_path, baseline, rows):
+    write_suite_tables(rows, tmp_path, ppl_percent=True, baseline_ppl=baseline)
+    assert (tmp_path / "ppl_results.csv").read_bytes() == PPL_HEADER + (
+        b"iq2_k,404%,404%,404%,404%\n"
+        b"q4_0,404%,404%,404%,404%\n"
+    )
+
+
+@pytest.mark.parametrize("baseline", [-1.0, float("nan"), float("inf"), "x"])
+def test_bad_baseline_ppl(tmp_path, baseline):
+    with pytest.raises(ValueError, match=r"baseline_ppl=.*: give a finite perplexity >= 0"):
+        write_suite_tables(ROWS, tmp_path, baseline_ppl=baseline)
+    assert os.listdir(tmp_path) == []
+
+
+def test_baseline_row_gets_baseline_ppl_and_zero_kld(tmp_path):
+    rows = [*ROWS, row("blk.0.attn_q.weight", "bf16", mean_kld=0.0000004, ppl_q=8.0000001)]
+    write_suite_tables(rows, tmp_path, qtypes=["bf16", "q8_0"], baseline_qtype="bf16",
+                       baseline_ppl=8.0)
+    assert (tmp_path / "kld_results.csv").read_bytes() == PPL_HEADER + (
+        b"bf16,0,0,0,0\n"
+        b"iq2_k,0.500000,404,404,404\n"
+        b"q4_0,404,0.200000,0.012346,404\n"
+        b"q8_0,404,404,404,404\n"
+    )
+    assert (tmp_path / "ppl_results.csv").read_bytes().split(b"\n")[1] == (
+        b"bf16,8.000000,8.000000,8.000000,8.000000"
+    )
+    write_suite_tables(rows, tmp_path, baseline_qtype="bf16", baseline_ppl=8.0, ppl_percent=True)
+    assert (tmp_path / "ppl_results.csv").read_bytes().split(b"\n")[1] == (
+        b"bf16,+0.00%,+0.00%,+0.00%,+0.00%"
+    )
+    # Not among the rows: nothing is added.
+    write_suite_tables(ROWS, tmp_path, baseline_qtype="bf16", baseline_ppl=8.0)
+    assert (tmp_path / "kld_results.csv").read_bytes() == KLD_CSV
+
+
+def test_baseline_ppl_option_is_a_finite_float():
+    from pathlib import Path
+
+    from pytest_quantbench.config import BY_DEST, ConfigError, _convert
+
+    opt = BY_DEST["quantbench_baseline_ppl"]
+    assert _convert(opt, "8.125", "CLI", Path(".")) == 8.125
+    assert _convert(opt, 8, "ini", Path(".")) == 8.0
+    for bad in ("nan", "x", "-1", True):
+        with pytest.raises(ConfigError, match=r"--quantbench-baseline-ppl \(from CLI\): .* is "
+                                              r"not a finite number >= 0"):
+            _convert(opt, bad, "CLI", Path("."))
+    metrics = BY_DEST["quantbench_csv_metrics"]
+    assert _convert(metrics, ["kld_p99,rms_dp", "n_tokens"], "CLI", Path(".")) == (
+        "kld_p99", "rms_dp", "n_tokens"
+    )
+
+
 # ---------------------------------------------------------------- tidy CSV
 
 
@@ -224,7 +370,8 @@ def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch,
     monkeypatch.undo()
     assert str(exc.value) == (
         f"[Errno 28] could not write {path} (an existing file is left unchanged): "
-        "No space left on device"
+        "No space left on device: the disk is full; free space there (or write elsewhere) and "
+        "run again"
     )
     assert exc.value.errno == 28
     assert path.read_bytes() == b"old contents\n"

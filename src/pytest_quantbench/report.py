@@ -9,8 +9,10 @@ of :data:`RUN_IDENTITY_KEYS`, ``nodeid`` and ``reason``.
 Formats and where they are specified:
 
 * the wide tables ``kld_results.csv`` / ``ppl_results.csv`` (and
-  ``topp_results.csv``, the suite's ``--regex`` table for "Same top p"):
-  ``docs/gguf-tool-suite-formats.md`` §7 "CSV layout (interop)";
+  ``topp_results.csv``, the suite's ``--regex`` table for "Same top p", and
+  ``<metric>_results.csv`` for the metrics of ``--quantbench-csv-metrics``):
+  ``docs/gguf-tool-suite-formats.md`` §7 "CSV layout (interop)", including
+  its percent mode and baseline row;
 * the values and their printed precision: ``docs/llama-perplexity-spec.md``
   §3.4 (definitions) and §3.5 (``printf`` formats);
 * atomic replacement of output files: ``docs/pytest-conventions.md`` §5
@@ -39,10 +41,12 @@ __all__ = [
     "ITEM_KEYS",
     "METRIC_KEYS",
     "MISSING",
+    "MISSING_PERCENT",
     "PRINT_DECIMALS",
     "RUN_IDENTITY_KEYS",
     "SUITE_TABLES",
     "atomic_write_text",
+    "check_csv_metrics",
     "format_summary",
     "tidy_columns",
     "wide_table",
@@ -86,6 +90,9 @@ PRINT_DECIMALS: Mapping[str, int] = {
 
 #: The cell text for "not measured" (suite formats §7).
 MISSING = "404"
+
+#: The cell text for "not measured" in percent mode (suite formats §7).
+MISSING_PERCENT = "404%"
 
 #: The suite-compatible wide tables: file name → metric.
 SUITE_TABLES: Mapping[str, str] = {
@@ -156,6 +163,10 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp = None
     except OSError as exc:
         detail = exc.strerror or str(exc)
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            detail += ": the disk is full; free space there (or write elsewhere) and run again"
         raise OSError(
             exc.errno,
             f"could not write {target} (an existing file is left unchanged): {detail}",
@@ -190,6 +201,7 @@ def wide_table(
     tensors: Sequence[str] | None = None,
     qtypes: Sequence[str] | None = None,
     decimals: int | None = None,
+    percent_of: float | None = None,
 ) -> pandas.DataFrame:
     """One metric as the suite's wide table (suite formats §7).
 
@@ -208,11 +220,19 @@ def wide_table(
     ``"%.{decimals}f" % value``, or ``404`` where the item was not run, not
     measured, or the value is not finite.
 
+    ``percent_of``: a baseline value b; each cell then becomes the change
+    against b in percent, ``"%+.2f%%" % ((v - b) / b * 100)`` (e.g.
+    ``+89.51%``), as ``collect_ppl_results.sh``'s percent mode (suite formats
+    §7), with v read back from its printed text (``decimals`` places) as the
+    collector reads it from the log; missing cells, and every cell when b is
+    0, are ``404%``.
+
     Raises :class:`ValueError` when a row lacks ``tensor`` or ``qtype``.
     """
     import pandas as pd
 
     places = PRINT_DECIMALS.get(metric, 6) if decimals is None else decimals
+    missing = MISSING if percent_of is None else MISSING_PERCENT
     cells: dict[tuple[str, str], str] = {}
     tensor_set = set(tensors or ())
     qtype_set = set(qtypes or ())
@@ -224,12 +244,25 @@ def wide_table(
         tensor_set.add(tensor)
         qtype_set.add(qtype)
         value = _finite(row.get(metric))
-        cells[(qtype, tensor)] = MISSING if value is None else f"{value:.{places}f}"
+        if value is None:
+            cells[(qtype, tensor)] = missing
+        elif percent_of is None:
+            cells[(qtype, tensor)] = f"{value:.{places}f}"
+        else:
+            cells[(qtype, tensor)] = _percent_cell(float(f"{value:.{places}f}"), percent_of)
     columns = sorted(tensor_set, key=natural_key)
     data: dict[str, list[str]] = {"QTYPE": sorted(qtype_set)}
     for tensor in columns:
-        data[tensor] = [cells.get((q, tensor), MISSING) for q in data["QTYPE"]]
+        data[tensor] = [cells.get((q, tensor), missing) for q in data["QTYPE"]]
     return pd.DataFrame(data, columns=["QTYPE", *columns], dtype=object)
+
+
+def _percent_cell(value: float, baseline: float) -> str:
+    """``printf "%+.2f%%"`` of the change of ``value`` against ``baseline``
+    (suite formats §7 percent mode); ``404%`` for a baseline of 0."""
+    if baseline == 0:
+        return MISSING_PERCENT
+    return f"{(value - baseline) / baseline * 100.0:+.2f}%"
 
 
 _CSV_SPECIAL = (",", "\n", "\r", '"')
@@ -332,30 +365,109 @@ def write_tidy_csv(rows: Iterable[Row], path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def check_csv_metrics(names: Iterable[str]) -> tuple[str, ...]:
+    """Validate the metric names of ``--quantbench-csv-metrics``.
+
+    Input: metric names, the field names of
+    :class:`~pytest_quantbench.metrics.KLDStats` (:data:`METRIC_KEYS`, e.g.
+    ``kld_p99``, ``rms_dp``, ``ppl_q_err``), or ``all`` for every one of them.
+    Output: the names to write as ``<metric>_results.csv``, in the order given,
+    each once; metrics that already have a suite table (:data:`SUITE_TABLES`:
+    ``mean_kld``, ``ppl_q``, ``same_top_p``) are left out, since those tables
+    are always written.
+
+    Raises :class:`ValueError` ``"--quantbench-csv-metrics: unknown metric
+    'x'; valid: all, ppl_q, …"`` for a name that is neither.
+    """
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            chosen: tuple[str, ...] = METRIC_KEYS
+        elif name in METRIC_KEYS:
+            chosen = (name,)
+        else:
+            raise ValueError(
+                f"--quantbench-csv-metrics: unknown metric {name!r}; valid: "
+                f"{', '.join(('all', *METRIC_KEYS))}"
+            )
+        out += [m for m in chosen if m not in out and m not in SUITE_TABLES.values()]
+    return tuple(out)
+
+
+def _resolve_baseline_ppl(rows: Sequence[Row], baseline_ppl: float | None) -> float | None:
+    """The baseline PPL b: ``baseline_ppl``, else the first finite ``ppl_base``
+    of the rows in item order, else None."""
+    if baseline_ppl is not None:
+        b = _finite(baseline_ppl)
+        if b is None or b < 0:
+            raise ValueError(
+                f"baseline_ppl={baseline_ppl!r}: give a finite perplexity >= 0 "
+                "(--quantbench-baseline-ppl), or None to use the run's baseline PPL"
+            )
+        return b
+    for row in sorted(rows, key=_item_order):
+        b = _finite(row.get("ppl_base"))
+        if b is not None:
+            return b
+    return None
+
+
 def write_suite_tables(
     rows: Iterable[Row],
     out_dir: str | os.PathLike[str],
     *,
     tensors: Sequence[str] | None = None,
     qtypes: Sequence[str] | None = None,
+    metrics: Sequence[str] = (),
+    ppl_percent: bool = False,
+    baseline_ppl: float | None = None,
+    baseline_qtype: str | None = None,
 ) -> list[Path]:
     """Write every report table into ``out_dir`` (created if missing).
 
     Files: ``kld_results.csv`` (mean KLD), ``ppl_results.csv`` (Mean PPL(Q)),
     ``topp_results.csv`` (same top p, percent) in the suite's wide layout
-    (:func:`wide_table`, suite formats §7), and ``results.csv``, the tidy
+    (:func:`wide_table`, suite formats §7); then ``<metric>_results.csv`` for
+    each name of ``metrics`` (checked by :func:`check_csv_metrics`), same
+    layout, printed with llama-perplexity's decimals for that statistic
+    (:data:`PRINT_DECIMALS`: 6 for PPL/KLD fields, 3 for Δp and same top p, 2
+    for ``cor_ln_ppl``, 0 for ``n_tokens``); then ``results.csv``, the tidy
     table (:func:`write_tidy_csv`). ``tensors``/``qtypes`` add columns/rows
     with no result (written ``404``). Every file is replaced atomically.
 
-    Output: the four paths, in that order. Raises :class:`OSError` when a
+    Baseline PPL b: ``baseline_ppl`` (``--quantbench-baseline-ppl``), else the
+    run's, taken from the first finite ``ppl_base`` of the rows (item order).
+
+    * ``ppl_percent``: ``ppl_results.csv`` cells become ``%+.2f%%`` of
+      (v − b)/b·100 (suite formats §7 percent mode); ``404%`` for missing
+      cells, and for every cell when b is 0 or unknown. No other table is
+      converted (KLD never is).
+    * ``baseline_qtype`` (e.g. ``bf16``): if it is one of the rows, that row
+      gets KLD ``0`` in every column and PPL = b in every column (``+0.00%``
+      in percent mode; unchanged when b is unknown), as the collector's
+      baseline row (suite formats §7).
+
+    Output: the paths in the order written. Raises :class:`OSError` when a
     file cannot be written, :class:`ValueError` for a row without
-    ``tensor``/``qtype`` or a name the unquoted CSV cannot hold.
+    ``tensor``/``qtype``, a name the unquoted CSV cannot hold, an unknown
+    metric name, or a ``baseline_ppl`` that is negative or not finite.
     """
     rows = list(rows)
+    extra = check_csv_metrics(metrics)
+    b = _resolve_baseline_ppl(rows, baseline_ppl)
     out = Path(out_dir)
     written: list[Path] = []
-    for name, metric in SUITE_TABLES.items():
-        df = wide_table(rows, metric, tensors=tensors, qtypes=qtypes)
+    for name, metric in (*SUITE_TABLES.items(), *((f"{m}_results.csv", m) for m in extra)):
+        percent = metric == "ppl_q" and ppl_percent
+        df = wide_table(rows, metric, tensors=tensors, qtypes=qtypes,
+                        percent_of=(b if b is not None else 0.0) if percent else None)
+        is_base = df["QTYPE"] == baseline_qtype
+        if baseline_qtype is not None and is_base.any():
+            if metric == "mean_kld":
+                df.loc[is_base, df.columns[1:]] = "0"
+            elif metric == "ppl_q" and b is not None:
+                cell = _percent_cell(b, b) if percent else f"{b:.{PRINT_DECIMALS['ppl_q']}f}"
+                df.loc[is_base, df.columns[1:]] = cell
         written.append(write_wide_csv(df, out / name))
     written.append(write_tidy_csv(rows, out / "results.csv"))
     return written
@@ -430,3 +542,35 @@ def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld"
         cells += [cell.ljust(width) for cell, width in zip(line[1:], widths[1:])]
         lines.append("  ".join(cells).rstrip())
     return lines
+
+
+# --------------------------------------------------------------------------
+# Group mapping files
+# --------------------------------------------------------------------------
+
+
+def write_group_files(groups: Sequence[Any], out_dir: str | os.PathLike[str], *, baseline: str,
+                      chunks: int) -> list[Path]:
+    """Write the group mapping files of a grouped run into ``out_dir``.
+
+    ``bench_ppl_kld_group_mapping.<baseline>.<chunks>.txt``: one line per group,
+    ``group<N>:<regex>[,<regex>…]``, as benchmark_each_tensor.sh writes it (suite formats §5);
+    ``groups.csv``: columns ``group,regexes,n_members,members`` (members space-separated, natural
+    order), so every group column of the tables can be traced to its tensors.
+
+    groups: :class:`~pytest_quantbench.selection.Group` objects. Output: the two paths.
+    Raises OSError when a file cannot be written (each is replaced atomically).
+    """
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mapping = out / f"bench_ppl_kld_group_mapping.{baseline}.{chunks}.txt"
+    atomic_write_text(mapping, "".join(f"{g.name}:{g.spec}\n" for g in groups))
+    table = pd.DataFrame(
+        [{"group": g.name, "regexes": g.spec, "n_members": len(g.members),
+          "members": " ".join(g.members)} for g in groups],
+        columns=["group", "regexes", "n_members", "members"])
+    csv_path = out / "groups.csv"
+    atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
+    return [mapping, csv_path]
