@@ -12,6 +12,7 @@ the terminal summary.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         kwargs: dict[str, Any] = {"dest": opt.dest, "default": None, "help": opt.help}
         if opt.kind == "list" and opt.name == "tensors":
             kwargs.update(nargs="+", action="extend", metavar="RULE")
+        elif opt.kind == "groups":
+            kwargs.update(nargs="+", action="extend", metavar="REGEX[,REGEX]")
         elif opt.kind == "list":
             kwargs.update(action="append", metavar="LIST")
         elif opt.kind == "bool":
@@ -40,8 +43,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             kwargs["metavar"] = opt.kind.upper() if opt.kind != "path" else "PATH"
         group.addoption(opt.flag, **kwargs)
-        parser.addini(opt.dest, opt.help, type="linelist" if opt.kind == "list" else "string",
-                      default=None)
+        ini_type = "linelist" if opt.kind in ("list", "groups") else "string"
+        parser.addini(opt.dest, opt.help, type=ini_type, default=None)
     group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
                     help="YAML file of quantbench settings (default: quantbench.yaml in the "
                          "rootdir, if present)")
@@ -79,6 +82,9 @@ def pytest_configure(config: pytest.Config) -> None:
         qb_config = _build_config(config)
         if qb_config is None:
             return
+        from .report import check_csv_metrics
+
+        check_csv_metrics(qb_config.csv_metrics)
         from .planning import plan_units
         from .session import QuantbenchSession
 
@@ -86,6 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
         n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT")
                         or (numprocesses if isinstance(numprocesses, int) else 0) or 1)
         session = QuantbenchSession(qb_config, _cache_dir(config, qb_config), n_workers)
+        session.command = " ".join(shlex.quote(a) for a in ["pytest", *config.invocation_params.args])
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
         session.thresholds  # a bad thresholds file is a usage error now, not an item failure
@@ -93,6 +100,8 @@ def pytest_configure(config: pytest.Config) -> None:
     except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
+    from .faults import install_fault_reports  # a crashed xdist worker's engine stderr on its item
+    install_fault_reports(config, session)
     config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
     if not hasattr(config, "workerinput"):
         reporter = ResultCollector(config, session)
@@ -157,17 +166,24 @@ class QuantbenchItem(pytest.Item):
 
         qb = self._session()
         row = qb.identity_row(self.unit)
+        error: str | None = None
         try:
             self.measured = qb.measure(self.unit, row)
             row.update(self.measured)
+            qb.write_item_log(self.unit, row, self.measured)
+            unmeasured = [v for v in qb.thresholds.check(self.unit.name, self.unit.qtype,
+                                                         self.measured) if not v.measured]
+            if unmeasured:  # a limit that cannot be checked is a broken setup, not a pass/fail
+                raise ValueError("\n".join(v.message for v in unmeasured))
         except ItemSkip as exc:
             row["reason"] = str(exc)
             raise pytest.skip.Exception(str(exc), _use_item_location=True) from None
         except _USER_ERRORS as exc:  # an item error with the finding, not a deep traceback
-            row["reason"] = f"{type(exc).__name__}: {exc}"
-            pytest.fail(row["reason"], pytrace=False)
+            error = row["reason"] = f"{type(exc).__name__}: {exc}"
         finally:
             self.user_properties.extend((k, _builtin(v)) for k, v in row.items())
+        if error is not None:
+            pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
 
     def runtest(self) -> None:
         qb = self._session()
@@ -215,25 +231,52 @@ class ResultCollector:
             self.rows[report.nodeid] = row
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        from .report import write_suite_tables
+        from .report import write_group_files, write_suite_tables
 
-        rows = list(self.rows.values())
+        rows = self.table_rows()
         if not rows:
             return
         units = self.session.units
-        tensors = sorted({u.name for u in units}, key=_natural)
-        qtypes = sorted({u.qtype for u in units})
+        tensors = sorted({u.name for u in units} | {r["tensor"] for r in rows}, key=_natural)
+        qtypes = sorted({u.qtype for u in units} | {r["qtype"] for r in rows})
+        out = self.session.config.output
         try:
-            self.written = write_suite_tables(rows, self.session.config.output, tensors=tensors,
-                                              qtypes=qtypes)
+            cfg = self.session.config
+            self.written = write_suite_tables(
+                rows, out, tensors=tensors, qtypes=qtypes, metrics=cfg.csv_metrics,
+                ppl_percent=cfg.ppl_percent, baseline_ppl=cfg.baseline_ppl,
+                baseline_qtype=cfg.baseline_qtype)
+            if self.session.groups:
+                self.written += write_group_files(self.session.groups, out,
+                                                  baseline=self.session.config.baseline_qtype,
+                                                  chunks=self.session.run_identity.chunks)
         except OSError as exc:
             self.write_error = str(exc)
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
+    def table_rows(self) -> list[dict[str, Any]]:
+        """This session's rows, plus every row the results store holds for the same settings
+        (marked ``status="stored"``): the tables show all results, as the suite's collect step."""
+        rows = {(r["tensor"], r["qtype"]): r for r in self.rows.values()}
+        if not rows:
+            return []
+        try:
+            stored = self.session.store.rows(self.session.run_key)
+        except OSError as exc:
+            self.write_error = str(exc)
+            stored = []
+        for item in stored:
+            key = (item["tensor"], item["qtype"])
+            if key not in rows:
+                rows[key] = {**self.session.run_identity.as_row(), "tensor": item["tensor"],
+                             "qtype": item["qtype"], **item["facts"], **item["stats"], "status": "stored",
+                             "reused": True}
+        return list(rows.values())
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
         from .report import format_summary
 
-        rows = list(self.rows.values())
+        rows = self.table_rows()
         if not rows:
             return
         tr = terminalreporter
@@ -242,6 +285,12 @@ class ResultCollector:
             tr.write_line(line)
         for line in format_summary(rows, self.session.config.top):
             tr.write_line(line)
+        reused = sum(1 for r in rows if r.get("reused") and r.get("status") != "stored")
+        stored = sum(1 for r in rows if r.get("status") == "stored")
+        if reused or stored:
+            tr.write_line(f"{reused} item(s) reused from the results store "
+                          f"{self.session.store.path} (--quantbench-rerun measures again); "
+                          f"{stored} more stored result(s) of these settings are in the tables")
         skipped = [r for r in rows if r.get("status") == "skipped"]
         if skipped:
             tr.write_line(f"{len(skipped)} skipped, e.g. {skipped[0]['tensor']}[{skipped[0]['qtype']}]:"

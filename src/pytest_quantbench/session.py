@@ -62,6 +62,7 @@ class QuantbenchSession:
         self.threads = config.threads or default_threads(n_workers)
         self._swap_error: str | None = None
         self.units: list[WorkUnit] = []
+        self.command = "pytest"  # the invocation, for item logs (set by the plugin)
         self.groups: tuple = ()
         if config.engine_lib is not None:  # read by the engine bindings, inherited by workers
             if not config.engine_lib.is_file():
@@ -80,10 +81,16 @@ class QuantbenchSession:
 
     @cached_property
     def model_header(self):
-        """GGUF header of the baseline (every shard of a split model). Raises GGUFError."""
-        from .gguf import read_model_header
+        """GGUF header of the baseline (every shard of a split model). Raises GGUFError, whose
+        message names --quantbench-model when the user gave the model."""
+        from .gguf import GGUFError, read_model_header
 
-        return read_model_header(self.model_path)
+        try:
+            return read_model_header(self.model_path)
+        except GGUFError as exc:
+            if self.config.model is None:
+                raise
+            raise GGUFError(f"--quantbench-model {exc}") from None
 
     @cached_property
     def model_sha256(self) -> str:
@@ -146,7 +153,8 @@ class QuantbenchSession:
                               "smaller --quantbench-ctx")
         if want is not None and want > available:
             raise ConfigError(f"--quantbench-chunks {want}: corpus {where} has {len(tokens)} "
-                              f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}")
+                              f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}; "
+                              f"pass --quantbench-chunks {available} or less, or a longer corpus")
         n_chunk = available if want is None else want
         return tokens[: n_chunk * n_ctx].reshape(n_chunk, n_ctx)
 
@@ -294,6 +302,19 @@ class QuantbenchSession:
 
         return item_key(self.run_key, unit.tensors, unit.qtype)
 
+    def write_item_log(self, unit: WorkUnit, row: dict[str, Any], stats: dict[str, Any]) -> None:
+        """With ``--quantbench-logs DIR``: the item's suite-style log
+        (``bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt``, :mod:`itemlog`). Raises OSError."""
+        if self.config.logs is None:
+            return
+        from .itemlog import write_item_log
+        from .metrics import KLDStats
+
+        facts = {k: row.get(k) for k in ("members", "requested_type", "written_type", "engine",
+                                          "n_ctx", "reused")}
+        write_item_log(self.config.logs, unit.name, unit.qtype, self.run_identity.chunks,
+                       KLDStats(**stats), command=self.command, facts=facts)
+
     # ---- one item -----------------------------------------------------------------------
     def identity_row(self, unit: WorkUnit) -> dict[str, Any]:
         """The row columns every result of ``unit`` carries (builtin types)."""
@@ -338,6 +359,9 @@ class QuantbenchSession:
         row["engine"] = engine
         if note:
             row["engine_note"] = note
+        for name, wtype in written.items():
+            if wtype.name != self.model_header.tensor(name).type_name:
+                self.check_kernel(name, wtype)
         acc = KLDAccumulator()
         if engine == "inplace":
             self._measure_inplace(written, base, acc)
@@ -412,10 +436,11 @@ class QuantbenchSession:
                     self.model_path, qtype.preset.name, threads=self.threads,
                     imatrix=self.config.imatrix)
             except EngineError as exc:
-                if "importance matrix" in str(exc) and self.config.imatrix is None:
-                    last = str(exc).strip().splitlines()[-2:]
-                    raise ItemSkip(f"preset {qtype.name} needs an importance matrix "
-                                   f"(llama-quantize: {' '.join(last)}): pass "
+                said = [line.strip() for line in str(exc).splitlines()
+                        if "importance matrix" in line]
+                if said and self.config.imatrix is None:
+                    raise ItemSkip(f"preset {qtype.name.lower()} needs an importance matrix "
+                                   f"(llama-quantize says: {said[-1]}): pass "
                                    "--quantbench-imatrix FILE") from None
                 raise
         return cache[qtype.name]
@@ -463,11 +488,70 @@ class QuantbenchSession:
             info = self.model_header.tensor(name)
             if wtype.name == info.type_name:
                 continue  # a preset that leaves this tensor as it is
-            data = swap.quantize(swap.baseline_f32(name, info.type_name), wtype.type_id,
-                                 wtype.row_size(info.ne0), wtype.interleave)
-            replacements[name] = (wtype.type_id, wtype.type_size, wtype.row_size(info.ne0), data)
+            replacements[name] = self._quantized(name, wtype)
         with swap.swapped(replacements):
             self._evaluate(swap.model, base, acc)
+
+    def _quantized(self, name: str, wtype) -> tuple[int, int, int, Any]:
+        """``name``'s baseline weights quantized to ``wtype`` in memory, as a swap replacement."""
+        info = self.model_header.tensor(name)
+        swap = self.swap_model
+        data = swap.quantize(swap.baseline_f32(name, info.type_name), wtype.type_id,
+                             wtype.row_size(info.ne0), wtype.interleave)
+        return wtype.type_id, wtype.type_size, wtype.row_size(info.ne0), data
+
+    def check_kernel(self, name: str, wtype) -> None:
+        """Make sure this engine build computes with ``wtype`` correctly, once per type and process.
+
+        A type without a CPU ``vec_dot`` (e.g. the ARM-only q4_0_4x4) cannot be evaluated. Any
+        other type whose ``to_float`` gives the weights back (relative error below 1) is probed:
+        tensor ``name`` quantized to ``wtype`` and the same weights dequantized to f32 must give
+        nearly the same logits on the first chunk (mean KLD below
+        :data:`KERNEL_PROBE_MAX_KLD`; only the activations' own rounding separates them). A build
+        whose kernel for the type is broken would otherwise yield silently wrong numbers.
+        Raises ItemSkip with the finding.
+        """
+        checked = self.__dict__.setdefault("_kernel_checks", {})
+        if wtype.name not in checked:
+            checked[wtype.name] = self._kernel_problem(name, wtype)
+        if checked[wtype.name]:
+            raise ItemSkip(checked[wtype.name])
+
+    def _kernel_problem(self, name: str, wtype) -> str | None:
+        import numpy as np
+
+        swap = self.swap_model
+        info = self.model_header.tensor(name)
+        if swap is None or info.type_name not in ("f32", "f16", "bf16"):
+            return None
+        traits = swap.traits(wtype.type_id)
+        if traits is not None and not traits.vec_dot:
+            return (f"this engine build has no CPU kernel for {wtype.name} (its vec_dot is "
+                    "missing; the type needs another build, e.g. ARM)")
+        quantized = self._quantized(name, wtype)
+        deq = swap.dequantize(quantized[3], wtype.type_id, info.n_rows, info.ne0,
+                              wtype.row_size(info.ne0), wtype.interleave)
+        if deq is None:
+            return None
+        weights = swap.baseline_f32(name, info.type_name)
+        if np.linalg.norm(deq - weights) > np.linalg.norm(weights):
+            return None  # to_float does not give the weights back (e.g. *_bn keep the scale
+            #              elsewhere): nothing to compare the kernel with
+        chunk = self.baseline.tokens[0]
+        logprobs = []
+        for replacement in (quantized, (0, 4, 4 * info.ne0, deq.reshape(-1).view(np.uint8))):
+            with swap.swapped({name: replacement}):
+                logits = swap.model.eval_chunk(chunk).astype(np.float64)
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            logprobs.append(shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))
+        lq, ld = logprobs
+        kld = float(np.mean(np.sum(np.exp(ld) * (ld - lq), axis=1)))
+        if not np.isfinite(kld) or kld > KERNEL_PROBE_MAX_KLD:
+            return (f"this engine build computes {wtype.name} wrongly: with {name} in "
+                    f"{wtype.name}, the logits differ from the same weights dequantized to f32 by "
+                    f"mean KLD {kld:.4f} on chunk 1 (a working kernel gives less than "
+                    f"{KERNEL_PROBE_MAX_KLD})")
+        return None
 
     def _measure_file(self, unit: WorkUnit, qtype, written: dict[str, Any], row: dict,
                       base, acc) -> None:
@@ -481,6 +565,10 @@ class QuantbenchSession:
         changes = {t: (w.name if qtype.kind == "preset" else qtype.ggml_type.name)
                    for t, w in written.items()
                    if w.name != self.model_header.tensor(t).type_name}
+        if not changes:  # every tensor keeps its baseline type: the variant is the baseline
+            with LlamaModel(self.model_path, self.eval_settings) as model:
+                self._evaluate(model, base, acc)
+            return
         variant = self.work_dir / f"variant-{unit.id}.gguf"
         try:
             run_llama_quantize(self.model_path, variant, changes,
@@ -512,6 +600,11 @@ class QuantbenchSession:
                 f"({len(wrong)} tensor(s) differ; item members: {len(unit.tensors)}); check "
                 "--quantbench-baseline-qtype and the engine build")
 
+
+#: Largest mean KLD (nats) between a quantized tensor and its f32 dequantization that a working
+#: kernel gives in :meth:`QuantbenchSession.check_kernel` (activation rounding only; a broken
+#: kernel gives about 1).
+KERNEL_PROBE_MAX_KLD = 0.05
 
 #: The row facts the results store keeps with an item's statistics.
 _FACTS = ("members", "requested_type", "written_type", "engine", "engine_note", "reason", "fallback",

@@ -53,6 +53,35 @@ class GgmlTensor(ctypes.Structure):
 _FLOAT_TYPES = {"f32": (np.float32, 4), "f16": (np.float16, 2), "bf16": (np.uint16, 2)}
 
 
+class TypeTraits(ctypes.Structure):
+    """``ggml_type_traits_t`` as ik's ggml.h declares it (returned by value by
+    ``ggml_internal_get_type_traits``; field order checked against the header at bind time)."""
+
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p),
+                ("from_float_to_mat", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
+                ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64),
+                ("ncols", ctypes.c_int64), ("gemv", ctypes.c_void_p), ("gemm", ctypes.c_void_p),
+                ("row_meta_size", ctypes.c_int64)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+def _traits_match_header(header: Path) -> bool:
+    """True when the header's ``ggml_type_traits_t`` has the fields of :class:`TypeTraits`, in
+    that order (so reading the struct by value is safe)."""
+    text = header.read_text(errors="replace")
+    end = text.find("} ggml_type_traits_t;")
+    if end < 0:
+        return False
+    body = text[text.rfind("typedef struct {", 0, end):end]
+    names = re.findall(r"\b(\w+)\s*;", re.sub(r"//[^\n]*", "", body))
+    return names == [name for name, _ in TypeTraits._fields_]
+
+
 def quantize_chunk_arity(header: Path) -> int:
     """Number of parameters of ``ggml_quantize_chunk`` declared in ``header`` (ggml.h).
 
@@ -95,6 +124,10 @@ def load_ggml(libllama: Path, libggml: Path) -> ctypes.CDLL:
     lib.ggml_quantize_chunk.argtypes = argtypes
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.quantbench_arity = arity
+    lib.quantbench_traits = _traits_match_header(_header_for(libllama))
+    if lib.quantbench_traits:
+        lib.ggml_internal_get_type_traits.argtypes = [ctypes.c_int]
+        lib.ggml_internal_get_type_traits.restype = TypeTraits
     return lib
 
 
@@ -167,6 +200,28 @@ class SwapModel:
             if written != n * row_size:
                 raise EngineError(f"ggml_quantize_chunk wrote {written} bytes for {n} rows, "
                                   f"expected {n * row_size}")
+        return out
+
+    def traits(self, type_id: int) -> TypeTraits | None:
+        """The loaded libggml's type traits of ``type_id`` (None when its header's layout is not
+        the one this plugin knows)."""
+        if not self.ggml.quantbench_traits:
+            return None
+        return self.ggml.ggml_internal_get_type_traits(type_id)
+
+    def dequantize(self, data: np.ndarray, type_id: int, rows: int, ne0: int, row_size: int,
+                   interleave: int) -> np.ndarray | None:
+        """uint8 quantized rows → float32 (rows, ne0) with the type's ``to_float`` (one row, or
+        one group of ``interleave`` rows, per call: spec §6). None when the type has no
+        ``to_float`` in this build or its traits cannot be read."""
+        traits = self.traits(type_id)
+        if traits is None or not traits.to_float:
+            return None
+        to_float = _TO_FLOAT(traits.to_float)
+        out = np.empty((rows, ne0), dtype=np.float32)
+        for start in range(0, rows, interleave):
+            to_float(data.ctypes.data + start * row_size, out[start].ctypes.data,
+                     interleave * ne0)
         return out
 
     @contextmanager
