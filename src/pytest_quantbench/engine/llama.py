@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -57,8 +58,16 @@ class LlamaModel:
     """
 
     def __init__(self, path: Path, settings: EvalSettings, lib_path: Path | None = None, *,
-                 vocab_only: bool = False) -> None:
-        """``vocab_only`` loads just the vocabulary (tokenize only: no weights, no context)."""
+                 vocab_only: bool = False,
+                 context_params_hook: Callable[[bindings.llama_context_params], None] | None
+                 = None) -> None:
+        """``vocab_only`` loads just the vocabulary (tokenize only: no weights, no context).
+
+        ``context_params_hook`` is called with the ``llama_context_params`` just before the
+        context is created, after the settings above are applied (the importance-matrix collector
+        sets ``cb_eval`` there and turns the fused up/gate ops off).
+        """
+        self._context_params_hook = context_params_hook
         self.lib = bindings.load_library(lib_path)
         self.path = Path(path)
         self.settings = settings
@@ -94,6 +103,8 @@ class LlamaModel:
         cparams.n_threads_batch = settings.threads
         cparams.flash_attn = settings.flash_attn
         cparams.graph_reuse = False
+        if self._context_params_hook is not None:
+            self._context_params_hook(cparams)
         self._ctx = self.lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
@@ -176,3 +187,40 @@ class LlamaModel:
             raise EngineError(f"llama_decode failed ({rc}):\n{self.lib.log_tail.text()}")
         ptr = self.lib.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_scored, self.n_vocab)).copy()
+
+    def decode_all_outputs(self, tokens: np.ndarray) -> None:
+        """Evaluate one chunk with every position an output, as llama-imatrix does (logits_all).
+
+        Same chunk layout as :meth:`eval_chunk` (positions 0…C−1, cleared KV cache, BOS first when
+        the vocabulary adds BOS), but no position is skipped, so the last layer sees all C tokens
+        (with only the scored outputs it would see C/2 of them). Used to collect an importance
+        matrix through the context's ``cb_eval``; the logits are not read.
+
+        Args:
+            tokens: int32 (C,) with C == settings.n_ctx.
+        Raises:
+            EngineError: decode failed (with the engine's log tail).
+        """
+        if not self._ctx:
+            raise EngineError(f"{self.path} was loaded for tokenizing only; it cannot evaluate")
+        n_ctx = self.settings.n_ctx
+        if tokens.shape != (n_ctx,):
+            raise ValueError(f"a chunk must hold n_ctx={n_ctx} tokens, got shape {tokens.shape}")
+        batch = self._batch
+        tok = np.ctypeslib.as_array(batch.token, shape=(n_ctx,))
+        pos = np.ctypeslib.as_array(batch.pos, shape=(n_ctx,))
+        nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n_ctx,))
+        want = np.ctypeslib.as_array(batch.logits, shape=(n_ctx,))
+        tok[:] = tokens
+        if self.add_bos:
+            tok[0] = self.bos
+        pos[:] = np.arange(n_ctx, dtype=np.int32)
+        nseq[:] = 1
+        for i in range(n_ctx):
+            batch.seq_id[i][0] = 0
+        want[:] = 1
+        batch.n_tokens = n_ctx
+        self.lib.llama_kv_cache_clear(self._ctx)
+        rc = self.lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed ({rc}):\n{self.lib.log_tail.text()}")
