@@ -167,3 +167,27 @@ def test_split_model_is_measured_by_both_engines_and_a_missing_shard_is_named(
     result = pytester.runpytest_subprocess(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*synth-00003-of-00003.gguf*"])
+
+
+def test_a_threshold_on_an_unmeasured_metric_is_an_item_error(pytester, qb_args):
+    """A limit that cannot be checked means a broken setup: an error, not a pass or a failure."""
+    pytester.makeconftest('''
+from pytest_quantbench.session import QuantbenchSession
+
+_measure = QuantbenchSession.measure
+
+def without_kld(self, unit, row):
+    stats = dict(_measure(self, unit, row))
+    stats["mean_kld"] = float("nan")
+    return stats
+
+QuantbenchSession.measure = without_kld
+''')
+    limits = pytester.path / "limits.yaml"
+    limits.write_text("defaults:\n  max_kld: 0.01\n")
+    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q8_0",
+                                           "--quantbench-tensors", r"^blk\.0\.attn_v\.weight$",
+                                           f"--quantbench-thresholds={limits}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ValueError: mean KLD is not a finite number (nan), so max_kld "
+                                 "0.01 cannot be checked (defaults in *limits.yaml)"])

@@ -62,7 +62,8 @@ OPTIONS: tuple[Option, ...] = (
            "(the suite's --benchmark-groups-only)"),
     Option("rerun", "bool", False, "measure every item again instead of reusing results already "
            "in the results store for the same settings"),
-    Option("imatrix", "path", None, "importance matrix (legacy .dat) used when quantizing"),
+    Option("imatrix", "path", None, "importance matrix used when quantizing: a legacy llama-imatrix "
+           ".dat or a GGUF imatrix file, or 'auto' to compute one from the corpus (cached)"),
     Option("threads", "int", None, "threads per worker (default: CPU cores / number of workers)"),
     Option("n-gpu-layers", "int", 0, "layers to offload to a GPU build of the engine (default 0)"),
     Option("output", "path", "quantbench-results", "directory for the CSV tables"),
@@ -112,7 +113,7 @@ class QuantbenchConfig:
     group_tensors: tuple[str, ...]
     groups_only: bool
     rerun: bool
-    imatrix: Path | None
+    imatrix: Path | str | None  # a file, or "auto"
     threads: int | None
     n_gpu_layers: int
     output: Path
@@ -180,6 +181,8 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{where}: {value!r} is not true/false")
+    if opt.name == "imatrix" and str(value).strip().lower() == "auto":
+        return "auto"  # computed from the corpus (see session.imatrix_path), not a file name
     if opt.kind == "path":
         path = Path(os.path.expanduser(str(value)))
         return path if path.is_absolute() else (base / path)

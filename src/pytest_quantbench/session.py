@@ -186,6 +186,8 @@ class QuantbenchSession:
         Raises ConfigError, EngineError, KLDBaseFormatError or ValueError with the fix.
         """
         self.chunk_tokens
+        if self.config.imatrix not in (None, "auto"):
+            self.imatrix  # wrong format or another model's: a usage error before any item
         if self.user_base is not None:
             from .baseline import check_user_baseline
 
@@ -277,18 +279,65 @@ class QuantbenchSession:
 
     # ---- results store ----------------------------------------------------------------
     @cached_property
-    def imatrix_sha256(self) -> str | None:
-        """The importance matrix file's sha256, or None without one."""
+    def imatrix_identity(self) -> str | None:
+        """What identifies the importance matrix in result keys: the user file's sha256, or
+        ``auto:<key>`` (model, corpus, n_ctx, chunks, engine: what the computed one depends on);
+        None without one. Cheap: the controller never computes an auto imatrix."""
         if self.config.imatrix is None:
             return None
+        if self.config.imatrix == "auto":
+            return f"auto:{self._auto_imatrix_key}"
         return inputs.sha256_file(self.config.imatrix, self.cache_dir)
+
+    @property
+    def _auto_imatrix_key(self) -> str:
+        from .imatrix import auto_imatrix_key
+
+        ident = self.run_identity
+        return auto_imatrix_key(ident.model_sha256, ident.corpus_sha256, ident.n_ctx,
+                                ident.chunks, ident.engine)
+
+    @cached_property
+    def imatrix(self):
+        """The importance matrix (:class:`~pytest_quantbench.imatrix.Imatrix`) checked against
+        the model, or None. ``auto`` computes it once across workers and runs (cached).
+
+        Raises ImatrixError (a ValueError): wrong format, or a file for another model.
+        """
+        from .imatrix import check_imatrix, compute_imatrix, ensure_auto_imatrix, load_imatrix
+
+        if self.config.imatrix is None:
+            return None
+        if self.config.imatrix == "auto":
+            name = str(self.config.corpus or inputs.DEFAULT_CORPUS_NAME)
+            path = ensure_auto_imatrix(self.cache_dir, self._auto_imatrix_key, lambda dest:
+                                       compute_imatrix(self.model_path, self.eval_settings,
+                                                       self.chunk_tokens, dest, dataset=name))
+        else:
+            path = self.config.imatrix
+        imx = load_imatrix(path)
+        check_imatrix(imx, self.model_header, path)
+        return imx
+
+    @cached_property
+    def imatrix_path(self) -> Path | None:
+        """A legacy-layout file of :attr:`imatrix` for llama-quantize (ik reads only that
+        layout: a GGUF imatrix is converted once into the work directory)."""
+        from .imatrix import write_legacy
+
+        imx = self.imatrix
+        if imx is None:
+            return None
+        if imx.source_format == "legacy":
+            return imx.path
+        return write_legacy(imx, self.work_dir / "imatrix.dat")
 
     @cached_property
     def run_key(self) -> str:
         """The store's key of this run's settings (:func:`store.run_key`)."""
         from .store import run_key
 
-        return run_key(self.run_identity.as_row(), self.imatrix_sha256)
+        return run_key(self.run_identity.as_row(), self.imatrix_identity)
 
     @cached_property
     def store(self):
@@ -379,8 +428,7 @@ class QuantbenchSession:
         Raises ItemSkip: a fallback type (unless --quantbench-allow-fallback), a shape the type
         cannot hold, or a type that needs an importance matrix when none is given.
         """
-        from .qtypes import TYPES_BY_NAME, UnsupportedShapeError, needs_imatrix, \
-            predict_written_type
+        from .qtypes import TYPES_BY_NAME, UnsupportedShapeError, predict_written_type
 
         written: dict[str, Any] = {}
         fallbacks: list[tuple[str, str]] = []
@@ -414,13 +462,29 @@ class QuantbenchSession:
             row["reason"] = fallbacks[0][1] + more
             if not self.config.allow_fallback:
                 raise ItemSkip(row["reason"])
-        if self.config.imatrix is None:
-            needy = [n for n, t in written.items() if needs_imatrix(t)]
-            if needy:
-                raise ItemSkip(f"{written[needy[0]].name} needs an importance matrix "
-                               f"({needy[0]}{' …' if len(needy) > 1 else ''}): pass "
-                               "--quantbench-imatrix FILE")
+        for name, wtype in written.items():
+            problem = self._imatrix_problem(name, wtype)
+            if problem:
+                raise ItemSkip(problem)
         return written
+
+    def _imatrix_problem(self, name: str, wtype) -> str | None:
+        """Why ``name`` cannot be quantized to ``wtype`` for lack of importance-matrix data, or
+        None (spec §5.5: the A types assert in ggml_quantize_chunk for every tensor; the R types
+        are refused by llama-quantize except for token_embd and output)."""
+        if wtype.imatrix is None or wtype.name == self.model_header.tensor(name).type_name:
+            return None
+        if self.config.imatrix is None:
+            return (f"{wtype.name} needs an importance matrix ({name}): pass "
+                    "--quantbench-imatrix FILE, or --quantbench-imatrix=auto to compute one "
+                    "from the corpus")
+        if self.imatrix.weights_for(name) is not None:
+            return None
+        if wtype.imatrix == "rule" and name in ("token_embd.weight", "output.weight"):
+            return None
+        return (f"{wtype.name} needs importance-matrix data for {name}, and "
+                f"{self.imatrix.path.name} has no entry for it (llama-quantize: Missing "
+                "importance matrix for tensor in a very low-bit quantization)")
 
     def preset_types(self, qtype) -> dict[str, str]:
         """Tensor → ggml type name under llama-quantize preset ``qtype`` on the baseline model
@@ -434,7 +498,7 @@ class QuantbenchSession:
             try:
                 cache[qtype.name] = preset_tensor_types(
                     self.model_path, qtype.preset.name, threads=self.threads,
-                    imatrix=self.config.imatrix)
+                    imatrix=self.imatrix_path)
             except EngineError as exc:
                 said = [line.strip() for line in str(exc).splitlines()
                         if "importance matrix" in line]
@@ -447,16 +511,17 @@ class QuantbenchSession:
 
     def choose_engine(self, unit: WorkUnit) -> tuple[str, str | None]:
         """``("inplace", None)`` when the in-process swap can measure ``unit``, else
-        ``("file", why)``: --quantbench-engine=file, an imatrix, a non-float baseline tensor, or
-        an engine library the swap cannot bind."""
+        ``("file", why)``: --quantbench-engine=file, a non-float baseline tensor, an expert
+        tensor with an importance matrix, or an engine library the swap cannot bind."""
         if self.config.engine == "file":
             return "file", None
-        if self.config.imatrix is not None:
-            return "file", "the in-process engine does not apply importance matrices yet"
         for name in unit.tensors:
-            base_type = self.model_header.tensor(name).type_name
-            if base_type not in ("f32", "f16", "bf16"):
-                return "file", f"{name} is {base_type} in the baseline (in-process needs float)"
+            info = self.model_header.tensor(name)
+            if info.type_name not in ("f32", "f16", "bf16"):
+                return "file", f"{name} is {info.type_name} in the baseline (in-process needs float)"
+            if self.imatrix is not None and len(info.shape) > 2 and info.shape[2] > 1:
+                return "file", (f"{name} has {info.shape[2]} experts: the in-process engine "
+                                "applies importance matrices to 2-D tensors only")
         if self.swap_model is None:
             return "file", self._swap_error
         return "inplace", None
@@ -496,8 +561,9 @@ class QuantbenchSession:
         """``name``'s baseline weights quantized to ``wtype`` in memory, as a swap replacement."""
         info = self.model_header.tensor(name)
         swap = self.swap_model
+        weights = self.imatrix.weights_for(name) if self.imatrix is not None else None
         data = swap.quantize(swap.baseline_f32(name, info.type_name), wtype.type_id,
-                             wtype.row_size(info.ne0), wtype.interleave)
+                             wtype.row_size(info.ne0), wtype.interleave, imatrix=weights)
         return wtype.type_id, wtype.type_size, wtype.row_size(info.ne0), data
 
     def check_kernel(self, name: str, wtype) -> None:
@@ -573,7 +639,7 @@ class QuantbenchSession:
         try:
             run_llama_quantize(self.model_path, variant, changes,
                                baseline_type=self.config.baseline_qtype, threads=self.threads,
-                               imatrix=self.config.imatrix)
+                               imatrix=self.imatrix_path)
             self._check_written(read_model_header(variant), unit, written)
             with LlamaModel(variant, self.eval_settings) as model:
                 self._evaluate(model, base, acc)
