@@ -147,3 +147,40 @@ QuantbenchSession._measure = interrupted
     pytester.makeconftest(NO_MEASURING)
     rest = pytester.runpytest_subprocess(*_args(qb_args))
     rest.assert_outcomes(passed=2, errors=2)
+
+
+def test_sigterm_keeps_what_was_measured_and_rewrites_complete_tables(pytester, qb_args):
+    import os
+    import signal
+    import time
+
+    started = pytester.path / "third-item-started"
+    pytester.makeconftest(f'''
+import time
+from pytest_quantbench.session import QuantbenchSession
+
+_measure = QuantbenchSession._measure
+
+def slow(self, unit, row):
+    if unit.id == "blk.0.attn_v.weight[q4_0]":
+        open({str(started)!r}, "w").close()
+        time.sleep(120)
+    return _measure(self, unit, row)
+
+QuantbenchSession._measure = slow
+''')
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *_args(qb_args)]
+    proc = subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), proc.communicate()[0]
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    kld = read_wide(pytester.path / "quantbench-results" / "kld_results.csv")
+    measured = {(q, t) for q in kld.index for t in kld.columns if kld.loc[q, t] != "404"}
+    assert measured == {("q4_0", "blk.0.attn_q.weight"), ("q8_0", "blk.0.attn_q.weight")}
+    with sqlite3.connect(pytester.path / "quantbench-results" / STORE_FILE) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 2

@@ -104,9 +104,24 @@ def pytest_configure(config: pytest.Config) -> None:
     install_fault_reports(config, session)
     config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
     if not hasattr(config, "workerinput"):
+        _sigterm_as_interrupt()
         reporter = ResultCollector(config, session)
         config.stash[REPORTER_KEY] = reporter
         config.pluginmanager.register(reporter, "quantbench-reporter")
+
+
+def _sigterm_as_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C in the controller (when nobody else handles it), so a terminated
+    run still ends its session: the tables are rewritten, complete, from what was measured."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
