@@ -77,6 +77,39 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
+def _llama_writer(path: Path, *, name: str, n_layer: int, n_ctx_train: int, n_embd: int,
+                  n_ff: int, n_head: int, n_head_kv: int, n_vocab: int, file_type: int,
+                  split_max_tensors: int = 0):
+    """A gguf-py writer holding the llama hyperparameters and the synthetic vocabulary."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
+    w.add_name(name)
+    w.add_block_count(n_layer)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(file_type)
+    tokens, scores, types = synthetic_vocab(n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    return w
+
+
 def build_synthetic_model(
     path: str | os.PathLike[str],
     *,
@@ -110,31 +143,10 @@ def build_synthetic_model(
     path = Path(path)
     rng = np.random.default_rng(seed)
 
-    w = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
-    w.add_name("quantbench-synthetic")
-    w.add_block_count(n_layer)
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(32 if dtype == "bf16" else 0)  # LLAMA_FTYPE_MOSTLY_BF16 / ALL_F32
-
-    tokens, scores, types = synthetic_vocab(n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    w = _llama_writer(path, name="quantbench-synthetic", n_layer=n_layer, n_ctx_train=n_ctx_train,
+                      n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                      n_vocab=n_vocab, file_type=32 if dtype == "bf16" else 0,
+                      split_max_tensors=split_max_tensors)  # MOSTLY_BF16 / ALL_F32
 
     def mat(name: str, ne0: int, ne1: int) -> None:
         a = rng.standard_normal((ne1, ne0), dtype=np.float32) * np.float32(std)
@@ -168,3 +180,42 @@ def build_synthetic_model(
     w.close()
     shards = w.format_shard_names(path)
     return Path(shards[0])
+
+
+def build_moe_model(path: Path, *, n_embd=256, n_ff=256, n_expert=4, n_used=2,
+                    n_vocab=384, seed=1) -> Path:
+    """A 1-layer llama MoE (ffn_{gate,up,down}_exps, bf16) that the engine loads."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    n_head, n_head_kv = 4, 2
+    w = _llama_writer(path, name="quantbench-synthetic-moe", n_layer=1, n_ctx_train=512,
+                      n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                      n_vocab=n_vocab, file_type=32)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(n_used)
+
+    def mat(name: str, *shape: int) -> None:  # numpy shape = reversed ggml shape
+        a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        w.add_tensor(name, f32_to_bf16_bits(a), raw_dtype=gguf.GGMLQuantizationType.BF16)
+
+    n_kv = n_embd // n_head * n_head_kv
+    mat("token_embd.weight", n_vocab, n_embd)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(n_embd, np.float32))
+    mat("blk.0.attn_q.weight", n_embd, n_embd)
+    mat("blk.0.attn_k.weight", n_kv, n_embd)
+    mat("blk.0.attn_v.weight", n_kv, n_embd)
+    mat("blk.0.attn_output.weight", n_embd, n_embd)
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(n_embd, np.float32))
+    w.add_tensor("blk.0.ffn_gate_inp.weight",
+                 rng.standard_normal((n_expert, n_embd), dtype=np.float32))
+    mat("blk.0.ffn_gate_exps.weight", n_expert, n_ff, n_embd)
+    mat("blk.0.ffn_up_exps.weight", n_expert, n_ff, n_embd)
+    mat("blk.0.ffn_down_exps.weight", n_expert, n_embd, n_ff)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    mat("output.weight", n_vocab, n_embd)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

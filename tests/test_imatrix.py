@@ -39,7 +39,7 @@ pytest.importorskip("gguf", reason="gguf-py writes the synthetic test models (pi
 if str(Path(__file__).parent) not in sys.path:  # also under --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CORPUS_TEXT  # noqa: E402
-from synthmodel import f32_to_bf16_bits, synthetic_vocab  # noqa: E402
+from synthmodel import build_moe_model  # noqa: E402
 
 N_CTX = 64
 N_CHUNK = 3
@@ -114,66 +114,6 @@ def inplace_bytes(swap: SwapModel, model: Path, name: str, qtype: str, imx: Imat
         parts.append(swap.quantize(weights[e * ne1:(e + 1) * ne1], t.type_id, t.row_size(info.ne0),
                                    t.interleave, np.ascontiguousarray(imx_e)))
     return np.concatenate(parts)
-
-
-def build_moe_model(path: Path, *, n_embd=256, n_ff=256, n_expert=4, n_used=2,
-                    n_vocab=384, seed=1) -> Path:
-    """A 1-layer llama MoE (ffn_{gate,up,down}_exps, bf16) that the engine loads."""
-    import gguf
-
-    rng = np.random.default_rng(seed)
-    n_head, n_head_kv = 4, 2
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("quantbench-synthetic-moe")
-    w.add_block_count(1)
-    w.add_context_length(512)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(n_embd // n_head)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(32)
-    w.add_expert_count(n_expert)
-    w.add_expert_used_count(n_used)
-    tokens, scores, types = synthetic_vocab(n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-
-    def mat(name: str, *shape: int) -> None:  # numpy shape = reversed ggml shape
-        a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-        w.add_tensor(name, f32_to_bf16_bits(a), raw_dtype=gguf.GGMLQuantizationType.BF16)
-
-    n_kv = n_embd // n_head * n_head_kv
-    mat("token_embd.weight", n_vocab, n_embd)
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(n_embd, np.float32))
-    mat("blk.0.attn_q.weight", n_embd, n_embd)
-    mat("blk.0.attn_k.weight", n_kv, n_embd)
-    mat("blk.0.attn_v.weight", n_kv, n_embd)
-    mat("blk.0.attn_output.weight", n_embd, n_embd)
-    w.add_tensor("blk.0.ffn_norm.weight", np.ones(n_embd, np.float32))
-    w.add_tensor("blk.0.ffn_gate_inp.weight",
-                 rng.standard_normal((n_expert, n_embd), dtype=np.float32))
-    mat("blk.0.ffn_gate_exps.weight", n_expert, n_ff, n_embd)
-    mat("blk.0.ffn_up_exps.weight", n_expert, n_ff, n_embd)
-    mat("blk.0.ffn_down_exps.weight", n_expert, n_embd, n_ff)
-    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    mat("output.weight", n_vocab, n_embd)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,31 +160,8 @@ class LlamaModel:
         Raises:
             EngineError: decode failed (with the engine's log tail).
         """
-        if not self._ctx:
-            raise EngineError(f"{self.path} was loaded for tokenizing only; it cannot evaluate")
-        n_ctx = self.settings.n_ctx
-        if tokens.shape != (n_ctx,):
-            raise ValueError(f"a chunk must hold n_ctx={n_ctx} tokens, got shape {tokens.shape}")
-        first, n_scored = scored_range(n_ctx)
-        batch = self._batch
-        tok = np.ctypeslib.as_array(batch.token, shape=(n_ctx,))
-        pos = np.ctypeslib.as_array(batch.pos, shape=(n_ctx,))
-        nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n_ctx,))
-        want = np.ctypeslib.as_array(batch.logits, shape=(n_ctx,))
-        tok[:] = tokens
-        if self.add_bos:
-            tok[0] = self.bos
-        pos[:] = np.arange(n_ctx, dtype=np.int32)
-        nseq[:] = 1
-        for i in range(n_ctx):
-            batch.seq_id[i][0] = 0
-        want[:] = 0
-        want[first : first + n_scored] = 1
-        batch.n_tokens = n_ctx
-        self.lib.llama_kv_cache_clear(self._ctx)
-        rc = self.lib.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise EngineError(f"llama_decode failed ({rc}):\n{self.lib.log_tail.text()}")
+        first, n_scored = scored_range(self.settings.n_ctx)
+        self._decode(tokens, first, n_scored)
         ptr = self.lib.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_scored, self.n_vocab)).copy()
 
@@ -200,6 +177,15 @@ class LlamaModel:
             tokens: int32 (C,) with C == settings.n_ctx.
         Raises:
             EngineError: decode failed (with the engine's log tail).
+        """
+        self._decode(tokens, 0, self.settings.n_ctx)
+
+    def _decode(self, tokens: np.ndarray, first: int, n_out: int) -> None:
+        """Decode one chunk as one sequence (positions 0…C−1, cleared KV cache, BOS first when the
+        vocabulary adds BOS) with outputs at positions ``first … first+n_out−1``.
+
+        Raises EngineError (tokenizer-only model, failed decode with the log tail), ValueError
+        (tokens not int32 (n_ctx,)).
         """
         if not self._ctx:
             raise EngineError(f"{self.path} was loaded for tokenizing only; it cannot evaluate")
@@ -218,7 +204,8 @@ class LlamaModel:
         nseq[:] = 1
         for i in range(n_ctx):
             batch.seq_id[i][0] = 0
-        want[:] = 1
+        want[:] = 0
+        want[first : first + n_out] = 1
         batch.n_tokens = n_ctx
         self.lib.llama_kv_cache_clear(self._ctx)
         rc = self.lib.llama_decode(self._ctx, batch)
