@@ -182,24 +182,40 @@ class SwapModel:
                  imatrix: np.ndarray | None = None) -> np.ndarray:
         """Quantize float32 (rows, ne0) weights to ggml type ``type_id`` → uint8 (rows·row_size,).
 
-        Calls ``ggml_quantize_chunk`` over blocks of rows (a multiple of ``interleave`` rows);
-        rows are independent, so the bytes equal a single call's (and llama-quantize's).
-        imatrix: float32 (ne0,) column weights or None.
+        Calls ``ggml_quantize_chunk`` over blocks of rows (a multiple of ``interleave`` rows) on
+        ``settings.threads`` threads, as llama-quantize spreads a tensor over its threads (ctypes
+        releases the GIL during the call); rows are independent, so the bytes equal a single
+        call's (and llama-quantize's). imatrix: float32 (ne0,) column weights or None.
+        Raises EngineError when ggml_quantize_chunk writes an unexpected number of bytes.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         rows, ne0 = weights.shape
         out = np.empty(rows * row_size, dtype=np.uint8)
-        step = max(interleave, (_ROW_BLOCK_ELEMENTS // ne0) // interleave * interleave)
+        threads = max(1, self.model.settings.threads)
+        per_thread = -(-rows // threads)  # ceil
+        step = min(per_thread, _ROW_BLOCK_ELEMENTS // ne0)
+        step = max(interleave, -(-step // interleave) * interleave)
         imx = imatrix.ctypes.data if imatrix is not None else None
         extra = (ctypes.addressof(self._user_data),) if self.ggml.quantbench_arity == 8 else ()
-        for start in range(0, rows, step):
-            block = np.ascontiguousarray(weights[start:start + step])
-            n = block.shape[0]
+
+        def block(start: int) -> None:
+            part = np.ascontiguousarray(weights[start:start + step])
+            n = part.shape[0]
             dst = out[start * row_size:(start + n) * row_size]
-            written = self.ggml.ggml_quantize_chunk(type_id, block.ctypes.data, dst.ctypes.data,
+            written = self.ggml.ggml_quantize_chunk(type_id, part.ctypes.data, dst.ctypes.data,
                                                     0, n, ne0, imx, *extra)
             if written != n * row_size:
                 raise EngineError(f"ggml_quantize_chunk wrote {written} bytes for {n} rows, "
                                   f"expected {n * row_size}")
+
+        starts = range(0, rows, step)
+        if threads == 1 or len(starts) == 1:
+            for start in starts:
+                block(start)
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(block, starts))  # list(): re-raises a block's error
         return out
 
     def traits(self, type_id: int) -> TypeTraits | None:
