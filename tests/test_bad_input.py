@@ -249,3 +249,25 @@ def test_kld_base_for_another_vocabulary(pytester, qb_args, tmp_path):
                               "--quantbench-qtypes=q4_0", "--quantbench-tensors", r"blk\.1\.attn_q")
     assert message == (f"--quantbench-kld-base {wrong} was computed for n_vocab=50 but the model "
                        "has n_vocab=384: use the base file of this model")
+
+
+# ---- outputs and groups --------------------------------------------------------------------
+
+def test_unknown_csv_metric_lists_the_valid_names(pytester, qb_args):
+    message = run_usage_error(pytester, qb_args, "--quantbench-qtypes=q4_0",
+                              "--quantbench-csv-metrics=kld_p99,rms_dpp")
+    assert message.startswith("--quantbench-csv-metrics: unknown metric 'rms_dpp'; valid: all, ")
+    assert "rms_dp," in message and "same_top_p_err" in message
+
+
+def test_a_bad_group_regex_is_a_usage_error(pytester, qb_args):
+    message = run_usage_error(pytester, qb_args, "--quantbench-qtypes=q4_0",
+                              "--quantbench-group-tensors", "attn_q", "ffn_(up")
+    assert message.startswith("--quantbench-group-tensors group1: invalid regex 'ffn_(up': ")
+
+
+def test_groups_only_without_groups_is_a_usage_error(pytester, qb_args):
+    message = run_usage_error(pytester, qb_args, "--quantbench-qtypes=q4_0",
+                              "--quantbench-groups-only")
+    assert message == ("--quantbench-groups-only: no group has a member; give "
+                       "--quantbench-group-tensors REGEX[,REGEX] (e.g. '.*' for the whole model)")

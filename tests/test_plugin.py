@@ -191,3 +191,31 @@ QuantbenchSession.measure = without_kld
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*ValueError: mean KLD is not a finite number (nan), so max_kld "
                                  "0.01 cannot be checked (defaults in *limits.yaml)"])
+
+
+def test_collect_step_outputs_through_a_run(pytester, qb_args):
+    """--quantbench-logs, --quantbench-ppl-percent and --quantbench-csv-metrics in a real run: the
+    log's block gives the collector's regexes the item's numbers, PPL cells are percentages of the
+    run's baseline PPL, and each extra metric has its own table."""
+    import re
+
+    args = [*qb_args, "--quantbench-qtypes=q4_0,bf16", "--quantbench-tensors",
+            r"^blk\.0\.attn_v\.weight$", "--quantbench-logs=logs", "--quantbench-ppl-percent",
+            "--quantbench-csv-metrics=kld_p99,rms_dp"]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
+    row = results(pytester).set_index("qtype").loc["q4_0"]
+    log = (pytester.path / "logs" / "bench_ppl_kld_result.blk.0.attn_v.weight.q4_0.2.txt")
+    text = log.read_text(encoding="utf-8")
+    top_p = re.search(r".*Same top p\s*:\s*([0-9]+(\.[0-9]+)?).*", text).group(1)
+    assert top_p == f"{row['same_top_p']:.3f}"
+    assert re.search(r"Mean    KLD:\s*([0-9.]+)", text).group(1) == f"{row['mean_kld']:.6f}"
+    out = pytester.path / "quantbench-results"
+    ppl = read_wide(out / "ppl_results.csv")
+    expected = (float(f"{row['ppl_q']:.6f}") - row["ppl_base"]) / row["ppl_base"] * 100
+    assert ppl.loc["q4_0", "blk.0.attn_v.weight"] == f"{expected:+.2f}%"
+    assert ppl.loc["bf16", "blk.0.attn_v.weight"] == "+0.00%"  # the baseline row, as collected
+    assert read_wide(out / "kld_results.csv").loc["bf16", "blk.0.attn_v.weight"] == "0"
+    assert (read_wide(out / "kld_p99_results.csv").loc["q4_0", "blk.0.attn_v.weight"]
+            == f"{row['kld_p99']:.6f}")
+    assert (read_wide(out / "rms_dp_results.csv").loc["q4_0", "blk.0.attn_v.weight"]
+            == f"{row['rms_dp']:.3f}")
