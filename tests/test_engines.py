@@ -101,7 +101,7 @@ def test_engines_give_identical_statistics(pytester, synth_model, synth_corpus, 
     pytester.runpytest_subprocess(*args, f"--quantbench-engine={engine}",
                                   "--quantbench-rerun").assert_outcomes(passed=4)
     rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
-    assert (rows["engine"] == engine).all()
+    assert (rows["engine_mode"] == engine).all()
     metrics = [c for c in reference.columns if c.startswith(("ppl", "kld", "mean_", "median_",
                                                              "max_", "min_", "dp_", "rms", "same"))]
     assert len(metrics) > 30

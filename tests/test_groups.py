@@ -79,7 +79,7 @@ def test_a_group_quantizes_all_members_together_in_both_engines(pytester, qb_arg
         _group_run(pytester, qb_args, f"--quantbench-engine={engine}",
                    "--quantbench-rerun").assert_outcomes(passed=3)
         rows = results(pytester).set_index("tensor")
-        assert (rows["engine"] == engine).all()
+        assert (rows["engine_mode"] == engine).all()
         kld[engine] = rows["mean_kld"].to_dict()
     assert kld["inplace"] == kld["file"]
     single = pytester.runpytest_subprocess(

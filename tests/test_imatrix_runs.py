@@ -30,7 +30,7 @@ def test_auto_imatrix_measures_them_identically_in_both_engines(pytester, qb_arg
                                                "--quantbench-rerun")
         result.assert_outcomes(passed=4)
         rows = results(pytester).set_index(["tensor", "qtype"])
-        assert (rows["engine"] == engine).all()
+        assert (rows["engine_mode"] == engine).all()
         stats[engine] = rows[["mean_kld", "ppl_q", "same_top_p"]]
     assert stats["inplace"].equals(stats["file"])
     cached = list((qb_args_cache(qb_args) / "imatrix").glob("*.imatrix.dat"))

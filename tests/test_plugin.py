@@ -160,7 +160,7 @@ def test_split_model_is_measured_by_both_engines_and_a_missing_shard_is_named(
         pytester.runpytest_subprocess(*args, f"--quantbench-engine={engine}",
                                       "--quantbench-rerun").assert_outcomes(passed=1)
         row = results(pytester).iloc[0]
-        assert row["engine"] == engine
+        assert row["engine_mode"] == engine
         kld.append(row["mean_kld"])
     assert kld[0] == kld[1] > 0
     (tmp_path / "split" / "synth-00003-of-00003.gguf").unlink()

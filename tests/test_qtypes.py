@@ -351,3 +351,24 @@ def test_needs_imatrix() -> None:
     assert needs_imatrix(resolve_qtype("IQ2_S"))
     assert not needs_imatrix(resolve_qtype("q2_K"))
     assert needs_imatrix(resolve_qtype("IQ2_M"))  # no preset refusal, but its default iq2_s is in R
+
+
+def test_the_name_lister_labels_kinds_and_survives_a_closed_pipe(monkeypatch, capsys):
+    import sys
+
+    from pytest_quantbench.qtypes import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "q4_k_m       preset Q4_K_M (default type q4_K)" in out
+    assert "iq2_xxs      ggml type, 2.062 bpw, imatrix required" in out
+
+    class ClosedPipe:  # what `python -m pytest_quantbench.qtypes | head -1` leaves behind
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main([]) == 0

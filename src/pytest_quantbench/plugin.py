@@ -298,7 +298,8 @@ class ResultCollector:
         tr.section("quantbench")
         for line in self.session.baseline_lines():
             tr.write_line(line)
-        for line in format_summary(rows, self.session.config.top):
+        session_rows = [r for r in rows if r.get("status") != "stored"]  # this run's items
+        for line in format_summary(session_rows, self.session.config.top):
             tr.write_line(line)
         reused = sum(1 for r in rows if r.get("reused") and r.get("status") != "stored")
         stored = sum(1 for r in rows if r.get("status") == "stored")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Iterable, Literal, Union
+from typing import Iterable, Literal, Sequence, Union
 
 __all__ = [
     "GGMLType",
@@ -665,5 +665,35 @@ def needs_imatrix(t: GGMLType | QType | str) -> bool:
     return t.imatrix is not None
 
 
-if __name__ == "__main__":  # `python -m pytest_quantbench.qtypes`: the accepted qtype names
-    print("\n".join(valid_qtype_names()))
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pytest_quantbench.qtypes``: one line per accepted qtype name with its kind
+    (ggml type, with bits per weight and imatrix need; or preset, with its default type)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pytest_quantbench.qtypes",
+        description="The qtype names --quantbench-qtypes accepts (any case: q4_k_r4 = q4_K_R4). "
+                    "A ggml type quantizes a tensor to exactly that type; a preset applies "
+                    "llama-quantize's per-tensor mixture rules.")
+    parser.parse_args(argv)
+    lines = []
+    for name in valid_qtype_names():
+        q = resolve_qtype(name)
+        if q.kind == "type":
+            t = q.ggml_type
+            need = {"required": ", imatrix required", "rule": ", imatrix needed"}.get(
+                t.imatrix or "", "")
+            lines.append(f"{name:<12} ggml type, {t.bpw:.4g} bpw{need}")
+        else:
+            lines.append(f"{name.lower():<12} preset {q.name} (default type {q.ggml_type.name})")
+    try:
+        print("\n".join(lines))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        sys.stdout = None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -206,7 +206,15 @@ class QuantbenchSession:
             f"quantbench n_ctx={ident.n_ctx}, chunks={ident.chunks}, threads={self.threads}, "
             f"{ident.eval}",
             f"quantbench engine: {self.identity_engine.describe()}",
-        ]
+        ] + self._imatrix_header()
+
+    def _imatrix_header(self) -> list[str]:
+        if self.config.imatrix is None:
+            return []
+        if self.config.imatrix == "auto":
+            return ["quantbench imatrix: auto (computed from the corpus chunks once, cached in "
+                    f"{self.cache_dir / 'imatrix'}; key {self._auto_imatrix_key})"]
+        return [f"quantbench imatrix: {self.config.imatrix} (sha256 {self.imatrix_identity[:12]})"]
 
     # ---- baseline -----------------------------------------------------------------------
     @cached_property
@@ -248,8 +256,8 @@ class QuantbenchSession:
         facts = baseline_facts(self.baseline_path)
         if not facts:
             return []
-        return [f"baseline: {facts['final_estimate']} (computed in {facts['seconds']:.1f} s; "
-                f"cache {self.baseline_path} {facts['bytes'] / 1e6:.1f} MB)"]
+        return [f"baseline: {facts['final_estimate']} (cached: {self.baseline_path}, "
+                f"{facts['bytes'] / 1e6:.1f} MB, computed once in {facts['seconds']:.1f} s)"]
 
     @cached_property
     def thresholds(self):
@@ -359,7 +367,7 @@ class QuantbenchSession:
         from .itemlog import write_item_log
         from .metrics import KLDStats
 
-        facts = {k: row.get(k) for k in ("members", "requested_type", "written_type", "engine",
+        facts = {k: row.get(k) for k in ("members", "requested_type", "written_type", "engine_mode",
                                           "n_ctx", "reused")}
         write_item_log(self.config.logs, unit.name, unit.qtype, self.run_identity.chunks,
                        KLDStats(**stats), command=self.command, facts=facts)
@@ -405,7 +413,7 @@ class QuantbenchSession:
         written = self.plan_types(unit, qtype, row)
         base = self.baseline
         engine, note = self.choose_engine(unit)
-        row["engine"] = engine
+        row["engine_mode"] = engine  # "engine" (the run identity) is the engine library's id
         if note:
             row["engine_note"] = note
         for name, wtype in written.items():
@@ -452,6 +460,7 @@ class QuantbenchSession:
                     raise ItemSkip(str(exc)) from None
                 written[name] = wtype
                 if wtype.name != target.name:
+                    why = why.replace(f" for {name}", "") if why else why  # named once
                     fallbacks.append((name, fallback_reason(name, wtype.name, target.name, why,
                                                             "writes")))
         row["written_type"] = ",".join(sorted({t.name for t in written.values()}))
@@ -673,7 +682,7 @@ class QuantbenchSession:
 KERNEL_PROBE_MAX_KLD = 0.05
 
 #: The row facts the results store keeps with an item's statistics.
-_FACTS = ("members", "requested_type", "written_type", "engine", "engine_note", "reason", "fallback",
+_FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note", "reason", "fallback",
           "seconds")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 STORE_FILE = "results-store.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the engine mode is stored as engine_mode
 _BUSY_TIMEOUT_S = 600.0  # a writer holds the lock for milliseconds; this covers slow disks
 
 
