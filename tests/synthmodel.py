@@ -124,8 +124,12 @@ def build_synthetic_model(
     dtype: str = "bf16",
     std: float = 0.02,
     split_max_tensors: int = 0,
+    tied: bool = False,
 ) -> Path:
     """Write a random llama-architecture GGUF to ``path`` and return its path.
+
+    ``tied``: no ``output.weight`` (the engine then computes the output from token_embd, as for
+    SmolLM2).
 
     2-D weights (``token_embd``, ``output``, ``attn_q/k/v/output``,
     ``ffn_gate/up/down``) are N(0, std²) stored as ``dtype`` ("bf16" or
@@ -172,7 +176,8 @@ def build_synthetic_model(
         mat(b + "ffn_up.weight", n_embd, n_ff)
         mat(b + "ffn_down.weight", n_ff, n_embd)
     norm("output_norm.weight", n_embd)
-    mat("output.weight", n_embd, n_vocab)
+    if not tied:
+        mat("output.weight", n_embd, n_vocab)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -128,3 +128,26 @@ def test_inplace_bytes_equal_llama_quantize_on_default_model(tmp_path_factory, t
         swap.close()
     assert ours_type == written
     assert np.array_equal(ours, expected)
+
+
+def test_a_tied_token_embd_is_measured_through_the_file_engine(pytester, synth_corpus, tmp_path):
+    """Without output.weight the engine computes the output from its own duplicate of
+    token_embd, which an in-process swap would not reach (the measured KLD would lack the output
+    projection's damage): such items use the file engine, with the reason."""
+    from synthmodel import build_synthetic_model
+
+    model = build_synthetic_model(tmp_path / "tied.gguf", tied=True)
+    args = [f"--quantbench-model={model}", f"--quantbench-corpus={synth_corpus}",
+            "--quantbench-ctx=64", "--quantbench-chunks=2", "-p", "no:randomly",
+            f"--quantbench-cache-dir={tmp_path / 'cache'}", "--quantbench-qtypes=q4_0",
+            "--quantbench-tensors", r"^(token_embd|blk\.0\.attn_v)\.weight$"]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
+    rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv").set_index("tensor")
+    assert rows.loc["token_embd.weight", "engine_mode"] == "file"
+    assert rows.loc["token_embd.weight", "engine_note"].startswith(
+        "token_embd.weight is tied to the output")
+    assert rows.loc["blk.0.attn_v.weight", "engine_mode"] == "inplace"
+    pytester.runpytest_subprocess(*args, "--quantbench-engine=file",
+                                  "--quantbench-rerun").assert_outcomes(passed=2)
+    reference = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    assert rows["mean_kld"].to_dict() == reference.set_index("tensor")["mean_kld"].to_dict()

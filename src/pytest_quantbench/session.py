@@ -416,9 +416,11 @@ class QuantbenchSession:
         row["engine_mode"] = engine  # "engine" (the run identity) is the engine library's id
         if note:
             row["engine_note"] = note
-        for name, wtype in written.items():
-            if wtype.name != self.model_header.tensor(name).type_name:
-                self.check_kernel(name, wtype)
+        probes = [self.check_kernel(name, wtype) for name, wtype in written.items()
+                  if wtype.name != self.model_header.tensor(name).type_name]
+        probes = [k for k in probes if k is not None]
+        if probes:  # how far the engine's kernels are from the dequantized weights (nats)
+            row["kernel_check_kld"] = max(probes)
         acc = KLDAccumulator()
         if engine == "inplace":
             self._measure_inplace(written, base, acc)
@@ -520,10 +522,16 @@ class QuantbenchSession:
 
     def choose_engine(self, unit: WorkUnit) -> tuple[str, str | None]:
         """``("inplace", None)`` when the in-process swap can measure ``unit``, else
-        ``("file", why)``: --quantbench-engine=file, a non-float baseline tensor, an expert
-        tensor with an importance matrix, or an engine library the swap cannot bind."""
+        ``("file", why)``: --quantbench-engine=file, a token_embd tied to the output (the
+        engine's output duplicate is another tensor object), a non-float baseline tensor, an
+        expert tensor with an importance matrix, or an engine library the swap cannot bind."""
         if self.config.engine == "file":
             return "file", None
+        names = {t.name for t in self.model_header.tensors}
+        if "token_embd.weight" in unit.tensors and "output.weight" not in names:
+            return "file", ("token_embd.weight is tied to the output: the engine computes the "
+                            "output from its own duplicate of the tensor, which the in-process "
+                            "swap does not reach")
         for name in unit.tensors:
             info = self.model_header.tensor(name)
             if info.type_name not in ("f32", "f16", "bf16"):
@@ -584,33 +592,37 @@ class QuantbenchSession:
         nearly the same logits on the first chunk (mean KLD below
         :data:`KERNEL_PROBE_MAX_KLD`; only the activations' own rounding separates them). A build
         whose kernel for the type is broken would otherwise yield silently wrong numbers.
+        Returns the probe's mean KLD (None when the type could not be probed): even a working
+        kernel rounds the activations (e.g. to q8_1), and this shows by how much.
         Raises ItemSkip with the finding.
         """
         checked = self.__dict__.setdefault("_kernel_checks", {})
         if wtype.name not in checked:
             checked[wtype.name] = self._kernel_problem(name, wtype)
-        if checked[wtype.name]:
-            raise ItemSkip(checked[wtype.name])
+        problem, kld = checked[wtype.name]
+        if problem:
+            raise ItemSkip(problem)
+        return kld
 
-    def _kernel_problem(self, name: str, wtype) -> str | None:
+    def _kernel_problem(self, name: str, wtype) -> tuple[str | None, float | None]:
         import numpy as np
 
         swap = self.swap_model
         info = self.model_header.tensor(name)
         if swap is None or info.type_name not in ("f32", "f16", "bf16"):
-            return None
+            return None, None
         traits = swap.traits(wtype.type_id)
         if traits is not None and not traits.vec_dot:
             return (f"this engine build has no CPU kernel for {wtype.name} (its vec_dot is "
-                    "missing; the type needs another build, e.g. ARM)")
+                    "missing; the type needs another build, e.g. ARM)"), None
         quantized = self._quantized(name, wtype)
         deq = swap.dequantize(quantized[3], wtype.type_id, info.n_rows, info.ne0,
                               wtype.row_size(info.ne0), wtype.interleave)
         if deq is None:
-            return None
+            return None, None
         weights = swap.baseline_f32(name, info.type_name)
         if np.linalg.norm(deq - weights) > np.linalg.norm(weights):
-            return None  # to_float does not give the weights back (e.g. *_bn keep the scale
+            return None, None  # to_float does not give the weights back (e.g. *_bn keep the scale
             #              elsewhere): nothing to compare the kernel with
         chunk = self.baseline.tokens[0]
         logprobs = []
@@ -625,8 +637,8 @@ class QuantbenchSession:
             return (f"this engine build computes {wtype.name} wrongly: with {name} in "
                     f"{wtype.name}, the logits differ from the same weights dequantized to f32 by "
                     f"mean KLD {kld:.4f} on chunk 1 (a working kernel gives less than "
-                    f"{KERNEL_PROBE_MAX_KLD})")
-        return None
+                    f"{KERNEL_PROBE_MAX_KLD})"), kld
+        return None, kld
 
     def _measure_file(self, unit: WorkUnit, qtype, written: dict[str, Any], row: dict,
                       base, acc) -> None:
@@ -682,7 +694,8 @@ class QuantbenchSession:
 KERNEL_PROBE_MAX_KLD = 0.05
 
 #: The row facts the results store keeps with an item's statistics.
-_FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note", "reason", "fallback",
+_FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note",
+          "kernel_check_kld", "reason", "fallback",
           "seconds")
 
 
