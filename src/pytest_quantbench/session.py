@@ -556,10 +556,25 @@ class QuantbenchSession:
             return None
 
     def _evaluate(self, model, base, acc) -> None:
-        """Evaluate every chunk of the baseline file with ``model`` into ``acc``."""
+        """Evaluate every chunk of the baseline file with ``model`` into ``acc``.
+
+        The statistics of chunk i run on a helper thread while chunk i+1 is decoded (the engine
+        and numpy release the GIL), in chunk order, so the results are those of a sequential
+        loop; an error in either surfaces here (a statistics error one decode later).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         first = self.n_ctx // 2
-        for i, chunk in enumerate(base.tokens):
-            acc.add_chunk(model.eval_chunk(chunk), base.chunk_logprobs(i), chunk[first + 1:])
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantbench-stats") as stats:
+            pending = None
+            for i, chunk in enumerate(base.tokens):
+                logits = model.eval_chunk(chunk)
+                if pending is not None:
+                    pending.result()
+                pending = stats.submit(acc.add_chunk, logits, base.chunk_logprobs(i),
+                                       chunk[first + 1:])
+            if pending is not None:
+                pending.result()
 
     def _measure_inplace(self, written: dict[str, Any], base, acc) -> None:
         """Quantize each changed tensor in memory with ggml_quantize_chunk, swap them all in,
