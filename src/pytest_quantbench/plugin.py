@@ -233,6 +233,7 @@ class ResultCollector:
         self.rows: dict[str, dict[str, Any]] = {}
         self.written: list[Path] = []
         self.write_error: str | None = None
+        self._table_rows: list[dict[str, Any]] | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
@@ -271,7 +272,13 @@ class ResultCollector:
 
     def table_rows(self) -> list[dict[str, Any]]:
         """This session's rows, plus every row the results store holds for the same settings
-        (marked ``status="stored"``): the tables show all results, as the suite's collect step."""
+        (marked ``status="stored"``): the tables show all results, as the suite's collect step.
+        Read once, at the session's end (the tables and the summary use the same rows)."""
+        if self._table_rows is None:
+            self._table_rows = self._merge_stored_rows()
+        return self._table_rows
+
+    def _merge_stored_rows(self) -> list[dict[str, Any]]:
         rows = {(r["tensor"], r["qtype"]): r for r in self.rows.values()}
         if not rows:
             return []
@@ -284,8 +291,8 @@ class ResultCollector:
             key = (item["tensor"], item["qtype"])
             if key not in rows:
                 rows[key] = {**self.session.run_identity.as_row(), "tensor": item["tensor"],
-                             "qtype": item["qtype"], **item["facts"], **item["stats"], "status": "stored",
-                             "reused": True}
+                             "qtype": item["qtype"], **item["facts"], **item["stats"],
+                             "status": "stored", "reused": True}
         return list(rows.values())
 
     def pytest_terminal_summary(self, terminalreporter) -> None:

@@ -462,9 +462,7 @@ class QuantbenchSession:
                     raise ItemSkip(str(exc)) from None
                 written[name] = wtype
                 if wtype.name != target.name:
-                    why = why.replace(f" for {name}", "") if why else why  # named once
-                    fallbacks.append((name, fallback_reason(name, wtype.name, target.name, why,
-                                                            "writes")))
+                    fallbacks.append((name, fallback_reason(name, wtype.name, target.name, why)))
         row["written_type"] = ",".join(sorted({t.name for t in written.values()}))
         if fallbacks:
             row["fallback"] = True
@@ -483,7 +481,9 @@ class QuantbenchSession:
         """Why ``name`` cannot be quantized to ``wtype`` for lack of importance-matrix data, or
         None (spec §5.5: the A types assert in ggml_quantize_chunk for every tensor; the R types
         are refused by llama-quantize except for token_embd and output)."""
-        if wtype.imatrix is None or wtype.name == self.model_header.tensor(name).type_name:
+        from .qtypes import needs_imatrix
+
+        if not needs_imatrix(wtype) or wtype.name == self.model_header.tensor(name).type_name:
             return None
         if self.config.imatrix is None:
             return (f"{wtype.name} needs an importance matrix ({name}): pass "
@@ -527,8 +527,7 @@ class QuantbenchSession:
         expert tensor with an importance matrix, or an engine library the swap cannot bind."""
         if self.config.engine == "file":
             return "file", None
-        names = {t.name for t in self.model_header.tensors}
-        if "token_embd.weight" in unit.tensors and "output.weight" not in names:
+        if "token_embd.weight" in unit.tensors and self._tied_embeddings:
             return "file", ("token_embd.weight is tied to the output: the engine computes the "
                             "output from its own duplicate of the tensor, which the in-process "
                             "swap does not reach")
@@ -542,6 +541,11 @@ class QuantbenchSession:
         if self.swap_model is None:
             return "file", self._swap_error
         return "inplace", None
+
+    @cached_property
+    def _tied_embeddings(self) -> bool:
+        """No output.weight: the engine computes the output from a duplicate of token_embd."""
+        return all(t.name != "output.weight" for t in self.model_header.tensors)
 
     @cached_property
     def swap_model(self):
@@ -714,9 +718,9 @@ _FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_no
           "seconds")
 
 
-def fallback_reason(tensor: str, written: str, requested: str, why: str | None,
-                    verb: str) -> str:
-    """The skip reason of a fallback type, worded alike by both engines: ``verb`` is "wrote"
-    (read back from llama-quantize's output) or "writes" (its decision, applied in process)."""
-    return (f"llama-quantize {verb} {written} instead of {requested} for {tensor} "
-            f"({why or 'fallback'})")
+def fallback_reason(tensor: str, written: str, requested: str, why: str | None) -> str:
+    """The skip reason of a fallback type (both engines plan it alike): what llama-quantize
+    writes for ``tensor`` and ``why`` (:func:`qtypes.predict_written_type`'s reason, whose
+    " for <tensor>" is dropped: the tensor is named once)."""
+    why = why.replace(f" for {tensor}", "") if why else "fallback"
+    return f"llama-quantize writes {written} instead of {requested} for {tensor} ({why})"
