@@ -4,6 +4,7 @@ and tables built from every stored result of the current settings."""
 from __future__ import annotations
 
 import math
+import multiprocessing
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +37,32 @@ def test_store_round_trip_keeps_non_finite_numbers(tmp_path):
     assert got["stats"]["x"] == 1.5 and math.isnan(got["stats"]["rms_dp_err"])
     assert store.rows(run) == [got] and store.rows("other") == []
     store.close()
+
+
+def _put_one(path, i, barrier, failures):
+    barrier.wait()  # every process opens the fresh store at the same moment
+    try:
+        ResultsStore(path).put(f"key{i}", "run", {"tensor": "t", "qtype": str(i)})
+    except StoreError as exc:
+        failures.put(str(exc))
+
+
+def test_workers_opening_a_new_store_at_once_all_write(tmp_path):
+    """xdist workers open a fresh store at the same moment; SQLite answers a concurrent switch to
+    WAL with "database is locked" at once (no busy wait), so opening is serialized. Without that,
+    several of these rounds failed every time."""
+    ctx = multiprocessing.get_context("fork")
+    failures = ctx.Queue()
+    for round_ in range(20):
+        path = tmp_path / f"round{round_}" / STORE_FILE
+        barrier = ctx.Barrier(8)
+        procs = [ctx.Process(target=_put_one, args=(path, i, barrier, failures)) for i in range(8)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert failures.empty(), failures.get()
+        assert len(ResultsStore(path).rows("run")) == 8
 
 
 def test_an_unwritable_store_is_a_clear_error(tmp_path):

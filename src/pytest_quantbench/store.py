@@ -9,7 +9,9 @@ The item key (:func:`item_key`) is the run key (model and corpus content hashes,
 engine version and evaluation layout, imatrix hash) plus the tensor set and the requested qtype,
 so a rerun with the same settings measures nothing twice and any changed input measures again.
 SQLite's own locking (with a generous busy timeout) serializes concurrent writers; the primary
-key keeps each result exactly once.
+key keeps each result exactly once. Opening the store (switching it to WAL, creating the table) is
+serialized by a file lock next to it: SQLite answers a concurrent journal-mode switch with
+"database is locked" at once, without waiting on its busy timeout.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from filelock import FileLock, Timeout
 
 STORE_FILE = "results-store.sqlite"
 SCHEMA_VERSION = 2  # 2: the engine mode is stored as engine_mode
@@ -63,21 +67,27 @@ class ResultsStore:
         if self._conn is None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS results (item_key TEXT PRIMARY KEY, "
-                    "run_key TEXT NOT NULL, tensor TEXT NOT NULL, qtype TEXT NOT NULL, "
-                    "row_json TEXT NOT NULL, stored_at REAL NOT NULL)")
-                conn.execute("CREATE INDEX IF NOT EXISTS by_run ON results (run_key)")
-                conn.commit()
-            except (OSError, sqlite3.Error) as exc:
+                with FileLock(f"{self.path}.lock", timeout=_BUSY_TIMEOUT_S):
+                    conn = self._open()
+            except (OSError, sqlite3.Error, Timeout) as exc:
                 raise StoreError(f"results store {self.path}: cannot open it ({exc}); check that "
                                  "the output directory is writable and has free space, or "
                                  "remove the file if it is not a quantbench store") from None
             self._conn = conn
         return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, switch to WAL and create the table; the caller holds the store's file lock."""
+        conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS results (item_key TEXT PRIMARY KEY, "
+            "run_key TEXT NOT NULL, tensor TEXT NOT NULL, qtype TEXT NOT NULL, "
+            "row_json TEXT NOT NULL, stored_at REAL NOT NULL)")
+        conn.execute("CREATE INDEX IF NOT EXISTS by_run ON results (run_key)")
+        conn.commit()
+        return conn
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored row of ``key``, or None."""
