@@ -170,6 +170,11 @@ def test_chunks_not_positive(pytester, qb_args, chunks):
                        "or leave it unset for all the corpus allows")
 
 
+def test_n_seq_not_positive(pytester, qb_args):
+    message = run_usage_error(pytester, qb_args, "--quantbench-n-seq=0", "--quantbench-qtypes=q4_0")
+    assert message == "--quantbench-n-seq (from CLI): 0; give 1 or more chunks per decode"
+
+
 # ---- the corpus ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make, message", [

@@ -151,3 +151,47 @@ def test_a_tied_token_embd_is_measured_through_the_file_engine(pytester, synth_c
                                   "--quantbench-rerun").assert_outcomes(passed=2)
     reference = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
     assert rows["mean_kld"].to_dict() == reference.set_index("tensor")["mean_kld"].to_dict()
+
+
+def test_chunks_decoded_together_give_the_logits_of_one_chunk_per_decode(synth_model):
+    """--quantbench-n-seq: k chunks as k sequences of one decode (a full batch and a shorter last
+    one) give bit-identical logits to one chunk per decode (flash attention off, as the session
+    sets it for n_seq > 1 on the CPU)."""
+    one = LlamaModel(synth_model, EvalSettings(n_ctx=64, threads=2, flash_attn=False))
+    three = LlamaModel(synth_model, EvalSettings(n_ctx=64, threads=2, flash_attn=False, n_seq=3))
+    try:
+        tokens = one.tokenize("the model reads this text and predicts " * 40)[:5 * 64]
+        tokens = tokens.reshape(5, 64)
+        expected = np.stack([one.eval_chunk(chunk) for chunk in tokens])
+        together = np.concatenate([three.eval_chunks(tokens[:3]), three.eval_chunks(tokens[3:])])
+        assert together.shape == (5, 31, one.n_vocab)
+        assert np.array_equal(together, expected)
+        with pytest.raises(ValueError, match=r"chunks must be \(k ≤ 3, n_ctx=64\) tokens"):
+            three.eval_chunks(np.concatenate([tokens, tokens])[:4])
+    finally:
+        one.close()
+        three.close()
+
+
+def test_a_run_with_several_chunks_per_decode(pytester, synth_model, synth_corpus, tmp_path):
+    """--quantbench-n-seq=2 over 3 chunks: the header names the layout, the baseline file equals
+    one written one chunk per decode, and the item is measured against it (its own run key)."""
+    from pytest_quantbench.baseline import write_baseline
+
+    cache = tmp_path / "cache"
+    args = [f"--quantbench-model={synth_model}", f"--quantbench-corpus={synth_corpus}",
+            "--quantbench-ctx=64", "--quantbench-chunks=3", "-p", "no:randomly",
+            f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
+            "--quantbench-tensors", r"^blk\.0\.attn_v\.weight$"]
+    result = pytester.runpytest_subprocess(*args, "--quantbench-n-seq=2")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["quantbench n_ctx=64, chunks=3, threads=*, fa=0,ub=128,seq=2"])
+    (base_file,) = (cache / "baselines").glob("*.kld")
+    with LlamaModel(synth_model, EvalSettings(n_ctx=64, threads=2, flash_attn=False)) as model:
+        tokens = np.fromfile(base_file, dtype="<i4", count=3 * 64, offset=20).reshape(3, 64)
+        write_baseline(model, tokens, tmp_path / "one-per-decode.kld")
+    assert base_file.read_bytes() == (tmp_path / "one-per-decode.kld").read_bytes()
+    rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    assert rows.loc[0, "mean_kld"] > 0
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)  # n_seq 1: its own baseline
+    assert len(list((cache / "baselines").glob("*.kld"))) == 2

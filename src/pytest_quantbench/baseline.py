@@ -138,7 +138,8 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
     """Evaluate every chunk of ``tokens`` with ``model`` and write the base file at ``path``.
 
     model: :class:`pytest_quantbench.engine.llama.LlamaModel` of the baseline; tokens: int32
-    (n_chunk, n_ctx). The file is written atomically by :class:`KLDBaseWriter`; beside it,
+    (n_chunk, n_ctx), decoded ``model.settings.n_seq`` chunks at a time (the layout every variant
+    is evaluated with). The file is written atomically by :class:`KLDBaseWriter`; beside it,
     :func:`sidecar_path` records the base run's ``Final estimate`` line (PPL from the raw logits,
     as llama-perplexity prints it when writing a base file, spec §1.5/§2) and the seconds taken.
     """
@@ -153,8 +154,10 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
     n_chunk, n_ctx = tokens.shape
     ppl = PPLAccumulator()
     with KLDBaseWriter(path, n_ctx, model.n_vocab, tokens) as writer:
-        for chunk in tokens:
-            ppl.add(writer.write_chunk(model.eval_chunk(chunk)))
+        n_seq = model.settings.n_seq
+        for start in range(0, n_chunk, n_seq):
+            for logits in model.eval_chunks(tokens[start:start + n_seq]):
+                ppl.add(writer.write_chunk(logits))
     value, err = ppl.ppl()
     atomic_write_text(sidecar_path(path), json.dumps({
         "final_estimate": ppl.final_line(n_ctx), "ppl": value, "ppl_err": err,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -108,10 +108,20 @@ class QuantbenchSession:
 
     @cached_property
     def eval_settings(self):
+        """The evaluation settings of the baseline and every variant.
+
+        Flash attention is on (llama-perplexity's default on ik) except when several chunks share
+        a decode (--quantbench-n-seq > 1) and attention may run on the CPU: the wheel's CPU flash
+        attention then can abort the process with ``GGML_ASSERT(S > 0)`` (seen here at n_ctx 64
+        with 2 sequences; reported upstream for ``--parallel > 1``). The layout (``fa=0``)
+        enters the run key, so such runs have their own baseline.
+        """
         from .engine.llama import EvalSettings
 
-        return EvalSettings(n_ctx=self.n_ctx, threads=self.threads,
-                            n_gpu_layers=self.config.n_gpu_layers)
+        n_seq, n_gpu_layers = self.config.n_seq, self.config.n_gpu_layers
+        all_on_gpu = n_gpu_layers > (self.model_header.n_layer or 0)
+        return EvalSettings(n_ctx=self.n_ctx, threads=self.threads, n_gpu_layers=n_gpu_layers,
+                            n_seq=n_seq, flash_attn=n_seq == 1 or all_on_gpu)
 
     @cached_property
     def tokenizer(self):
@@ -169,14 +179,13 @@ class QuantbenchSession:
             corpus_hash = inputs.sha256_file(self.config.corpus, self.cache_dir)
         else:  # the sha256 of the default text written to a file, as `sha256sum` shows it
             corpus_hash = inputs.sha256_text(inputs.default_corpus_text())
-        settings = self.eval_settings
         return RunIdentity(
             model_sha256=self.model_sha256,
             corpus_sha256=corpus_hash,
             n_ctx=self.n_ctx,
             chunks=int(self.chunk_tokens.shape[0]),
             engine=self.identity_engine.key,
-            eval=f"fa={int(settings.flash_attn)},ub={settings.n_ubatch},seq=1",
+            eval=self.eval_settings.layout,
         )
 
     def validate_inputs(self) -> None:
@@ -318,8 +327,11 @@ class QuantbenchSession:
             return None
         if self.config.imatrix == "auto":
             name = str(self.config.corpus or inputs.DEFAULT_CORPUS_NAME)
+            # one chunk per decode with flash attention, whatever --quantbench-n-seq says: the
+            # cached matrix's key holds no evaluation layout
+            settings = replace(self.eval_settings, n_seq=1, flash_attn=True)
             path = ensure_auto_imatrix(self.cache_dir, self._auto_imatrix_key, lambda dest:
-                                       compute_imatrix(self.model_path, self.eval_settings,
+                                       compute_imatrix(self.model_path, settings,
                                                        self.chunk_tokens, dest, dataset=name))
         else:
             path = self.config.imatrix
@@ -560,23 +572,32 @@ class QuantbenchSession:
             return None
 
     def _evaluate(self, model, base, acc) -> None:
-        """Evaluate every chunk of the baseline file with ``model`` into ``acc``.
+        """Evaluate every chunk of the baseline file with ``model`` into ``acc``, n_seq chunks per
+        decode (the baseline's own layout, so identical weights give identical logits).
 
-        The statistics of chunk i run on a helper thread while chunk i+1 is decoded (the engine
-        and numpy release the GIL), in chunk order, so the results are those of a sequential
-        loop; an error in either surfaces here (a statistics error one decode later).
+        The statistics of one decode's chunks run on a helper thread while the next decode runs
+        (the engine and numpy release the GIL), in chunk order, so the results are those of a
+        sequential loop; an error in either surfaces here (a statistics error one decode later).
         """
         from concurrent.futures import ThreadPoolExecutor
 
+        import numpy as np
+
         first = self.n_ctx // 2
+        n_seq = model.settings.n_seq
+
+        def add_chunks(start, logits):
+            for j, chunk_logits in enumerate(logits):
+                acc.add_chunk(chunk_logits, base.chunk_logprobs(start + j),
+                              base.tokens[start + j][first + 1:])
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantbench-stats") as stats:
             pending = None
-            for i, chunk in enumerate(base.tokens):
-                logits = model.eval_chunk(chunk)
+            for start in range(0, base.n_chunk, n_seq):
+                logits = model.eval_chunks(np.asarray(base.tokens[start:start + n_seq]))
                 if pending is not None:
                     pending.result()
-                pending = stats.submit(acc.add_chunk, logits, base.chunk_logprobs(i),
-                                       chunk[first + 1:])
+                pending = stats.submit(add_chunks, start, logits)
             if pending is not None:
                 pending.result()
 

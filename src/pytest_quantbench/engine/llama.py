@@ -3,7 +3,8 @@
 Evaluation follows llama-perplexity's KLD mode (spec §1.2–1.3, §3.1): every chunk is C tokens at
 positions 0…C−1 with a cleared KV cache, its first token overwritten by BOS when the vocabulary adds
 BOS, and the logits of positions C/2 … C−2 are the scored rows. Flash attention is on and n_ubatch
-is min(512, C), as llama-perplexity's defaults on ik_llama.cpp.
+is min(512, C), as llama-perplexity's defaults on ik_llama.cpp. Several chunks can share one decode
+as separate sequences (EvalSettings.n_seq), as llama-perplexity's base run does (spec §1.2).
 """
 
 from __future__ import annotations
@@ -27,18 +28,35 @@ class EvalSettings:
     """Context settings shared by the baseline and every variant (so their logits are comparable).
 
     n_ctx: the chunk length C (tokens); threads: CPU threads for decode; n_gpu_layers: layers
-    offloaded to a GPU build (0 on CPU); flash_attn: llama-perplexity's default on ik (True).
+    offloaded to a GPU build (0 on CPU); flash_attn: llama-perplexity's default on ik (True);
+    n_seq: chunks decoded together as separate sequences in one call (llama-perplexity's
+    n_seq = n_batch/C of its base run, spec §1.2). With n_seq > 1 the physical batch holds all of
+    them (n_ubatch = n_seq·C), which feeds a GPU larger matrix products; with 1 (default),
+    n_ubatch = min(512, C) as llama-perplexity's KLD run.
     """
 
     n_ctx: int
     threads: int
     n_gpu_layers: int = 0
     flash_attn: bool = True
+    n_seq: int = 1
+
+    @property
+    def n_batch(self) -> int:
+        """Logical batch size (tokens per decode call): n_seq·C."""
+        return self.n_seq * self.n_ctx
 
     @property
     def n_ubatch(self) -> int:
-        """Physical batch size: llama-perplexity's default 512, clamped to C."""
-        return min(512, self.n_ctx)
+        """Physical batch size: llama-perplexity's default 512 clamped to C for one sequence,
+        the whole batch (n_seq·C) for several."""
+        return min(512, self.n_ctx) if self.n_seq == 1 else self.n_batch
+
+    @property
+    def layout(self) -> str:
+        """The batch layout as it enters the run key and header, e.g. ``fa=1,ub=512,seq=1``:
+        identical weights give bit-identical logits only under the same layout."""
+        return f"fa={int(self.flash_attn)},ub={self.n_ubatch},seq={self.n_seq}"
 
 
 def scored_range(n_ctx: int) -> tuple[int, int]:
@@ -95,10 +113,10 @@ class LlamaModel:
     def _create_context(self) -> None:
         settings = self.settings
         cparams = self.lib.llama_context_default_params()
-        cparams.n_ctx = settings.n_ctx
-        cparams.n_batch = settings.n_ctx
+        cparams.n_ctx = settings.n_batch  # KV cells for every sequence, as llama-perplexity
+        cparams.n_batch = settings.n_batch
         cparams.n_ubatch = settings.n_ubatch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = settings.n_seq
         cparams.n_threads = settings.threads
         cparams.n_threads_batch = settings.threads
         cparams.flash_attn = settings.flash_attn
@@ -112,7 +130,7 @@ class LlamaModel:
                 f"the engine could not create a context (n_ctx={settings.n_ctx}) for {self.path}:\n"
                 f"{self.lib.log_tail.text()}"
             )
-        self._batch = self.lib.llama_batch_init(settings.n_ctx, 0, 1)
+        self._batch = self.lib.llama_batch_init(settings.n_batch, 0, 1)
 
     def __enter__(self) -> "LlamaModel":
         return self
@@ -160,10 +178,24 @@ class LlamaModel:
         Raises:
             EngineError: decode failed (with the engine's log tail).
         """
+        return self.eval_chunks(tokens[np.newaxis])[0]
+
+    def eval_chunks(self, tokens: np.ndarray) -> np.ndarray:
+        """Evaluate k ≤ n_seq chunks in one decode, chunk j as sequence j, and return the logits
+        of their scored positions.
+
+        Args:
+            tokens: int32 (k, C) with C == settings.n_ctx and 1 ≤ k ≤ settings.n_seq.
+        Returns:
+            float32 (k, S, V): logits of positions first … C−2 of each chunk (spec §1.3), a copy.
+        Raises:
+            EngineError: decode failed (with the engine's log tail); ValueError: wrong shape.
+        """
         first, n_scored = scored_range(self.settings.n_ctx)
         self._decode(tokens, first, n_scored)
         ptr = self.lib.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_scored, self.n_vocab)).copy()
+        shape = (tokens.shape[0], n_scored, self.n_vocab)
+        return np.ctypeslib.as_array(ptr, shape=shape).copy()
 
     def decode_all_outputs(self, tokens: np.ndarray) -> None:
         """Evaluate one chunk with every position an output, as llama-imatrix does (logits_all).
@@ -178,35 +210,39 @@ class LlamaModel:
         Raises:
             EngineError: decode failed (with the engine's log tail).
         """
-        self._decode(tokens, 0, self.settings.n_ctx)
+        self._decode(tokens[np.newaxis], 0, self.settings.n_ctx)
 
     def _decode(self, tokens: np.ndarray, first: int, n_out: int) -> None:
-        """Decode one chunk as one sequence (positions 0…C−1, cleared KV cache, BOS first when the
-        vocabulary adds BOS) with outputs at positions ``first … first+n_out−1``.
+        """Decode k chunks, chunk j as sequence j (positions 0…C−1, KV cache cleared first, BOS
+        first when the vocabulary adds BOS), with outputs at positions ``first … first+n_out−1``
+        of each chunk. The outputs are in chunk order, then position order.
 
         Raises EngineError (tokenizer-only model, failed decode with the log tail), ValueError
-        (tokens not int32 (n_ctx,)).
+        (tokens not int32 (k, n_ctx) with 1 ≤ k ≤ n_seq).
         """
         if not self._ctx:
             raise EngineError(f"{self.path} was loaded for tokenizing only; it cannot evaluate")
-        n_ctx = self.settings.n_ctx
-        if tokens.shape != (n_ctx,):
-            raise ValueError(f"a chunk must hold n_ctx={n_ctx} tokens, got shape {tokens.shape}")
+        n_ctx, n_seq = self.settings.n_ctx, self.settings.n_seq
+        if tokens.ndim != 2 or tokens.shape[1] != n_ctx or not 1 <= tokens.shape[0] <= n_seq:
+            raise ValueError(f"chunks must be (k ≤ {n_seq}, n_ctx={n_ctx}) tokens, got shape "
+                             f"{tokens.shape}")
+        k = tokens.shape[0]
+        n = k * n_ctx
         batch = self._batch
-        tok = np.ctypeslib.as_array(batch.token, shape=(n_ctx,))
-        pos = np.ctypeslib.as_array(batch.pos, shape=(n_ctx,))
-        nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n_ctx,))
-        want = np.ctypeslib.as_array(batch.logits, shape=(n_ctx,))
-        tok[:] = tokens
+        tok = np.ctypeslib.as_array(batch.token, shape=(n,))
+        pos = np.ctypeslib.as_array(batch.pos, shape=(n,))
+        nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))
+        want = np.ctypeslib.as_array(batch.logits, shape=(k, n_ctx))
+        tok[:] = tokens.ravel()
         if self.add_bos:
-            tok[0] = self.bos
-        pos[:] = np.arange(n_ctx, dtype=np.int32)
+            tok[::n_ctx] = self.bos
+        pos[:] = np.tile(np.arange(n_ctx, dtype=np.int32), k)
         nseq[:] = 1
-        for i in range(n_ctx):
-            batch.seq_id[i][0] = 0
+        for i in range(n):
+            batch.seq_id[i][0] = i // n_ctx
         want[:] = 0
-        want[first : first + n_out] = 1
-        batch.n_tokens = n_ctx
+        want[:, first : first + n_out] = 1
+        batch.n_tokens = n
         self.lib.llama_kv_cache_clear(self._ctx)
         rc = self.lib.llama_decode(self._ctx, batch)
         if rc != 0:
