@@ -254,8 +254,11 @@ def test_vectorised_matches_scalar_c_transcription_bit_for_bit():
     l[2, 5] = l[2, 9] = l[2].max() + 1  # tie for the max: first index wins
     base = log_softmax_f32((l + rng.standard_normal((S, V)).astype(F32) * 0.5).astype(F32))
     base[1, :10] = -20  # some below the cutoff
+    base[3, :] = -20  # every term dropped: the sum is +0.0
+    base[4, ::2] = -17  # every other term dropped (only the kept ones are computed)
     t = rng.integers(0, V, S)
     ts = kld_token_stats(l, base, t)
+    assert ts.kld[3] == 0.0 and math.copysign(1.0, ts.kld[3]) == 1.0
     for j in range(S):
         nll, nb, kld, same, dp = ref_token(l[j], base[j], int(t[j]))
         assert ts.nll[j] == nll and ts.nll_base[j] == nb

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .metrics import check_finite, row_blocks, row_max_lse
+from .metrics import check_finite, for_row_blocks, row_blocks, row_max_lse
 
 __all__ = [
     "LOG_PROB_RANGE",
@@ -176,12 +176,16 @@ def decode_rows(
             "must be (S,), (S,) and (S, V)"
         )
     out = np.empty(q.shape, dtype=_F32)
-    for blk in row_blocks(q.shape[0], q.shape[1]):
-        qb = q[blk]
+
+    def block(blk: slice) -> None:
+        qb, ob = q[blk], out[blk]
         if fma:
-            out[blk] = scale[blk, None].astype(_F64) * qb + mlp[blk, None].astype(_F64)
-        else:
-            out[blk] = scale[blk, None] * qb.astype(_F32) + mlp[blk, None]
+            ob[:] = scale[blk, None].astype(_F64) * qb + mlp[blk, None].astype(_F64)
+        else:  # in place: q → float32 is exact (q < 2**16), one rounding per operation
+            np.multiply(qb, scale[blk, None], out=ob, dtype=_F32)
+            np.add(ob, mlp[blk, None], out=ob)
+
+    for_row_blocks(q.shape[0], q.shape[1], block)
     return out
 
 
