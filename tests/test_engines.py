@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +185,9 @@ def test_a_run_with_several_chunks_per_decode(pytester, synth_model, synth_corpu
             "--quantbench-ctx=64", "--quantbench-chunks=3", "-p", "no:randomly",
             f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
             "--quantbench-tensors", r"^blk\.0\.attn_v\.weight$"]
+    started = time.perf_counter()
     result = pytester.runpytest_subprocess(*args, "--quantbench-n-seq=2")
+    wall = time.perf_counter() - started
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["quantbench n_ctx=64, chunks=3, threads=*, fa=0,ub=128,seq=2"])
     (base_file,) = (cache / "baselines").glob("*.kld")
@@ -191,6 +195,8 @@ def test_a_run_with_several_chunks_per_decode(pytester, synth_model, synth_corpu
         tokens = np.fromfile(base_file, dtype="<i4", count=3 * 64, offset=20).reshape(3, 64)
         write_baseline(model, tokens, tmp_path / "one-per-decode.kld")
     assert base_file.read_bytes() == (tmp_path / "one-per-decode.kld").read_bytes()
+    seconds = json.loads(base_file.with_name(base_file.name + ".json").read_text())["seconds"]
+    assert 0 < seconds < wall  # the summary's "computed once in … s"
     rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
     assert rows.loc[0, "mean_kld"] > 0
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)  # n_seq 1: its own baseline

@@ -155,8 +155,8 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
     ppl = PPLAccumulator()
     with KLDBaseWriter(path, n_ctx, model.n_vocab, tokens) as writer:
         n_seq = model.settings.n_seq
-        for start in range(0, n_chunk, n_seq):
-            for logits in model.eval_chunks(tokens[start:start + n_seq]):
+        for first in range(0, n_chunk, n_seq):
+            for logits in model.eval_chunks(tokens[first:first + n_seq]):
                 ppl.add(writer.write_chunk(logits))
     value, err = ppl.ppl()
     atomic_write_text(sidecar_path(path), json.dumps({
