@@ -2,9 +2,9 @@
 
 Plain loop: one chunk per llama_decode with logits requested for every position (what
 llama-perplexity --kl-divergence does), logits copied out. Ours: LlamaModel.eval_chunk, one chunk
-per decode with logits requested for the scored positions only (n_ctx/2 … n_ctx−2). Both on the
-embedded default model (bf16), same context settings (flash attention on, n_ubatch 512), same
-chunks; also the items' own chunk loop with the KLD statistics (QuantbenchSession._evaluate against
+per decode with logits requested for the scored positions only (n_ctx/2 … n_ctx−2); the two are
+timed chunk by chunk, interleaved. Both on the embedded default model (bf16), same context
+settings (flash attention on, n_ubatch 512), same chunks; also the items' own chunk loop with the KLD statistics (QuantbenchSession._evaluate against
 a base file, statistics overlapped with the next decode), and --quantbench-n-seq 2 and 4 (several
 chunks per decode; flash attention off, as the session sets it on the CPU).
 
@@ -65,15 +65,18 @@ def main() -> None:
             write_baseline(model, chunks, Path(tmp) / "base.kld")  # also the warm-up
             base = KLDBaseFile(Path(tmp) / "base.kld")
             session = SimpleNamespace(n_ctx=n_ctx)  # all _evaluate reads of the session
+            loops = {"plain": lambda c: plain_all_logits(model, c), "ours": model.eval_chunk}
             for _ in range(args.repeats):
-                start = time.perf_counter()
-                for c in chunks:
-                    plain_all_logits(model, c)
-                best["plain"] = min(best["plain"], time.perf_counter() - start)
-                start = time.perf_counter()
-                for c in chunks:
-                    model.eval_chunk(c)
-                best["ours"] = min(best["ours"], time.perf_counter() - start)
+                # chunk by chunk, alternating which loop goes first, so that drift in the
+                # machine's speed hits both alike
+                spent = dict.fromkeys(loops, 0.0)
+                for i, c in enumerate(chunks):
+                    for name in sorted(loops, reverse=bool(i % 2)):
+                        start = time.perf_counter()
+                        loops[name](c)
+                        spent[name] += time.perf_counter() - start
+                for name, seconds in spent.items():
+                    best[name] = min(best[name], seconds)
                 start = time.perf_counter()
                 QuantbenchSession._evaluate(session, model, base, KLDAccumulator())
                 best["ours+stats"] = min(best["ours+stats"], time.perf_counter() - start)
