@@ -4,9 +4,10 @@ Plain loop: one chunk per llama_decode with logits requested for every position 
 llama-perplexity --kl-divergence does), logits copied out. Ours: LlamaModel.eval_chunk, one chunk
 per decode with logits requested for the scored positions only (n_ctx/2 … n_ctx−2); the two are
 timed chunk by chunk, interleaved. Both on the embedded default model (bf16), same context
-settings (flash attention on, n_ubatch 512), same chunks; also the items' own chunk loop with the KLD statistics (QuantbenchSession._evaluate against
-a base file, statistics overlapped with the next decode), and --quantbench-n-seq 2 and 4 (several
-chunks per decode; flash attention off, as the session sets it on the CPU).
+settings (flash attention on, n_ubatch 512), same chunks; also the items' own chunk loop with the
+KLD statistics (QuantbenchSession._evaluate against a base file, statistics overlapped with the
+next decode), and --quantbench-n-seq 2 and 4 (several chunks per decode; flash attention off, as
+the session sets it on the CPU).
 
     python benchmarks/bench_eval.py [--chunks 8] [--repeats 2]
 """
@@ -17,29 +18,15 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 
 def plain_all_logits(model, chunk: np.ndarray) -> np.ndarray:
     """Decode one chunk requesting logits at every position; return them (C, V) float32."""
-    n = len(chunk)
-    batch = model._batch
-    np.ctypeslib.as_array(batch.token, shape=(n,))[:] = chunk
-    if model.add_bos:
-        batch.token[0] = model.bos
-    np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = np.arange(n, dtype=np.int32)
-    np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
-    for i in range(n):
-        batch.seq_id[i][0] = 0
-    np.ctypeslib.as_array(batch.logits, shape=(n,))[:] = 1
-    batch.n_tokens = n
-    model.lib.llama_kv_cache_clear(model._ctx)
-    if model.lib.llama_decode(model._ctx, batch) != 0:
-        raise RuntimeError("llama_decode failed")
+    model.decode_all_outputs(chunk)
     return np.ctypeslib.as_array(model.lib.llama_get_logits(model._ctx),
-                                 shape=(n, model.n_vocab)).copy()
+                                 shape=(len(chunk), model.n_vocab)).copy()
 
 
 def main() -> None:
@@ -64,7 +51,6 @@ def main() -> None:
             chunks = tokens.reshape(args.chunks, n_ctx)
             write_baseline(model, chunks, Path(tmp) / "base.kld")  # also the warm-up
             base = KLDBaseFile(Path(tmp) / "base.kld")
-            session = SimpleNamespace(n_ctx=n_ctx)  # all _evaluate reads of the session
             loops = {"plain": lambda c: plain_all_logits(model, c), "ours": model.eval_chunk}
             for _ in range(args.repeats):
                 # chunk by chunk, alternating which loop goes first, so that drift in the
@@ -78,7 +64,7 @@ def main() -> None:
                 for name, seconds in spent.items():
                     best[name] = min(best[name], seconds)
                 start = time.perf_counter()
-                QuantbenchSession._evaluate(session, model, base, KLDAccumulator())
+                QuantbenchSession._evaluate(model, base, KLDAccumulator())
                 best["ours+stats"] = min(best["ours+stats"], time.perf_counter() - start)
             base.close()
         for n_seq in (2, 4):

@@ -54,3 +54,15 @@ def assert_nothing_written(pytester, cache: Path | None = None) -> None:
 def cache_of(args: list[str]) -> Path:
     """The ``--quantbench-cache-dir`` given in ``args``."""
     return Path(next(a.split("=", 1)[1] for a in args if a.startswith("--quantbench-cache-dir=")))
+
+
+def measure_with_own_cache(pytester, qb_args: list[str], cache: Path, tensors: str):
+    """Run one q4_0 item (``tensors``: a selection regex) with ``cache`` as the cache dir.
+
+    Returns (the run's options, its results.csv row, the baseline file it cached).
+    """
+    args = without(qb_args, "--quantbench-cache-dir")
+    args += [f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
+             "--quantbench-tensors", tensors]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    return args, results(pytester).iloc[0], next((cache / "baselines").glob("*.kld"))

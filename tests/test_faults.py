@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from runhelpers import cache_of, leftovers, read_wide, results, without
+from runhelpers import cache_of, leftovers, measure_with_own_cache, read_wide, results, without
 
 HAVE_DEV_FULL = os.path.exists("/dev/full")
 needs_dev_full = pytest.mark.skipif(not HAVE_DEV_FULL, reason="/dev/full simulates a full disk")
@@ -139,13 +139,8 @@ swap.SwapModel.baseline_f32 = nan_weights
 # ---- the baseline cache ---------------------------------------------------------------------
 
 def test_corrupted_baseline_cache_is_recomputed(pytester, qb_args, tmp_path):
-    cache = tmp_path / "cache"
-    args = without(qb_args, "--quantbench-cache-dir")
-    args += [f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
-             "--quantbench-tensors", r"blk\.0\.attn_v"]
-    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
-    first = results(pytester).iloc[0]
-    base_file = next((cache / "baselines").glob("*.kld"))
+    args, first, base_file = measure_with_own_cache(pytester, qb_args, tmp_path / "cache",
+                                                    r"blk\.0\.attn_v")
     size = base_file.stat().st_size
     with open(base_file, "r+b") as fh:
         fh.truncate(size // 2)

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 import pandas as pd
 import pytest
 
-from runhelpers import read_wide, results, without
+from runhelpers import measure_with_own_cache, read_wide, results, without
 
 
 def test_plugin_stays_out_of_an_ordinary_suite(pytester):
@@ -124,13 +124,8 @@ def test_items_are_filterable_and_sorted(pytester, qb_args):
 def test_kld_base_file_from_a_previous_run_gives_the_same_numbers(pytester, qb_args, tmp_path):
     """Our cached baseline is a llama-perplexity base file: given back as --quantbench-kld-base
     (no corpus needed), it reproduces the statistics of the run that wrote it."""
-    cache = tmp_path / "cache"
-    args = without(qb_args, "--quantbench-cache-dir")
-    args += [f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
-             "--quantbench-tensors", r"blk\.1\.attn_q"]
-    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
-    first = results(pytester).iloc[0]
-    base_file = next((cache / "baselines").glob("*.kld"))
+    args, first, base_file = measure_with_own_cache(pytester, qb_args, tmp_path / "cache",
+                                                    r"blk\.1\.attn_q")
     reuse = without(args, "--quantbench-corpus", "--quantbench-ctx", "--quantbench-chunks",
                     "--quantbench-cache")
     result = pytester.runpytest_subprocess(*reuse, f"--quantbench-kld-base={base_file}",

@@ -571,7 +571,8 @@ class QuantbenchSession:
             self._swap_error = f"in-process engine unavailable: {exc}"
             return None
 
-    def _evaluate(self, model, base, acc) -> None:
+    @staticmethod
+    def _evaluate(model, base, acc) -> None:
         """Evaluate every chunk of the baseline file with ``model`` into ``acc``, n_seq chunks per
         decode (the baseline's own layout, so identical weights give identical logits).
 
@@ -583,13 +584,11 @@ class QuantbenchSession:
 
         import numpy as np
 
-        first = self.n_ctx // 2
         n_seq = model.settings.n_seq
 
         def add_chunks(start, logits):
-            for j, chunk_logits in enumerate(logits):
-                acc.add_chunk(chunk_logits, base.chunk_logprobs(start + j),
-                              base.tokens[start + j][first + 1:])
+            for i, chunk_logits in enumerate(logits, start):
+                acc.add_chunk(chunk_logits, base.chunk_logprobs(i), base.targets(i))
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantbench-stats") as stats:
             pending = None
