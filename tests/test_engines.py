@@ -175,6 +175,61 @@ def test_chunks_decoded_together_give_the_logits_of_one_chunk_per_decode(synth_m
         three.close()
 
 
+def test_logits_copied_into_a_kept_array_equal_a_fresh_copy(synth_model):
+    """eval_chunks(out=…) fills and returns the caller's array with the same logits as a fresh
+    copy; an array of another shape or dtype is refused before decoding."""
+    with LlamaModel(synth_model, EvalSettings(n_ctx=64, threads=2)) as model:
+        tokens = model.tokenize("the model reads this text and predicts " * 20)[:2 * 64]
+        tokens = tokens.reshape(2, 64)
+        kept = np.full((1, 31, model.n_vocab), np.nan, dtype=np.float32)
+        for chunk in tokens:
+            fresh = model.eval_chunks(chunk[np.newaxis])
+            assert model.eval_chunks(chunk[np.newaxis], out=kept) is kept
+            assert np.array_equal(kept, fresh)
+        for wrong in (np.empty((1, 30, model.n_vocab), np.float32),
+                      np.empty((1, 31, model.n_vocab), np.float64)):
+            with pytest.raises(ValueError, match=r"out must be float32 \(1, 31, "):
+                model.eval_chunks(tokens[:1], out=wrong)
+
+
+def test_the_chunk_loop_scores_every_chunk_with_its_own_logits(synth_model, tmp_path):
+    """The items' chunk loop copies the logits of successive decodes into two kept arrays in turn
+    and scores a chunk while the next decodes. With statistics slower than a decode (so a wrong
+    reuse would overwrite logits before they are read) and the arrays reused by a second call,
+    its statistics equal a plain sequential loop's, for one and for two chunks per decode."""
+    from pytest_quantbench.baseline import write_baseline
+    from pytest_quantbench.kldbase import KLDBaseFile
+    from pytest_quantbench.metrics import KLDAccumulator
+    from pytest_quantbench.session import ChunkBuffers, QuantbenchSession
+
+    class SlowAccumulator(KLDAccumulator):
+        def add_chunk(self, *args):
+            time.sleep(0.05)
+            return super().add_chunk(*args)
+
+    variant = tmp_path / "variant.gguf"
+    run_llama_quantize(synth_model, variant, {"blk.0.ffn_down.weight": "q4_0"},
+                       baseline_type="bf16", threads=2)
+    for n_seq in (1, 2):
+        settings = EvalSettings(n_ctx=64, threads=2, flash_attn=n_seq == 1, n_seq=n_seq)
+        with LlamaModel(synth_model, settings) as model:
+            tokens = model.tokenize("the model reads this text and predicts " * 40)[:5 * 64]
+            write_baseline(model, tokens.reshape(5, 64), tmp_path / f"base{n_seq}.kld")
+        base = KLDBaseFile(tmp_path / f"base{n_seq}.kld")
+        with LlamaModel(variant, settings) as model:
+            expected = KLDAccumulator()
+            for i in range(base.n_chunk):
+                logits = model.eval_chunks(np.asarray(base.tokens[i:i + 1]))[0]
+                expected.add_chunk(logits, base.chunk_logprobs(i), base.targets(i))
+            buffers = ChunkBuffers()
+            for _ in range(2):
+                acc = SlowAccumulator()
+                QuantbenchSession._evaluate(model, base, acc, buffers)
+                assert acc.stats().as_dict() == expected.stats().as_dict()
+                assert np.array_equal(acc.kld_values, expected.kld_values)
+        base.close()
+
+
 def test_a_run_with_several_chunks_per_decode(pytester, synth_model, synth_corpus, tmp_path):
     """--quantbench-n-seq=2 over 3 chunks: the header names the layout, the baseline file equals
     one written one chunk per decode, and the item is measured against it (its own run key)."""

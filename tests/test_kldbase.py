@@ -138,6 +138,12 @@ def test_decode_formula_and_fma():
             assert lpf[j, i] == F32(float(scale[j]) * int(q[j, i]) + float(mlp[j]))
     with pytest.raises(ValueError):
         decode_rows(scale, mlp, q[:1])
+    for fma in (False, True):
+        kept = np.full((2, 3), np.nan, F32)
+        assert decode_rows(scale, mlp, q, fma=fma, out=kept) is kept
+        assert np.array_equal(kept, decode_rows(scale, mlp, q, fma=fma))
+    with pytest.raises(ValueError, match=r"out must be float32 \(2, 3\)"):
+        decode_rows(scale, mlp, q, out=np.empty((2, 3), np.float64))
 
 
 def test_round_trip_close_to_log_softmax():

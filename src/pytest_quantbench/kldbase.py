@@ -158,14 +158,17 @@ def encode_logits(
 
 
 def decode_rows(
-    scale: np.ndarray, min_log_prob: np.ndarray, q: np.ndarray, *, fma: bool = False
+    scale: np.ndarray, min_log_prob: np.ndarray, q: np.ndarray, *, fma: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode records to float32 log-probs (S, V): ``lp_i = f32(f32(scale·q_i) + min_log_prob)``.
 
     ``scale``, ``min_log_prob``: float32 (S,); ``q``: uint16 (S, V).  Every logit
     that was ≤ mn decodes to ``min_log_prob``.  ``fma=True`` emulates an
     FMA-contracted reader: ``f32(float64(scale)·q_i + float64(min_log_prob))``
-    (spec §4).  Raises ``ValueError`` on inconsistent shapes.
+    (spec §4).  ``out``: a float32 (S, V) array to decode into and return (a chunk loop reuses
+    one instead of faulting in a fresh one per chunk); a new array when None.
+    Raises ``ValueError`` on inconsistent shapes or an ``out`` of another shape or dtype.
     """
     scale = np.asarray(scale, dtype=_F32).reshape(-1)
     mlp = np.asarray(min_log_prob, dtype=_F32).reshape(-1)
@@ -175,7 +178,10 @@ def decode_rows(
             f"decode_rows: scale {scale.shape}, min_log_prob {mlp.shape} and q {q.shape} "
             "must be (S,), (S,) and (S, V)"
         )
-    out = np.empty(q.shape, dtype=_F32)
+    if out is None:
+        out = np.empty(q.shape, dtype=_F32)
+    elif out.shape != q.shape or out.dtype != _F32:
+        raise ValueError(f"decode_rows: out must be float32 {q.shape}, got {out.dtype} {out.shape}")
 
     def block(blk: slice) -> None:
         qb, ob = q[blk], out[blk]
@@ -438,9 +444,10 @@ class KLDBaseFile:
         q = rec[:, 4:4 + self.n_vocab]
         return ChunkRecords(scale, mlp, q)
 
-    def chunk_logprobs(self, i: int) -> np.ndarray:
-        """Decoded base log-probs of chunk ``i``: float32 (S, V) (see :func:`decode_rows`)."""
-        return decode_rows(*self.chunk(i), fma=self.fma)
+    def chunk_logprobs(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Decoded base log-probs of chunk ``i``: float32 (S, V), into ``out`` when given (see
+        :func:`decode_rows`)."""
+        return decode_rows(*self.chunk(i), fma=self.fma, out=out)
 
     def targets(self, i: int) -> np.ndarray:
         """Target token ids of chunk ``i``: int32 (S,), the chunk's tokens at ``j+1`` for ``j = first … C−2``."""

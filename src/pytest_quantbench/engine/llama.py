@@ -180,22 +180,32 @@ class LlamaModel:
         """
         return self.eval_chunks(tokens[np.newaxis])[0]
 
-    def eval_chunks(self, tokens: np.ndarray) -> np.ndarray:
+    def eval_chunks(self, tokens: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Evaluate k ≤ n_seq chunks in one decode, chunk j as sequence j, and return the logits
         of their scored positions.
 
         Args:
             tokens: int32 (k, C) with C == settings.n_ctx and 1 ≤ k ≤ settings.n_seq.
+            out: float32 (k, S, V) to copy the logits into, or None for a new array. A chunk
+                loop that reuses its arrays saves the page faults of a fresh one per decode
+                (about 30 ms per 50 MB on a 2-core VM, against 5 ms for the copy itself).
         Returns:
-            float32 (k, S, V): logits of positions first … C−2 of each chunk (spec §1.3), a copy.
+            float32 (k, S, V): logits of positions first … C−2 of each chunk (spec §1.3), a copy
+            (``out`` when given).
         Raises:
-            EngineError: decode failed (with the engine's log tail); ValueError: wrong shape.
+            EngineError: decode failed (with the engine's log tail); ValueError: wrong shape of
+            ``tokens`` or ``out``.
         """
         first, n_scored = scored_range(self.settings.n_ctx)
-        self._decode(tokens, first, n_scored)
-        ptr = self.lib.llama_get_logits(self._ctx)
         shape = (tokens.shape[0], n_scored, self.n_vocab)
-        return np.ctypeslib.as_array(ptr, shape=shape).copy()
+        if out is not None and (out.shape != shape or out.dtype != np.float32):
+            raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
+        self._decode(tokens, first, n_scored)
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits(self._ctx), shape=shape)
+        if out is None:
+            return logits.copy()
+        np.copyto(out, logits)
+        return out
 
     def decode_all_outputs(self, tokens: np.ndarray) -> None:
         """Evaluate one chunk with every position an output, as llama-imatrix does (logits_all).
