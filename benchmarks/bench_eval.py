@@ -2,18 +2,21 @@
 
 Plain loop: one chunk per llama_decode with logits for every position (logits_all), read where the
 engine left them, as llama-perplexity --kl-divergence does when one decode holds the chunk
-(perplexity.cpp: ``all_logits = num_batches > 1 ? logits.data() : llama_get_logits(ctx)``; no copy).
+(perplexity.cpp: ``all_logits = num_batches > 1 ? logits.data() : llama_get_logits(ctx)``),
+without a copy.
 Ours: LlamaModel.eval_chunks with logits for the scored positions only (n_ctx/2 … n_ctx−2), copied
 into two kept arrays in turn, as the items' loop does (the statistics of one chunk read one array
-while the next chunk decodes). The two are timed chunk by chunk, interleaved, and the ratio is
-taken over the summed times of all repeats (paired). Both on the embedded default model (bf16),
-same context settings (flash attention on, ik's default; n_ubatch 512), same chunks.
+while the next chunk decodes). A third loop, "one output", decodes each chunk with a single output
+row: a lower bound for any loop that decodes every position. These three are timed chunk by
+chunk, interleaved (the order rotated), and their ratios are taken over the summed times of all
+repeats (paired). All on the embedded default model (bf16), one process, same context settings
+(flash attention on, ik's default; n_ubatch 512), same chunks.
 
-Also printed: one output row per chunk (a lower bound for any loop that decodes every position,
-so plain / that is the most skipping output rows can gain); the items' own chunk loop with the
-KLD statistics (QuantbenchSession._evaluate against a base file, statistics overlapped with the
-next decode); and --quantbench-n-seq 2 and 4 (several chunks per decode; flash attention off, as
-the session sets it on the CPU).
+Timed after them, not interleaved: the items' own chunk loop with the KLD statistics
+(QuantbenchSession._evaluate against a base file, statistics overlapped with the next decode), and
+--quantbench-n-seq 2 and 4 (several chunks per decode into kept arrays; flash attention off, as the
+session sets it on the CPU). Every ratio printed is a speed ratio (the other loop's time / this
+loop's time): above 1 is faster.
 
     python benchmarks/bench_eval.py [--chunks 8] [--repeats 2]
 """
@@ -54,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     from pytest_quantbench.baseline import write_baseline
-    from pytest_quantbench.engine.llama import EvalSettings, LlamaModel
+    from pytest_quantbench.engine.llama import EvalSettings, LlamaModel, scored_range
     from pytest_quantbench.inputs import default_corpus_text, ensure_default_model
     from pytest_quantbench.kldbase import KLDBaseFile
     from pytest_quantbench.metrics import KLDAccumulator
@@ -62,6 +65,7 @@ def main() -> None:
 
     threads = default_threads(1)
     n_ctx = 512
+    n_scored = scored_range(n_ctx)[1]
     spent: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = ensure_default_model(Path(tmp), "bf16", threads)
@@ -71,7 +75,7 @@ def main() -> None:
             write_baseline(model, chunks, Path(tmp) / "base.kld")  # also the warm-up
             base = KLDBaseFile(Path(tmp) / "base.kld")
             loops = {"plain": lambda c: plain_all_logits(model, c),
-                     "ours": ours_in_turn(model, base.n_scored),
+                     "ours": ours_in_turn(model, n_scored),
                      "one output": lambda c: model._decode(c[np.newaxis], n_ctx - 2, 1)}
             for loop in loops.values():
                 loop(chunks[0])  # first use of each loop's arrays
@@ -96,11 +100,14 @@ def main() -> None:
             spent[name] = 0.0
             settings = EvalSettings(n_ctx=n_ctx, threads=threads, n_seq=n_seq, flash_attn=False)
             with LlamaModel(path, settings) as model:
-                model.eval_chunks(chunks[:n_seq])  # warm-up
+                kept = [np.empty((n_seq, n_scored, model.n_vocab), np.float32) for _ in range(2)]
+                for out in kept:
+                    model.eval_chunks(chunks[:n_seq], out=out)  # warm-up, first use of the arrays
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    for i in range(0, args.chunks, n_seq):
-                        model.eval_chunks(chunks[i:i + n_seq])
+                    for d, i in enumerate(range(0, args.chunks, n_seq)):
+                        group = chunks[i:i + n_seq]
+                        model.eval_chunks(group, out=kept[d % 2][:len(group)])
                     spent[name] += time.perf_counter() - start
     n_tokens = args.chunks * n_ctx * args.repeats
     print(f"default model, n_ctx={n_ctx}, {args.chunks} chunks x {args.repeats} repeats, "
@@ -108,11 +115,12 @@ def main() -> None:
     for name, seconds in spent.items():
         print(f"  {name:11s} {n_tokens / seconds:8.1f} tokens/s   "
               f"{seconds / (args.chunks * args.repeats):6.3f} s/chunk")
-    print(f"  ours / plain: {spent['plain'] / spent['ours']:.2f}x  (at most plain / one output = "
-          f"{spent['plain'] / spent['one output']:.2f}x for a loop that decodes every position);"
-          f"  ours with statistics / plain: {spent['plain'] / spent['ours+stats']:.2f}x;  "
-          f"n_seq 2, 4 / ours: {spent['ours'] / spent['n_seq=2']:.2f}x, "
-          f"{spent['ours'] / spent['n_seq=4']:.2f}x")
+    speed = {name: spent["plain"] / seconds for name, seconds in spent.items()}
+    print(f"  speed vs plain: ours {speed['ours']:.2f}x (a loop that decodes every position: at "
+          f"most {speed['one output']:.2f}x, one output's);  ours with statistics "
+          f"{speed['ours+stats']:.2f}x;  n_seq 2, 4: {speed['n_seq=2']:.2f}x, "
+          f"{speed['n_seq=4']:.2f}x (vs ours: {spent['ours'] / spent['n_seq=2']:.2f}x, "
+          f"{spent['ours'] / spent['n_seq=4']:.2f}x)")
 
 
 if __name__ == "__main__":

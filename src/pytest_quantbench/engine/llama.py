@@ -213,7 +213,9 @@ class LlamaModel:
         Same chunk layout as :meth:`eval_chunk` (positions 0…C−1, cleared KV cache, BOS first when
         the vocabulary adds BOS), but no position is skipped, so the last layer sees all C tokens
         (with only the scored outputs it would see C/2 of them). Used to collect an importance
-        matrix through the context's ``cb_eval``; the logits are not read.
+        matrix through the context's ``cb_eval`` (which does not read the logits), and by
+        ``benchmarks/bench_eval.py`` as llama-perplexity's all-logits decode (the logits are then
+        at ``llama_get_logits``, (C, V) float32, until the next decode).
 
         Args:
             tokens: int32 (C,) with C == settings.n_ctx.
