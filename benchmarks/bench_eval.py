@@ -39,14 +39,19 @@ def plain_all_logits(model, chunk: np.ndarray) -> np.ndarray:
                                  shape=(len(chunk), model.n_vocab))
 
 
-def ours_in_turn(model, n_scored: int):
-    """Our loop's decode: scored logits only, copied into two kept arrays in turn."""
-    kept = [np.empty((1, n_scored, model.n_vocab), np.float32) for _ in range(2)]
+def ours_in_turn(model):
+    """Our loop's decode of k ≤ n_seq chunks (k, C): scored logits only, copied into two kept
+    arrays in turn, as the items' loop does."""
+    from pytest_quantbench.engine.llama import scored_range
+
+    n_scored = scored_range(model.settings.n_ctx)[1]
+    kept = [np.empty((model.settings.n_seq, n_scored, model.n_vocab), np.float32)
+            for _ in range(2)]
     turn = [0]
 
-    def decode(chunk: np.ndarray) -> np.ndarray:
+    def decode(group: np.ndarray) -> np.ndarray:
         turn[0] ^= 1
-        return model.eval_chunks(chunk[np.newaxis], out=kept[turn[0]])
+        return model.eval_chunks(group, out=kept[turn[0]][:len(group)])
 
     return decode
 
@@ -57,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     from pytest_quantbench.baseline import write_baseline
-    from pytest_quantbench.engine.llama import EvalSettings, LlamaModel, scored_range
+    from pytest_quantbench.engine.llama import EvalSettings, LlamaModel
     from pytest_quantbench.inputs import default_corpus_text, ensure_default_model
     from pytest_quantbench.kldbase import KLDBaseFile
     from pytest_quantbench.metrics import KLDAccumulator
@@ -65,7 +70,6 @@ def main() -> None:
 
     threads = default_threads(1)
     n_ctx = 512
-    n_scored = scored_range(n_ctx)[1]
     spent: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = ensure_default_model(Path(tmp), "bf16", threads)
@@ -74,8 +78,9 @@ def main() -> None:
             chunks = tokens.reshape(args.chunks, n_ctx)
             write_baseline(model, chunks, Path(tmp) / "base.kld")  # also the warm-up
             base = KLDBaseFile(Path(tmp) / "base.kld")
+            ours = ours_in_turn(model)
             loops = {"plain": lambda c: plain_all_logits(model, c),
-                     "ours": ours_in_turn(model, n_scored),
+                     "ours": lambda c: ours(c[np.newaxis]),
                      "one output": lambda c: model._decode(c[np.newaxis], n_ctx - 2, 1)}
             for loop in loops.values():
                 loop(chunks[0])  # first use of each loop's arrays
@@ -100,14 +105,13 @@ def main() -> None:
             spent[name] = 0.0
             settings = EvalSettings(n_ctx=n_ctx, threads=threads, n_seq=n_seq, flash_attn=False)
             with LlamaModel(path, settings) as model:
-                kept = [np.empty((n_seq, n_scored, model.n_vocab), np.float32) for _ in range(2)]
-                for out in kept:
-                    model.eval_chunks(chunks[:n_seq], out=out)  # warm-up, first use of the arrays
+                ours = ours_in_turn(model)
+                for _ in range(2):
+                    ours(chunks[:n_seq])  # warm-up, first use of both arrays
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    for d, i in enumerate(range(0, args.chunks, n_seq)):
-                        group = chunks[i:i + n_seq]
-                        model.eval_chunks(group, out=kept[d % 2][:len(group)])
+                    for i in range(0, args.chunks, n_seq):
+                        ours(chunks[i:i + n_seq])
                     spent[name] += time.perf_counter() - start
     n_tokens = args.chunks * n_ctx * args.repeats
     print(f"default model, n_ctx={n_ctx}, {args.chunks} chunks x {args.repeats} repeats, "
