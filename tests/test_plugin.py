@@ -111,7 +111,8 @@ def test_cli_beats_yaml_beats_ini(pytester, qb_args):
 
 def test_items_are_filterable_and_sorted(pytester, qb_args):
     result = pytester.runpytest_subprocess("--collect-only", "-q", *qb_args,
-                                           "--quantbench-qtypes=q8_0,q4_0", "-k", "layer1 and q4_0")
+                                           "--quantbench-qtypes=q8_0,q4_0", "-m",
+                                           "quantbench(layer=1) and quantbench(qtype='q4_0')")
     result.stdout.fnmatch_lines([
         "quantbench::blk.1.attn_k.weight[[]q4_0[]]",
         "quantbench::blk.1.attn_output.weight[[]q4_0[]]",

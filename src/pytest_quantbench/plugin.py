@@ -76,8 +76,14 @@ def _cache_dir(config: pytest.Config, qb_config) -> Path:
     return path
 
 
+MARKER = ("quantbench(tensor, qtype, layer, kind): a pytest-quantbench item; select with "
+          "-m quantbench, or exactly by argument, e.g. -m \"quantbench(layer=1)\" or "
+          "-m \"quantbench(qtype='q4_0') and quantbench(kind='attn_v')\"")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER)  # always: --markers and --strict-markers know it
     try:
         qb_config = _build_config(config)
         if qb_config is None:
@@ -102,7 +108,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     from .faults import install_fault_reports  # a crashed xdist worker's engine stderr on its item
     install_fault_reports(config, session)
-    config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
     if not hasattr(config, "workerinput"):
         _sigterm_as_interrupt()
         reporter = ResultCollector(config, session)
@@ -154,7 +159,11 @@ class QuantbenchCollector(pytest.Collector):
 
     def collect(self):
         for unit in self.config.stash[SESSION_KEY].units:
-            yield QuantbenchItem.from_parent(self, name=unit.id, unit=unit)
+            # The node id is given as its text so pytest parses it as it parses the ids that
+            # --lf, --ff and --sw read back from its cache (pytest 9: path, names, [params]);
+            # built from the parent it would keep "[q4_0]" inside the name and never match them.
+            yield QuantbenchItem.from_parent(self, name=unit.id, unit=unit,
+                                             nodeid=f"{self.nodeid}::{unit.id}")
 
 
 class QuantbenchItem(pytest.Item):
@@ -168,10 +177,10 @@ class QuantbenchItem(pytest.Item):
         self.measured: dict[str, Any] | None = None
         tensor = unit.tensors[0]
         layer, kind = layer_of(tensor), tensor_kind(tensor)
+        # No extra -k keywords: -k matches substrings ("layer1" would select layers 10-19 too,
+        # "q4_0" q4_0_r8); the marker's arguments select exactly: -m "quantbench(layer=1)".
         self.add_marker(pytest.mark.quantbench(tensor=unit.name, qtype=unit.qtype, layer=layer,
                                                kind=kind))
-        self.extra_keyword_matches.update(
-            {unit.qtype, kind} | ({f"layer{layer}"} if layer is not None else set()))
 
     def _session(self):
         return self.config.stash[SESSION_KEY]
