@@ -87,8 +87,8 @@ def test_ordering_fallback_skip_and_reference_ppl(pytester, cache_dir):
                  "--quantbench-tensors", r"^blk\.(2|20)\.attn_v\.weight$", "-n", "2")
     result.assert_outcomes(passed=4, skipped=2)
     result.stdout.fnmatch_lines([
-        "*llama-quantize writes q5_0 instead of q4_K for blk.2.attn_v.weight (tensor cols 576 x "
-        "192 are not divisible by 256, required for q4_K: llama-quantize falls back to q5_0)"])
+        "*llama-quantize writes q5_0 instead of q4_K for blk.2.attn_v.weight (row length ne0 = 576 "
+        "is not divisible by 256, required for q4_K: llama-quantize falls back to q5_0)"])
     kld = pd.read_csv(pytester.path / "quantbench-results" / "kld_results.csv", dtype=str)
     kld = kld.set_index("QTYPE")
     assert kld.loc["q4_K"].tolist() == ["404", "404"]

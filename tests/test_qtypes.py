@@ -320,6 +320,9 @@ def test_predict_reason_text() -> None:
     assert t.name == "q5_0"
     for part in ("576", "256", "q4_K", "q5_0", "blk.0.attn_v.weight"):
         assert part in reason
+    # the row length by its name, not "cols 576 x 192" (reads as a product: llama.cpp #6614)
+    assert reason.startswith("row length ne0 = 576 for blk.0.attn_v.weight is not divisible")
+    assert " x " not in reason
     t, reason = predict_written_type("q4_k_r4", 256, 130)
     assert t.name == "q4_K" and "130" in reason and "4" in reason
     t, reason = predict_written_type("q4_k_r4", 256, 384, tensor_name="token_embd.weight")

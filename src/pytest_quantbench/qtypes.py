@@ -577,8 +577,9 @@ def predict_written_type(
     """The type ik llama-quantize will write for a requested type and a 2-D shape.
 
     Returns ``(written_type, reason)``; ``reason`` is None when the written type
-    is the requested one, else a human sentence.  Applied in llama-quantize's
-    order (spec §5.4):
+    is the requested one, else a human sentence naming the row length as ``ne0 = 576``
+    and the row count as ``ne1 = …`` (not "cols 576 x 1536", which reads as a product,
+    llama.cpp #6614).  Applied in llama-quantize's order (spec §5.4):
 
     1. row length: a 256-block type with ``ne0 % 256 != 0`` falls back to
        ``GGMLType.fallback`` (e.g. ``q4_K`` on a 576-wide row → ``q5_0``);
@@ -607,23 +608,23 @@ def predict_written_type(
     if t.block_size == QK_K and ne0 % QK_K:
         if t.fallback is None:  # not reached with the current table
             raise UnsupportedShapeError(
-                f"tensor cols {ne0} x {ne1}{what} are not divisible by {QK_K}, required for "
+                f"row length ne0 = {ne0}{what} is not divisible by {QK_K}, required for "
                 f"{t.name}, and {t.name} has no fallback type"
             )
         fb = TYPES_BY_NAME[t.fallback]
         reasons.append(
-            f"tensor cols {ne0} x {ne1}{what} are not divisible by {QK_K}, required for "
+            f"row length ne0 = {ne0}{what} is not divisible by {QK_K}, required for "
             f"{t.name}: llama-quantize falls back to {fb.name}"
         )
         t = fb
     if t.name in _BITNET and ne0 % t.block_size:
         raise UnsupportedShapeError(
-            f"tensor cols {ne0} x {ne1}{what} are not divisible by 64, required for {t.name}: "
+            f"row length ne0 = {ne0}{what} is not divisible by 64, required for {t.name}: "
             f"llama-quantize throws 'Unsupported tensor size encountered' (no fallback)"
         )
     if ne0 % t.block_size:
         raise UnsupportedShapeError(
-            f"tensor cols {ne0} x {ne1}{what} are not divisible by {t.block_size}, the block "
+            f"row length ne0 = {ne0}{what} is not divisible by {t.block_size}, the block "
             f"size of {t.name}: llama-quantize does not check this and the quantizer asserts"
         )
     if t.is_interleaved and t.base is not None:
@@ -635,13 +636,13 @@ def predict_written_type(
             t = TYPES_BY_NAME[t.base]
         elif ne1 % t.interleave:
             reasons.append(
-                f"tensor rows {ne1}{what} are not divisible by {t.interleave}, required for "
+                f"row count ne1 = {ne1}{what} is not divisible by {t.interleave}, required for "
                 f"{t.name}: llama-quantize silently writes {t.base}"
             )
             t = TYPES_BY_NAME[t.base]
         if ne0 % t.block_size:  # iq1_s_r4 / iq1_m_r4 (32-block) -> iq1_s / iq1_m (256-block)
             raise UnsupportedShapeError(
-                f"{reasons[-1]}, but tensor cols {ne0} are not divisible by {t.block_size}, "
+                f"{reasons[-1]}, but row length ne0 = {ne0} is not divisible by {t.block_size}, "
                 f"required for {t.name}: llama-quantize does not check this and the quantizer asserts"
             )
     return t, ("; ".join(reasons) if reasons else None)
