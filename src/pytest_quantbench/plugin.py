@@ -12,6 +12,7 @@ the terminal summary.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import pytest
 from .config import OPTIONS
 
 SESSION_KEY = pytest.StashKey["Any"]()
+# pytest-xdist's first line of a worker's failure text: "[gw1] linux -- Python 3.11.2 /usr/bin/…"
+_XDIST_WORKER_LINE = re.compile(r"^\[gw\d+\] \S+ -- Python ")
 REPORTER_KEY = pytest.StashKey["Any"]()
 # ValueError covers ConfigError, GGUFError, SelectionError, UnknownQTypeError, ThresholdsError,
 # KLDBaseFormatError and non-finite logits; RuntimeError the engine's EngineError and
@@ -213,7 +216,9 @@ class QuantbenchItem(pytest.Item):
         qb = self._session()
         violations = qb.thresholds.check(self.unit.name, self.unit.qtype, self.measured)
         if violations:
-            pytest.fail("\n".join(v.message for v in violations), pytrace=False)
+            message = "\n".join(v.message for v in violations)
+            self.user_properties.append(("reason", message))  # the row's reason: value, limit, rule
+            pytest.fail(message, pytrace=False)
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, _USER_ERRORS) and not isinstance(excinfo.value, AssertionError):
@@ -224,12 +229,28 @@ class QuantbenchItem(pytest.Item):
         return self.path, 0, f"quantbench {self.name}"
 
 
+_BUILTIN = (bool, int, float, str)
+
+
 def _builtin(value: Any) -> Any:
-    """Reports travel through execnet, which accepts builtin types only (no numpy scalars)."""
-    if isinstance(value, (bool, int, float, str)) or value is None:
+    """``value`` as a builtin ``bool``/``int``/``float``/``str`` or None: reports travel through
+    execnet, which serializes exact builtin types only. numpy scalars (``numpy.float64``
+    subclasses ``float``, ``numpy.bool_`` nothing) and 0-d arrays become their ``.item()``;
+    other subclasses of a builtin (an ``IntEnum``, a ``str`` subclass) their builtin value;
+    anything else its ``str``. Raises nothing."""
+    if value is None or type(value) in _BUILTIN:
         return value
-    if hasattr(value, "item"):
-        return value.item()
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            value = item()
+        except (TypeError, ValueError):  # an array of several values, or an unrelated .item
+            return str(value)
+        if value is None or type(value) in _BUILTIN:
+            return value
+    for kind in _BUILTIN:  # bool first: it subclasses int
+        if isinstance(value, kind):
+            return kind(value)
     return str(value)
 
 
@@ -252,7 +273,7 @@ class ResultCollector:
             status = "error" if report.when == "setup" and report.failed else report.outcome
             row = {**props, "status": status, "nodeid": report.nodeid}
             if report.failed and "reason" not in row:
-                row["reason"] = str(getattr(report, "longreprtext", ""))[-500:]
+                row["reason"] = failure_message(report)
             self.rows[report.nodeid] = row
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -323,6 +344,12 @@ class ResultCollector:
             tr.write_line(f"{reused} item(s) reused from the results store "
                           f"{self.session.store.path} (--quantbench-rerun measures again); "
                           f"{stored} more stored result(s) of these settings are in the tables")
+        impure = [r for r in session_rows if r.get("fallback") and r.get("status") != "skipped"]
+        if impure:
+            tr.write_line(f"{len(impure)} item(s) measured under a fallback type (impure, "
+                          f"--quantbench-allow-fallback): their numbers are for written_type, "
+                          f"e.g. {impure[0]['tensor']}[{impure[0]['qtype']}] as "
+                          f"{impure[0].get('written_type')}; results.csv column fallback", yellow=True)
         skipped = [r for r in rows if r.get("status") == "skipped"]
         if skipped:
             tr.write_line(f"{len(skipped)} skipped, e.g. {skipped[0]['tensor']}[{skipped[0]['qtype']}]:"
@@ -331,6 +358,19 @@ class ResultCollector:
             tr.write_line(f"could not write the result tables: {self.write_error}", red=True)
         for path in self.written:
             tr.write_line(f"wrote {path}")
+
+
+def failure_message(report: pytest.TestReport) -> str:
+    """The failure's own message, whole: the crash message of a traceback (``E`` lines'
+    exception and text), else the report's text without the ``[gw1] linux -- Python …`` line
+    pytest-xdist puts first on a worker's report. Raises nothing."""
+    crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+    if crash is not None and getattr(crash, "message", None):
+        return str(crash.message)
+    lines = str(getattr(report, "longreprtext", "")).splitlines()
+    if lines and _XDIST_WORKER_LINE.match(lines[0]):
+        lines = lines[1:]
+    return "\n".join(lines).strip()
 
 
 def _natural(name: str):
