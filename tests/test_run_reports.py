@@ -7,7 +7,6 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from runhelpers import results
 
 from pytest_quantbench.report import RESULT_COLUMNS

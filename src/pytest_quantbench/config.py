@@ -293,13 +293,48 @@ def build_config(
     return config
 
 
+#: The smallest n_ctx accepted (``validate``).
+MIN_CTX = 16
+
+
+def corpus_chunk_problem(where: str, n_tokens: int, n_ctx: int,
+                         chunks: int | None) -> ConfigError | None:
+    """The error for a corpus too short for the chunks asked, or None when it is long enough.
+
+    llama-perplexity needs at least 2·n_ctx tokens and makes ⌊n_tokens / n_ctx⌋ chunks
+    (docs/llama-perplexity.md#chunks). where: the corpus as shown to the user; n_tokens: its
+    token count; n_ctx: the chunk length (tokens); chunks: the chunks asked (None: all).
+    The message says how many tokens there are, the most chunks they allow and the largest
+    ``--quantbench-ctx`` that gives one chunk pair (⌊n_tokens / 2⌋) or the chunks asked
+    (⌊n_tokens / chunks⌋). Raises nothing (returns the error).
+    """
+    largest = n_tokens // 2
+    ctx_hint = (f"the largest --quantbench-ctx it allows is {largest} (one chunk pair)"
+                if largest >= MIN_CTX else
+                f"it is too short for any n_ctx (the smallest is {MIN_CTX})")
+    if n_tokens < 2 * n_ctx:
+        return ConfigError(f"corpus {where} has {n_tokens} tokens; llama-perplexity needs at "
+                           f"least {2 * n_ctx} for n_ctx={n_ctx}: use a longer text or a smaller "
+                           f"--quantbench-ctx ({ctx_hint})")
+    available = n_tokens // n_ctx
+    if chunks is not None and chunks > available:
+        ctx_for = n_tokens // chunks
+        ctx_hint = (f"--quantbench-ctx {ctx_for} or less for {chunks} chunks"
+                    if ctx_for >= MIN_CTX else ctx_hint)
+        return ConfigError(f"--quantbench-chunks {chunks}: corpus {where} has {n_tokens} "
+                           f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}; "
+                           f"pass --quantbench-chunks {available} or less, {ctx_hint}, or a "
+                           "longer corpus")
+    return None
+
+
 def validate(config: QuantbenchConfig) -> None:
     """Check values that need no file access. Raises ConfigError naming the setting and the fix."""
     def where(name: str) -> str:
         return f"--quantbench-{name.replace('_', '-')} (from {config.sources.get(name, '?')})"
 
-    if config.ctx < 16:
-        raise ConfigError(f"{where('ctx')}: n_ctx={config.ctx} is too small; use 16 or more "
+    if config.ctx < MIN_CTX:
+        raise ConfigError(f"{where('ctx')}: n_ctx={config.ctx} is too small; use {MIN_CTX} or more "
                           "(llama-perplexity's default is 512)")
     if config.chunks is not None and config.chunks <= 0:
         raise ConfigError(f"{where('chunks')}: {config.chunks} chunks; give a positive number, "

@@ -142,7 +142,9 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return None
-    return session.header_lines() + [f"quantbench items: {len(session.units)}"]
+    notes = session.thresholds.notes if config.get_verbosity() > 0 else ()
+    return [*session.header_lines(), f"quantbench items: {len(session.units)}",
+            *(f"quantbench thresholds: {note}" for note in notes)]
 
 
 @pytest.hookimpl(wrapper=True)

@@ -530,6 +530,16 @@ def resolve_qtype(name: str) -> QType:
 _SPLIT_RE = re.compile(r"[\s,]+")
 
 
+def qtype_label(qtype: QType) -> str:
+    """The qtype as it appears in item ids, CSV rows and thresholds matching: the exact ggml name
+    for a ggml type (``q4_k`` → ``q4_K``), the lower-case preset name for a preset (``Q4_K_M`` →
+    ``q4_k_m``; ``q8_kv_r8``, the preset, stays apart from ``q8_KV_r8``, the type).
+
+    qtype: a resolved :class:`QType` (:func:`resolve_qtype`). Raises nothing.
+    """
+    return qtype.name if qtype.kind == "type" else qtype.name.lower()
+
+
 def parse_qtype_list(text_or_list: Union[str, Iterable[str]]) -> tuple[QType, ...]:
     """Parse ``"q4_K, iq4_ks q8_0"`` (or a list of such strings) into QTypes.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import inputs
-from .config import ConfigError, QuantbenchConfig
+from .config import ConfigError, QuantbenchConfig, corpus_chunk_problem
 
 
 class ItemSkip(Exception):
@@ -178,16 +178,10 @@ class QuantbenchSession:
             return self.user_base.tokens
         tokens, n_ctx, want = self.corpus_tokens, self.n_ctx, self.config.chunks
         where = self.config.corpus or inputs.DEFAULT_CORPUS_NAME
-        available = len(tokens) // n_ctx
-        if len(tokens) < 2 * n_ctx:
-            raise ConfigError(f"corpus {where} has {len(tokens)} tokens; llama-perplexity needs at "
-                              f"least {2 * n_ctx} for n_ctx={n_ctx}: use a longer text or a "
-                              "smaller --quantbench-ctx")
-        if want is not None and want > available:
-            raise ConfigError(f"--quantbench-chunks {want}: corpus {where} has {len(tokens)} "
-                              f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}; "
-                              f"pass --quantbench-chunks {available} or less, or a longer corpus")
-        n_chunk = available if want is None else want
+        problem = corpus_chunk_problem(where, len(tokens), n_ctx, want)  # issue 11 item 13
+        if problem is not None:
+            raise problem
+        n_chunk = len(tokens) // n_ctx if want is None else want
         return tokens[: n_chunk * n_ctx].reshape(n_chunk, n_ctx)
 
     @cached_property
