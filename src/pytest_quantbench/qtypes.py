@@ -676,28 +676,45 @@ def needs_imatrix(t: GGMLType | QType | str) -> bool:
     return t.imatrix is not None
 
 
+#: What ``needs imatrix`` means in the name listing (one term for both ik sets, spec §5.5).
+IMATRIX_LEGEND = (
+    "needs imatrix: quantizing to this type without an importance matrix fails (llama-quantize "
+    "refuses, or its quantizer asserts; token_embd.weight and output.weight are exempt for some "
+    "types), so such items are skipped unless --quantbench-imatrix FILE or auto is given.")
+
+#: The qtype names that differ only by case, and what each one is.
+_CASE_PAIRS_TEXT = "q8_KV_r8 is the ggml type, q8_kv_r8 (any other case) the preset Q8_KV_R8"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pytest_quantbench.qtypes``: one line per accepted qtype name with its kind
-    (ggml type, with bits per weight and imatrix need; or preset, with its default type)."""
+    (ggml type, with bits per weight and ``needs imatrix`` where quantizing to it without an
+    importance matrix fails; or preset, with its default type), then the legend
+    (:data:`IMATRIX_LEGEND`)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
         prog="python -m pytest_quantbench.qtypes",
-        description="The qtype names --quantbench-qtypes accepts (any case: q4_k_r4 = q4_K_R4). "
-                    "A ggml type quantizes a tensor to exactly that type; a preset applies "
-                    "llama-quantize's per-tensor mixture rules.")
+        description="The qtype names --quantbench-qtypes accepts, case as users type it "
+                    "(q4_k_r4 = q4_K_R4), except where two names differ only by case: "
+                    f"{_CASE_PAIRS_TEXT}. A ggml type quantizes a tensor to exactly that type; "
+                    "a preset applies llama-quantize's per-tensor mixture rules. "
+                    + IMATRIX_LEGEND)
     parser.parse_args(argv)
     lines = []
     for name in valid_qtype_names():
         q = resolve_qtype(name)
         if q.kind == "type":
             t = q.ggml_type
-            need = {"required": ", imatrix required", "rule": ", imatrix needed"}.get(
-                t.imatrix or "", "")
+            need = ", needs imatrix" if t.imatrix else ""
             lines.append(f"{name:<12} ggml type, {t.bpw:.4g} bpw{need}")
         else:
-            lines.append(f"{name.lower():<12} preset {q.name} (default type {q.ggml_type.name})")
+            need = ", needs imatrix" if needs_imatrix(q) else ""
+            lines.append(f"{name.lower():<12} preset {q.name} (default type {q.ggml_type.name})"
+                         f"{need}")
+    lines.append("")
+    lines.append(IMATRIX_LEGEND)
     try:
         print("\n".join(lines))
         sys.stdout.flush()
