@@ -88,3 +88,39 @@ def test_fallback_items_are_flagged_impure(pytester, tmp_path, synth_corpus):
     result.stdout.re_match_lines([r"^ +1  blk\.0\.attn_q\.weight  q4_K +q5_0 \(impure\) .*",
                                   r".*1 item\(s\) measured under a fallback type \(impure.*"])
     assert results(pytester)["fallback"].tolist() == [True]
+
+
+# Records, after each item, how many lines results.csv has at that moment (0: not written yet).
+# A registered plugin, not a conftest hook: the items live at the model file, outside this folder.
+LINES_SEEN_CONFTEST = """
+from pathlib import Path
+
+class Recorder:
+    def pytest_runtest_logfinish(self, nodeid, location):
+        table = Path("quantbench-results/results.csv")
+        seen = len(table.read_text().splitlines()) if table.exists() else 0
+        with open("seen.txt", "a") as fh:
+            fh.write(f"{seen}\\n")
+
+def pytest_configure(config):
+    config.pluginmanager.register(Recorder(), "lines-seen")
+"""
+
+
+def test_tables_are_rewritten_while_results_arrive(pytester, qb_args):
+    """Issue 11 item 18: --quantbench-flush-minutes (YAML flush_minutes: 0 = after every item)
+    gives current tables mid-run; the default (10 minutes) writes them at the end only."""
+    import shutil
+
+    pytester.makeconftest(LINES_SEEN_CONFTEST)
+    pytester.makefile(".yaml", quantbench="flush_minutes: 0\n")
+    args = [*qb_args, "--quantbench-qtypes=q8_0", "--quantbench-tensors", r"blk\.0\.attn_(k|q)"]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
+    seen = pytester.path / "seen.txt"
+    assert seen.read_text().split() == ["2", "3"]  # the header and one row, then two rows
+    assert [p.name for p in (pytester.path / "quantbench-results").glob("*.tmp")] == []
+    shutil.rmtree(pytester.path / "quantbench-results")
+    seen.unlink()
+    pytester.runpytest_subprocess(*args, "--quantbench-flush-minutes=10").assert_outcomes(passed=2)
+    assert seen.read_text().split() == ["0", "0"]
+    assert len(results(pytester)) == 2  # written at the end

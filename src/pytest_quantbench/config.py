@@ -92,6 +92,9 @@ OPTIONS: tuple[Option, ...] = (
            "baseline row (default: the run's baseline PPL)"),
     Option("logs", "path", None, "directory for one suite-style log per item, "
            "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
+    Option("flush-minutes", "float", 10.0, "rewrite the result tables (atomically) at most every "
+           "N minutes while results arrive, so a long run has current CSVs before it ends; 0: "
+           "after every item (default 10)"),
 )
 BY_DEST = {opt.dest: opt for opt in OPTIONS}
 YAML_KEYS = {opt.name.replace("-", "_"): opt for opt in OPTIONS}
@@ -132,6 +135,7 @@ class QuantbenchConfig:
     baseline_ppl: float | None = None
     logs: Path | None = None
     n_seq: int = 1
+    flush_minutes: float = 10.0
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -172,9 +176,10 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
             number = float(value) if not isinstance(value, bool) else math.nan
         except (TypeError, ValueError):
             number = math.nan
-        if not math.isfinite(number) or (opt.name == "baseline-ppl" and number < 0):
+        non_negative = opt.name in ("baseline-ppl", "flush-minutes")
+        if not math.isfinite(number) or (non_negative and number < 0):
             raise ConfigError(f"{where}: {value!r} is not a finite number"
-                              + (" >= 0" if opt.name == "baseline-ppl" else ""))
+                              + (" >= 0" if non_negative else ""))
         return number
     if opt.kind == "bool":
         if isinstance(value, bool):
@@ -345,6 +350,9 @@ def validate(config: QuantbenchConfig) -> None:
         raise ConfigError(f"{where('n_seq')}: {config.n_seq}; give 1 or more chunks per decode")
     if config.engine not in ("inplace", "file"):
         raise ConfigError(f"{where('engine')}: {config.engine!r}; use 'inplace' or 'file'")
+    if not 0 <= config.flush_minutes < math.inf:
+        raise ConfigError(f"{where('flush_minutes')}: {config.flush_minutes}; give 0 (after every "
+                          "item) or a finite number of minutes")
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
     if not config.qtypes:

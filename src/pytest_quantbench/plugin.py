@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,8 @@ class ResultCollector:
         self.written: list[Path] = []
         self.write_error: str | None = None
         self._table_rows: list[dict[str, Any]] | None = None
+        self._flushed_at = time.monotonic()  # tables are rewritten mid-run from this on
+        self.flush_error: str | None = None  # the last mid-run rewrite's error, if it failed
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
@@ -277,13 +280,31 @@ class ResultCollector:
             if report.failed and "reason" not in row:
                 row["reason"] = failure_message(report)
             self.rows[report.nodeid] = row
+            self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        """Rewrite the tables when ``--quantbench-flush-minutes`` have passed since the last
+        write (0: after every item), so a long run has current CSVs before it ends. Each file is
+        replaced atomically; a failed write is reported at the end, the run goes on."""
+        interval = self.session.config.flush_minutes * 60.0
+        if time.monotonic() - self._flushed_at < interval:
+            return
+        self.flush_error = self._write_tables(self._merge_stored_rows())
+        self._flushed_at = time.monotonic()
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        error = self._write_tables(self.table_rows())
+        if error is not None:
+            self.write_error = error
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+    def _write_tables(self, rows: list[dict[str, Any]]) -> str | None:
+        """Write every table from ``rows`` (each file atomically); the error text when one
+        cannot be written, else None."""
         from .report import write_group_files, write_suite_tables
 
-        rows = self.table_rows()
         if not rows:
-            return
+            return None
         units = self.session.units
         tensors = sorted({u.name for u in units} | {r["tensor"] for r in rows}, key=_natural)
         qtypes = sorted({u.qtype for u in units} | {r["qtype"] for r in rows})
@@ -299,8 +320,8 @@ class ResultCollector:
                                                   baseline=self.session.config.baseline_qtype,
                                                   chunks=self.session.run_identity.chunks)
         except OSError as exc:
-            self.write_error = str(exc)
-            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+            return str(exc)
+        return None
 
     def table_rows(self) -> list[dict[str, Any]]:
         """This session's rows, plus every row the results store holds for the same settings
