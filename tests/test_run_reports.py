@@ -124,3 +124,14 @@ def test_tables_are_rewritten_while_results_arrive(pytester, qb_args):
     pytester.runpytest_subprocess(*args, "--quantbench-flush-minutes=10").assert_outcomes(passed=2)
     assert seen.read_text().split() == ["0", "0"]
     assert len(results(pytester)) == 2  # written at the end
+
+
+@pytest.mark.parametrize("family", ["xunit1", "xunit2"])
+def test_junit_testcases_carry_the_row_as_properties_in_both_families(pytester, qb_args, family):
+    """README: the properties are there with pytest's default junit_family (xunit2) too."""
+    pytester.runpytest_subprocess(
+        *qb_args, "--quantbench-qtypes=q8_0", "--quantbench-tensors", r"blk\.0\.attn_q",
+        "-o", f"junit_family={family}", "--junitxml=report.xml").assert_outcomes(passed=1)
+    (case,) = ET.parse(pytester.path / "report.xml").getroot().iter("testcase")
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert props["qtype"] == "q8_0" and float(props["mean_kld"]) < 1e-3
