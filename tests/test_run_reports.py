@@ -135,3 +135,21 @@ def test_junit_testcases_carry_the_row_as_properties_in_both_families(pytester, 
     (case,) = ET.parse(pytester.path / "report.xml").getroot().iter("testcase")
     props = {p.get("name"): p.get("value") for p in case.iter("property")}
     assert props["qtype"] == "q8_0" and float(props["mean_kld"]) < 1e-3
+
+
+def test_builtin_turns_every_numpy_scalar_into_its_builtin():
+    import enum
+
+    import numpy as np
+
+    from pytest_quantbench.plugin import _builtin
+
+    class Kind(enum.IntEnum):
+        A = 3
+
+    cases = [(np.float64(0.25), 0.25), (np.float32(0.5), 0.5), (np.int64(7), 7),
+             (np.bool_(True), True), (np.array(1.5), 1.5), (Kind.A, 3), (None, None),
+             ("s", "s"), (np.str_("t"), "t"), (np.zeros(2), "[0. 0.]")]
+    for value, want in cases:
+        got = _builtin(value)
+        assert got == want and type(got) is type(want), (value, got)
