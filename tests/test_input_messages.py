@@ -13,6 +13,6 @@ def test_thresholds_rule_for_another_qtype_is_ignored_and_listed_with_v(pytester
     verbose = pytester.runpytest_subprocess(*args, "-v")
     assert verbose.ret == 0
     notes = [line for line in verbose.stdout.lines if "ignored for this run" in line]
-    assert notes == [f"quantbench thresholds: rule 1 (qtype=[q8_0, iq2_k]) in {pytester.path}"
-                     "/thresholds.yaml: qtype 'iq2_k' is not among this run's qtypes (q8_0): "
-                     "ignored for this run"]
+    assert notes == [(f"quantbench thresholds: rule 1 (qtype=[q8_0, iq2_k]) in {pytester.path}"
+                      "/thresholds.yaml: qtype 'iq2_k' is not among this run's qtypes (q8_0): "
+                      "ignored for this run")]

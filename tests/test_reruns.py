@@ -39,7 +39,8 @@ def test_failed_first_runs_the_failed_item_first(pytester, one_failure):
 
 
 def test_stepwise_resumes_at_the_failed_item(pytester, qb_args):
-    pytester.makefile(".yaml", thresholds="rules:\n  - tensor: 'blk\\.0\\.attn_v'\n    max_kld: 1.0e-12\n")
+    pytester.makefile(".yaml",
+                      thresholds="rules:\n  - tensor: 'blk\\.0\\.attn_v'\n    max_kld: 1.0e-12\n")
     args = [*qb_args, "--quantbench-qtypes=q8_0", "--quantbench-tensors",
             r"blk\.0\.attn_(k|v)|blk\.1\.attn_k", "--quantbench-thresholds=thresholds.yaml",
             "--sw", "-v"]

@@ -40,7 +40,8 @@ def test_results_csv_has_the_same_documented_columns_in_every_run(pytester, qb_a
     assert first == _header(pytester) == list(RESULT_COLUMNS)
     assert results(pytester)["reused"].tolist() == [True]
     # every key an item reports is a column (a new key needs its line in RESULT_COLUMNS)
-    props = {p.get("name") for p in ET.parse(pytester.path / "report.xml").getroot().iter("property")}
+    xml = ET.parse(pytester.path / "report.xml").getroot()
+    props = {p.get("name") for p in xml.iter("property")}
     assert props and props <= set(RESULT_COLUMNS), props - set(RESULT_COLUMNS)
 
 

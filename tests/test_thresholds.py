@@ -342,9 +342,9 @@ def test_qtype_not_in_run_is_ignored_and_noted(write):
     both = load_thresholds(path, run_qtypes=["Q4_0", "q4_K", "iq2_k"])  # case as users type it
     assert both.notes == ()
     one = load_thresholds(path, run_qtypes=["q4_0,q5_K"])
-    assert one.notes == ("rule 1 (tensor='attn_v', qtype=[q4_0, q4_k]) in thresholds.yaml: "
-                         "qtype 'q4_k' is not among this run's qtypes (q4_0, q5_K): ignored "
-                         "for this run",)
+    assert one.notes == (("rule 1 (tensor='attn_v', qtype=[q4_0, q4_k]) in thresholds.yaml: "
+                          "qtype 'q4_k' is not among this run's qtypes (q4_0, q5_K): ignored "
+                          "for this run"),)
     assert one.limits_for("blk.0.attn_v.weight", "q4_0")["max_kld"].value == 1
     assert one.limits_for("blk.0.attn_v.weight", "q5_K") == {}
     # without run_qtypes, the rule is accepted as is

@@ -350,8 +350,8 @@ def _check_path(path: Path) -> None:
         raise GGUFError(f"{path}: is a directory, not a GGUF file; point the option at the .gguf file inside it")
 
 
-#: ggml type ids of mainline llama.cpp's ggml.h (ggml/include/ggml.h, enum ggml_type) that ik_llama.cpp
-#: does not have (31-33 and 36-38 are removed repack types there, 39 is MXFP4 in both).
+#: ggml type ids of mainline llama.cpp (ggml/include/ggml.h, enum ggml_type) that ik_llama.cpp does
+#: not have (31-33 and 36-38 are removed repack types there, 39 is MXFP4 in both).
 MAINLINE_ONLY_TYPE_IDS: dict[int, str] = {34: "TQ1_0", 35: "TQ2_0", 40: "NVFP4"}
 
 

@@ -372,7 +372,8 @@ class ResultCollector:
             tr.write_line(f"{len(impure)} item(s) measured under a fallback type (impure, "
                           f"--quantbench-allow-fallback): their numbers are for written_type, "
                           f"e.g. {impure[0]['tensor']}[{impure[0]['qtype']}] as "
-                          f"{impure[0].get('written_type')}; results.csv column fallback", yellow=True)
+                          f"{impure[0].get('written_type')}; results.csv column fallback",
+                          yellow=True)
         skipped = [r for r in rows if r.get("status") == "skipped"]
         if skipped:
             tr.write_line(f"{len(skipped)} skipped, e.g. {skipped[0]['tensor']}[{skipped[0]['qtype']}]:"

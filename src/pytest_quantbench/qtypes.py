@@ -676,7 +676,8 @@ def needs_imatrix(t: GGMLType | QType | str) -> bool:
     return t.imatrix is not None
 
 
-#: What ``needs imatrix`` means in the name listing (one term for both ik sets, spec §5.5).
+#: What ``needs imatrix`` means in the name listing: one term for both sets of
+#: :attr:`GGMLType.imatrix` (``required`` and ``rule``).
 IMATRIX_LEGEND = (
     "needs imatrix: quantizing to this type without an importance matrix fails (llama-quantize "
     "refuses, or its quantizer asserts; token_embd.weight and output.weight are exempt for some "

@@ -562,8 +562,8 @@ def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld"
                 str(rank),
                 str(row.get("tensor", "")),
                 str(row.get("qtype", "")),
-                str(row.get("written_type", "") or "n/a") + (" (impure)" if _true(row.get("fallback"))
-                                                           else ""),
+                str(row.get("written_type", "") or "n/a")
+                + (" (impure)" if _true(row.get("fallback")) else ""),
                 _pm(row, "mean_kld", 6),
                 _pm(row, "ppl_ratio", 4),
                 _pm(row, "same_top_p", 3, " %"),
