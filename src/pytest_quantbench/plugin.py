@@ -177,7 +177,7 @@ class QuantbenchItem(pytest.Item):
         return self.config.stash[SESSION_KEY]
 
     def setup(self) -> None:
-        from .session import ItemSkip
+        from .measure import ItemSkip
 
         qb = self._session()
         row = qb.identity_row(self.unit)
