@@ -193,8 +193,8 @@ class RunBaseline:
     Args:
         inputs: the run's :class:`~pytest_quantbench.runinputs.RunInputs` (chunks, tokenizer,
             identity, user base file, model and settings).
-        swap_model: returns the worker's in-process :class:`~pytest_quantbench.engine.swap.SwapModel`
-            (or None); with ``--quantbench-engine=inplace`` its loaded model computes the
+        swap_model: returns the worker's in-process
+            :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with ``--quantbench-engine=inplace`` its loaded model computes the
             baseline too (same load, same settings).
     """
 
