@@ -225,7 +225,12 @@ class RunInputs:
 
         Raises ImatrixError (a ValueError): wrong format, or a file for another model.
         """
-        from .imatrix import check_imatrix, compute_imatrix, ensure_auto_imatrix, load_imatrix
+        from .imatrix import (
+            check_imatrix,
+            compute_imatrix,
+            ensure_auto_imatrix,
+            load_imatrix,
+        )
 
         if self.config.imatrix is None:
             return None

@@ -35,13 +35,17 @@ __all__ = ["QuantbenchSession", "ItemSkip", "WorkUnit", "ChunkBuffers", "default
            "fallback_reason", "KERNEL_PROBE_MAX_KLD"]
 
 
+def _part(part: str, name: str) -> property:
+    """A read-only attribute of the session that is ``name`` of its part ``part``."""
+    return property(lambda self: getattr(getattr(self, part), name),
+                    doc=f"``{part}.{name}`` (read by plugin.py, planning.py, faults.py, tests).")
+
+
 class QuantbenchSession:
     """The parts of one run, and :meth:`measure` for one work unit.
 
-    Args:
-        config: merged settings; cache_dir: where baselines/models live; n_workers: xdist workers
-            (1 without xdist), used for the default thread count.
-    Raises ConfigError: ``--quantbench-engine-lib`` is not a file.
+    Takes the arguments of :class:`~runinputs.RunInputs` (``config, cache_dir, n_workers``) and
+    raises what it raises.
     """
 
     def __init__(self, config: QuantbenchConfig, cache_dir: Path, n_workers: int = 1) -> None:
@@ -54,18 +58,19 @@ class QuantbenchSession:
         self.units: list[WorkUnit] = []
         self.groups: tuple = ()
 
-    # ---- the parts' facts that plugin.py, planning.py and faults.py read ---------------------
-    @property
-    def config(self) -> QuantbenchConfig:
-        return self.inputs.config
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.inputs.cache_dir
-
-    @property
-    def threads(self) -> int:
-        return self.inputs.threads
+    # ---- the parts' facts that other modules read ---------------------------------------------
+    config = _part("inputs", "config")
+    cache_dir = _part("inputs", "cache_dir")
+    threads = _part("inputs", "threads")
+    model_path = _part("inputs", "model_path")
+    model_header = _part("inputs", "model_header")
+    run_identity = _part("inputs", "run_identity")
+    thresholds = _part("inputs", "thresholds")
+    imatrix = _part("inputs", "imatrix")
+    swap_model = _part("engines", "swap_model")  # None where the in-process engine cannot bind
+    baseline = _part("base", "file")  # the baseline logits file, computed once
+    store = _part("results", "store")
+    run_key = _part("results", "run_key")
 
     @property
     def command(self) -> str:
@@ -75,44 +80,6 @@ class QuantbenchSession:
     @command.setter
     def command(self, value: str) -> None:
         self.results.command = value
-
-    @property
-    def model_path(self) -> Path:
-        return self.inputs.model_path
-
-    @property
-    def model_header(self):
-        return self.inputs.model_header
-
-    @property
-    def run_identity(self):
-        return self.inputs.run_identity
-
-    @property
-    def thresholds(self):
-        return self.inputs.thresholds
-
-    @property
-    def imatrix(self):
-        return self.inputs.imatrix
-
-    @property
-    def swap_model(self):
-        """:attr:`EngineChoice.swap_model` (None where the in-process engine cannot bind)."""
-        return self.engines.swap_model
-
-    @property
-    def baseline(self):
-        """The baseline logits file (:attr:`RunBaseline.file`)."""
-        return self.base.file
-
-    @property
-    def store(self):
-        return self.results.store
-
-    @property
-    def run_key(self) -> str:
-        return self.results.run_key
 
     def validate_inputs(self) -> None:
         """:meth:`RunInputs.validate_inputs`."""

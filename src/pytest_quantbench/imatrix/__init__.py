@@ -18,7 +18,7 @@ Public API: :func:`load_imatrix`, :class:`Imatrix`, :class:`ImatrixEntry`, :func
 :func:`quantize_has_gate_to_up_fallback`, :class:`ImatrixError`.
 """
 
-
+from ..engine.ggml import GgmlHeader
 from .cache import auto_imatrix_key, auto_imatrix_path, ensure_auto_imatrix
 from .check import check_imatrix
 from .collect import _Collector, compute_imatrix
@@ -31,7 +31,6 @@ from .formats import (
     quantize_has_gate_to_up_fallback,
     write_legacy,
 )
-from ..engine.ggml import GgmlHeader
 
 __all__ = [
     "ImatrixError",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .formats import _FIX, Imatrix, ImatrixError
 
+
 def _quantizable(t) -> bool:
     """llama-quantize looks up imatrix data only for these tensors (names ending ``weight``,
     ≥ 2-D, not a norm)."""

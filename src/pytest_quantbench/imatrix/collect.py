@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.ggml import Ggml
-from .formats import Imatrix, ImatrixError, _atomic_write_bytes, _legacy_bytes, load_imatrix
+from .formats import (
+    Imatrix,
+    ImatrixError,
+    _atomic_write_bytes,
+    _legacy_bytes,
+    load_imatrix,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ Formats (spec §5.3):
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import tempfile
@@ -25,8 +24,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 _NOT_IMATRIX = ("not an importance matrix: expected the legacy llama-imatrix .dat layout or a "
                 "GGUF imatrix")
