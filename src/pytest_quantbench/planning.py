@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import ConfigError
+from .measure import WorkUnit
 from .qtypes import qtype_label
-from .session import QuantbenchSession, WorkUnit
+from .session import QuantbenchSession
 
 
 def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[WorkUnit]:
