@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 from filelock import FileLock
@@ -97,31 +99,80 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
-    """sha256 hex digest of a file's content, remembered per (path, size, mtime) in ``cache_dir``.
+#: A memo entry is trusted only when the file's last change (ctime) lies this long before the
+#: hashing began: a change in the same clock tick as an earlier one can leave ctime unchanged
+#: (file-system timestamps advance in ticks of up to 1-2 s), git's "racy clean" rule.
+RACY_NS = 2_000_000_000
+#: Bytes read from each end of a file for :func:`edge_digest`.
+EDGE_BYTES = 1 << 20
 
-    Hashing a 700B model takes minutes, so the digest is stored in ``cache_dir/hashes.json`` and
-    reused while the file's size and mtime are unchanged.
+
+def file_key(stat: os.stat_result) -> str:
+    """The memo key of a file's state: ``dev:inode|size|mtime_ns|ctime_ns``.
+
+    Any replacement of the file changes it: a copy into place is another inode, and a rewrite
+    in place changes the change time (ctime), which tools that copy timestamps (``cp -p``,
+    ``rsync -a``, ``tar x``, ``os.utime``) cannot set; git's index keys files the same way.
     """
+    return f"{stat.st_dev}:{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+
+
+def edge_digest(path: Path, size: int | None = None) -> str:
+    """sha256 hex of the file's size and its first and last :data:`EDGE_BYTES` bytes.
+
+    Cheap (2 MiB read) evidence of which file a cached result came from; not a content hash.
+    """
+    size = path.stat().st_size if size is None else size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(EDGE_BYTES))
+        fh.seek(max(0, size - EDGE_BYTES))
+        digest.update(fh.read(EDGE_BYTES))
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
+    """sha256 hex digest of a file's content, remembered in ``cache_dir/hashes.json``.
+
+    Hashing a 700B model takes minutes, so the digest is remembered per :func:`file_key`
+    (device, inode, size, mtime_ns, ctime_ns) and reused while that key and the
+    :func:`edge_digest` are unchanged. An entry made less than :data:`RACY_NS` after the file's
+    last change is not trusted (the file is hashed again once, then remembered). Renaming a
+    file (and back) changes its ctime on Linux, so it is hashed again: ctime is what tells a
+    rewrite in place with a restored mtime apart, and a rename cannot be told from that.
+    Used for the model, the corpus, the kld-base file and the imatrix alike.
+    Raises OSError when the file cannot be read.
+    """
+    path = Path(path)
     stat = path.stat()
-    memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = file_key(stat)
     memo_path = cache_dir / "hashes.json" if cache_dir is not None else None
     if memo_path is not None:
         with FileLock(str(memo_path) + ".lock"):
-            memo = _read_json(memo_path)
-            if memo_key in memo:
-                return memo[memo_key]
+            entry = _read_json(memo_path).get(key)
+        if (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and entry.get("hashed_at_ns", 0) - stat.st_ctime_ns >= RACY_NS
+                and entry.get("edges") == edge_digest(path, stat.st_size)):
+            return entry["sha256"]
+    hashed_at = time.time_ns()
+    value = _content_sha256(path)
+    if memo_path is not None and file_key(path.stat()) == key:  # unchanged while hashed
+        entry = {"sha256": value, "path": str(path.resolve()), "hashed_at_ns": hashed_at,
+                 "edges": edge_digest(path, stat.st_size)}
+        inode = key.split("|", 1)[0] + "|"
+        with FileLock(str(memo_path) + ".lock"):
+            memo = {k: v for k, v in _read_json(memo_path).items() if not k.startswith(inode)}
+            memo[key] = entry  # earlier states of this inode are dropped: the memo stays small
+            atomic_write_text(memo_path, json.dumps(memo, indent=1))
+    return value
+
+
+def _content_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             digest.update(block)
-    value = digest.hexdigest()
-    if memo_path is not None:
-        with FileLock(str(memo_path) + ".lock"):
-            memo = _read_json(memo_path)
-            memo[memo_key] = value
-            atomic_write_text(memo_path, json.dumps(memo, indent=1))
-    return value
+    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict:
