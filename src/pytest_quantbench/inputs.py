@@ -47,15 +47,24 @@ def ensure_default_model(cache_dir: Path, baseline_type: str, threads: int) -> P
     """Convert the default model to ``baseline_type`` once (file lock, atomic), return its path.
 
     The conversion is ``llama-quantize --allow-requantize <Q4_1 gguf> <out> <TYPE>``, as the
-    reference fixtures were made. Raises ConfigError / EngineError on failure.
+    reference fixtures were made. Before it starts, the free space of the cache is checked
+    against the converted file's size. Raises ConfigError (DiskSpaceError naming the file and
+    both sizes) / EngineError on failure.
     """
+    from .diskspace import converted_model_bytes, require_space
     from .engine.quantize import run_llama_quantize
+    from .gguf import read_model_header
 
     source = default_model_source()
     dest = cache_dir / "models" / f"{DEFAULT_MODEL_NAME}-{baseline_type}.gguf"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if not dest.is_file():
+            require_space(dest.parent, converted_model_bytes(read_model_header(source),
+                                                             baseline_type),
+                          f"the default model {source.name} converted to {baseline_type} "
+                          f"({dest.name})", "set --quantbench-cache-dir to a directory on a disk "
+                          "with more free space, free space there, or pass --quantbench-model")
             run_llama_quantize(source, dest, {}, baseline_type=baseline_type, threads=threads,
                                requantize=True, preset=baseline_type.upper())
     return dest
@@ -129,6 +138,12 @@ def edge_digest(path: Path, size: int | None = None) -> str:
         fh.seek(max(0, size - EDGE_BYTES))
         digest.update(fh.read(EDGE_BYTES))
     return digest.hexdigest()
+
+
+def model_source(path: Path, sha256: str) -> dict[str, str]:
+    """What a cached baseline records of the model it was computed from: ``model_sha256`` (the
+    content hash) and ``model_edges`` (:func:`edge_digest`, read now from ``path``)."""
+    return {"model_sha256": sha256, "model_edges": edge_digest(Path(path))}
 
 
 def sha256_file(path: Path, cache_dir: Path | None = None) -> str:

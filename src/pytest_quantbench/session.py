@@ -158,9 +158,9 @@ class QuantbenchSession:
         """The user's ``--quantbench-kld-base`` file, or None."""
         if self.config.kld_base is None:
             return None
-        from .kldbase import KLDBaseFile
+        from .baseline import open_user_base
 
-        return KLDBaseFile(self.config.kld_base)
+        return open_user_base(self.config)  # issue 19: --quantbench-chunks/-ctx checked there
 
     @property
     def n_ctx(self) -> int:
@@ -222,12 +222,31 @@ class QuantbenchSession:
         if self.user_base is not None:
             from .baseline import check_user_baseline
 
-            check_user_baseline(self.user_base, self.tokenizer.n_vocab)
+            check_user_baseline(self.user_base, self.tokenizer.n_vocab,  # issue 19: the corpus
+                                self.config.corpus, lambda: self.corpus_tokens)
+        from .diskspace import check_cache_space  # issue 11 item 3: the cache's disk space
+
+        check_cache_space(self.cache_plan)
+
+    @cached_property
+    def cache_plan(self):
+        """The files this run adds to the cache, with their sizes (issue 11 item 3)."""
+        from .diskspace import plan_cache_files
+        from .imatrix import auto_imatrix_path
+
+        return plan_cache_files(
+            baseline=None if self.user_base is not None else self.baseline_path,
+            shape=self.chunk_tokens.shape, n_vocab=self.tokenizer.n_vocab,
+            imatrix=(auto_imatrix_path(self.cache_dir, self._auto_imatrix_key)
+                     if self.config.imatrix == "auto" else None), model_header=self.model_header)
 
     def header_lines(self) -> list[str]:
         """The run-header lines: model + hash, corpus + tokens, n_ctx, chunks, engine."""
         ident = self.run_identity
-        corpus = (f"kld-base {self.config.kld_base}" if self.user_base is not None else
+        from .baseline import user_base_header
+        from .diskspace import cache_header_line
+
+        corpus = (user_base_header(self.user_base) if self.user_base is not None else
                   f"{self.config.corpus or inputs.DEFAULT_CORPUS_NAME} "
                   f"({len(self.corpus_tokens)} tokens, sha256 {ident.corpus_sha256[:12]})")
         return [
@@ -237,6 +256,7 @@ class QuantbenchSession:
             f"quantbench n_ctx={ident.n_ctx}, chunks={ident.chunks}, threads={self.threads}, "
             f"{ident.eval}",
             f"quantbench engine: {self.identity_engine.describe()}",
+            cache_header_line(self.cache_dir, self.cache_plan),  # issue 11 item 3
         ] + self._imatrix_header()
 
     def _imatrix_header(self) -> list[str]:
@@ -257,7 +277,8 @@ class QuantbenchSession:
         if self.user_base is not None:
             return baseline.check_user_baseline(self.user_base, n_vocab)
         return baseline.ensure_baseline(self.baseline_path, self.chunk_tokens, n_vocab,
-                                        self._compute_baseline)
+                                        self._compute_baseline,  # issue 19: the model's record
+                                        inputs.model_source(self.model_path, self.model_sha256))
 
     def _compute_baseline(self, dest: Path) -> None:
         """Evaluate the baseline into the base file: with the swap model when items use it
