@@ -21,6 +21,7 @@ import pytest
 from .config import OPTIONS
 
 SESSION_KEY = pytest.StashKey["Any"]()
+SWEPT_KEY = pytest.StashKey["list"]()
 REPORTER_KEY = pytest.StashKey["Any"]()
 # ValueError covers ConfigError, GGUFError, SelectionError, UnknownQTypeError, ThresholdsError,
 # KLDBaseFormatError and non-finite logits; RuntimeError the engine's EngineError and
@@ -91,7 +92,12 @@ def pytest_configure(config: pytest.Config) -> None:
         numprocesses = getattr(config.option, "numprocesses", None)
         n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT")
                         or (numprocesses if isinstance(numprocesses, int) else 0) or 1)
-        session = QuantbenchSession(qb_config, _cache_dir(config, qb_config), n_workers)
+        cache_dir = _cache_dir(config, qb_config)
+        if not hasattr(config, "workerinput"):  # the cache is opened: a killed run's temp files
+            from .cachefiles import sweep_stale_temps
+
+            config.stash[SWEPT_KEY] = sweep_stale_temps(cache_dir)
+        session = QuantbenchSession(qb_config, cache_dir, n_workers)
         session.command = " ".join(shlex.quote(a) for a in ["pytest", *config.invocation_params.args])
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
@@ -134,7 +140,11 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return None
-    return session.header_lines() + [f"quantbench items: {len(session.units)}"]
+    swept = config.stash.get(SWEPT_KEY, [])
+    notes = [f"quantbench cache: removed {len(swept)} temporary file(s) "
+             f"({sum(n for _, n in swept) / 1e6:.1f} MB) left by killed runs, e.g. "
+             f"{swept[0][0].name}"] if swept else []
+    return session.header_lines() + notes + [f"quantbench items: {len(session.units)}"]
 
 
 @pytest.hookimpl(wrapper=True)
