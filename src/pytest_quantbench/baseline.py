@@ -134,15 +134,10 @@ def check_baseline_space(path: Path, shape: tuple[int, int], n_vocab: int) -> No
     """Raise DiskSpaceError when the baseline file ``path`` is not cached yet and its disk lacks
     room for it; ``shape`` is (n_chunk, n_ctx) of the chunks (size:
     :func:`diskspace.baseline_bytes`)."""
-    from .diskspace import SPACE_FIXES, baseline_bytes, require_space
-    from .kldbase import n_scored
+    from .diskspace import check_cache_space, plan_cache_files
 
-    if path.exists():
-        return
-    n_chunk, n_ctx = shape
-    require_space(path.parent, baseline_bytes(n_ctx, n_vocab, n_chunk),
-                  f"the baseline logits file ({n_chunk} chunks × {n_scored(n_ctx)} scored positions "
-                  f"× (2·n_vocab + 8) bytes, n_vocab={n_vocab})", SPACE_FIXES)
+    check_cache_space(plan_cache_files(baseline=path, shape=shape, n_vocab=n_vocab,
+                                       imatrix=None, model_header=None))
 
 
 _SOURCE_LABELS = {"model_sha256": "sha256", "model_edges": "first/last MiB digest"}
