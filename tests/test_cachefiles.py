@@ -157,3 +157,4 @@ def test_default_model_conversion_on_a_full_disk_names_the_file_and_the_size(tmp
         "there, or pass --quantbench-model")
     assert [p.name for p in (tmp_path / "models").iterdir()] == [
         "SmolLM2-135M-Instruct-bf16.gguf.lock"]
+

@@ -1024,7 +1024,9 @@ def ensure_auto_imatrix(cache_dir: str | os.PathLike[str], key: str,
                 load_imatrix(path)
                 return path
             except ImatrixError as exc:
-                log.warning("cached imatrix %s is not usable (%s): recomputing", path, exc)
+                from .cachefiles import cache_notice  # issue 11.4: shown in a default run
+
+                cache_notice(f"cached imatrix {path} is not usable ({exc}): recomputing")
                 path.unlink()
         compute(path)
         load_imatrix(path)
