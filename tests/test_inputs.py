@@ -117,3 +117,28 @@ def test_an_entry_whose_first_or_last_mib_differs_is_not_trusted(tmp_path, hashi
     memo_path.write_text(json.dumps(memo))
     assert inputs.sha256_file(a, tmp_path) == _sha(b"A" * 5000)
     assert len(hashing) == 2
+
+
+def test_a_replaced_shard_changes_the_hash_of_a_split_model(tmp_path):
+    """A split model's hash covers every shard: `sha256sum <shards> | sha256sum`."""
+    pytest.importorskip("gguf")
+    from synthmodel import build_synthetic_model
+
+    from pytest_quantbench.gguf import read_model_header
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = build_synthetic_model(tmp_path / "a" / "m.gguf", split_max_tensors=8, seed=0)
+    build_synthetic_model(tmp_path / "b" / "m.gguf", split_max_tensors=8, seed=1)
+    shards = read_model_header(first).shards
+    assert len(shards) == 3
+    lines = "".join(f"{_sha(open(p, 'rb').read())}  {os.path.basename(p)}\n" for p in shards)
+    before = inputs.model_sha256(shards, tmp_path)
+    assert before == _sha(lines.encode())
+    last, other = shards[2], tmp_path / "b" / os.path.basename(shards[2])
+    stat = os.stat(last)
+    assert os.path.getsize(other) == stat.st_size
+    with open(other, "rb") as src, open(last, "r+b") as dst:
+        dst.write(src.read())
+    os.utime(last, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert inputs.model_sha256(shards, tmp_path) != before

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from filelock import FileLock
@@ -140,10 +141,24 @@ def edge_digest(path: Path, size: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def model_source(path: Path, sha256: str) -> dict[str, str]:
+def model_sha256(shards: Sequence[Path], cache_dir: Path | None = None) -> str:
+    """The model's content hash (hex): for one file its sha256, as ``sha256sum`` prints it; for a
+    split model the sha256 of its shards' ``sha256sum`` lines (``<sha256>  <file name>\\n`` in
+    shard order), i.e. ``sha256sum <name>-*-of-0000N.gguf | sha256sum`` in the model's directory,
+    so that a replaced shard changes it. Each file's hash is remembered (:func:`sha256_file`).
+    """
+    if len(shards) == 1:
+        return sha256_file(Path(shards[0]), cache_dir)
+    lines = "".join(f"{sha256_file(Path(p), cache_dir)}  {Path(p).name}\n" for p in shards)
+    return sha256_text(lines)
+
+
+def model_source(shards: Sequence[Path], sha256: str) -> dict[str, str]:
     """What a cached baseline records of the model it was computed from: ``model_sha256`` (the
-    content hash) and ``model_edges`` (:func:`edge_digest`, read now from ``path``)."""
-    return {"model_sha256": sha256, "model_edges": edge_digest(Path(path))}
+    content hash) and ``model_edges`` (:func:`edge_digest` of each shard, read now)."""
+    edges = [edge_digest(Path(p)) for p in shards]
+    return {"model_sha256": sha256,
+            "model_edges": edges[0] if len(edges) == 1 else sha256_text(" ".join(edges))}
 
 
 def sha256_file(path: Path, cache_dir: Path | None = None) -> str:

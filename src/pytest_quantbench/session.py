@@ -115,8 +115,8 @@ class QuantbenchSession:
             raise GGUFError(f"--quantbench-model {exc}") from None
 
     @cached_property
-    def model_sha256(self) -> str:
-        return inputs.sha256_file(self.model_path, self.cache_dir)
+    def model_sha256(self) -> str:  # issue 19: every shard of a split model counts
+        return inputs.model_sha256(self.model_header.shards or (self.model_path,), self.cache_dir)
 
     @cached_property
     def corpus_text(self) -> str:
@@ -278,7 +278,8 @@ class QuantbenchSession:
             return baseline.check_user_baseline(self.user_base, n_vocab)
         return baseline.ensure_baseline(self.baseline_path, self.chunk_tokens, n_vocab,
                                         self._compute_baseline,  # issue 19: the model's record
-                                        inputs.model_source(self.model_path, self.model_sha256))
+                                        inputs.model_source(self.model_header.shards or (self.model_path,),
+                                                            self.model_sha256))
 
     def _compute_baseline(self, dest: Path) -> None:
         """Evaluate the baseline into the base file: with the swap model when items use it
