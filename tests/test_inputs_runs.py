@@ -208,7 +208,7 @@ def test_an_unusable_cached_baseline_is_announced_in_a_default_run(pytester, qb_
     (base,) = (cache / "baselines").glob("*.kld")
     with open(base, "r+b") as fh:
         fh.truncate(base.stat().st_size // 2)
-    for extra in ((), ("-W", "error")):
+    for extra in ((), ("-n", "2", "-W", "error")):
         result = pytester.runpytest_subprocess(*args, "--quantbench-rerun", *extra)
         result.assert_outcomes(passed=1, warnings=1)
         result.stdout.fnmatch_lines([f"*CacheNotice: baseline cache {base} is not usable "

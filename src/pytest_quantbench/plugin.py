@@ -103,6 +103,10 @@ def pytest_configure(config: pytest.Config) -> None:
             pytest.PytestWarning(msg), stacklevel=2))
         session.thresholds  # a bad thresholds file is a usage error now, not an item failure
         session.validate_inputs()
+        if not hasattr(config, "workerinput"):  # not in workers: a baseline being written by
+            from .diskspace import check_cache_space  # one of them takes space already
+
+            check_cache_space(session.cache_plan)
     except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session

@@ -224,9 +224,6 @@ class QuantbenchSession:
 
             check_user_baseline(self.user_base, self.tokenizer.n_vocab,  # issue 19: the corpus
                                 self.config.corpus, lambda: self.corpus_tokens)
-        from .diskspace import check_cache_space  # issue 11 item 3: the cache's disk space
-
-        check_cache_space(self.cache_plan)
 
     @cached_property
     def cache_plan(self):
