@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -132,7 +133,7 @@ def test_a_replaced_shard_changes_the_hash_of_a_split_model(tmp_path):
     build_synthetic_model(tmp_path / "b" / "m.gguf", split_max_tensors=8, seed=1)
     shards = read_model_header(first).shards
     assert len(shards) == 3
-    lines = "".join(f"{_sha(open(p, 'rb').read())}  {os.path.basename(p)}\n" for p in shards)
+    lines = "".join(f"{_sha(Path(p).read_bytes())}  {Path(p).name}\n" for p in shards)
     before = inputs.model_sha256(shards, tmp_path)
     assert before == _sha(lines.encode())
     last, other = shards[2], tmp_path / "b" / os.path.basename(shards[2])

@@ -9,7 +9,6 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from runhelpers import results, usage_error, without
 
 STATS = ("mean_kld", "ppl_q", "ppl_base", "same_top_p", "rms_dp", "kld_p99")
@@ -87,8 +86,8 @@ def test_kld_base_with_fewer_chunks_equals_a_file_written_with_that_many(
                                                        "--quantbench-chunks=2"))
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
-        f"quantbench corpus: kld-base {files[4]} (n_ctx, chunks and tokens come from the base "
-        "file; its first 2 of 4 chunks)",
+        (f"quantbench corpus: kld-base {files[4]} (n_ctx, chunks and tokens come from the base "
+        "file; its first 2 of 4 chunks)"),
         "quantbench n_ctx=64, chunks=2, *"])
     row = results(pytester).iloc[0]
     assert row["chunks"] == 2
@@ -156,12 +155,12 @@ def test_the_run_header_shows_the_expected_cache_size(pytester, qb_args, tmp_pat
     kb = expected_file_size(64, 384, 2) / 1e3
     first = pytester.runpytest_subprocess(*_one_item(qb_args, cache))
     first.assert_outcomes(passed=1)
-    first.stdout.fnmatch_lines([f"quantbench cache: {cache} (baseline logits file {kb:.1f} kB "
-                                "to compute, 12.3 GB free)"])
+    first.stdout.fnmatch_lines([(f"quantbench cache: {cache} (baseline logits file {kb:.1f} kB "
+                                "to compute, 12.3 GB free)")])
     again = pytester.runpytest_subprocess(*_one_item(qb_args, cache,
                                                      "--quantbench-imatrix=auto"))
-    again.stdout.fnmatch_lines([f"quantbench cache: {cache} (baseline logits file {kb:.1f} kB "
-                                "cached, auto imatrix * kB to compute, 12.3 GB free)"])
+    again.stdout.fnmatch_lines([(f"quantbench cache: {cache} (baseline logits file {kb:.1f} kB "
+                                "cached, auto imatrix * kB to compute, 12.3 GB free)")])
 
 
 # ---- issue 11.4: a write killed by SIGKILL; the "not usable" notice ---------------------------
@@ -195,8 +194,8 @@ def test_a_baseline_write_killed_by_sigkill_leaves_no_temp_file_for_good(pyteste
     conftest.unlink()
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"quantbench cache: removed 1 temporary file(s) (* MB) left by "
-                                 f"killed runs, e.g. {left.name}"])
+    result.stdout.fnmatch_lines([(f"quantbench cache: removed 1 temporary file(s) (* MB) left by "
+                                 f"killed runs, e.g. {left.name}")])
     assert not left.exists()
     assert [p.name for p in (cache / "baselines").iterdir() if p.name.endswith(".tmp")] == []
 
@@ -211,8 +210,8 @@ def test_an_unusable_cached_baseline_is_announced_in_a_default_run(pytester, qb_
     for extra in ((), ("-n", "2", "-W", "error")):
         result = pytester.runpytest_subprocess(*args, "--quantbench-rerun", *extra)
         result.assert_outcomes(passed=1, warnings=1)
-        result.stdout.fnmatch_lines([f"*CacheNotice: baseline cache {base} is not usable "
-                                     f"({base}: truncated KLD base file*): recomputing"])
+        result.stdout.fnmatch_lines([(f"*CacheNotice: baseline cache {base} is not usable "
+                                     f"({base}: truncated KLD base file*): recomputing")])
         with open(base, "r+b") as fh:
             fh.truncate(base.stat().st_size // 2)
     assert pd.notna(results(pytester).iloc[0]["mean_kld"])

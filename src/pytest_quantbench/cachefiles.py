@@ -16,7 +16,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-__all__ = ["CacheNotice", "cache_notice", "temp_prefix", "sweep_stale_temps", "remove_temps_of", "parse_temp_name"]
+__all__ = ["CacheNotice", "cache_notice", "parse_temp_name", "remove_temps_of", "sweep_lines",
+           "sweep_stale_temps", "temp_prefix"]
 
 
 class CacheNotice(UserWarning):
@@ -88,8 +89,8 @@ def _locks_of(directory: Path, target: str) -> list[Path]:
     return [directory / n for n in names if (directory / n).exists()]
 
 
-def _remove(path: Path) -> int:
-    """Remove a file or directory; its size in bytes (0 if it was gone already)."""
+def _remove(path: Path) -> int | None:
+    """Remove a file or directory; its size in bytes (None if it was gone already)."""
     try:
         if path.is_dir():
             size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -99,7 +100,7 @@ def _remove(path: Path) -> int:
         path.unlink()
         return size
     except FileNotFoundError:
-        return 0
+        return None
 
 
 def sweep_stale_temps(cache_dir: Path) -> list[tuple[Path, int]]:
@@ -126,14 +127,26 @@ def sweep_stale_temps(cache_dir: Path) -> list[tuple[Path, int]]:
             try:
                 stale = _stale(entry)
                 if stale is True:
-                    removed.append((entry, _remove(entry)))
+                    size = _remove(entry)
                 elif stale is not None:  # a lock to hold while removing
                     with stale:
-                        if entry.exists():
-                            removed.append((entry, _remove(entry)))
+                        size = _remove(entry)
+                else:
+                    continue
             except (OSError, Timeout):
                 continue
-    return [(p, n) for p, n in removed if n or not p.exists()]
+            if size is not None:
+                removed.append((entry, size))
+    return removed
+
+
+def sweep_lines(removed: list[tuple[Path, int]]) -> list[str]:
+    """The run header's line about what :func:`sweep_stale_temps` removed ([] when nothing)."""
+    if not removed:
+        return []
+    total = sum(n for _, n in removed)
+    return [(f"quantbench cache: removed {len(removed)} temporary file(s) ({total / 1e6:.1f} MB) "
+            f"left by killed runs, e.g. {removed[0][0].name}")]
 
 
 def _stale(entry: Path) -> bool | FileLock | None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .config import ConfigError
 
-__all__ = ["DiskSpaceError", "free_bytes", "format_bytes", "baseline_bytes", "imatrix_bytes",
-           "converted_model_bytes", "require_space", "PlannedFile", "plan_cache_files",
-           "check_cache_space", "cache_header_line"]
+__all__ = ["DiskSpaceError", "PlannedFile", "baseline_bytes", "cache_header_line",
+           "check_cache_space", "converted_model_bytes", "format_bytes", "free_bytes",
+           "imatrix_bytes", "plan_cache_files", "require_space"]
 
 #: Bytes kept free beyond a file's size: its sidecar, lock and the hash memo.
 HEADROOM = 1 << 20

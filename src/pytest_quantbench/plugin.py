@@ -144,11 +144,10 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return None
-    swept = config.stash.get(SWEPT_KEY, [])
-    notes = [f"quantbench cache: removed {len(swept)} temporary file(s) "
-             f"({sum(n for _, n in swept) / 1e6:.1f} MB) left by killed runs, e.g. "
-             f"{swept[0][0].name}"] if swept else []
-    return session.header_lines() + notes + [f"quantbench items: {len(session.units)}"]
+    from .cachefiles import sweep_lines
+
+    return (session.header_lines() + sweep_lines(config.stash.get(SWEPT_KEY, []))
+            + [f"quantbench items: {len(session.units)}"])
 
 
 @pytest.hookimpl(wrapper=True)

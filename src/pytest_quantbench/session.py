@@ -273,10 +273,10 @@ class QuantbenchSession:
         n_vocab = self.tokenizer.n_vocab
         if self.user_base is not None:
             return baseline.check_user_baseline(self.user_base, n_vocab)
+        source = inputs.model_source(self.model_header.shards or (self.model_path,),
+                                     self.model_sha256)  # issue 19: the model's record
         return baseline.ensure_baseline(self.baseline_path, self.chunk_tokens, n_vocab,
-                                        self._compute_baseline,  # issue 19: the model's record
-                                        inputs.model_source(self.model_header.shards or (self.model_path,),
-                                                            self.model_sha256))
+                                        self._compute_baseline, source)
 
     def _compute_baseline(self, dest: Path) -> None:
         """Evaluate the baseline into the base file: with the swap model when items use it
