@@ -106,12 +106,12 @@ def pytest_configure(config: pytest.Config) -> None:
         if not hasattr(config, "workerinput"):  # not in workers: a baseline being written by
             from .diskspace import check_cache_space  # one of them takes space already
 
-            check_cache_space(session.cache_plan)
+            check_cache_space(session.inputs.cache_plan)
     except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
     from .faults import install_fault_reports  # a crashed xdist worker's engine stderr on its item
-    install_fault_reports(config, session)
+    install_fault_reports(config, session, QuantbenchItem)
     config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
     if not hasattr(config, "workerinput"):
         _sigterm_as_interrupt()
@@ -190,7 +190,7 @@ class QuantbenchItem(pytest.Item):
         return self.config.stash[SESSION_KEY]
 
     def setup(self) -> None:
-        from .session import ItemSkip
+        from .measure import ItemSkip
 
         qb = self._session()
         row = qb.identity_row(self.unit)
