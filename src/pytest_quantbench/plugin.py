@@ -23,6 +23,7 @@ import pytest
 from .config import OPTIONS
 
 SESSION_KEY = pytest.StashKey["Any"]()
+SWEPT_KEY = pytest.StashKey["list"]()
 # pytest-xdist's first line of a worker's failure text: "[gw1] linux -- Python 3.11.2 /usr/bin/…"
 _XDIST_WORKER_LINE = re.compile(r"^\[gw\d+\] \S+ -- Python ")
 REPORTER_KEY = pytest.StashKey["Any"]()
@@ -101,12 +102,21 @@ def pytest_configure(config: pytest.Config) -> None:
         numprocesses = getattr(config.option, "numprocesses", None)
         n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT")
                         or (numprocesses if isinstance(numprocesses, int) else 0) or 1)
-        session = QuantbenchSession(qb_config, _cache_dir(config, qb_config), n_workers)
+        cache_dir = _cache_dir(config, qb_config)
+        if not hasattr(config, "workerinput"):  # the cache is opened: a killed run's temp files
+            from .cachefiles import sweep_stale_temps
+
+            config.stash[SWEPT_KEY] = sweep_stale_temps(cache_dir)
+        session = QuantbenchSession(qb_config, cache_dir, n_workers)
         session.command = " ".join(shlex.quote(a) for a in ["pytest", *config.invocation_params.args])
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
         session.thresholds  # a bad thresholds file is a usage error now, not an item failure
         session.validate_inputs()
+        if not hasattr(config, "workerinput"):  # not in workers: a baseline being written by
+            from .diskspace import check_cache_space  # one of them takes space already
+
+            check_cache_space(session.inputs.cache_plan)
     except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
@@ -143,8 +153,11 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return None
+    from .cachefiles import sweep_lines
+
     notes = session.thresholds.notes if config.get_verbosity() > 0 else ()
-    return [*session.header_lines(), f"quantbench items: {len(session.units)}",
+    return [*session.header_lines(), *sweep_lines(config.stash.get(SWEPT_KEY, [])),
+            f"quantbench items: {len(session.units)}",
             *(f"quantbench thresholds: {note}" for note in notes)]
 
 
