@@ -4,8 +4,9 @@ The cache (``--quantbench-cache-dir``, else ``$QUANTBENCH_CACHE_DIR``, else pyte
 ``.pytest_cache/d/quantbench`` under the directory pytest runs in) keeps, per host:
 
 * ``baselines/*.kld``: baseline logits (with a ``.json`` sidecar), one per run identity; about
-  n_chunk × n_ctx × n_vocab × 2 bytes (llama-perplexity's ``--kl-divergence-base`` layout,
-  docs/suite-formats.md), e.g. 2.6 GB for SmolLM2 (vocab 49152) at 50 chunks of 512;
+  n_chunk × n_ctx/2 × n_vocab × 2 bytes (llama-perplexity's ``--kl-divergence-base`` layout,
+  :func:`pytest_quantbench.kldbase.expected_file_size`), e.g. 1.25 GB for SmolLM2 (vocab 49152) at 50
+  chunks of 512;
 * ``models/*.gguf``: the default model converted to the baseline type;
 * ``imatrix/*.imatrix.dat``: importance matrices of ``--quantbench-imatrix=auto``;
 * ``tmp/``: variant models of running processes (left behind only by a killed one).
