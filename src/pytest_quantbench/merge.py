@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sqlite3
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = merge(args.sources, args.output)
     except (MergeError, OSError) as exc:
-        print(f"error: {exc}", file=__import__("sys").stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 4
     for path in written:
         print(f"wrote {path}")
