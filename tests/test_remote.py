@@ -63,3 +63,21 @@ def test_separate_path_argument_under_tx_is_a_usage_error(pytester, two_host_arg
     args = [*without(two_host_args, "--quantbench-model"), "--quantbench-model", str(synth_model)]
     said = usage_error(pytester.runpytest_subprocess(*args, *_hosts(pytester.path)))
     assert f"--quantbench-model={synth_model}" in said
+
+
+def test_a_dead_remote_worker_costs_only_its_item(pytester, two_host_args):
+    import sqlite3
+
+    from test_faults import CRASHING_CONFTEST, SEGFAULT
+
+    root = pytester.path
+    tx = _hosts(root)
+    for host in ("hostA", "hostB"):  # each host loads its own conftest.py
+        (root / host / "conftest.py").write_text(CRASHING_CONFTEST.format(crash=SEGFAULT))
+    run = pytester.runpytest_subprocess(*two_host_args, *tx)
+    run.assert_outcomes(passed=7, errors=1)
+    run.stdout.fnmatch_lines(["*worker 'gw?' crashed while running "
+                              "'quantbench::blk.0.attn_v.weight[[]q4_0[]]'*"])
+    with sqlite3.connect(root / "quantbench-results" / "results-store.sqlite") as conn:
+        stored = sorted(t for (t,) in conn.execute("SELECT tensor FROM results"))
+    assert len(stored) == 7 and "blk.0.attn_v.weight" not in stored
