@@ -36,7 +36,7 @@ def timed(cmd: list[str], cwd: Path, env_cache: Path | None = None) -> float:
     if env_cache is not None:
         env["QUANTBENCH_CACHE_DIR"] = str(env_cache)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])}… failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -67,8 +67,9 @@ def main() -> None:
         model, corpus = args.model, args.corpus
         if model is None:
             sys.path.insert(0, str(REPO / "tests"))
-            from conftest import CORPUS_TEXT
             from synthmodel import build_synthetic_model
+
+            from conftest import CORPUS_TEXT
 
             model = build_synthetic_model(root / "synth-bf16.gguf")
             corpus = root / "corpus.txt"

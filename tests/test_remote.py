@@ -76,8 +76,8 @@ def test_a_dead_remote_worker_costs_only_its_item(pytester, two_host_args):
         (root / host / "conftest.py").write_text(CRASHING_CONFTEST.format(crash=SEGFAULT))
     run = pytester.runpytest_subprocess(*two_host_args, *tx)
     run.assert_outcomes(passed=7, errors=1)
-    run.stdout.fnmatch_lines(["*worker 'gw?' crashed while running "
-                              "'quantbench::blk.0.attn_v.weight[[]q4_0[]]'*"])
+    crashed = "*worker 'gw?' crashed while running 'quantbench::blk.0.attn_v.weight[[]q4_0[]]'*"
+    run.stdout.fnmatch_lines([crashed])
     with sqlite3.connect(root / "quantbench-results" / "results-store.sqlite") as conn:
         stored = sorted(t for (t,) in conn.execute("SELECT tensor FROM results"))
     assert len(stored) == 7 and "blk.0.attn_v.weight" not in stored

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 #: Command name -> "module:function" (relative to this package), one line per command.
 COMMANDS = {

@@ -22,9 +22,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 #: (kind, folder, file pattern) of what the list shows.
 KINDS = (("baseline", "baselines", "*.kld"), ("model", "models", "*.gguf"),

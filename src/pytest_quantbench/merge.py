@@ -20,12 +20,11 @@ import os
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 from .resultset import RECORD_FIELDS, stored_row, write_run_tables
 from .store import STORE_FILE
-
 
 #: Row facts that depend on the process, not on the item: the time it took, and the kernel probe
 #: (run once per qtype and process, on the first tensor that process quantizes to it).

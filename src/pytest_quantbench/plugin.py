@@ -146,9 +146,11 @@ def _check_separate_path_args(config: pytest.Config) -> None:
     specs = config.getoption("tx", None) or []
     if not any(not s.startswith(("popen", "2*popen")) or "chdir=" in s for s in specs):
         return
+    import itertools
+
     flags = {opt.flag for opt in OPTIONS if opt.kind == "path"} | {"--quantbench-config"}
     args = [str(a) for a in config.invocation_params.args]
-    for flag, value in zip(args, args[1:]):
+    for flag, value in itertools.pairwise(args):
         if flag in flags and Path(config.invocation_params.dir, value).exists():
             raise pytest.UsageError(f"{flag} {value}: with --tx workers write the path in the "
                                     f"same argument, {flag}={value} (pytest-xdist takes a "
@@ -326,8 +328,8 @@ class ResultCollector:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        from .storewriter import REPORT_ATTR, MixedBaselinesError
         from .store import StoreError
+        from .storewriter import REPORT_ATTR, MixedBaselinesError
 
         props = dict(report.user_properties)
         if "qtype" not in props or "model_sha256" not in props:

@@ -10,9 +10,10 @@ tables of several shards' stores exactly as one run with the same settings write
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 #: The record fields a merge requires to agree (the shard's own index is not among them).
 RECORD_FIELDS = ("identity", "imatrix", "tensors", "qtypes", "csv_metrics", "ppl_percent",

@@ -17,8 +17,9 @@ whereas a tensor's cost is known before anything runs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 from .config import ConfigError
 

@@ -18,8 +18,9 @@ its item with a message naming both hosts.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: ``workerinput`` key: {item key: stored row} of the controller's run key ({} with --rerun).
 WORKERINPUT_KEY = "quantbench_stored_rows"
