@@ -17,6 +17,7 @@ its item with a message naming both hosts.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +69,8 @@ def handoff(session, unit) -> dict[str, Any] | None:
     if taken is None:
         return None
     run, row = taken
-    if store.base_sha256 is None and "baseline" in session.__dict__:
+    if (store.base_sha256 is None and "baseline" in session.__dict__
+            and os.environ.get("PYTEST_XDIST_WORKER")):  # one process has one baseline
         from .inputs import sha256_file
 
         base = session.config.kld_base if session.user_base is not None else session.baseline_path
