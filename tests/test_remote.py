@@ -81,3 +81,20 @@ def test_a_dead_remote_worker_costs_only_its_item(pytester, two_host_args):
     with sqlite3.connect(root / "quantbench-results" / "results-store.sqlite") as conn:
         stored = sorted(t for (t,) in conn.execute("SELECT tensor FROM results"))
     assert len(stored) == 7 and "blk.0.attn_v.weight" not in stored
+
+
+def test_fault_files_are_kept_only_by_workers_on_this_machine(tmp_path):
+    """The controller reads a crashed worker's fault files from its own disk: an ssh host gets
+    no path (it may not exist there), a popen worker (also with chdir) gets one."""
+    from types import SimpleNamespace
+
+    import execnet
+
+    from pytest_quantbench.faults import WORKERINPUT_KEY, CrashReporter
+
+    reporter = CrashReporter(SimpleNamespace(cache_dir=tmp_path, units=[]))
+    nodes = {spec: SimpleNamespace(gateway=SimpleNamespace(spec=execnet.XSpec(spec)), workerinput={})
+             for spec in ("ssh=gpu1//python=/venv/bin/python", f"popen//chdir={tmp_path}")}
+    for node in nodes.values():
+        reporter.pytest_configure_node(node)
+    assert [WORKERINPUT_KEY in n.workerinput for n in nodes.values()] == [False, True]
