@@ -98,3 +98,87 @@ def test_fault_files_are_kept_only_by_workers_on_this_machine(tmp_path):
     for node in nodes.values():
         reporter.pytest_configure_node(node)
     assert [WORKERINPUT_KEY in n.workerinput for n in nodes.values()] == [False, True]
+
+
+# ---- a real ssh host: a throw-away sshd on 127.0.0.1 ------------------------------------------
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ssh_host(tmp_path_factory):
+    """``(ssh config file, host alias)`` of an sshd started for this test on 127.0.0.1, which
+    lets this user in with a fresh key; skipped when sshd cannot run here."""
+    import getpass
+    import os
+    import socket
+    import subprocess
+    import time
+
+    if not (Path(SSHD).is_file() and shutil.which("ssh") and shutil.which("ssh-keygen")):
+        pytest.skip("sshd, ssh or ssh-keygen is not installed (openssh-server, openssh-client)")
+    if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
+        Path("/run/sshd").mkdir(mode=0o755)  # sshd's privilege separation directory
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                       check=True)
+    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nStrictModes no\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        "PermitRootLogin prohibit-password\n")
+    (d / "ssh_config").write_text(
+        f"Host qbhost\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
+        f"  IdentityFile {d}/user_key\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
+    with open(d / "sshd.log", "w") as log:  # the child keeps its own descriptor
+        sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
+    try:
+        for _ in range(50):
+            if sshd.poll() is not None:
+                pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-300:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield d / "ssh_config", "qbhost"
+    finally:
+        sshd.terminate()
+        sshd.wait(10)
+
+
+def test_an_ssh_host_gives_the_single_run_tables(pytester, two_host_args, ssh_host):
+    """The README's ssh worker, to 127.0.0.1: the remote Python gets this checkout's package
+    (a wrapper sets PYTHONPATH: ssh starts a new environment), its own chdir and cache."""
+    import os
+    import sys
+
+    config, host = ssh_host
+    root = pytester.path
+    wrapper = root / "remote-python"
+    wrapper.write_text(f"#!/bin/sh\nexport PYTHONPATH={os.environ.get('PYTHONPATH', '')}\n"
+                       f"exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    (root / "sshhost").mkdir()
+    spec = (f"ssh={host}//ssh_config={config}//python={wrapper}//chdir={root / 'sshhost'}"
+            f"//env:QUANTBENCH_CACHE_DIR={root / 'sshhost'}/cache")
+    pytester.runpytest_subprocess(*two_host_args, "--quantbench-output=single") \
+        .assert_outcomes(passed=8)
+    run = pytester.runpytest_subprocess(*two_host_args, "--tx", spec, "--tx", spec,
+                                        "--dist=load", "--quantbench-output=multi")
+    run.assert_outcomes(passed=8)
+    assert _tables(root / "multi") == _tables(root / "single")
+    assert list((root / "sshhost").rglob("results-store.sqlite*")) == []
+    assert len(list((root / "sshhost" / "cache" / "baselines").glob("*.kld"))) == 1
