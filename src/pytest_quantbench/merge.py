@@ -27,7 +27,9 @@ from .resultset import RECORD_FIELDS, stored_row, write_run_tables
 from .store import STORE_FILE
 
 #: Row facts that depend on the process, not on the item: the time it took, and the kernel probe
-#: (run once per qtype and process, on the first tensor that process quantizes to it).
+#: (run once per qtype and process, on the first tensor that process quantizes to it). The one
+#: place that excludes them from comparisons (merge, tests, bench_shards): drop
+#: ``kernel_check_kld`` here once the probe is deterministic per (type, run) (issue 11 item 8).
 PER_PROCESS = ("seconds", "kernel_check_kld")
 
 

@@ -114,18 +114,18 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
     from .faults import install_fault_reports  # a crashed xdist worker's engine stderr on its item
-    install_fault_reports(config, session)
+    install_fault_reports(config, session, QuantbenchItem)
     config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
     from .storewriter import HandoffStore, worker_lookup
 
     if hasattr(config, "workerinput"):  # items measure here; the controller stores their rows
-        session.__dict__["store"] = HandoffStore(worker_lookup(config.workerinput))
+        session.results.store = HandoffStore(worker_lookup(config.workerinput))
     else:
         _sigterm_as_interrupt()
         reporter = ResultCollector(config, session)
         config.stash[REPORTER_KEY] = reporter
         config.pluginmanager.register(reporter, "quantbench-reporter")
-        session.__dict__["store"] = HandoffStore(
+        session.results.store = HandoffStore(
             (lambda key: None) if session.config.rerun else reporter.store.get)
 
 
@@ -241,7 +241,7 @@ class QuantbenchItem(pytest.Item):
         return self.config.stash[SESSION_KEY]
 
     def setup(self) -> None:
-        from .session import ItemSkip
+        from .measure import ItemSkip
 
         qb = self._session()
         row = qb.identity_row(self.unit)
@@ -312,7 +312,7 @@ class ResultCollector:
             from .resultset import run_record
             from .storewriter import StoreWriter
 
-            self._writer = StoreWriter(self.store, self.session.run_key, lambda: run_record(
+            self._writer = StoreWriter(self.store, self.session.results.run_key, lambda: run_record(
                 self.session, self.config.stash[PLANNED_KEY]))
             self._writer.controller_identity = self.session.run_identity.as_row()
         return self._writer
@@ -394,7 +394,7 @@ class ResultCollector:
         if not rows:
             return []
         try:
-            stored = self.store.rows(self.session.run_key)
+            stored = self.store.rows(self.session.results.run_key)
         except OSError as exc:
             self.write_error = str(exc)
             stored = []

@@ -28,7 +28,7 @@ def run_record(session, units: Sequence[Any]) -> dict[str, Any]:
     cfg = session.config
     return {
         "identity": session.run_identity.as_row(),
-        "imatrix": session.imatrix_identity,
+        "imatrix": session.inputs.imatrix_identity,
         "tensors": sorted({u.name for u in units}, key=natural_key),
         "qtypes": sorted({u.qtype for u in units}),
         "csv_metrics": list(cfg.csv_metrics),

@@ -58,26 +58,28 @@ class HandoffStore:
 def handoff(session, unit) -> dict[str, Any] | None:
     """The payload of ``unit``'s measured row for the controller, or None (reused, not measured).
 
-    session: the measuring process's QuantbenchSession (its ``store`` a :class:`HandoffStore`).
+    session: the measuring process's QuantbenchSession (its ``results.store`` a
+    :class:`HandoffStore`, set by the plugin).
     Keys: ``key``, ``run`` (item and run key), ``row`` (what the store keeps), ``identity``
     (run identity row), ``base_sha256`` (sha256 of the baseline logits file), ``host``.
     """
-    store = session.store
+    results, inputs = session.results, session.inputs
+    store = results.store
     if not isinstance(store, HandoffStore):
         return None
-    taken = store.take(session.item_key(unit))
+    key = results.item_key(unit)
+    taken = store.take(key)
     if taken is None:
         return None
     run, row = taken
-    if (store.base_sha256 is None and "baseline" in session.__dict__
-            and os.environ.get("PYTEST_XDIST_WORKER")):  # one process has one baseline
+    if store.base_sha256 is None and os.environ.get("PYTEST_XDIST_WORKER"):
+        # one process has one baseline; measuring the row loaded it (session.base.file)
         from .inputs import sha256_file
 
-        base = session.config.kld_base if session.user_base is not None else session.baseline_path
-        store.base_sha256 = sha256_file(Path(base), session.cache_dir)
-    return {"key": session.item_key(unit), "run": run, "row": row,
-            "identity": session.run_identity.as_row(), "base_sha256": store.base_sha256,
-            "host": socket.gethostname()}
+        base = inputs.config.kld_base if inputs.user_base is not None else session.base.path
+        store.base_sha256 = sha256_file(Path(base), inputs.cache_dir)
+    return {"key": key, "run": run, "row": row, "identity": inputs.run_identity.as_row(),
+            "base_sha256": store.base_sha256, "host": socket.gethostname()}
 
 
 class MixedBaselinesError(ValueError):
