@@ -31,6 +31,9 @@ REPORTER_KEY = pytest.StashKey["Any"]()
 # KLDBaseFormatError and non-finite logits; RuntimeError the engine's EngineError and
 # EngineLibraryError; OSError file access.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
+PLANNED_KEY = pytest.StashKey["Any"]()  # every shard's units (the tables' rows and columns)
+#: The cache directory of a host when --quantbench-cache-dir is not given.
+CACHE_ENV = "QUANTBENCH_CACHE_DIR"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,6 +56,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
                     help="YAML file of quantbench settings (default: quantbench.yaml in the "
                          "rootdir, if present)")
+    group.addoption("--quantbench-shard", dest="quantbench_shard", default=None, metavar="I/N",
+                    help="keep share I of N of the planned items (cost-balanced, the same on "
+                         "every host and rerun), or 'auto' from SLURM_ARRAY_TASK_ID/"
+                         "SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX/QUANTBENCH_SHARD_COUNT")
 
 
 def _build_config(config: pytest.Config):
@@ -73,6 +80,8 @@ def _build_config(config: pytest.Config):
 def _cache_dir(config: pytest.Config, qb_config) -> Path:
     if qb_config.cache_dir is not None:
         path = qb_config.cache_dir
+    elif os.environ.get(CACHE_ENV):  # a host's own local cache (e.g. --tx ...//env:CACHE_ENV=DIR)
+        path = Path(os.environ[CACHE_ENV])
     elif getattr(config, "cache", None) is not None:
         path = config.cache.mkdir("quantbench")
     else:
@@ -111,6 +120,10 @@ def pytest_configure(config: pytest.Config) -> None:
         session.command = " ".join(shlex.quote(a) for a in ["pytest", *config.invocation_params.args])
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
+        config.stash[PLANNED_KEY] = session.units
+        session.units = _shard_units(config, session)
+        if not hasattr(config, "workerinput"):
+            _check_separate_path_args(config)
         session.thresholds  # a bad thresholds file is a usage error now, not an item failure
         session.validate_inputs()
         if not hasattr(config, "workerinput"):  # not in workers: a baseline being written by
@@ -122,11 +135,46 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     from .faults import install_fault_reports  # a crashed xdist worker's engine stderr on its item
     install_fault_reports(config, session, QuantbenchItem)
-    if not hasattr(config, "workerinput"):
+    from .storewriter import HandoffStore, worker_lookup
+
+    if hasattr(config, "workerinput"):  # items measure here; the controller stores their rows
+        session.results.store = HandoffStore(worker_lookup(config.workerinput))
+    else:
         _sigterm_as_interrupt()
         reporter = ResultCollector(config, session)
         config.stash[REPORTER_KEY] = reporter
         config.pluginmanager.register(reporter, "quantbench-reporter")
+        session.results.store = HandoffStore(
+            (lambda key: None) if session.config.rerun else reporter.store.get)
+
+
+def _shard_units(config: pytest.Config, session) -> list:
+    """The units of ``--quantbench-shard`` (all of them without it), see :mod:`shard`."""
+    from .shard import parse_shard, select_shard, unit_cost
+
+    shard = parse_shard(config.getoption("quantbench_shard"))
+    if shard is None:
+        return session.units
+    cost = unit_cost(session.model_header, session.run_identity.chunks)
+    return select_shard(session.units, shard, cost, lambda u: u.id)
+
+
+def _check_separate_path_args(config: pytest.Config) -> None:
+    """xdist with ``--tx`` (other than a plain popen) aborts with an internal error about rsync
+    roots when a path option's value is a separate argument that exists (xdist #971): say so."""
+    specs = config.getoption("tx", None) or []
+    if not any(not s.startswith(("popen", "2*popen")) or "chdir=" in s for s in specs):
+        return
+    import itertools
+
+    flags = {opt.flag for opt in OPTIONS if opt.kind == "path"} | {"--quantbench-config"}
+    args = [str(a) for a in config.invocation_params.args]
+    for flag, value in itertools.pairwise(args):
+        if flag in flags and Path(config.invocation_params.dir, value).exists():
+            raise pytest.UsageError(f"{flag} {value}: with --tx workers write the path in the "
+                                    f"same argument, {flag}={value} (pytest-xdist takes a "
+                                    "separate path argument for a test path to send to the "
+                                    "hosts, and stops)")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -143,10 +191,26 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A measured row leaves its process on the item's setup report (:mod:`storewriter`)."""
+    report = yield
+    if isinstance(item, QuantbenchItem) and call.when == "setup":
+        from .storewriter import REPORT_ATTR, handoff
+
+        payload = handoff(item._session(), item.unit)
+        if payload is not None:
+            setattr(report, REPORT_ATTR, payload)
+    return report
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
         session.close()
+    reporter = config.stash.get(REPORTER_KEY, None)
+    if reporter is not None:
+        reporter.store.close()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
@@ -274,25 +338,74 @@ class ResultCollector:
     """Controller-side: gathers result rows from reports, writes the tables, prints the summary."""
 
     def __init__(self, config: pytest.Config, session) -> None:
+        from .store import STORE_FILE, ResultsStore
+
         self.config = config
         self.session = session
+        self.store = ResultsStore(session.config.output / STORE_FILE)  # its only writer
         self.rows: dict[str, dict[str, Any]] = {}
         self.written: list[Path] = []
         self.write_error: str | None = None
         self._table_rows: list[dict[str, Any]] | None = None
         self._flushed_at = time.monotonic()  # tables are rewritten mid-run from this on
         self.flush_error: str | None = None  # the last mid-run rewrite's error, if it failed
+        self._writer = None
+        self._refused: dict[str, str] = {}  # nodeid -> why its row was not stored
 
+    @property
+    def writer(self):
+        """The :class:`~pytest_quantbench.storewriter.StoreWriter` (its run key is computed on
+        first use, not at configure time)."""
+        if self._writer is None:
+            from .resultset import run_record
+            from .storewriter import StoreWriter
+
+            self._writer = StoreWriter(self.store, self.session.results.run_key, lambda: run_record(
+                self.session, self.config.stash[PLANNED_KEY]))
+            self._writer.controller_identity = self.session.run_identity.as_row()
+        return self._writer
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        """xdist: hand each worker the stored rows of this run; it reuses them, measures the rest."""
+        from .storewriter import WORKERINPUT_KEY
+
+        if "_handed" not in self.__dict__:
+            self._handed = {} if self.session.config.rerun else self.store.items(self.writer.run)
+        node.workerinput[WORKERINPUT_KEY] = self._handed
+
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        from .store import StoreError
+        from .storewriter import REPORT_ATTR, MixedBaselinesError
+
         props = dict(report.user_properties)
         if "qtype" not in props or "model_sha256" not in props:
             return
+        payload = getattr(report, REPORT_ATTR, None)
+        if payload is not None:
+            try:
+                self.writer.accept(report.nodeid, payload, _worker_name(report))
+            except MixedBaselinesError as exc:  # fail the item, stop the run
+                self._refused[report.nodeid] = str(exc)
+                self._stop(str(exc))
+        if report.nodeid in self._refused:  # its setup and call reports fail with the finding
+            report.outcome, report.longrepr = "failed", self._refused[report.nodeid]
+            props["reason"] = self._refused[report.nodeid]
         if report.when == "call" or (report.when == "setup" and not report.passed):
             status = "error" if report.when == "setup" and report.failed else report.outcome
             row = {**props, "status": status, "nodeid": report.nodeid}
             if report.failed and "reason" not in row:
                 row["reason"] = failure_message(report)
             self.rows[report.nodeid] = row
+            outcome = {k: row[k] for k in ("status", "nodeid") if k in row}
+            if "reason" in row and "reason" not in props:
+                outcome["reason"] = row["reason"]
+            try:
+                self.writer.finish(report.nodeid, outcome)
+            except StoreError as exc:
+                self.write_error = str(exc)
+                self._stop(str(exc))
             self._flush_if_due()
 
     def _flush_if_due(self) -> None:
@@ -305,33 +418,32 @@ class ResultCollector:
         self.flush_error = self._write_tables(self._merge_stored_rows())
         self._flushed_at = time.monotonic()
 
+    def _stop(self, why: str) -> None:
+        dsession = self.config.pluginmanager.getplugin("dsession")
+        if dsession is not None:
+            dsession.shouldstop = why
+        self.session_shouldfail = why
+
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if getattr(self, "session_shouldfail", None):
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
         error = self._write_tables(self.table_rows())
         if error is not None:
             self.write_error = error
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
     def _write_tables(self, rows: list[dict[str, Any]]) -> str | None:
-        """Write every table from ``rows`` (each file atomically); the error text when one
-        cannot be written, else None."""
-        from .report import write_group_files, write_suite_tables
+        """Write every table from ``rows`` (each file atomically, through
+        :func:`resultset.write_run_tables`); the error text when one cannot be written, else
+        None."""
+        from .resultset import write_run_tables
 
         if not rows:
             return None
-        units = self.session.units
-        tensors = sorted({u.name for u in units} | {r["tensor"] for r in rows}, key=_natural)
-        qtypes = sorted({u.qtype for u in units} | {r["qtype"] for r in rows})
-        out = self.session.config.output
         try:
-            cfg = self.session.config
-            self.written = write_suite_tables(
-                rows, out, tensors=tensors, qtypes=qtypes, metrics=cfg.csv_metrics,
-                ppl_percent=cfg.ppl_percent, baseline_ppl=cfg.baseline_ppl,
-                baseline_qtype=cfg.baseline_qtype)
-            if self.session.groups:
-                self.written += write_group_files(self.session.groups, out,
-                                                  baseline=self.session.config.baseline_qtype,
-                                                  chunks=self.session.run_identity.chunks)
+            self.writer.record_run()
+            self.written = write_run_tables(rows, self.session.config.output,
+                                            self.writer._record())
         except OSError as exc:
             return str(exc)
         return None
@@ -349,7 +461,7 @@ class ResultCollector:
         if not rows:
             return []
         try:
-            stored = self.session.store.rows(self.session.run_key)
+            stored = self.store.rows(self.session.results.run_key)
         except OSError as exc:
             self.write_error = str(exc)
             stored = []
@@ -378,7 +490,7 @@ class ResultCollector:
         stored = sum(1 for r in rows if r.get("status") == "stored")
         if reused or stored:
             tr.write_line(f"{reused} item(s) reused from the results store "
-                          f"{self.session.store.path} (--quantbench-rerun measures again); "
+                          f"{self.store.path} (--quantbench-rerun measures again); "
                           f"{stored} more stored result(s) of these settings are in the tables")
         impure = [r for r in session_rows if r.get("fallback") and r.get("status") != "skipped"]
         if impure:
@@ -410,7 +522,10 @@ def failure_message(report: pytest.TestReport) -> str:
     return "\n".join(lines).strip()
 
 
-def _natural(name: str):
-    from .selection import natural_key
-
-    return natural_key(name)
+def _worker_name(report) -> str:
+    """Who ran ``report``'s item: ``gw0 (ssh=host//…)`` under xdist, else ``this process``."""
+    node = getattr(report, "node", None)
+    if node is None:
+        return "this process"
+    spec = getattr(getattr(node, "gateway", None), "spec", None)
+    return f"{node.gateway.id} ({getattr(spec, '_spec', spec)})"
