@@ -11,6 +11,7 @@ import pytest
 
 from pytest_quantbench import report
 from pytest_quantbench.report import (
+    GATING_KEYS,
     METRIC_KEYS,
     atomic_write_text,
     check_csv_metrics,
@@ -305,7 +306,7 @@ def test_results_csv_columns_and_full_precision(tmp_path):
     assert list(records[0]) == [
         "tensor", "qtype", "written_type", "status",
         "model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine",
-        *METRIC_KEYS, "zz_extra", "nodeid", "reason",
+        *METRIC_KEYS, *GATING_KEYS, "zz_extra", "nodeid", "reason",
     ]
     assert [r["tensor"] for r in records] == [
         "blk.2.attn_q.weight", "blk.10.attn_q.weight", "token_embd.weight"

@@ -22,6 +22,7 @@ from .config import OPTIONS
 
 SESSION_KEY = pytest.StashKey["Any"]()
 REPORTER_KEY = pytest.StashKey["Any"]()
+COMPARE_KEY = pytest.StashKey["Any"]()  # (Reference, fail rules) of --quantbench-compare
 # ValueError covers ConfigError, GGUFError, SelectionError, UnknownQTypeError, ThresholdsError,
 # KLDBaseFormatError and non-finite logits; RuntimeError the engine's EngineError and
 # EngineLibraryError; OSError file access.
@@ -97,6 +98,8 @@ def pytest_configure(config: pytest.Config) -> None:
             pytest.PytestWarning(msg), stacklevel=2))
         session.thresholds  # a bad thresholds file is a usage error now, not an item failure
         session.validate_inputs()
+        if qb_config.compare is not None:  # another corpus, n_ctx… is a usage error now
+            config.stash[COMPARE_KEY] = _load_comparison(session)
     except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
@@ -108,6 +111,21 @@ def pytest_configure(config: pytest.Config) -> None:
         reporter = ResultCollector(config, session)
         config.stash[REPORTER_KEY] = reporter
         config.pluginmanager.register(reporter, "quantbench-reporter")
+
+
+def _current_identity(session) -> dict[str, Any]:
+    """This run's identity columns, as result rows carry them (the imatrix identity included)."""
+    return {**session.run_identity.as_row(), "imatrix": session.imatrix_identity or ""}
+
+
+def _load_comparison(session):
+    """The reference run and the fail rules of --quantbench-compare(-fail). Raises CompareError."""
+    from .compare import load_reference, parse_fail_rules
+    from .report import comparable_metrics
+
+    cfg = session.config
+    reference = load_reference(cfg.compare, _current_identity(session))
+    return reference, parse_fail_rules(cfg.compare_fail, comparable_metrics())
 
 
 def _sigterm_as_interrupt() -> None:
@@ -134,7 +152,13 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return None
-    return session.header_lines() + [f"quantbench items: {len(session.units)}"]
+    lines = session.header_lines() + [f"quantbench items: {len(session.units)}"]
+    if COMPARE_KEY in config.stash:
+        lines += config.stash[COMPARE_KEY][0].header_lines(_current_identity(session))
+    if session.config.early_stop:
+        lines.append(f"quantbench early stop: items with limits are looked at after 4, 8, 16 … "
+                     f"chunks, {session.config.early_stop_confidence:.4g} overall confidence")
+    return lines
 
 
 @pytest.hookimpl(wrapper=True)
@@ -166,6 +190,7 @@ class QuantbenchItem(pytest.Item):
 
         self.unit = unit
         self.measured: dict[str, Any] | None = None
+        self.row: dict[str, Any] = {}
         tensor = unit.tensors[0]
         layer, kind = layer_of(tensor), tensor_kind(tensor)
         self.add_marker(pytest.mark.quantbench(tensor=unit.name, qtype=unit.qtype, layer=layer,
@@ -180,7 +205,7 @@ class QuantbenchItem(pytest.Item):
         from .session import ItemSkip
 
         qb = self._session()
-        row = qb.identity_row(self.unit)
+        row = self.row = {**qb.identity_row(self.unit), "imatrix": qb.imatrix_identity or ""}
         error: str | None = None
         try:
             self.measured = qb.measure(self.unit, row)
@@ -202,9 +227,19 @@ class QuantbenchItem(pytest.Item):
 
     def runtest(self) -> None:
         qb = self._session()
-        violations = qb.thresholds.check(self.unit.name, self.unit.qtype, self.measured)
-        if violations:
-            pytest.fail("\n".join(v.message for v in violations), pytrace=False)
+        messages = [v.message for v in qb.thresholds.check(self.unit.name, self.unit.qtype,
+                                                           self.measured)]
+        if messages and self.row.get("stopped_early"):
+            messages.append(f"(early verdict after {self.row.get('chunks_used')} of "
+                            f"{self.row.get('chunks')} chunks, --quantbench-early-stop)")
+        if COMPARE_KEY in self.config.stash:
+            reference, rules = self.config.stash[COMPARE_KEY]
+            props, failures = reference.compare(self.unit.tensors, self.unit.qtype,
+                                                {**self.row, **self.measured}, rules)
+            self.user_properties.extend(props.items())
+            messages += failures
+        if messages:
+            pytest.fail("\n".join(messages), pytrace=False)
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, _USER_ERRORS) and not isinstance(excinfo.value, AssertionError):
@@ -290,7 +325,7 @@ class ResultCollector:
         for item in stored:
             key = (item["tensor"], item["qtype"])
             if key not in rows:
-                rows[key] = {**self.session.run_identity.as_row(), "tensor": item["tensor"],
+                rows[key] = {**_current_identity(self.session), "tensor": item["tensor"],
                              "qtype": item["qtype"], **item["facts"], **item["stats"],
                              "status": "stored", "reused": True}
         return list(rows.values())
@@ -314,6 +349,21 @@ class ResultCollector:
             tr.write_line(f"{reused} item(s) reused from the results store "
                           f"{self.session.store.path} (--quantbench-rerun measures again); "
                           f"{stored} more stored result(s) of these settings are in the tables")
+        early = [r for r in session_rows if str(r.get("stopped_early")) == "True"]
+        if early:
+            tr.write_line(f"{len(early)} item(s) stopped early (--quantbench-early-stop; "
+                          "chunks_used and early_verdict in results.csv; stored under their own "
+                          "key, never reused by a full-chunk run), e.g. "
+                          f"{early[0]['tensor']}[{early[0]['qtype']}] after "
+                          f"{early[0].get('chunks_used')} chunks: {early[0].get('early_verdict')}")
+        if COMPARE_KEY in self.config.stash:
+            from .compare import format_comparison
+
+            reference = self.config.stash[COMPARE_KEY][0]
+            missing = reference.missing((u.tensors, u.qtype, u.id) for u in self.session.units)
+            for line in format_comparison(session_rows, reference, missing,
+                                          self.session.config.top):
+                tr.write_line(line)
         skipped = [r for r in rows if r.get("status") == "skipped"]
         if skipped:
             tr.write_line(f"{len(skipped)} skipped, e.g. {skipped[0]['tensor']}[{skipped[0]['qtype']}]:"

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = [
+    "GATING_KEYS",
     "ITEM_KEYS",
     "METRIC_KEYS",
     "MISSING",
@@ -47,6 +48,7 @@ __all__ = [
     "SUITE_TABLES",
     "atomic_write_text",
     "check_csv_metrics",
+    "comparable_metrics",
     "format_summary",
     "tidy_columns",
     "wide_table",
@@ -74,6 +76,15 @@ METRIC_KEYS: tuple[str, ...] = (
     "mean_dp", "mean_dp_err", "max_dp", "dp_p99_9", "dp_p99", "dp_p95", "dp_p90", "dp_p75",
     "median_dp", "dp_p25", "dp_p10", "dp_p5", "dp_p1", "dp_p0_1", "min_dp",
     "rms_dp", "rms_dp_err", "same_top_p", "same_top_p_err", "n_tokens",
+)
+
+#: Columns of the gating features, after the metrics: the chunk-level (batch-means) ± of
+#: :meth:`~pytest_quantbench.metrics.KLDAccumulator.chunk_errors` and the early-verdict facts of
+#: :mod:`~pytest_quantbench.earlystop` (``ref_<metric>`` / ``delta_<metric>`` of a comparison
+#: depend on the fail rules and come with the other extra keys).
+GATING_KEYS: tuple[str, ...] = (
+    "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
+    "chunks_used", "stopped_early", "early_verdict",
 )
 
 _TRAILING_KEYS: tuple[str, ...] = ("nodeid", "reason")
@@ -307,13 +318,13 @@ def tidy_columns(rows: Iterable[Row]) -> list[str]:
 
     Item keys (:data:`ITEM_KEYS`), run-identity keys
     (:data:`RUN_IDENTITY_KEYS`), every metric (:data:`METRIC_KEYS`, in
-    llama-perplexity's order), then any other key found in the rows
+    llama-perplexity's order), the gating columns (:data:`GATING_KEYS`), then any other key found in the rows
     (sorted), then ``nodeid`` and ``reason``. The known columns are always
     present, so the header is the same in every run.
     """
-    known = (*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *_TRAILING_KEYS)
+    known = (*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *GATING_KEYS, *_TRAILING_KEYS)
     extra = sorted({key for row in rows for key in row} - set(known))
-    return [*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *extra, *_TRAILING_KEYS]
+    return [*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *GATING_KEYS, *extra, *_TRAILING_KEYS]
 
 
 def _tidy_cell(value: Any) -> str:
@@ -363,6 +374,12 @@ def write_tidy_csv(rows: Iterable[Row], path: str | os.PathLike[str]) -> Path:
     text = df.to_csv(index=False, lineterminator="\n")
     atomic_write_text(path, text)
     return Path(path)
+
+
+def comparable_metrics() -> tuple[str, ...]:
+    """The metric names a comparison rule (``--quantbench-compare-fail``) may use: every value
+    of :data:`METRIC_KEYS` (not their ± and not the token count)."""
+    return tuple(k for k in METRIC_KEYS if not k.endswith("_err") and k != "n_tokens")
 
 
 def check_csv_metrics(names: Iterable[str]) -> tuple[str, ...]:

@@ -423,8 +423,14 @@ class QuantbenchSession:
         Raises: ItemSkip (fallback type, missing imatrix, a type this build cannot run),
             EngineError, StoreError, ValueError (non-finite logits: the message says where).
         """
-        key = self.item_key(unit)
-        stored = None if self.config.rerun else self.store.get(key)
+        from .earlystop import early_item_key, early_store_run  # [gating]
+
+        key, run = self.item_key(unit), self.run_key
+        limits = self.early_limits(unit)  # [gating] early-stopped results have their own key
+        early_key = (early_item_key(run, unit.tensors, unit.qtype, limits,
+                                    self.config.early_stop_confidence) if limits else None)
+        stored = None if self.config.rerun else (
+            self.store.get(key) or (self.store.get(early_key) if early_key else None))
         if stored is not None:
             row.update(stored["facts"], reused=True)
             if row.get("fallback") and not self.config.allow_fallback:
@@ -432,7 +438,9 @@ class QuantbenchSession:
             return stored["stats"]
         stats = self._measure(unit, row)
         facts = {k: row[k] for k in _FACTS if k in row}
-        self.store.put(key, self.run_key, {"tensor": unit.name, "qtype": unit.qtype,
+        if row.get("stopped_early"):  # [gating] never reused for a full-chunk run
+            key, run = early_key, early_store_run(run)
+        self.store.put(key, run, {"tensor": unit.name, "qtype": unit.qtype,
                                            "facts": facts, "stats": stats.as_dict()})
         return stats.as_dict()
 
@@ -440,7 +448,7 @@ class QuantbenchSession:
         """Plan the written types, quantize, evaluate every chunk; return the KLDStats."""
         import time
 
-        from .metrics import KLDAccumulator
+        from .earlystop import EarlyVerdict, gating_facts, item_accumulator
         from .qtypes import resolve_qtype
 
         started = time.perf_counter()
@@ -456,13 +464,25 @@ class QuantbenchSession:
         probes = [k for k in probes if k is not None]
         if probes:  # how far the engine's kernels are from the dequantized weights (nats)
             row["kernel_check_kld"] = max(probes)
-        acc = KLDAccumulator()
-        if engine == "inplace":
-            self._measure_inplace(written, base, acc)
-        else:
-            self._measure_file(unit, qtype, written, row, base, acc)
+        n_chunks = self.run_identity.chunks
+        acc = item_accumulator(self.early_limits(unit), n_chunks,  # [gating]
+                               self.config.early_stop_confidence)
+        try:
+            if engine == "inplace":
+                self._measure_inplace(written, base, acc)
+            else:
+                self._measure_file(unit, qtype, written, row, base, acc)
+        except EarlyVerdict:  # [gating] the verdict is sure: acc holds the chunks looked at
+            pass
+        row.update(gating_facts(acc, n_chunks))  # [gating] chunk-level ±, chunks_used
         row["seconds"] = round(time.perf_counter() - started, 3)
         return acc.stats()
+
+    def early_limits(self, unit: WorkUnit) -> dict[str, float]:  # [gating]
+        """``unit``'s threshold limits (key → value) under --quantbench-early-stop, else {}."""
+        if not self.config.early_stop:
+            return {}
+        return {k: lim.value for k, lim in self.thresholds.limits_for(unit.name, unit.qtype).items()}
 
     def plan_types(self, unit: WorkUnit, qtype, row: dict[str, Any]) -> dict[str, Any]:
         """The ggml type llama-quantize writes for each tensor of ``unit`` (tensor → GGMLType).
@@ -771,7 +791,10 @@ KERNEL_PROBE_MAX_KLD = 0.05
 #: The row facts the results store keeps with an item's statistics.
 _FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note",
           "kernel_check_kld", "reason", "fallback",
-          "seconds")
+          "seconds",
+          # [gating] chunk-level ± and early verdicts (earlystop.gating_facts)
+          "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
+          "chunks_used", "stopped_early", "early_verdict")
 
 
 def fallback_reason(tensor: str, written: str, requested: str, why: str | None) -> str:
