@@ -358,3 +358,15 @@ def test_early_stop_in_yaml_and_bad_confidence(pytester, qb_args):
     (pytester.path / "quantbench.yaml").write_text("early_stop: true\nearly_stop_confidence: 1.5\n")
     error = usage_error(pytester.runpytest_subprocess(*qb_args, *ONE_ITEM))
     assert "early-stop-confidence" in error and "between 0 and 1" in error
+
+
+def test_threshold_messages_use_the_chunk_level_error():
+    from pytest_quantbench.thresholds import ThresholdRule, Thresholds
+
+    limits = Thresholds([ThresholdRule(None, None, None, None, {"max_kld": 0.01}, "defaults")])
+    row = {"mean_kld": 0.02, "mean_kld_err": 0.0001}
+    (plain,) = limits.check("t", "q4_0", row)
+    assert plain.err == pytest.approx(0.0001) and "chunk" not in plain.message
+    (v,) = limits.check("t", "q4_0", {**row, "mean_kld_err_chunks": 0.003})
+    assert v.message == ("mean KLD 0.020000 ± 0.003000 > max_kld 0.01 (defaults) "
+                         "(± from chunk means)")

@@ -227,15 +227,16 @@ class QuantbenchItem(pytest.Item):
 
     def runtest(self) -> None:
         qb = self._session()
+        measured = {**self.row, **self.measured}  # the row has the chunk-level ±
         messages = [v.message for v in qb.thresholds.check(self.unit.name, self.unit.qtype,
-                                                           self.measured)]
+                                                           measured)]
         if messages and self.row.get("stopped_early"):
             messages.append(f"(early verdict after {self.row.get('chunks_used')} of "
                             f"{self.row.get('chunks')} chunks, --quantbench-early-stop)")
         if COMPARE_KEY in self.config.stash:
             reference, rules = self.config.stash[COMPARE_KEY]
-            props, failures = reference.compare(self.unit.tensors, self.unit.qtype,
-                                                {**self.row, **self.measured}, rules)
+            props, failures = reference.compare(self.unit.tensors, self.unit.qtype, measured,
+                                                rules)
             self.user_properties.extend(props.items())
             messages += failures
         if messages:
