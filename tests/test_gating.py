@@ -277,6 +277,19 @@ def test_load_reference_from_an_output_directory(tmp_path):
     ref = load_reference(tmp_path, {**row, "imatrix": ""})
     assert isinstance(ref, Reference) and len(ref.rows) == 1
     assert "early-stopped" in ref.skipped["u[q4_0]"]
+    with pytest.raises(CompareError, match=r"imatrix none \(reference\) vs abc \(this run\)"):
+        load_reference(tmp_path, {**row, "imatrix": "abc"})
+
+
+def test_auto_imatrix_of_another_engine_is_allowed_and_listed(tmp_path):
+    row = {"tensor": "t", "members": "t", "qtype": "q4_0", "mean_kld": 0.1, "engine": "e1",
+           "model_sha256": "m", "corpus_sha256": "c", "n_ctx": 64, "chunks": 2,
+           "imatrix": "auto:k1"}
+    pd.DataFrame([row]).to_csv(tmp_path / "results.csv", index=False)
+    current = {**row, "imatrix": "auto:k2", "engine": "e2"}
+    lines = load_reference(tmp_path, current).header_lines(current)
+    assert any("engine differs: reference e1, this run e2" in line for line in lines)
+    assert any("imatrix differs: reference auto:k1, this run auto:k2" in line for line in lines)
 
 
 # ---------------------------------------------------------------------------

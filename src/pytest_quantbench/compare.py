@@ -121,6 +121,12 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _both_auto(a: Any, b: Any) -> bool:
+    """Both runs computed their imatrix from the corpus (``--quantbench-imatrix=auto``): its key
+    holds the engine, which may differ, so the two matrices may differ as the engines do."""
+    return str(a).startswith("auto:") and str(b).startswith("auto:")
+
+
 def _is_true(value: Any) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes")
 
@@ -146,9 +152,9 @@ class Reference:
     def header_lines(self, current: Mapping[str, Any]) -> list[str]:
         """Run-header lines: the reference and what differs between the two runs' engines."""
         lines = [f"quantbench compare: {self.path} ({len(self.rows)} measured items)"]
-        for key in ENGINE_KEYS:
+        for key in (*ENGINE_KEYS, "imatrix"):
             ref, cur = self.identity.get(key), current.get(key)
-            if ref is not None and not _same(ref, cur):
+            if ref is not None and not _same(ref, cur):  # (imatrix: both auto, per engine)
                 lines.append(f"quantbench compare: {key} differs: reference {ref}, this run {cur}")
         if "imatrix" not in self.identity:
             lines.append("quantbench compare: the reference does not record its imatrix "
@@ -272,9 +278,10 @@ def load_reference(path: Path, current: Mapping[str, Any]) -> Reference:
             identity[key] = values[0]
         elif key == "imatrix":
             identity[key] = ""
-    diffs = [f"{key} {identity[key]!s:.16} (reference) vs {current.get(key)!s:.16} (this run)"
-             for key in SETTING_KEYS if key in identity and not _same(identity[key],
-                                                                       current.get(key))]
+    diffs = [f"{key} {identity[key] or 'none'!s:.16} (reference) vs "
+             f"{current.get(key) or 'none'!s:.16} (this run)"
+             for key in SETTING_KEYS if key in identity and not _same(identity[key], current.get(key))
+             and not _both_auto(identity[key], current.get(key))]
     if diffs:
         raise CompareError(f"{where} was measured with other settings: {'; '.join(diffs)}. "
                            "Only the engine may differ; run the reference again with this run's "
