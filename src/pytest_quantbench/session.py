@@ -441,7 +441,7 @@ class QuantbenchSession:
         if row.get("stopped_early"):  # [gating] never reused for a full-chunk run
             key, run = early_key, early_store_run(run)
         self.store.put(key, run, {"tensor": unit.name, "qtype": unit.qtype,
-                                           "facts": facts, "stats": stats.as_dict()})
+                                  "facts": facts, "stats": stats.as_dict()})
         return stats.as_dict()
 
     def _measure(self, unit: WorkUnit, row: dict[str, Any]):
