@@ -134,6 +134,52 @@ def test_early_stop_accumulator_raises_at_the_look_with_exactly_its_chunks():
     assert acc.n_chunks == 4 and acc.decision.verdict == "pass"
 
 
+class _FakeBase:
+    """A baseline file of ``n_chunk`` chunks: uniform base log-probs, target token 0."""
+
+    n_scored, n_vocab = 8, 16
+
+    def __init__(self, n_chunk: int) -> None:
+        self.n_chunk = n_chunk
+        self.tokens = np.zeros((n_chunk, 2 * self.n_scored), dtype=np.int32)
+
+    def chunk_logprobs(self, i, out):
+        out[:] = -math.log(self.n_vocab)
+        return out
+
+    def targets(self, i):
+        return np.zeros(self.n_scored, dtype=np.int32)
+
+
+class _FakeModel:
+    """Counts the chunks it decodes; its logits put nearly all mass on one token (KLD ≈ 2.7)."""
+
+    def __init__(self, n_seq: int) -> None:
+        self.settings = type("Settings", (), {"n_seq": n_seq})()
+        self.decoded = 0
+
+    def eval_chunks(self, tokens, out):
+        self.decoded += len(tokens)
+        rng = np.random.default_rng(self.decoded)
+        out[:] = rng.normal(0.0, 0.1, out.shape)
+        out[..., 3] += 20.0
+        return out
+
+
+@pytest.mark.parametrize("n_seq", [1, 3])
+def test_evaluate_decodes_no_chunk_past_an_early_verdict(n_seq):
+    from pytest_quantbench.measure import evaluate
+
+    model, acc = _FakeModel(n_seq), EarlyStopAccumulator(EarlyStop({"max_kld": 0.01}, 32))
+    with pytest.raises(EarlyVerdict, match="early fail after 4 of 32"):
+        evaluate(model, _FakeBase(32), acc)
+    assert acc.n_chunks == 4
+    assert model.decoded == -(-4 // n_seq) * n_seq  # the decodes holding chunks 0..3, no more
+    plain = _FakeModel(n_seq)
+    evaluate(plain, _FakeBase(32), KLDAccumulator())  # no looks: every chunk, overlapped
+    assert plain.decoded == 32
+
+
 # ---------------------------------------------------------------------------
 # comparison: the pure parts
 # ---------------------------------------------------------------------------

@@ -238,14 +238,20 @@ class EarlyStopAccumulator(KLDAccumulator):
     """A :class:`KLDAccumulator` that asks ``rule`` after each chunk and raises
     :class:`EarlyVerdict` (after adding the chunk) when the verdict is sure.
 
-    The chunk loop needs no change: the exception ends it like an engine error would, and the
-    accumulator holds exactly the looked-at chunks. :attr:`decision` keeps the verdict.
+    The exception ends the chunk loop like an engine error would, and the accumulator holds
+    exactly the looked-at chunks; :meth:`is_look` lets the loop wait for the statistics at a
+    look instead of decoding on. :attr:`decision` keeps the verdict.
     """
 
     def __init__(self, rule: EarlyStop, **kwargs) -> None:
         super().__init__(**kwargs)
         self.rule = rule
         self.decision: Decision | None = None
+
+    def is_look(self, n_done: int) -> bool:
+        """Whether the rule decides after ``n_done`` chunks (:func:`measure.evaluate` waits for
+        the statistics there before it decodes on)."""
+        return self.rule.is_look(n_done)
 
     def add_token_stats(self, ts: TokenStats) -> None:
         super().add_token_stats(ts)
