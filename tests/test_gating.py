@@ -21,7 +21,7 @@ from pytest_quantbench.earlystop import (
     t_quantile,
 )
 from pytest_quantbench.metrics import KLDAccumulator, TokenStats, chunk_mean_errors
-from pytest_quantbench.report import comparable_metrics
+from pytest_quantbench.report import GATING_KEYS, comparable_metrics, comparison_columns
 from runhelpers import results, usage_error, without
 
 # ---------------------------------------------------------------------------
@@ -232,6 +232,7 @@ def test_compare_same_numbers_pass_and_carry_properties(pytester, reference_run)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines([f"quantbench compare: {path} (2 measured items)",
                                  "compared with *: 2 item(s)"])
+    assert {*GATING_KEYS, *comparison_columns()} <= set(ref.columns)  # what a reference needs
     rows = results(pytester)
     assert (rows["delta_mean_kld"] == 0).all()
     assert list(rows["ref_mean_kld"]) == list(ref["mean_kld"])
@@ -285,7 +286,7 @@ def test_compare_lists_missing_items(pytester, reference_run):
 
 
 @pytest.mark.parametrize("column,value", [("n_ctx", 128), ("corpus_sha256", "ab" * 32),
-                                          ("chunks", 3)])
+                                          ("chunks", 3), ("imatrix", "ab" * 32)])
 def test_compare_with_other_settings_is_a_usage_error(pytester, reference_run, column, value):
     args, ref = reference_run
     other = ref.copy()

@@ -15,6 +15,7 @@ from pytest_quantbench.report import (
     METRIC_KEYS,
     atomic_write_text,
     check_csv_metrics,
+    comparison_columns,
     format_summary,
     tidy_columns,
     wide_table,
@@ -306,7 +307,7 @@ def test_results_csv_columns_and_full_precision(tmp_path):
     assert list(records[0]) == [
         "tensor", "qtype", "written_type", "status",
         "model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine",
-        *METRIC_KEYS, *GATING_KEYS, "zz_extra", "nodeid", "reason",
+        *METRIC_KEYS, *GATING_KEYS, *comparison_columns(), "zz_extra", "nodeid", "reason",
     ]
     assert [r["tensor"] for r in records] == [
         "blk.2.attn_q.weight", "blk.10.attn_q.weight", "token_embd.weight"
@@ -318,6 +319,17 @@ def test_results_csv_columns_and_full_precision(tmp_path):
     assert r10["corpus_sha256"] == "" and r10["max_kld"] == ""
     assert records[2]["reason"] == "engine crashed, rc=-11"
     assert records[2]["status"] == "error"
+
+
+def test_comparison_columns_fixed_then_a_fail_rules_metric():
+    assert comparison_columns(["mean_kld", "kld_p99", "mean_kld"]) == (
+        "ref_mean_kld", "delta_mean_kld", "ref_kld_p99", "delta_kld_p99")
+    row = {"tensor": "t", "ref_kld_p99": 1.0, "delta_kld_p99": 0.5, "ref_mean_kld": 0.1}
+    columns = tidy_columns([row])
+    fixed = list(comparison_columns())
+    assert columns[columns.index(fixed[0]):][:len(fixed) + 2] == [
+        *fixed, "ref_kld_p99", "delta_kld_p99"]
+    assert "ref_kld_p99" not in tidy_columns([])
 
 
 def test_tidy_columns_are_stable_without_extra_keys():

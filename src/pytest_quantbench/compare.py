@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .report import COMPARED_METRICS
+
 __all__ = [
     "COMPARED_METRICS",
     "CompareError",
@@ -34,9 +36,6 @@ __all__ = [
     "parse_fail_rules",
 ]
 
-#: Metrics every compared item gets ``ref_<metric>`` and ``delta_<metric>`` for (the fail rules
-#: add theirs).
-COMPARED_METRICS: tuple[str, ...] = ("mean_kld", "ppl_ratio", "mean_dp", "same_top_p")
 
 #: Row columns that must agree between the reference and this run (``imatrix`` may be absent in
 #: a reference written before it was recorded).

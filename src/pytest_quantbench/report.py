@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = [
+    "COMPARED_METRICS",
     "GATING_KEYS",
     "ITEM_KEYS",
     "METRIC_KEYS",
@@ -49,6 +50,7 @@ __all__ = [
     "atomic_write_text",
     "check_csv_metrics",
     "comparable_metrics",
+    "comparison_columns",
     "format_summary",
     "tidy_columns",
     "wide_table",
@@ -78,14 +80,19 @@ METRIC_KEYS: tuple[str, ...] = (
     "rms_dp", "rms_dp_err", "same_top_p", "same_top_p_err", "n_tokens",
 )
 
-#: Columns of the gating features, after the metrics: the chunk-level (batch-means) ± of
+#: Columns of the gating features, after the metrics: the run's imatrix identity (sha256 of the
+#: file, or the key of an auto imatrix; "" without one), which a comparison checks, the
+#: chunk-level (batch-means) ± of
 #: :meth:`~pytest_quantbench.metrics.KLDAccumulator.chunk_errors` and the early-verdict facts of
-#: :mod:`~pytest_quantbench.earlystop` (``ref_<metric>`` / ``delta_<metric>`` of a comparison
-#: depend on the fail rules and come with the other extra keys).
+#: :mod:`~pytest_quantbench.earlystop` (the comparison's columns: :func:`comparison_columns`).
 GATING_KEYS: tuple[str, ...] = (
-    "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
+    "imatrix", "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
     "chunks_used", "stopped_early", "early_verdict",
 )
+
+#: Metrics every item compared with a reference run (``--quantbench-compare``) gets
+#: ``ref_<metric>`` / ``delta_<metric>`` for; each fail rule's metric adds its own pair.
+COMPARED_METRICS: tuple[str, ...] = ("mean_kld", "ppl_ratio", "mean_dp", "same_top_p")
 
 _TRAILING_KEYS: tuple[str, ...] = ("nodeid", "reason")
 
@@ -313,18 +320,29 @@ def write_wide_csv(df: pandas.DataFrame, path: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------
 
 
+def comparison_columns(metrics: Iterable[str] = COMPARED_METRICS) -> tuple[str, ...]:
+    """The ``results.csv`` columns of a comparison with a reference run: ``ref_<metric>``
+    (the reference's value) and ``delta_<metric>`` (this run − reference, the metric's unit) for
+    each of ``metrics`` (:data:`COMPARED_METRICS` and the fail rules' metrics), in order, once."""
+    return tuple(f"{side}_{m}" for m in dict.fromkeys(metrics) for side in ("ref", "delta"))
+
+
 def tidy_columns(rows: Iterable[Row]) -> list[str]:
     """Column order of ``results.csv``.
 
-    Item keys (:data:`ITEM_KEYS`), run-identity keys
-    (:data:`RUN_IDENTITY_KEYS`), every metric (:data:`METRIC_KEYS`, in
-    llama-perplexity's order), the gating columns (:data:`GATING_KEYS`), then any other key found in the rows
-    (sorted), then ``nodeid`` and ``reason``. The known columns are always
-    present, so the header is the same in every run.
+    Item keys (:data:`ITEM_KEYS`), run-identity keys (:data:`RUN_IDENTITY_KEYS`), every metric
+    (:data:`METRIC_KEYS`, in llama-perplexity's order), the gating columns (:data:`GATING_KEYS`),
+    the comparison's :func:`comparison_columns` (those of a fail rule's other metric where the
+    rows have them, after the fixed ones), then any other key found in the rows (sorted), then
+    ``nodeid`` and ``reason``. The known columns are always present, so the header is the same
+    in every run.
     """
-    known = (*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *GATING_KEYS, *_TRAILING_KEYS)
-    extra = sorted({key for row in rows for key in row} - set(known))
-    return [*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *GATING_KEYS, *extra, *_TRAILING_KEYS]
+    keys = {key for row in rows for key in row}
+    compared = comparison_columns([*COMPARED_METRICS, *(k[len("ref_"):] for k in sorted(keys)
+                                                        if k.startswith("ref_"))])
+    known = (*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *GATING_KEYS, *compared)
+    extra = sorted(keys - set(known) - set(_TRAILING_KEYS))
+    return [*known, *extra, *_TRAILING_KEYS]
 
 
 def _tidy_cell(value: Any) -> str:
