@@ -11,9 +11,11 @@ import pytest
 
 from pytest_quantbench import report
 from pytest_quantbench.report import (
+    GATING_KEYS,
     METRIC_KEYS,
     atomic_write_text,
     check_csv_metrics,
+    comparison_columns,
     format_summary,
     tidy_columns,
     wide_table,
@@ -314,6 +316,17 @@ def test_results_csv_columns_and_full_precision(tmp_path):
     assert r10["corpus_sha256"] == "" and r10["max_kld"] == ""
     assert records[2]["reason"] == "engine crashed, rc=-11"
     assert records[2]["status"] == "error"
+
+
+def test_comparison_columns_fixed_then_a_fail_rules_metric():
+    assert comparison_columns(["mean_kld", "kld_p99", "mean_kld"]) == (
+        "ref_mean_kld", "delta_mean_kld", "ref_kld_p99", "delta_kld_p99")
+    row = {"tensor": "t", "ref_kld_p99": 1.0, "delta_kld_p99": 0.5, "ref_mean_kld": 0.1}
+    columns = tidy_columns([row])
+    fixed = list(comparison_columns())
+    assert columns[columns.index(fixed[0]):][:len(fixed) + 2] == [
+        *fixed, "ref_kld_p99", "delta_kld_p99"]
+    assert "ref_kld_p99" not in tidy_columns([])
 
 
 def test_tidy_columns_are_stable_without_extra_keys():

@@ -90,6 +90,18 @@ OPTIONS: tuple[Option, ...] = (
            "PPL in percent, e.g. +1.23 percent, as the suite's collector does"),
     Option("baseline-ppl", "float", None, "baseline PPL for --quantbench-ppl-percent and the "
            "baseline row (default: the run's baseline PPL)"),
+    Option("compare", "path", None, "an earlier run's results.csv (or its output directory) to "
+           "compare with: items matched by tensor set and qtype get ref_<metric> and "
+           "delta_<metric>; its model, corpus, n_ctx, chunks and imatrix must be this run's"),
+    Option("compare-fail", "list", (), "fail an item whose change against --quantbench-compare "
+           "goes beyond the tolerance of METRIC:X, in the metric's unit, or of METRIC:X followed by a "
+           "percent sign, relative (repeatable; a negative tolerance fails a drop, for "
+           "higher-is-better metrics), e.g. mean_kld:0.001 or same_top_p:-0.5"),
+    Option("early-stop", "bool", False, "stop an item with threshold limits as soon as a "
+           "confidence interval on its chunk means lies wholly below every limit (pass) or wholly "
+           "above one (fail); looks after 4, 8, 16 ... chunks"),
+    Option("early-stop-confidence", "float", 0.99, "overall confidence of the early verdicts, "
+           "split over the planned looks (Bonferroni; default 0.99)"),
     Option("logs", "path", None, "directory for one suite-style log per item, "
            "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
     Option("flush-minutes", "float", 10.0, "rewrite the result tables (atomically) at most every "
@@ -136,6 +148,10 @@ class QuantbenchConfig:
     logs: Path | None = None
     n_seq: int = 1
     flush_minutes: float = 10.0
+    compare: Path | None = None
+    compare_fail: tuple[str, ...] = ()
+    early_stop: bool = False
+    early_stop_confidence: float = 0.99
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -353,6 +369,20 @@ def validate(config: QuantbenchConfig) -> None:
     if not 0 <= config.flush_minutes < math.inf:
         raise ConfigError(f"{where('flush_minutes')}: {config.flush_minutes}; give 0 (after every "
                           "item) or a finite number of minutes")
+    if not 0.0 < config.early_stop_confidence < 1.0:
+        raise ConfigError(f"{where('early_stop_confidence')}: {config.early_stop_confidence}; "
+                          "give a level between 0 and 1, e.g. 0.99")
+    if config.compare_fail:
+        if config.compare is None:
+            raise ConfigError(f"{where('compare_fail')} needs a reference: pass "
+                              "--quantbench-compare RESULTS_CSV")
+        from .compare import CompareError, parse_fail_rules
+        from .report import comparable_metrics
+
+        try:
+            parse_fail_rules(config.compare_fail, comparable_metrics())
+        except CompareError as exc:
+            raise ConfigError(str(exc)) from None
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
     if not config.qtypes:

@@ -27,6 +27,7 @@ SWEPT_KEY = pytest.StashKey["list"]()
 # pytest-xdist's first line of a worker's failure text: "[gw1] linux -- Python 3.11.2 /usr/bin/…"
 _XDIST_WORKER_LINE = re.compile(r"^\[gw\d+\] \S+ -- Python ")
 REPORTER_KEY = pytest.StashKey["Any"]()
+COMPARE_KEY = pytest.StashKey["Any"]()  # (Reference, fail rules) of --quantbench-compare
 # ValueError covers ConfigError, GGUFError, SelectionError, UnknownQTypeError, ThresholdsError,
 # KLDBaseFormatError and non-finite logits; RuntimeError the engine's EngineError and
 # EngineLibraryError; OSError file access.
@@ -130,6 +131,8 @@ def pytest_configure(config: pytest.Config) -> None:
             from .diskspace import check_cache_space  # one of them takes space already
 
             check_cache_space(session.inputs.cache_plan)
+        if qb_config.compare is not None:  # another corpus, n_ctx… is a usage error now
+            config.stash[COMPARE_KEY] = _load_comparison(session)
     except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
@@ -177,6 +180,21 @@ def _check_separate_path_args(config: pytest.Config) -> None:
                                     "hosts, and stops)")
 
 
+def _current_identity(session) -> dict[str, Any]:
+    """This run's identity columns, as result rows carry them (the imatrix identity included)."""
+    return {**session.run_identity.as_row(), "imatrix": session.imatrix_identity or ""}
+
+
+def _load_comparison(session):
+    """The reference run and the fail rules of --quantbench-compare(-fail). Raises CompareError."""
+    from .compare import load_reference, parse_fail_rules
+    from .report import comparable_metrics
+
+    cfg = session.config
+    reference = load_reference(cfg.compare, _current_identity(session))
+    return reference, parse_fail_rules(cfg.compare_fail, comparable_metrics())
+
+
 def _sigterm_as_interrupt() -> None:
     """Treat SIGTERM like Ctrl-C in the controller (when nobody else handles it), so a terminated
     run still ends its session: the tables are rewritten, complete, from what was measured."""
@@ -220,9 +238,15 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     from .cachefiles import sweep_lines
 
     notes = session.thresholds.notes if config.get_verbosity() > 0 else ()
-    return [*session.header_lines(), *sweep_lines(config.stash.get(SWEPT_KEY, [])),
-            f"quantbench items: {len(session.units)}",
-            *(f"quantbench thresholds: {note}" for note in notes)]
+    lines = [*session.header_lines(), *sweep_lines(config.stash.get(SWEPT_KEY, [])),
+             f"quantbench items: {len(session.units)}",
+             *(f"quantbench thresholds: {note}" for note in notes)]
+    if COMPARE_KEY in config.stash:
+        lines += config.stash[COMPARE_KEY][0].header_lines(_current_identity(session))
+    if session.config.early_stop:
+        lines.append(f"quantbench early stop: items with limits are looked at after 4, 8, 16 … "
+                     f"chunks, {session.config.early_stop_confidence:.4g} overall confidence")
+    return lines
 
 
 @pytest.hookimpl(wrapper=True)
@@ -258,6 +282,7 @@ class QuantbenchItem(pytest.Item):
 
         self.unit = unit
         self.measured: dict[str, Any] | None = None
+        self.row: dict[str, Any] = {}
         tensor = unit.tensors[0]
         layer, kind = layer_of(tensor), tensor_kind(tensor)
         # No extra -k keywords: -k matches substrings ("layer1" would select layers 10-19 too,
@@ -272,7 +297,7 @@ class QuantbenchItem(pytest.Item):
         from .measure import ItemSkip
 
         qb = self._session()
-        row = qb.identity_row(self.unit)
+        row = self.row = {**qb.identity_row(self.unit), "imatrix": qb.imatrix_identity or ""}
         error: str | None = None
         try:
             self.measured = qb.measure(self.unit, row)
@@ -294,9 +319,20 @@ class QuantbenchItem(pytest.Item):
 
     def runtest(self) -> None:
         qb = self._session()
-        violations = qb.thresholds.check(self.unit.name, self.unit.qtype, self.measured)
-        if violations:
-            message = "\n".join(v.message for v in violations)
+        measured = {**self.row, **self.measured}  # the row has the chunk-level ±
+        messages = [v.message for v in qb.thresholds.check(self.unit.name, self.unit.qtype,
+                                                           measured)]
+        if messages and self.row.get("stopped_early"):
+            messages.append(f"(early verdict after {self.row.get('chunks_used')} of "
+                            f"{self.row.get('chunks')} chunks, --quantbench-early-stop)")
+        if COMPARE_KEY in self.config.stash:
+            reference, rules = self.config.stash[COMPARE_KEY]
+            props, failures = reference.compare(self.unit.tensors, self.unit.qtype, measured,
+                                                rules)
+            self.user_properties.extend(props.items())
+            messages += failures
+        if messages:
+            message = "\n".join(messages)
             self.user_properties.append(("reason", message))  # the row's reason: value, limit, rule
             pytest.fail(message, pytrace=False)
 
@@ -468,7 +504,7 @@ class ResultCollector:
         for item in stored:
             key = (item["tensor"], item["qtype"])
             if key not in rows:
-                rows[key] = {**self.session.run_identity.as_row(), "tensor": item["tensor"],
+                rows[key] = {**_current_identity(self.session), "tensor": item["tensor"],
                              "qtype": item["qtype"], **item["facts"], **item["stats"],
                              "status": "stored", "reused": True}
         return list(rows.values())
@@ -499,6 +535,21 @@ class ResultCollector:
                           f"e.g. {impure[0]['tensor']}[{impure[0]['qtype']}] as "
                           f"{impure[0].get('written_type')}; results.csv column fallback",
                           yellow=True)
+        early = [r for r in session_rows if str(r.get("stopped_early")) == "True"]
+        if early:
+            tr.write_line(f"{len(early)} item(s) stopped early (--quantbench-early-stop; "
+                          "chunks_used and early_verdict in results.csv; stored under their own "
+                          "key, never reused by a full-chunk run), e.g. "
+                          f"{early[0]['tensor']}[{early[0]['qtype']}] after "
+                          f"{early[0].get('chunks_used')} chunks: {early[0].get('early_verdict')}")
+        if COMPARE_KEY in self.config.stash:
+            from .compare import format_comparison
+
+            reference = self.config.stash[COMPARE_KEY][0]
+            missing = reference.missing((u.tensors, u.qtype, u.id) for u in self.session.units)
+            for line in format_comparison(session_rows, reference, missing,
+                                          self.session.config.top):
+                tr.write_line(line)
         skipped = [r for r in rows if r.get("status") == "skipped"]
         if skipped:
             tr.write_line(f"{len(skipped)} skipped, e.g. {skipped[0]['tensor']}[{skipped[0]['qtype']}]:"

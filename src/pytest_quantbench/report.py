@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = [
+    "COMPARED_METRICS",
+    "GATING_KEYS",
     "ITEM_KEYS",
     "METRIC_KEYS",
     "MISSING",
@@ -49,6 +51,8 @@ __all__ = [
     "SUITE_TABLES",
     "atomic_write_text",
     "check_csv_metrics",
+    "comparable_metrics",
+    "comparison_columns",
     "format_summary",
     "tidy_columns",
     "wide_table",
@@ -80,6 +84,29 @@ METRIC_KEYS: tuple[str, ...] = (
     "rms_dp", "rms_dp_err", "same_top_p", "same_top_p_err", "n_tokens",
 )
 
+#: Columns of the gating features, after the metrics: the run's imatrix identity (sha256 of the
+#: file, or the key of an auto imatrix; "" without one), which a comparison checks, the
+#: chunk-level (batch-means) ± of
+#: :meth:`~pytest_quantbench.metrics.KLDAccumulator.chunk_errors` and the early-verdict facts of
+#: :mod:`~pytest_quantbench.earlystop` (the comparison's columns: :func:`comparison_columns`).
+GATING_KEYS: tuple[str, ...] = (
+    "imatrix", "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
+    "chunks_used", "stopped_early", "early_verdict",
+)
+
+#: Metrics every item compared with a reference run (``--quantbench-compare``) gets
+#: ``ref_<metric>`` / ``delta_<metric>`` for; each fail rule's metric adds its own pair.
+COMPARED_METRICS: tuple[str, ...] = ("mean_kld", "ppl_ratio", "mean_dp", "same_top_p")
+
+
+
+def comparison_columns(metrics: Iterable[str] = COMPARED_METRICS) -> tuple[str, ...]:
+    """The ``results.csv`` columns of a comparison with a reference run: ``ref_<metric>``
+    (the reference's value) and ``delta_<metric>`` (this run − reference, the metric's unit) for
+    each of ``metrics`` (:data:`COMPARED_METRICS` and the fail rules' metrics), in order, once."""
+    return tuple(f"{side}_{m}" for m in dict.fromkeys(metrics) for side in ("ref", "delta"))
+
+
 #: The columns of ``results.csv``: all of them in every run, in this order, whatever the rows hold
 #: (an absent value is an empty cell; a key not listed here is not written). A new row key
 #: becomes a column by adding one line here (and one line to the README's results.csv list).
@@ -95,6 +122,8 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "kernel_check_kld",                          # kernel vs dequantized weights, mean KLD
     "seconds",                                   # the item's measuring time
     *METRIC_KEYS,
+    *GATING_KEYS,                                # imatrix, chunk-level ±, early-verdict facts
+    *comparison_columns(),                       # ref_/delta_ of --quantbench-compare
     "nodeid",
     "reason",                                    # skip/failure/error message, whole
 )
@@ -327,9 +356,13 @@ def write_wide_csv(df: pandas.DataFrame, path: str | os.PathLike[str]) -> Path:
 
 
 def tidy_columns(rows: Iterable[Row] = ()) -> list[str]:
-    """Column order of ``results.csv``: :data:`RESULT_COLUMNS`, the same in every run (``rows``
-    is accepted for compatibility and does not change it)."""
-    return list(RESULT_COLUMNS)
+    """Column order of ``results.csv``: :data:`RESULT_COLUMNS`, the same in every run, plus the
+    ``ref_``/``delta_`` pair of a ``--quantbench-compare-fail`` rule's metric outside
+    :data:`COMPARED_METRICS` where the rows have one (before ``nodeid`` and ``reason``)."""
+    keys = {key for row in rows for key in row}
+    extra = [c for c in comparison_columns(k[len("ref_"):] for k in sorted(keys)
+                                           if k.startswith("ref_")) if c not in RESULT_COLUMNS]
+    return [*RESULT_COLUMNS[:-2], *extra, *RESULT_COLUMNS[-2:]]
 
 
 def _tidy_cell(value: Any) -> str:
@@ -382,6 +415,12 @@ def write_tidy_csv(rows: Iterable[Row], path: str | os.PathLike[str]) -> Path:
     text = df.to_csv(index=False, lineterminator="\n")
     atomic_write_text(path, text)
     return Path(path)
+
+
+def comparable_metrics() -> tuple[str, ...]:
+    """The metric names a comparison rule (``--quantbench-compare-fail``) may use: every value
+    of :data:`METRIC_KEYS` (not their ± and not the token count)."""
+    return tuple(k for k in METRIC_KEYS if not k.endswith("_err") and k != "n_tokens")
 
 
 def check_csv_metrics(names: Iterable[str]) -> tuple[str, ...]:

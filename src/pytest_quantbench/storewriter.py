@@ -48,8 +48,15 @@ class HandoffStore:
         """Keep a measured row until its report leaves (:meth:`take`)."""
         self.pending[key] = (run, row)
 
-    def take(self, key: str) -> tuple[str, dict[str, Any]] | None:
-        return self.pending.pop(key, None)
+    def take(self, tensor: str, qtype: str) -> tuple[str, str, dict[str, Any]] | None:
+        """(item key, run key, row) of the row measured for (``tensor``, ``qtype``), removed; None
+        when none is pending. Its key is the item key or, for a result that stopped early, the
+        early-stop key (:func:`~pytest_quantbench.earlystop.early_item_key`)."""
+        for key, (run, row) in self.pending.items():
+            if (row.get("tensor"), row.get("qtype")) == (tensor, qtype):
+                del self.pending[key]
+                return key, run, row
+        return None
 
     def close(self) -> None:
         self.pending.clear()
@@ -67,11 +74,10 @@ def handoff(session, unit) -> dict[str, Any] | None:
     store = results.store
     if not isinstance(store, HandoffStore):
         return None
-    key = results.item_key(unit)
-    taken = store.take(key)
+    taken = store.take(unit.name, unit.qtype)
     if taken is None:
         return None
-    run, row = taken
+    key, run, row = taken
     if store.base_sha256 is None and os.environ.get("PYTEST_XDIST_WORKER"):
         # one process has one baseline; measuring the row loaded it (session.base.file)
         from .inputs import sha256_file
@@ -108,7 +114,9 @@ class StoreWriter:
         where: who measured it (``gw0 (ssh=host)`` …). Raises MixedBaselinesError.
         """
         host = f"{where} on {payload.get('host')}"
-        if payload["run"] != self.run:
+        from .earlystop import early_store_run
+
+        if payload["run"] not in (self.run, early_store_run(self.run)):
             ours = self.controller_identity or {}
             diff = sorted(k for k, v in payload.get("identity", {}).items() if ours.get(k) != v)
             raise MixedBaselinesError(

@@ -251,6 +251,8 @@ class Thresholds:
         ``measured=False``. Messages read, e.g.::
 
             mean KLD 0.012345 ± 0.000456 > max_kld 0.01 (rule 2 (tensor='attn_v', qtype=q4_0) in thresholds.yaml)
+            (the ± is ``<err>_chunks``, the chunk-level one, where the row has it: then the
+            message ends in "(± from chunk means)")
             PPL(Q)/PPL(base) 1.0312 ± 0.0041 > max_ppl_ratio 1.02 (defaults in thresholds.yaml)
 
         Raises nothing.
@@ -278,7 +280,12 @@ class Thresholds:
             failed = value > limit.value if spec.kind == "max" else value < limit.value
             if not failed:
                 continue
-            err = _as_float(row_metrics.get(spec.err)) if spec.err else None
+            # the chunk-level (batch-means) ± where the row has it: tokens of a chunk are
+            # correlated, so llama-perplexity's ± understates the uncertainty of a verdict
+            chunk_err = _as_float(row_metrics.get(f"{spec.err}_chunks")) if spec.err else None
+            chunk_level = chunk_err is not None and math.isfinite(chunk_err)
+            err = chunk_err if chunk_level else (
+                _as_float(row_metrics.get(spec.err)) if spec.err else None)
             if err is not None and math.isfinite(err):
                 err = err * abs(spec.scale)
             else:
@@ -294,7 +301,8 @@ class Thresholds:
                     value,
                     err,
                     True,
-                    f"{spec.label} {text} {op} {key} {_fmt_limit(limit.value)} {where}",
+                    f"{spec.label} {text} {op} {key} {_fmt_limit(limit.value)} {where}"
+                    + (" (± from chunk means)" if chunk_level and err is not None else ""),
                 )
             )
         return violations
