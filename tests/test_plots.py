@@ -72,3 +72,15 @@ def test_write_plots_files_and_nothing_to_draw(tmp_path):
     empty.mkdir()
     assert write_plots([{"tensor": "blk.0.attn_q.weight", "qtype": "q4_0"}], empty) == []
     assert list(empty.iterdir()) == []
+
+
+def test_a_run_writes_heatmaps_unless_plots_off(pytester, qb_args):
+    args = [*qb_args, "--quantbench-qtypes=q4_0", "--quantbench-tensors",
+            r"^blk\.0\.attn_(q|v)\.weight$"]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
+    out = pytester.path / "quantbench-results"
+    assert (out / "heatmap-q4_0.png").is_file() and not (out / "kld_vs_bpw.png").exists()
+    assert "![heatmap-q4_0](heatmap-q4_0.png)" in (out / "summary.md").read_text()
+    (out / "heatmap-q4_0.png").unlink()
+    pytester.runpytest_subprocess(*args, "--quantbench-plots=off").assert_outcomes(passed=2)
+    assert not (out / "heatmap-q4_0.png").exists()

@@ -408,3 +408,27 @@ def recipe_comments(plan: BudgetPlan, budget: str, hashes: dict[str, str], model
     lines += [f"input sha256 {h} {name}" for name, h in hashes.items()]
     lines.append(f"command: {command}")
     return lines
+
+
+def group_bpw(header, row) -> float | None:
+    """Bits per weight of the whole model when the tensors of a group row (``members``, comma
+    separated) are quantized to its ggml type ``qtype`` and the others keep their baseline type:
+    8 × tensor-data bytes / weights, sizes from the written types' real row sizes. None for a
+    preset or a row without members."""
+    from .selection import is_quantizable_tensor
+
+    members = set(str(row.get("members") or "").split(","))
+    try:
+        q = resolve_qtype(str(row.get("qtype")))
+    except UnknownQTypeError:
+        return None
+    if q.kind != "type" or members == {""}:
+        return None
+    total = n = 0
+    for info in header.tensors:
+        n += info.n_elements
+        wtype = None
+        if info.name in members and is_quantizable_tensor(info.name, info.n_dims):
+            wtype = _written(q.ggml_type, info)
+        total += _nbytes(wtype, info) if wtype is not None else info.n_bytes
+    return 8.0 * total / n if n else None

@@ -92,6 +92,12 @@ OPTIONS: tuple[Option, ...] = (
            "baseline row (default: the run's baseline PPL)"),
     Option("logs", "path", None, "directory for one suite-style log per item, "
            "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
+    # issue 15: whole files and recipes as items, pictures
+    Option("variant", "paths", (), "quantized GGUF files of the baseline (split files: the first "
+           "shard), each measured whole as item variant[<file stem>]"),
+    Option("recipe", "paths", (), "recipe files (suite format, regex=qtype per line), each "
+           "quantized with llama-quantize and measured as item recipe[<file stem>]"),
+    Option("plots", "str", "on", "'off': no heatmap-<qtype>.png / kld_vs_bpw.png pictures"),
 )
 BY_DEST = {opt.dest: opt for opt in OPTIONS}
 YAML_KEYS = {opt.name.replace("-", "_"): opt for opt in OPTIONS}
@@ -132,6 +138,9 @@ class QuantbenchConfig:
     baseline_ppl: float | None = None
     logs: Path | None = None
     n_seq: int = 1
+    variant: tuple[Path, ...] = ()  # issue 15
+    recipe: tuple[Path, ...] = ()
+    plots: str = "on"
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -190,6 +199,11 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
     if opt.kind == "path":
         path = Path(os.path.expanduser(str(value)))
         return path if path.is_absolute() else (base / path)
+    if opt.kind == "paths":  # one path per item/line (names may hold commas and spaces)
+        items = [value] if isinstance(value, str) else list(value)
+        paths = [Path(os.path.expanduser(line.strip())) for item in items
+                 for line in str(item).splitlines() if line.strip()]
+        return tuple(p if p.is_absolute() else base / p for p in paths)
     if opt.kind == "groups":  # one group per item/line; commas separate regexes inside a group
         items = [value] if isinstance(value, str) else list(value)
         return tuple(line.strip() for item in items for line in str(item).splitlines()
@@ -312,6 +326,9 @@ def validate(config: QuantbenchConfig) -> None:
         raise ConfigError(f"{where('engine')}: {config.engine!r}; use 'inplace' or 'file'")
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
-    if not config.qtypes:
+    if config.plots not in ("on", "off"):
+        raise ConfigError(f"{where('plots')}: {config.plots!r}; use 'on' or 'off'")
+    if not config.qtypes and not config.variant and not config.recipe:
         raise ConfigError("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
-                          "q4_0,q8_0), or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+                          "q4_0,q8_0), --quantbench-variant FILE.gguf, --quantbench-recipe "
+                          "FILE.recipe, or set qtypes in quantbench.yaml or quantbench_qtypes in ini")

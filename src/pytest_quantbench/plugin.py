@@ -36,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             kwargs.update(nargs="+", action="extend", metavar="RULE")
         elif opt.kind == "groups":
             kwargs.update(nargs="+", action="extend", metavar="REGEX[,REGEX]")
+        elif opt.kind == "paths":
+            kwargs.update(nargs="+", action="extend", metavar="PATH")
         elif opt.kind == "list":
             kwargs.update(action="append", metavar="LIST")
         elif opt.kind == "bool":
@@ -43,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             kwargs["metavar"] = opt.kind.upper() if opt.kind != "path" else "PATH"
         group.addoption(opt.flag, **kwargs)
-        ini_type = "linelist" if opt.kind in ("list", "groups") else "string"
+        ini_type = "linelist" if opt.kind in ("list", "groups", "paths") else "string"
         parser.addini(opt.dest, opt.help, type=ini_type, default=None)
     group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
                     help="YAML file of quantbench settings (default: quantbench.yaml in the "
@@ -168,6 +170,8 @@ class QuantbenchItem(pytest.Item):
         self.measured: dict[str, Any] | None = None
         tensor = unit.tensors[0]
         layer, kind = layer_of(tensor), tensor_kind(tensor)
+        if unit.name in ("variant", "recipe"):  # a whole file: tensors = (its sha256,)
+            layer, kind = None, unit.name
         self.add_marker(pytest.mark.quantbench(tensor=unit.name, qtype=unit.qtype, layer=layer,
                                                kind=kind))
         self.extra_keyword_matches.update(
@@ -266,6 +270,7 @@ class ResultCollector:
                 self.written += write_group_files(self.session.groups, out,
                                                   baseline=self.session.config.baseline_qtype,
                                                   chunks=self.session.run_identity.chunks)
+            self.written += _pictures_and_summary(self.session, rows, out)  # issue 15
         except OSError as exc:
             self.write_error = str(exc)
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
@@ -322,6 +327,26 @@ class ResultCollector:
             tr.write_line(f"could not write the result tables: {self.write_error}", red=True)
         for path in self.written:
             tr.write_line(f"wrote {path}")
+
+
+def _pictures_and_summary(session, rows, out: Path) -> list[Path]:
+    """``heatmap-<qtype>.png`` / ``kld_vs_bpw.png`` (unless --quantbench-plots=off) and
+    ``summary.md`` (also appended to $GITHUB_STEP_SUMMARY when set). Raises OSError."""
+    from .budget import group_bpw
+    from .plots import write_plots
+    from .summary import write_summary
+
+    pictures: list[Path] = []
+    if session.config.plots != "off":
+        header = session.model_header
+
+        def bpw_of(row):
+            return row.get("bpw") if row.get("bpw") not in (None, "") else group_bpw(header, row)
+
+        pictures = write_plots(rows, out, bpw_of=bpw_of)
+    summary = write_summary(rows, out, session.header_lines(), pictures, top=session.config.top,
+                            step_summary=os.environ.get("GITHUB_STEP_SUMMARY"))
+    return [*pictures, summary]
 
 
 def _natural(name: str):

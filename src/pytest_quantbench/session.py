@@ -443,6 +443,9 @@ class QuantbenchSession:
         from .metrics import KLDAccumulator
         from .qtypes import resolve_qtype
 
+        if unit.name in ("variant", "recipe"):  # issue 15: whole files and recipes (variants.py)
+            from .variants import measure_whole
+            return measure_whole(self, unit, row, self.whole_paths)
         started = time.perf_counter()
         qtype = resolve_qtype(unit.qtype)
         written = self.plan_types(unit, qtype, row)
@@ -771,7 +774,8 @@ KERNEL_PROBE_MAX_KLD = 0.05
 #: The row facts the results store keeps with an item's statistics.
 _FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note",
           "kernel_check_kld", "reason", "fallback",
-          "seconds")
+          "seconds",
+          "file_size", "bpw", "types")  # issue 15: whole-file items (variants.file_facts)
 
 
 def fallback_reason(tensor: str, written: str, requested: str, why: str | None) -> str:
