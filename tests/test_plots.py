@@ -84,3 +84,18 @@ def test_a_run_writes_heatmaps_unless_plots_off(pytester, qb_args):
     (out / "heatmap-q4_0.png").unlink()
     pytester.runpytest_subprocess(*args, "--quantbench-plots=off").assert_outcomes(passed=2)
     assert not (out / "heatmap-q4_0.png").exists()
+
+
+def test_recipe_and_variant_files_are_drawn_beside_the_curve():
+    from pytest_quantbench.plots import kld_vs_bpw_figure
+
+    def bpw(row):
+        return row.get("bpw")
+
+    plain = kld_vs_bpw_figure(ROWS, bpw)
+    assert len(plain.axes[0].collections) == 1
+    with_file = kld_vs_bpw_figure(
+        [*ROWS, {"tensor": "recipe", "qtype": "mix", "mean_kld": 0.05, "bpw": 5.5}], bpw)
+    files = with_file.axes[0].collections[1]
+    assert files.get_offsets().tolist() == [[5.5, 0.05]]
+    assert "mix" in [t.get_text() for t in with_file.axes[0].texts]

@@ -80,7 +80,8 @@ def _pyplot():
 
 def heatmap_figure(rows: Iterable[Row], qtype: str):
     """The heatmap Figure of one qtype (see :func:`heatmap_grid`), or None when no cell of this
-    qtype was measured. Size: (2.5 + 0.9·kinds) × (2 + 0.35·layers) inches at :data:`DPI`.
+    qtype was measured. Size: (2.5 + 0.9·kinds) × max(3.5, 2 + 0.35·layers) inches at
+    :data:`DPI`.
 
     KLD values ≤ 0 (identical logits) are drawn at the smallest positive value's colour.
     """
@@ -97,7 +98,8 @@ def heatmap_figure(rows: Iterable[Row], qtype: str):
     if hi <= lo:
         lo, hi = lo / 10, hi * 10
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(kinds), 2 + 0.35 * len(layers)), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(kinds), max(3.5, 2 + 0.35 * len(layers))),
+                           dpi=DPI)
     cmap = plt.get_cmap("viridis").with_extremes(bad=NOT_MEASURED_GREY)
     shown = np.ma.masked_invalid(np.where(grid > 0, grid, np.where(np.isfinite(grid), lo, np.nan)))
     image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=lo, vmax=hi), aspect="auto",
@@ -125,10 +127,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def kld_vs_bpw_figure(rows: Iterable[Row], bpw_of: Callable[[Row], float | None],
+def kld_vs_bpw_figure(rows: Sequence[Row], bpw_of: Callable[[Row], float | None],
                       group: str = "group0"):
     """The KLD-against-bpw Figure of ``group``'s items (one point per qtype), or None when fewer
-    than two points have both a KLD > 0 and a bpw.
+    than two points have both a KLD > 0 and a bpw. Whole-file items (``variant`` / ``recipe``
+    rows with a bpw) are drawn as triangles labelled with their file stem, outside the front.
 
     bpw_of: the bits per weight of a row (e.g. the row's ``bpw`` column, or the model's tensor
         data at that qtype divided by its weights).
@@ -152,6 +155,15 @@ def kld_vs_bpw_figure(rows: Iterable[Row], bpw_of: Callable[[Row], float | None]
             marker="o", markerfacecolor="none", markersize=9, label="Pareto front")
     for (x, y), label in zip(points, labels):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    files = [(bpw_of(r), _kld(r), str(r.get("qtype"))) for r in rows
+             if r.get("tensor") in ("variant", "recipe")]
+    files = [(x, y, label) for x, y, label in files if x is not None and y is not None and y > 0]
+    if files:
+        ax.scatter([f[0] for f in files], [f[1] for f in files], marker="^", color="tab:green",
+                   s=40, label="variant / recipe file", zorder=3)
+        for x, y, label in files:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7,
+                        color="tab:green")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (tensor data of the whole model)")
     ax.set_ylabel("mean KLD (nats, log scale)")

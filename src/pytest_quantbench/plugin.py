@@ -340,8 +340,11 @@ def _pictures_and_summary(session, rows, out: Path) -> list[Path]:
     if session.config.plots != "off":
         header = session.model_header
 
-        def bpw_of(row):
-            return row.get("bpw") if row.get("bpw") not in (None, "") else group_bpw(header, row)
+        def bpw_of(row):  # a whole file's own bpw, else the group's at its qtype
+            value = row.get("bpw")
+            if isinstance(value, (int, float)) and value == value:
+                return float(value)
+            return group_bpw(header, row)
 
         pictures = write_plots(rows, out, bpw_of=bpw_of)
     summary = write_summary(rows, out, session.header_lines(), pictures, top=session.config.top,
