@@ -31,17 +31,22 @@ NOT_MEASURED_GREY = (0.8, 0.8, 0.8)
 DPI = 100
 
 
-def _kld(row: Row) -> float | None:
+def _finite(row: Row, key: str) -> float | None:
+    """``row[key]`` as a finite float, else None (absent, empty, NaN, text)."""
     try:
-        v = float(row.get("mean_kld"))
+        v = float(row.get(key))
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
 
 
+def _kld(row: Row) -> float | None:
+    return _finite(row, "mean_kld")
+
+
 def _single(row: Row) -> bool:
     members = row.get("members")
-    return not members or members == row.get("tensor")
+    return not isinstance(members, str) or not members or members == row.get("tensor")
 
 
 def heatmap_grid(rows: Iterable[Row], qtype: str):
@@ -211,15 +216,7 @@ def write_plots(rows: Sequence[Row], out_dir: str | os.PathLike[str],
         fig = heatmap_figure(rows, qtype)
         if fig is not None:
             written.append(_save(fig, out / f"heatmap-{_safe(qtype)}.png"))
-
-    def column_bpw(row: Row) -> float | None:
-        try:
-            v = float(row.get("bpw"))
-        except (TypeError, ValueError):
-            return None
-        return v if math.isfinite(v) else None
-
-    fig = kld_vs_bpw_figure(rows, bpw_of or column_bpw)
+    fig = kld_vs_bpw_figure(rows, bpw_of or (lambda row: _finite(row, "bpw")))
     if fig is not None:
         written.append(_save(fig, out / "kld_vs_bpw.png"))
     return written
