@@ -18,6 +18,7 @@ bpw; the recipe should beat it. The pictures (heatmaps, kld_vs_bpw.png) stay in 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import subprocess
 import sys
@@ -31,7 +32,7 @@ FRACTIONS = (0.25, 0.5, 0.75)
 
 def run(cmd: list[str], cwd: Path) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
                  f"{proc.stderr[-2000:]}")
@@ -46,7 +47,7 @@ def pytest_cmd(common: list[str], out: Path, *extra: str) -> list[str]:
 def interpolated(points: list[tuple[float, float]], bpw: float) -> float | None:
     """KLD of the uniform curve at ``bpw`` (log-linear between neighbouring points)."""
     points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 <= bpw <= x1:
             t = (bpw - x0) / (x1 - x0)
             return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
@@ -69,8 +70,9 @@ def main() -> None:
     common = [f"--quantbench-cache-dir={cache}"]
     if args.small:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import CORPUS_TEXT
         from synthmodel import build_synthetic_model
+
+        from conftest import CORPUS_TEXT
 
         model = build_synthetic_model(root / "synth-bf16.gguf")
         corpus = root / "corpus.txt"

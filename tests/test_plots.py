@@ -8,8 +8,14 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from pytest_quantbench.plots import (DPI, NOT_MEASURED_GREY, heatmap_figure, heatmap_grid,  # noqa: E402
-                                     pareto_front, write_plots)
+from pytest_quantbench.plots import (
+    DPI,
+    NOT_MEASURED_GREY,
+    heatmap_figure,
+    heatmap_grid,
+    pareto_front,
+    write_plots,
+)
 
 ROWS = [
     {"tensor": f"blk.{layer}.{kind}.weight", "qtype": "q4_0", "mean_kld": kld}
@@ -33,7 +39,7 @@ def test_grid_layers_down_kinds_across():
 
 def _pixel(fig, ax, img, col, row):
     x, y = ax.transData.transform((col, row))
-    return img[int(round(img.shape[0] - y)), int(round(x)), :3]
+    return img[round(img.shape[0] - y), round(x), :3]
 
 
 def test_heatmap_pixels_measured_coloured_unmeasured_grey(tmp_path):

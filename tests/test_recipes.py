@@ -9,9 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantbench.budget import Infeasible, load_results, parse_budget, plan_budget, solve
-from pytest_quantbench.recipes import (RecipeError, apply_recipe, format_recipe, parse_recipe,
-                                       read_recipe, written_types)
+from pytest_quantbench.budget import (
+    Infeasible,
+    load_results,
+    parse_budget,
+    plan_budget,
+    solve,
+)
+from pytest_quantbench.recipes import (
+    RecipeError,
+    apply_recipe,
+    format_recipe,
+    parse_recipe,
+    read_recipe,
+    written_types,
+)
 
 RECIPE = r"""
 # a comment

@@ -49,8 +49,11 @@ def test_other_vocabulary_is_exit_4_naming_the_file(pytester, qb_args, tmp_path)
 
 
 def test_preset_file_recipe_and_preset_item_agree(pytester, qb_args, synth_model, tmp_path):
-    from pytest_quantbench.engine.quantize import find_quantize_binary, preset_tensor_types
-    from pytest_quantbench.engine.quantize import _run
+    from pytest_quantbench.engine.quantize import (
+        _run,
+        find_quantize_binary,
+        preset_tensor_types,
+    )
     from pytest_quantbench.gguf import read_model_header
     from pytest_quantbench.recipes import format_recipe
 
@@ -91,6 +94,14 @@ def test_preset_file_recipe_and_preset_item_agree(pytester, qb_args, synth_model
     again.assert_outcomes(passed=1)
     row = results(pytester).set_index("tensor").loc["variant"]
     assert row["reused"] and row["file_size"] == variant.stat().st_size
+    # a CI gate: thresholds judge the file like any item
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("rules:\n  - tensor: '^variant$'\n    max_kld: 0.001\n")
+    gate = pytester.runpytest_subprocess(*qb_args, f"--quantbench-variant={variant}",
+                                         f"--quantbench-thresholds={limits}")
+    gate.assert_outcomes(failed=1)
+    gate.stdout.fnmatch_lines(["*quantbench variant[[]synth-Q4_K_M[]]*",
+                               "mean KLD 0.00* > max_kld 0.001 *"])
 
 
 def test_recipe_with_unknown_qtype_is_exit_4(pytester, qb_args, tmp_path):
@@ -127,3 +138,18 @@ def test_split_variant_is_one_item(pytester, qb_args, tmp_path):
     assert abs(row["mean_kld"]) < 1e-5 and row["same_top_p"] == 100.0
     assert row["written_type"] == "bf16"
     assert row["file_size"] == sum(p.stat().st_size for p in shards)
+
+
+def test_recipe_fallback_is_skipped_unless_allowed(pytester, qb_args, tmp_path):
+    recipe = tmp_path / "interleaved.recipe"
+    recipe.write_text("token_embd=q4_0_r8\n")
+    result = pytester.runpytest_subprocess(*qb_args, f"--quantbench-recipe={recipe}", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines([("*recipe interleaved.recipe: llama-quantize writes q4_0 instead "
+                                  "of q4_0_r8 for token_embd.weight*")])
+    allowed = pytester.runpytest_subprocess(*qb_args, f"--quantbench-recipe={recipe}",
+                                            "--quantbench-allow-fallback")
+    allowed.assert_outcomes(passed=1)
+    row = results(pytester).set_index("tensor").loc["recipe"]
+    assert row["fallback"] and row["types"].startswith("attn_k=bf16")
+    assert "token_embd=q4_0" in row["types"]

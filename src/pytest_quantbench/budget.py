@@ -17,15 +17,28 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from .qtypes import GGMLType, TYPES_BY_NAME, UnknownQTypeError, UnsupportedShapeError
-from .qtypes import predict_written_type, resolve_qtype
+from .qtypes import (
+    TYPES_BY_NAME,
+    GGMLType,
+    UnknownQTypeError,
+    UnsupportedShapeError,
+    predict_written_type,
+    resolve_qtype,
+)
 
-__all__ = ["BudgetError", "Infeasible", "parse_budget", "solve", "load_results", "BudgetPlan",
-           "plan_budget"]
+__all__ = [
+    "BudgetError",
+    "BudgetPlan",
+    "Infeasible",
+    "load_results",
+    "parse_budget",
+    "plan_budget",
+    "solve",
+]
 
 #: Grid cells of the dynamic programme above which sizes are rounded up to a coarser grid.
 MAX_CELLS = 100_000
@@ -71,7 +84,7 @@ def parse_budget(text: str, n_elements: int) -> int:
 
 def solve(choices: Sequence[Sequence[tuple[int, float]]], capacity: int, *,
           max_cells: int = MAX_CELLS) -> list[int]:
-    """Multiple-choice knapsack: one option per item, summed cost smallest, summed size ≤ capacity.
+    """Multiple-choice knapsack: one option per item, least summed cost, summed size ≤ capacity.
 
     Args:
         choices: per item, its options as (size in bytes, cost) pairs (cost: mean KLD, nats);
@@ -342,8 +355,9 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
             want = rule.qtype if rule is not None else default_type
             wtype = _written(want, info)
             if wtype is None:
+                how = f"--fixed {rule.where}" if rule else "--default"
                 raise BudgetError(f"{name} ({info.ne0} x {info.n_rows}) cannot be written as "
-                                  f"{want.name} ({'--fixed ' + rule.where if rule else '--default'})")
+                                  f"{want.name} ({how})")
             assignment[name] = wtype.name
             constant += _nbytes(wtype, info)
             (plan_fixed if rule is not None else unmeasured).append(name)
@@ -392,11 +406,11 @@ def recipe_comments(plan: BudgetPlan, budget: str, hashes: dict[str, str], model
     lines = [
         "recipe written by pytest-quantbench (python -m pytest_quantbench recipe)",
         f"budget: {budget} = {plan.budget_bytes} bytes of tensor data",
-        f"predicted size: {plan.predicted_bytes} bytes = {plan.predicted_bytes / 2**30:.4f} GiB "
-        f"= {plan.predicted_bpw:.4f} bpw ({plan.n_elements} weights)",
-        f"predicted summed mean KLD: {plan.predicted_kld:.6f} "
-        f"(sum over {len(plan.assignment) - len(plan.fixed) - len(plan.unmeasured)} "
-        f"measured tensors of their single-tensor mean KLD)",
+        (f"predicted size: {plan.predicted_bytes} bytes = {plan.predicted_bytes / 2**30:.4f} "
+         f"GiB = {plan.predicted_bpw:.4f} bpw ({plan.n_elements} weights)"),
+        (f"predicted summed mean KLD: {plan.predicted_kld:.6f} "
+         f"(sum over {len(plan.assignment) - len(plan.fixed) - len(plan.unmeasured)} "
+         f"measured tensors of their single-tensor mean KLD)"),
         f"types: {', '.join(f'{t}={n}' for t, n in sorted(counts.items()))}",
     ]
     if plan.fixed:

@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from .selection import layer_of, natural_key, tensor_kind
 
-__all__ = ["NOT_MEASURED_GREY", "heatmap_grid", "heatmap_figure", "pareto_front",
-           "kld_vs_bpw_figure", "write_plots"]
+__all__ = [
+    "NOT_MEASURED_GREY",
+    "heatmap_figure",
+    "heatmap_grid",
+    "kld_vs_bpw_figure",
+    "pareto_front",
+    "write_plots",
+]
 
 Row = Mapping[str, Any]
 

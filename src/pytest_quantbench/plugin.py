@@ -332,6 +332,8 @@ class ResultCollector:
 def _pictures_and_summary(session, rows, out: Path) -> list[Path]:
     """``heatmap-<qtype>.png`` / ``kld_vs_bpw.png`` (unless --quantbench-plots=off) and
     ``summary.md`` (also appended to $GITHUB_STEP_SUMMARY when set). Raises OSError."""
+    import math
+
     from .budget import group_bpw
     from .plots import write_plots
     from .summary import write_summary
@@ -342,7 +344,7 @@ def _pictures_and_summary(session, rows, out: Path) -> list[Path]:
 
         def bpw_of(row):  # a whole file's own bpw, else the group's at its qtype
             value = row.get("bpw")
-            if isinstance(value, (int, float)) and value == value:
+            if isinstance(value, (int, float)) and math.isfinite(value):
                 return float(value)
             return group_bpw(header, row)
 

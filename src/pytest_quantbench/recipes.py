@@ -3,7 +3,8 @@
 A recipe is text, one rule per line, ``<regex>=<qtype>``; lines are trimmed, empty lines and
 lines starting with ``#`` are ignored; the regex is an unanchored bash ERE; the first matching
 line decides a tensor's qtype (docs/suite-formats.md#8-recipe-format). The qtype is spelled as
-users spell it (``q4_k`` → ``q4_K``) and resolved with :func:`pytest_quantbench.qtypes.resolve_qtype`;
+users spell it (``q4_k`` → ``q4_K``) and resolved with
+:func:`pytest_quantbench.qtypes.resolve_qtype`;
 it must be a ggml type (a recipe names one type per tensor, never a preset mixture).
 
 Pure module: no engine, no pytest.
@@ -13,16 +14,29 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
-from .qtypes import GGMLType, UnknownQTypeError, UnsupportedShapeError, predict_written_type
-from .qtypes import resolve_qtype
+from .qtypes import (
+    GGMLType,
+    UnknownQTypeError,
+    UnsupportedShapeError,
+    predict_written_type,
+    resolve_qtype,
+)
 from .selection import compile_regex, natural_key
 
-__all__ = ["RecipeError", "RecipeRule", "Recipe", "parse_recipe", "read_recipe",
-           "apply_recipe", "written_types", "format_recipe"]
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "RecipeRule",
+    "apply_recipe",
+    "format_recipe",
+    "parse_recipe",
+    "read_recipe",
+    "written_types",
+]
 
 
 class RecipeError(ValueError):

@@ -10,10 +10,12 @@ Pure module: no engine, no pytest.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .report import atomic_write_text, worst_items
 
@@ -34,7 +36,7 @@ def _num(row: Row, key: str, places: int) -> str:
         value = float(row.get(key))
     except (TypeError, ValueError):
         return "n/a"
-    if value != value:
+    if not math.isfinite(value):
         return "n/a"
     err = row.get(key + "_err")
     try:

@@ -16,14 +16,26 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from .selection import natural_key, tensor_kind
 
-__all__ = ["VariantError", "VARIANT", "RECIPE", "whole_units", "check_compatible", "file_facts",
-           "type_summary", "recipe_changes", "write_recipe_model", "evaluate_gguf",
-           "measure_whole"]
+__all__ = [
+    "RECIPE",
+    "VARIANT",
+    "VariantError",
+    "check_compatible",
+    "evaluate_gguf",
+    "file_facts",
+    "measure_whole",
+    "recipe_changes",
+    "recipe_fallbacks",
+    "type_summary",
+    "whole_units",
+    "write_recipe_model",
+]
 
 #: Column (work-unit name) of whole-file items and of recipe items in the wide tables.
 VARIANT = "variant"
@@ -162,6 +174,24 @@ def recipe_changes(recipe_path: Path, base_header) -> dict[str, str]:
     return {n: t.name for n, t in planned.items() if t.name != base_header.tensor(n).type_name}
 
 
+def recipe_fallbacks(recipe_path: Path, base_header) -> list[str]:
+    """One sentence per quantizable tensor for which llama-quantize writes another type than the
+    recipe asks (row-length / row-count fallbacks, qtypes.predict_written_type), in natural
+    order; empty when the recipe is written as asked."""
+    from .recipes import apply_recipe, read_recipe, written_types
+    from .selection import is_quantizable_tensor
+
+    requested = apply_recipe(read_recipe(recipe_path), [t.name for t in base_header.tensors])
+    planned = written_types(requested, base_header)
+    out = []
+    for name in sorted(requested, key=natural_key):
+        info = base_header.tensor(name)
+        if is_quantizable_tensor(name, info.n_dims) and planned[name].name != requested[name].name:
+            out.append(f"llama-quantize writes {planned[name].name} instead of "
+                       f"{requested[name].name} for {name}")
+    return out
+
+
 def write_recipe_model(model: Path, recipe_path: Path, base_header, dest: Path, *,
                        baseline_type: str, threads: int, imatrix: Path | None) -> dict[str, str]:
     """Write the recipe's model with llama-quantize (engine/quantize.run_llama_quantize) and
@@ -228,6 +258,12 @@ def measure_whole(session, unit, row: dict[str, Any], paths: Mapping[tuple[str, 
                               session.chunk_buffers)
     else:
         row["requested_type"] = f"recipe {path.name}"
+        fallbacks = recipe_fallbacks(path, session.model_header)
+        if fallbacks:  # as for single items: skipped unless --quantbench-allow-fallback
+            more = f" (and {len(fallbacks) - 1} more)" if len(fallbacks) > 1 else ""
+            row.update(fallback=True, reason=f"recipe {path.name}: {fallbacks[0]}{more}")
+            if not session.config.allow_fallback:
+                raise ItemSkip(row["reason"])
         for name, tname in recipe_changes(path, session.model_header).items():
             problem = session._imatrix_problem(name, TYPES_BY_NAME[tname])
             if problem:
