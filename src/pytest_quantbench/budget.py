@@ -26,9 +26,9 @@ from .qtypes import (
     GGMLType,
     UnknownQTypeError,
     UnsupportedShapeError,
-    predict_written_type,
     resolve_qtype,
 )
+from .recipes import written_type
 
 __all__ = [
     "BudgetError",
@@ -261,10 +261,9 @@ def _nbytes(t: GGMLType, info) -> int:
 
 
 def _written(qtype: GGMLType, info) -> GGMLType | None:
-    if qtype.is_float:
-        return qtype
+    """recipes.written_type, None where the shape cannot hold the type."""
     try:
-        return predict_written_type(qtype, info.ne0, info.n_rows, tensor_name=info.name)[0]
+        return written_type(qtype, info)
     except (UnsupportedShapeError, ValueError):
         return None
 

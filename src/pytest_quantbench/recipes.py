@@ -35,6 +35,7 @@ __all__ = [
     "format_recipe",
     "parse_recipe",
     "read_recipe",
+    "written_type",
     "written_types",
 ]
 
@@ -164,6 +165,16 @@ def apply_recipe(recipe: Recipe, tensors: Iterable[str],
     return out
 
 
+def written_type(want: GGMLType, info) -> GGMLType:
+    """The type llama-quantize writes for tensor ``info`` (a gguf.TensorInfo) asked for ``want``:
+    a float type as is, else after the fallbacks of
+    :func:`pytest_quantbench.qtypes.predict_written_type`. Raises UnsupportedShapeError where the
+    shape cannot hold the type, ValueError for a type with no quantize path."""
+    if want.is_float:
+        return want
+    return predict_written_type(want, info.ne0, info.n_rows, tensor_name=info.name)[0]
+
+
 def written_types(requested: Mapping[str, GGMLType], header) -> dict[str, GGMLType]:
     """The ggml type llama-quantize writes for each tensor of ``header`` under ``requested``.
 
@@ -183,12 +194,8 @@ def written_types(requested: Mapping[str, GGMLType], header) -> dict[str, GGMLTy
                 or want.name == info.type_name:
             out[info.name] = info.type
             continue
-        if want.is_float:
-            out[info.name] = want
-            continue
         try:
-            out[info.name] = predict_written_type(want, info.ne0, info.n_rows,
-                                                  tensor_name=info.name)[0]
+            out[info.name] = written_type(want, info)
         except UnsupportedShapeError as exc:
             raise RecipeError(f"{info.name}: {exc}") from None
     return out
