@@ -214,3 +214,26 @@ def test_predicted_size_equals_llama_quantize_file(synth_model, tmp_path):
     assert {t.name: t.type_name for t in written.tensors} == {n: t.name for n, t in planned.items()}
     assert sum(t.n_bytes for t in written.tensors) == predicted
     assert predicted <= parse_budget("5.5bpw", sum(t.n_elements for t in header.tensors))
+
+
+def test_qtypes_limit_the_choice_and_coarse_grid_stays_within_budget(synth_model, tmp_path):
+    from pytest_quantbench.gguf import read_model_header
+
+    header = read_model_header(synth_model)
+    table, _ = load_results([_fake_results(header, tmp_path / "results.csv")])
+    plan = plan_budget(header, table, "7bpw", qtypes=["Q4_0", "q8_0"])
+    assert set(plan.assignment.values()) == {"q4_0", "q8_0", "f32"}
+    exact = plan_budget(header, table, "7bpw")
+    coarse = plan_budget(header, table, "7bpw", max_cells=5)
+    assert coarse.predicted_bytes <= coarse.budget_bytes
+    assert exact.predicted_kld <= coarse.predicted_kld
+
+
+def test_cli_usage_errors_are_exit_4(capsys):
+    from pytest_quantbench.__main__ import main
+
+    assert main([]) == 4 and "subcommands: recipe" in capsys.readouterr().err
+    assert main(["nonsense"]) == 4 and "unknown subcommand 'nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["recipe", "results.csv"])  # no --budget, --model, -o
+    assert exc.value.code == 4 and "required" in capsys.readouterr().err
