@@ -201,6 +201,7 @@ def test_predicted_size_equals_llama_quantize_file(synth_model, tmp_path):
     predicted = int(text.split("predicted size: ")[1].split(" bytes")[0])
     assert "budget: 5.5bpw" in text and "input sha256" in text
     assert "predicted summed mean KLD" in text
+    assert "sum over the 15 measured tensors" in text  # 16 matrices, token_embd fixed
     recipe = read_recipe(out)
     planned = written_types(apply_recipe(recipe, [t.name for t in header.tensors]), header)
     changes = {n: t.name for n, t in planned.items() if t.name != header.tensor(n).type_name}

@@ -236,7 +236,7 @@ class BudgetPlan:
         n_elements: weights of the whole model; budget_bytes: the budget;
         predicted_kld: summed mean KLD (nats) of the measured tensors at their chosen types;
         fixed / unmeasured: tensors set by --fixed rules / by --default (no KLD known);
-        default: the default type name.
+        default: the default type name; n_measured: tensors chosen from measurements.
     """
 
     assignment: dict[str, str]
@@ -247,6 +247,7 @@ class BudgetPlan:
     fixed: list[str] = field(default_factory=list)
     unmeasured: list[str] = field(default_factory=list)
     default: str = ""
+    n_measured: int = 0
 
     @property
     def predicted_bpw(self) -> float:
@@ -392,7 +393,7 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
         total += size
         summed += k
     return BudgetPlan(assignment, total, n_elements, budget_bytes, summed, plan_fixed,
-                      unmeasured, default_type.name)
+                      unmeasured, default_type.name, len(names))
 
 
 def recipe_comments(plan: BudgetPlan, budget: str, hashes: dict[str, str], model: str,
@@ -408,8 +409,7 @@ def recipe_comments(plan: BudgetPlan, budget: str, hashes: dict[str, str], model
         (f"predicted size: {plan.predicted_bytes} bytes = {plan.predicted_bytes / 2**30:.4f} "
          f"GiB = {plan.predicted_bpw:.4f} bpw ({plan.n_elements} weights)"),
         (f"predicted summed mean KLD: {plan.predicted_kld:.6f} "
-         f"(sum over {len(plan.assignment) - len(plan.fixed) - len(plan.unmeasured)} "
-         f"measured tensors of their single-tensor mean KLD)"),
+         f"(sum over the {plan.n_measured} measured tensors of their single-tensor mean KLD)"),
         f"types: {', '.join(f'{t}={n}' for t, n in sorted(counts.items()))}",
     ]
     if plan.fixed:
