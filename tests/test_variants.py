@@ -83,6 +83,9 @@ def test_preset_file_recipe_and_preset_item_agree(pytester, qb_args, synth_model
     assert file_row["bpw"] == pytest.approx(8 * header.n_bytes / n, rel=1e-6)
     assert "attn_v=" in file_row["types"] and "q6_K" in file_row["types"]
     assert recipe_row["types"] == file_row["types"]
+    # the recipe ran in process (its tensors swapped in), the file as written: same numbers
+    assert file_row["engine_mode"] == "file" and recipe_row["engine_mode"] == "inplace"
+    assert recipe_row["bpw"] == file_row["bpw"]
     kld = read_wide(pytester.path / "quantbench-results" / "kld_results.csv")
     assert kld.loc["synth-Q4_K_M", "variant"] == f"{file_row['mean_kld']:.6f}"
     assert kld.loc["q4km-like", "recipe"] == kld.loc["synth-Q4_K_M", "variant"]
@@ -147,9 +150,12 @@ def test_recipe_fallback_is_skipped_unless_allowed(pytester, qb_args, tmp_path):
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines([("*recipe interleaved.recipe: llama-quantize writes q4_0 instead "
                                   "of q4_0_r8 for token_embd.weight*")])
+    # with the file engine the recipe is written by llama-quantize: its size is known
     allowed = pytester.runpytest_subprocess(*qb_args, f"--quantbench-recipe={recipe}",
-                                            "--quantbench-allow-fallback")
+                                            "--quantbench-allow-fallback",
+                                            "--quantbench-engine=file")
     allowed.assert_outcomes(passed=1)
     row = results(pytester).set_index("tensor").loc["recipe"]
+    assert row["engine_mode"] == "file" and row["file_size"] > 0
     assert row["fallback"] and row["types"].startswith("attn_k=bf16")
     assert "token_embd=q4_0" in row["types"]

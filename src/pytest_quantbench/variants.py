@@ -4,11 +4,14 @@
 * :func:`whole_units` plans the work units (column ``variant`` / ``recipe``, one row per file
   stem) and checks, before any evaluation, that each file fits the baseline
   (:func:`check_compatible`: architecture, vocabulary size and tokens, tensor names and shapes);
-* :func:`file_facts` gives a row's file size, bits per weight and per-class type summary;
+* :func:`file_facts` gives a row's file size, bits per weight and per-class type summary
+  (:func:`recipe_facts`: the same from a recipe's plan, without the file);
 * :func:`recipe_changes` / :func:`write_recipe_model` turn a recipe into the llama-quantize
   variant it describes; :func:`evaluate_gguf` evaluates any GGUF with the session's chunk loop.
 
-Measuring is the session's business: it calls :func:`measure_whole` for these units.
+:func:`measure_whole` measures these units (the session dispatches them to it): a variant file
+as it is, a recipe in process (the tensors it changes swapped into the loaded baseline) or, where
+the in-process engine cannot, written with llama-quantize.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "evaluate_gguf",
     "file_facts",
     "measure_whole",
+    "recipe_facts",
     "recipe_changes",
     "recipe_fallbacks",
     "type_summary",
@@ -136,7 +140,7 @@ def whole_units(variants: Iterable[Path], recipes: Iterable[Path], base_header,
     """
     from .gguf import read_model_header
     from .recipes import apply_recipe, read_recipe, written_types
-    from .session import WorkUnit
+    from .measure import WorkUnit
 
     units, seen = [], {}
     for kind, paths in ((VARIANT, variants), (RECIPE, recipes)):
@@ -233,49 +237,101 @@ def evaluate_gguf(path: Path, settings, base, evaluate: Callable[..., None], buf
     return acc.stats()
 
 
-def measure_whole(session, unit, row: dict[str, Any], paths: Mapping[tuple[str, str], Path]):
-    """Measure a ``variant`` or ``recipe`` unit for ``session`` (a QuantbenchSession).
+def recipe_facts(base_header, changes: Mapping[str, str]) -> dict[str, Any]:
+    """:func:`file_facts` of the file llama-quantize would write for a recipe, from the plan
+    alone (the in-process engine writes no file): ``bpw`` from each written type's real
+    ``ggml_nbytes`` (:func:`gguf.tensor_nbytes`, as a header's ``n_bytes``), ``types`` and
+    ``written_type``; no ``file_size`` (the metadata llama-quantize adds is not known).
 
-    A variant file is evaluated as it is; a recipe is written with llama-quantize in the
-    session's work dir (the importance matrix and baseline type of the run), evaluated and
-    removed. ``row`` gets ``file_size``, ``bpw``, ``types``, ``written_type``, ``engine_mode``.
-    Args: paths: (unit name, stem) → the file given on the command line.
-    Returns: metrics.KLDStats. Raises: EngineError, OSError.
+    Args: base_header: the baseline's GGUFHeader; changes: tensor → ggml type name written where
+        it differs from the baseline (:func:`recipe_changes`).
+    """
+    from .gguf import tensor_nbytes
+    from .qtypes import TYPES_BY_NAME
+
+    n_bytes = sum(tensor_nbytes(TYPES_BY_NAME[changes[t.name]], t.shape) if t.name in changes
+                  else t.n_bytes for t in base_header.tensors)
+    n_elements = sum(t.n_elements for t in base_header.tensors)
+    matrices = {t.name: changes.get(t.name, t.type_name) for t in base_header.tensors
+                if t.n_dims >= 2}
+    return {"bpw": round(8.0 * n_bytes / n_elements, 6) if n_elements else None,
+            "types": type_summary(matrices),
+            "written_type": ",".join(sorted(set(matrices.values())))}
+
+
+def measure_whole(unit, path: Path, row: dict[str, Any], *, inputs, planner, engines, baseline,
+                  buffers=None):
+    """Measure a ``variant`` or ``recipe`` unit against the baseline logits.
+
+    A variant file is evaluated as it is (engine ``file``). A recipe is measured like an item
+    whose members are the tensors it changes: in process (every changed tensor quantized in
+    memory and swapped in at once, :func:`measure.measure_inplace`) where
+    ``engines.choose_engine`` allows it, else written with llama-quantize in the work dir (the
+    run's importance matrix and baseline type), evaluated and removed; the kernel probe runs
+    once per written type as for single items. ``row`` gets ``requested_type``,
+    ``engine_mode`` (and ``engine_note``), ``bpw``, ``types``, ``written_type``, ``seconds``,
+    ``file_size`` (variant files and recipes written to a file) and ``kernel_check_kld``.
+
+    Args: unit: the :class:`~measure.WorkUnit` (:func:`whole_units`); path: the file given on
+        the command line; inputs: the run's RunInputs; planner: its TypePlanner (imatrix
+        checks); engines: its EngineChoice; baseline: its RunBaseline (``.file`` is computed on
+        first use, after the skips); buffers: the session's ChunkBuffers.
+    Returns: metrics.KLDStats. Raises: ItemSkip (a fallback without --quantbench-allow-fallback,
+        a type without importance-matrix data, a broken kernel), EngineError, OSError.
     """
     import time
 
     from .gguf import read_model_header
+    from .measure import ItemSkip, WorkUnit, evaluate, measure_inplace
+    from .metrics import KLDAccumulator
     from .qtypes import TYPES_BY_NAME
-    from .session import ItemSkip
 
     started = time.perf_counter()
-    path = paths[(unit.name, unit.qtype)]
-    row["engine_mode"] = "file"
     if unit.name == VARIANT:
-        row["requested_type"] = f"file {path.name}"
+        row.update(requested_type=f"file {path.name}", engine_mode="file")
         row.update(file_facts(read_model_header(path)))
-        stats = evaluate_gguf(path, session.eval_settings, session.baseline, session._evaluate,
-                              session.chunk_buffers)
+        stats = evaluate_gguf(path, inputs.eval_settings, baseline.file, evaluate, buffers)
+        row["seconds"] = round(time.perf_counter() - started, 3)
+        return stats
+    header = inputs.model_header
+    row["requested_type"] = f"recipe {path.name}"
+    fallbacks = recipe_fallbacks(path, header)
+    if fallbacks:  # as for single items: skipped unless --quantbench-allow-fallback
+        more = f" (and {len(fallbacks) - 1} more)" if len(fallbacks) > 1 else ""
+        row.update(fallback=True, reason=f"recipe {path.name}: {fallbacks[0]}{more}")
+        if not inputs.config.allow_fallback:
+            raise ItemSkip(row["reason"])
+    changes = recipe_changes(path, header)
+    written = {name: TYPES_BY_NAME[tname] for name, tname in changes.items()}
+    for name, wtype in written.items():
+        problem = planner._imatrix_problem(name, wtype)
+        if problem:
+            raise ItemSkip(f"recipe {path.name}: {problem}")
+    row.update(recipe_facts(header, changes))
+    engine, note = engines.choose_engine(WorkUnit(unit.name, tuple(written), unit.qtype))
+    row["engine_mode"] = engine
+    if note:
+        row["engine_note"] = note
+    base = baseline.file
+    first_of_type = {}
+    for name, wtype in written.items():
+        first_of_type.setdefault(wtype.name, (name, wtype))
+    probes = [engines.check_kernel(name, wtype, base) for name, wtype in first_of_type.values()]
+    probes = [k for k in probes if k is not None]
+    if probes:
+        row["kernel_check_kld"] = max(probes)
+    if engine == "inplace":
+        acc = KLDAccumulator()
+        measure_inplace(engines.swap_model, header, inputs.imatrix, written, base, acc, buffers)
+        stats = acc.stats()
     else:
-        row["requested_type"] = f"recipe {path.name}"
-        fallbacks = recipe_fallbacks(path, session.model_header)
-        if fallbacks:  # as for single items: skipped unless --quantbench-allow-fallback
-            more = f" (and {len(fallbacks) - 1} more)" if len(fallbacks) > 1 else ""
-            row.update(fallback=True, reason=f"recipe {path.name}: {fallbacks[0]}{more}")
-            if not session.config.allow_fallback:
-                raise ItemSkip(row["reason"])
-        for name, tname in recipe_changes(path, session.model_header).items():
-            problem = session._imatrix_problem(name, TYPES_BY_NAME[tname])
-            if problem:
-                raise ItemSkip(f"recipe {path.name}: {problem}")
-        dest = session.work_dir / f"recipe-{unit.qtype}.gguf"
+        dest = inputs.work_dir / f"recipe-{unit.qtype}.gguf"
         try:
-            write_recipe_model(session.model_path, path, session.model_header, dest,
-                               baseline_type=session.config.baseline_qtype,
-                               threads=session.threads, imatrix=session.imatrix_path)
+            write_recipe_model(inputs.model_path, path, header, dest,
+                               baseline_type=inputs.config.baseline_qtype,
+                               threads=inputs.threads, imatrix=inputs.imatrix_path)
             row.update(file_facts(read_model_header(dest)))
-            stats = evaluate_gguf(dest, session.eval_settings, session.baseline,
-                                  session._evaluate, session.chunk_buffers)
+            stats = evaluate_gguf(dest, inputs.eval_settings, base, evaluate, buffers)
         finally:
             dest.unlink(missing_ok=True)
     row["seconds"] = round(time.perf_counter() - started, 3)
