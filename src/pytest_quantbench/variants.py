@@ -33,8 +33,8 @@ __all__ = [
     "evaluate_gguf",
     "file_facts",
     "measure_whole",
-    "recipe_facts",
     "recipe_changes",
+    "recipe_facts",
     "recipe_fallbacks",
     "type_summary",
     "whole_units",
@@ -139,8 +139,8 @@ def whole_units(variants: Iterable[Path], recipes: Iterable[Path], base_header,
         RecipeError (a bad recipe line), GGUFError (not a GGUF): usage errors.
     """
     from .gguf import read_model_header
-    from .recipes import apply_recipe, read_recipe, written_types
     from .measure import WorkUnit
+    from .recipes import apply_recipe, read_recipe, written_types
 
     units, seen = [], {}
     for kind, paths in ((VARIANT, variants), (RECIPE, recipes)):
