@@ -114,7 +114,8 @@ def test_unknown_qtype_names_the_closest(pytester, qb_args):
 def test_empty_qtype_list(pytester, qb_args, value):
     message = run_usage_error(pytester, qb_args, f"--quantbench-qtypes={value}")
     assert message == ("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
-                       "q4_0,q8_0), or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+                       "q4_0,q8_0), --quantbench-variant FILE.gguf, --quantbench-recipe "
+                       "FILE.recipe, or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
 
 
 def test_bad_regex_in_a_selection_rule(pytester, qb_args):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "merge": "merge:main",
     "cache": "cachecli:main",
+    "recipe": "recipes_cli:main",
 }
 
 

@@ -107,6 +107,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("flush-minutes", "float", 10.0, "rewrite the result tables (atomically) at most every "
            "N minutes while results arrive, so a long run has current CSVs before it ends; 0: "
            "after every item (default 10)"),
+    # issue 15: whole files and recipes as items, pictures
+    Option("variant", "paths", (), "quantized GGUF files of the baseline (split files: the first "
+           "shard), each measured whole as item variant[<file stem>]"),
+    Option("recipe", "paths", (), "recipe files (suite format, regex=qtype per line), each "
+           "quantized with llama-quantize and measured as item recipe[<file stem>]"),
+    Option("plots", "str", "on", "'off': no heatmap-<qtype>.png / kld_vs_bpw.png pictures"),
 )
 BY_DEST = {opt.dest: opt for opt in OPTIONS}
 YAML_KEYS = {opt.name.replace("-", "_"): opt for opt in OPTIONS}
@@ -152,6 +158,9 @@ class QuantbenchConfig:
     compare_fail: tuple[str, ...] = ()
     early_stop: bool = False
     early_stop_confidence: float = 0.99
+    variant: tuple[Path, ...] = ()  # issue 15
+    recipe: tuple[Path, ...] = ()
+    plots: str = "on"
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -211,6 +220,11 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
     if opt.kind == "path":
         path = Path(os.path.expanduser(str(value)))
         return path if path.is_absolute() else (base / path)
+    if opt.kind == "paths":  # one path per item/line (names may hold commas and spaces)
+        items = [value] if isinstance(value, str) else list(value)
+        paths = [Path(os.path.expanduser(line.strip())) for item in items
+                 for line in str(item).splitlines() if line.strip()]
+        return tuple(p if p.is_absolute() else base / p for p in paths)
     if opt.kind == "groups":  # one group per item/line; commas separate regexes inside a group
         items = [value] if isinstance(value, str) else list(value)
         return tuple(line.strip() for item in items for line in str(item).splitlines()
@@ -385,6 +399,9 @@ def validate(config: QuantbenchConfig) -> None:
             raise ConfigError(str(exc)) from None
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
-    if not config.qtypes:
+    if config.plots not in ("on", "off"):
+        raise ConfigError(f"{where('plots')}: {config.plots!r}; use 'on' or 'off'")
+    if not config.qtypes and not config.variant and not config.recipe:
         raise ConfigError("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
-                          "q4_0,q8_0), or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+                          "q4_0,q8_0), --quantbench-variant FILE.gguf, --quantbench-recipe "
+                          "FILE.recipe, or set qtypes in quantbench.yaml or quantbench_qtypes in ini")

@@ -45,6 +45,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             kwargs.update(nargs="+", action="extend", metavar="RULE")
         elif opt.kind == "groups":
             kwargs.update(nargs="+", action="extend", metavar="REGEX[,REGEX]")
+        elif opt.kind == "paths":
+            kwargs.update(nargs="+", action="extend", metavar="PATH")
         elif opt.kind == "list":
             kwargs.update(action="append", metavar="LIST")
         elif opt.kind == "bool":
@@ -52,7 +54,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             kwargs["metavar"] = opt.kind.upper() if opt.kind != "path" else "PATH"
         group.addoption(opt.flag, **kwargs)
-        ini_type = "linelist" if opt.kind in ("list", "groups") else "string"
+        ini_type = "linelist" if opt.kind in ("list", "groups", "paths") else "string"
         parser.addini(opt.dest, opt.help, type=ini_type, default=None)
     group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
                     help="YAML file of quantbench settings (default: quantbench.yaml in the "
@@ -285,6 +287,8 @@ class QuantbenchItem(pytest.Item):
         self.row: dict[str, Any] = {}
         tensor = unit.tensors[0]
         layer, kind = layer_of(tensor), tensor_kind(tensor)
+        if unit.name in ("variant", "recipe"):  # a whole file: tensors = (its sha256,)
+            layer, kind = None, unit.name
         # No extra -k keywords: -k matches substrings ("layer1" would select layers 10-19 too,
         # "q4_0" q4_0_r8); the marker's arguments select exactly: -m "quantbench(layer=1)".
         self.add_marker(pytest.mark.quantbench(tensor=unit.name, qtype=unit.qtype, layer=layer,
@@ -463,7 +467,14 @@ class ResultCollector:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if getattr(self, "session_shouldfail", None):
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-        error = self._write_tables(self.table_rows())
+        rows = self.table_rows()
+        error = self._write_tables(rows)
+        if error is None and rows:
+            try:
+                self.written += _pictures_and_summary(self.session, rows,
+                                                      self.session.config.output)
+            except OSError as exc:
+                error = str(exc)
         if error is not None:
             self.write_error = error
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
@@ -571,6 +582,29 @@ def failure_message(report: pytest.TestReport) -> str:
     if lines and _XDIST_WORKER_LINE.match(lines[0]):
         lines = lines[1:]
     return "\n".join(lines).strip()
+def _pictures_and_summary(session, rows, out: Path) -> list[Path]:
+    """``heatmap-<qtype>.png`` / ``kld_vs_bpw.png`` (unless --quantbench-plots=off) and
+    ``summary.md`` (also appended to $GITHUB_STEP_SUMMARY when set). Raises OSError."""
+    import math
+
+    from .budget import group_bpw
+    from .plots import write_plots
+    from .summary import write_summary
+
+    pictures: list[Path] = []
+    if session.config.plots != "off":
+        header = session.model_header
+
+        def bpw_of(row):  # a whole file's own bpw, else the group's at its qtype
+            value = row.get("bpw")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                return float(value)
+            return group_bpw(header, row)
+
+        pictures = write_plots(rows, out, bpw_of=bpw_of)
+    summary = write_summary(rows, out, session.header_lines(), pictures, top=session.config.top,
+                            step_summary=os.environ.get("GITHUB_STEP_SUMMARY"))
+    return [*pictures, summary]
 
 
 def _worker_name(report) -> str:

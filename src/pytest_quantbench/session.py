@@ -57,6 +57,7 @@ class QuantbenchSession:
         self.chunk_buffers = ChunkBuffers()  # the chunk loop's arrays, kept across items
         self.units: list[WorkUnit] = []
         self.groups: tuple = ()
+        self.whole_paths: dict = {}  # issue 15: (variant|recipe, stem) → file (planning.py)
 
     # ---- the parts' facts that other modules read ---------------------------------------------
     config = _part("inputs", "config")
@@ -131,6 +132,11 @@ class QuantbenchSession:
         from .earlystop import EarlyVerdict, gating_facts, item_accumulator  # [gating]
         from .qtypes import resolve_qtype
 
+        if unit.name in ("variant", "recipe"):  # issue 15: whole files and recipes (variants.py)
+            from .variants import measure_whole
+            return measure_whole(unit, self.whole_paths[(unit.name, unit.qtype)], row,
+                                 inputs=self.inputs, planner=self.planner, engines=self.engines,
+                                 baseline=self.base, buffers=self.chunk_buffers)
         started = time.perf_counter()
         qtype = resolve_qtype(unit.qtype)
         written = self.planner.plan_types(unit, qtype, row)
