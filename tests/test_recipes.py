@@ -233,8 +233,8 @@ def test_qtypes_limit_the_choice_and_coarse_grid_stays_within_budget(synth_model
 def test_cli_usage_errors_are_exit_4(capsys):
     from pytest_quantbench.__main__ import main
 
-    assert main([]) == 4 and "subcommands: recipe" in capsys.readouterr().err
-    assert main(["nonsense"]) == 4 and "unknown subcommand 'nonsense'" in capsys.readouterr().err
+    assert main([]) == 4 and "commands: merge, cache, recipe" in capsys.readouterr().err
+    assert main(["nonsense"]) == 4 and "unknown command 'nonsense'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["recipe", "results.csv"])  # no --budget, --model, -o
     assert exc.value.code == 4 and "required" in capsys.readouterr().err

@@ -121,6 +121,9 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "engine_note",                               # why the file engine was used instead
     "kernel_check_kld",                          # kernel vs dequantized weights, mean KLD
     "seconds",                                   # the item's measuring time
+    "file_size",                                 # whole-file items: the file's bytes
+    "bpw",                                       # whole-file items: bits per weight
+    "types",                                     # whole-file items: type of each tensor class
     *METRIC_KEYS,
     *GATING_KEYS,                                # imatrix, chunk-level ±, early-verdict facts
     *comparison_columns(),                       # ref_/delta_ of --quantbench-compare

@@ -522,8 +522,10 @@ def load_thresholds(
         )
     from .qtypes import UnknownQTypeError, parse_qtype_list, qtype_label, resolve_qtype
 
-    run_labels = None if run_qtypes is None else \
-        [qtype_label(q) for q in parse_qtype_list(list(run_qtypes))]
+    run_labels: list[str] | None = None  # a run of whole files only has no qtypes
+    if run_qtypes is not None:
+        run_labels = [qtype_label(q) for q in parse_qtype_list(list(run_qtypes))] \
+            if run_qtypes else []
     notes: list[str] = []
     for index, raw in enumerate(rules or (), start=1):
         if not isinstance(raw, Mapping):
