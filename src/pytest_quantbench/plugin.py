@@ -88,6 +88,8 @@ MARKER = ("quantbench(tensor, qtype, layer, kind): a pytest-quantbench item; sel
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)  # always: --markers and --strict-markers know it
+    from .fixture import register  # the quantbench fixture (issue 18); imports only pytest
+    register(config, lambda: config.stash.get(SESSION_KEY, None), _builtin)
     try:
         qb_config = _build_config(config)
         if qb_config is None:
@@ -158,6 +160,21 @@ def pytest_make_collect_report(collector: pytest.Collector):
         report.result.append(QuantbenchCollector.from_parent(collector, name="quantbench",
                                                              nodeid="quantbench", path=model))
     return report
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A configured run without qtypes measures only through the ``quantbench`` fixture: a usage
+    error when no collected test uses it (not checked in the xdist controller, which does not
+    collect)."""
+    session = config.stash.get(SESSION_KEY, None)
+    if (session is not None and not session.config.qtypes
+            and not any("quantbench" in getattr(item, "fixturenames", ()) for item in items)):
+        raise pytest.UsageError(NO_QTYPES)
+
+
+NO_QTYPES = ("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes=q4_0,q8_0), or "
+             "set qtypes in quantbench.yaml or quantbench_qtypes in ini, or use the quantbench "
+             "fixture in a test")
 
 
 class QuantbenchCollector(pytest.Collector):
@@ -271,15 +288,18 @@ class ResultCollector:
         self.flush_error: str | None = None  # the last mid-run rewrite's error, if it failed
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        props = dict(report.user_properties)
-        if "qtype" not in props or "model_sha256" not in props:
+        from .fixture import measurement_rows  # an item's row, or a test's fixture measurements
+
+        measured = measurement_rows(dict(report.user_properties))
+        if not measured:
             return
         if report.when == "call" or (report.when == "setup" and not report.passed):
             status = "error" if report.when == "setup" and report.failed else report.outcome
-            row = {**props, "status": status, "nodeid": report.nodeid}
-            if report.failed and "reason" not in row:
-                row["reason"] = failure_message(report)
-            self.rows[report.nodeid] = row
+            for suffix, props in measured:
+                row = {**props, "status": status, "nodeid": report.nodeid}
+                if report.failed and "reason" not in row:
+                    row["reason"] = failure_message(report)
+                self.rows[report.nodeid + suffix] = row
             self._flush_if_due()
 
     def _flush_if_due(self) -> None:
