@@ -151,7 +151,7 @@ def test_mean_entropy(quantbench, request):
     result.assert_outcomes(passed=1)
     case = next(ET.parse(pytester.path / "report.xml").getroot().iter("testcase"))
     props = {p.get("name"): p.get("value") for p in case.iter("property")}
-    # the cached file read here with numpy alone (docs/llama-perplexity.md#kl-divergence-base-file)
+    # the cached file read here with numpy alone (docs/llama-perplexity.md#base-file)
     raw = Path(props["baseline_file"]).read_bytes()
     n_ctx, n_vocab, n_chunk = np.frombuffer(raw, "<i4", 3, 8)
     n_scored = n_ctx - 1 - n_ctx // 2

@@ -81,7 +81,7 @@ def quantbench(request: pytest.FixtureRequest) -> Quantbench:
 
 class Baseline:
     """The run's baseline logits, as cached for the items (llama-perplexity's
-    ``--kl-divergence-base`` format, docs/llama-perplexity.md#kl-divergence-base-file).
+    ``--kl-divergence-base`` format, docs/llama-perplexity.md#base-file).
 
     Attributes: ``path`` (the file), ``n_ctx`` (C, tokens per chunk), ``n_vocab`` (V),
     ``n_chunk``, ``first`` (C // 2, the first scored position), ``n_scored``
@@ -188,7 +188,7 @@ class Quantbench:
         """The quantizable tensors of the model that ``tensors`` names, in natural order.
 
         tensors: a regex (searched in each name, as the selection rules do,
-        docs/suite-formats.md#tensor-selection-rules) or a list of exact names.
+        docs/suite-formats.md#selection) or a list of exact names.
         Raises ValueError naming what matched nothing.
         """
         from .selection import compile_regex, is_quantizable_tensor, natural_key
