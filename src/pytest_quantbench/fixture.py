@@ -21,9 +21,10 @@ registers this module (:func:`register`); importing it costs nothing but pytest.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 

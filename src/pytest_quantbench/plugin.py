@@ -88,7 +88,9 @@ MARKER = ("quantbench(tensor, qtype, layer, kind): a pytest-quantbench item; sel
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)  # always: --markers and --strict-markers know it
-    from .fixture import register  # the quantbench fixture (issue 18); imports only pytest
+    # the quantbench fixture (issue 18), in every run; fixture.py imports only pytest
+    from .fixture import register
+
     register(config, lambda: config.stash.get(SESSION_KEY, None), _builtin)
     try:
         qb_config = _build_config(config)
@@ -293,7 +295,8 @@ class ResultCollector:
         self.flush_error: str | None = None  # the last mid-run rewrite's error, if it failed
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        from .fixture import measurement_rows  # an item's row, or a test's fixture measurements
+        # an item's row, or the rows of a test's fixture measurements
+        from .fixture import measurement_rows
 
         measured = measurement_rows(dict(report.user_properties))
         if not measured:
