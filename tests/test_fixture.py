@@ -115,17 +115,26 @@ def test_two(quantbench, record_property):
     record_property("own", "kept")
     quantbench.check(first, max_kld=1.0, min_same_top_p=50)
     quantbench.check(both, max_kld=1e-9, min_same_top_p=99.9)
+
+
+def test_plain_assert(quantbench):
+    assert quantbench.measure(tensors=r"blk\.0\.attn_v", qtype="q8_0").mean_kld < 1e-12
 ''')
     result = pytester.runpytest_subprocess(*qb_args)
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=2)
     result.stdout.re_match_lines([
         r"mean KLD \d\.\d{6} ± \d\.\d{6} > max_kld 1e-09 \(quantbench\.check\)",
         r"same top p \d+\.\d{3}% ± \d+\.\d{3}% < min_same_top_p 99\.9 \(quantbench\.check\)"])
+    result.stdout.fnmatch_lines([  # pytest's assertion rewrite shows the statistics
+        "E  *where * = Measurement(blk.0.attn_v.weight as q8_0: mean_kld * ± *, ppl_ratio * ± *,"
+        " same_top_p * ± *%).mean_kld"])
     tidy = _tidy(pytester.path / "quantbench-results")
-    assert list(tidy["tensor"]) == ["test_own.py::test_two", "test_own.py::test_two#2"]
-    assert list(tidy["nodeid"]) == ["test_own.py::test_two"] * 2
-    assert list(tidy["status"]) == ["failed", "failed"]
-    assert list(tidy["members"]) == ["blk.0.attn_v.weight",
+    assert list(tidy["tensor"]) == ["test_own.py::test_plain_assert", "test_own.py::test_two",
+                                    "test_own.py::test_two#2"]
+    assert list(tidy["nodeid"]) == ["test_own.py::test_plain_assert", *["test_own.py::test_two"] * 2]
+    assert list(tidy["status"]) == ["failed"] * 3
+    assert list(tidy["reused"]) == ["True", "False", "False"]  # the same item as test_two's first
+    assert list(tidy["members"]) == ["blk.0.attn_v.weight", "blk.0.attn_v.weight",
                                      "blk.1.attn_k.weight,blk.1.attn_v.weight"]
 
 
