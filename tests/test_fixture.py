@@ -101,6 +101,7 @@ def test_fixture_measures_like_the_items_under_xdist_with_one_baseline(pytester,
                       ("test_own.py::test_attn_v_q4_0", "q4_0")]
     rerun = pytester.runpytest_subprocess(*args, "--quantbench-output=own")
     rerun.assert_outcomes(passed=2)
+    assert len(count.read_text().splitlines()) == 1  # three runs, one baseline evaluation
     again = _tidy(pytester.path / "own")
     assert set(again["reused"]) == {"True"}
     assert again[metrics].to_dict() == own[metrics].to_dict()
