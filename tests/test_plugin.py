@@ -27,7 +27,7 @@ def test_plugin_stays_out_of_an_ordinary_suite(pytester):
 
 
 def test_plugin_module_imports_no_heavy_dependency():
-    code = ("import sys, pytest_quantbench.plugin; "
+    code = ("import sys, pytest_quantbench.plugin, pytest_quantbench.fixture; "  # fixture: always
             "print(sorted(m for m in ('numpy', 'pandas', 'yaml', 'ctypes', 'filelock') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -401,7 +401,10 @@ def validate(config: QuantbenchConfig) -> None:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
     if config.plots not in ("on", "off"):
         raise ConfigError(f"{where('plots')}: {config.plots!r}; use 'on' or 'off'")
-    if not config.qtypes and not config.variant and not config.recipe:
+    if (not config.qtypes and not config.variant and not config.recipe
+            and config.sources.get("qtypes", "default") != "default"):
         raise ConfigError("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
                           "q4_0,q8_0), --quantbench-variant FILE.gguf, --quantbench-recipe "
                           "FILE.recipe, or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+    # nothing to measure given at all: only the quantbench fixture measures (see
+    # plugin.pytest_collection_modifyitems)

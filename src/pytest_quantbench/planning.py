@@ -33,8 +33,9 @@ def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[
     from .selection import is_quantizable_tensor, natural_key, select_groups
 
     config = session.config
+    # no qtypes: no items, only the quantbench fixture measures
     qtypes = sorted({qtype_label(q) for q in parse_qtype_list(list(config.qtypes))}
-                    ) if config.qtypes else []
+                    if config.qtypes else ())
     header = session.model_header
     if header.n_ctx_train and config.kld_base is None and config.ctx > header.n_ctx_train:
         raise ConfigError(f"--quantbench-ctx {config.ctx} is larger than the model's training "

@@ -101,6 +101,10 @@ MARKER = ("quantbench(tensor, qtype, layer, kind): a pytest-quantbench item; sel
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)  # always: --markers and --strict-markers know it
+    # the quantbench fixture (issue 18), in every run; fixture.py imports only pytest
+    from .fixture import register
+
+    register(config, lambda: config.stash.get(SESSION_KEY, None), _builtin)
     try:
         qb_config = _build_config(config)
         if qb_config is None:
@@ -213,14 +217,18 @@ def _sigterm_as_interrupt() -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A measured row leaves its process on the item's setup report (:mod:`storewriter`)."""
+    """A measured row leaves its process on a report (:mod:`storewriter`): an item's on its setup
+    report, a test's ``quantbench`` fixture measurements on its call report; the report carries
+    {row suffix: payload} (suffix "" or ``#n``, as :func:`fixture.measurement_rows` names rows)."""
     report = yield
-    if isinstance(item, QuantbenchItem) and call.when == "setup":
-        from .storewriter import REPORT_ATTR, handoff
+    from .storewriter import FIXTURE_PAYLOADS, REPORT_ATTR, handoff
 
-        payload = handoff(item._session(), item.unit)
+    if isinstance(item, QuantbenchItem) and call.when == "setup":
+        payload = handoff(item._session(), item.unit.name, item.unit.qtype)
         if payload is not None:
-            setattr(report, REPORT_ATTR, payload)
+            setattr(report, REPORT_ATTR, {"": payload})
+    elif call.when == "call" and getattr(item, FIXTURE_PAYLOADS, None):
+        setattr(report, REPORT_ATTR, getattr(item, FIXTURE_PAYLOADS))
     return report
 
 
@@ -261,6 +269,27 @@ def pytest_make_collect_report(collector: pytest.Collector):
         report.result.append(QuantbenchCollector.from_parent(collector, name="quantbench",
                                                              nodeid="quantbench", path=model))
     return report
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A configured run without items (no qtypes, variants or recipes) measures only through the ``quantbench`` fixture: a usage
+    error when no collected test uses it; a warning in an xdist worker (the controller does not
+    collect, and a worker's usage error would crash it)."""
+    session = config.stash.get(SESSION_KEY, None)
+    if (session is not None and not session.units
+            and not any("quantbench" in getattr(item, "fixturenames", ()) for item in items)):
+        if hasattr(config, "workerinput"):
+            import warnings
+
+            warnings.warn(pytest.PytestWarning(NO_QTYPES), stacklevel=1)
+            return
+        raise pytest.UsageError(NO_QTYPES)
+
+
+NO_QTYPES = ("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes=q4_0,q8_0), "
+             "--quantbench-variant FILE.gguf or --quantbench-recipe FILE.recipe, or set qtypes "
+             "in quantbench.yaml or quantbench_qtypes in ini, or use the quantbench fixture in a "
+             "test")
 
 
 class QuantbenchCollector(pytest.Collector):
@@ -416,36 +445,40 @@ class ResultCollector:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # an item's row, or the rows of a test's fixture measurements
+        from .fixture import measurement_rows
         from .store import StoreError
         from .storewriter import REPORT_ATTR, MixedBaselinesError
 
-        props = dict(report.user_properties)
-        if "qtype" not in props or "model_sha256" not in props:
+        measured = measurement_rows(dict(report.user_properties))
+        if not measured:
             return
-        payload = getattr(report, REPORT_ATTR, None)
-        if payload is not None:
+        for suffix, payload in (getattr(report, REPORT_ATTR, None) or {}).items():
             try:
-                self.writer.accept(report.nodeid, payload, _worker_name(report))
+                self.writer.accept(report.nodeid + suffix, payload, _worker_name(report))
             except MixedBaselinesError as exc:  # fail the item, stop the run
                 self._refused[report.nodeid] = str(exc)
                 self._stop(str(exc))
-        if report.nodeid in self._refused:  # its setup and call reports fail with the finding
-            report.outcome, report.longrepr = "failed", self._refused[report.nodeid]
-            props["reason"] = self._refused[report.nodeid]
+        refused = self._refused.get(report.nodeid)
+        if refused is not None:  # its setup and call reports fail with the finding
+            report.outcome, report.longrepr = "failed", refused
         if report.when == "call" or (report.when == "setup" and not report.passed):
             status = "error" if report.when == "setup" and report.failed else report.outcome
-            row = {**props, "status": status, "nodeid": report.nodeid}
-            if report.failed and "reason" not in row:
-                row["reason"] = failure_message(report)
-            self.rows[report.nodeid] = row
-            outcome = {k: row[k] for k in ("status", "nodeid") if k in row}
-            if "reason" in row and "reason" not in props:
-                outcome["reason"] = row["reason"]
-            try:
-                self.writer.finish(report.nodeid, outcome)
-            except StoreError as exc:
-                self.write_error = str(exc)
-                self._stop(str(exc))
+            for suffix, props in measured:
+                if refused is not None:
+                    props = {**props, "reason": refused}
+                row = {**props, "status": status, "nodeid": report.nodeid}
+                if report.failed and "reason" not in row:
+                    row["reason"] = failure_message(report)
+                self.rows[report.nodeid + suffix] = row
+                outcome = {k: row[k] for k in ("status", "nodeid") if k in row}
+                if "reason" in row and "reason" not in props:
+                    outcome["reason"] = row["reason"]
+                try:
+                    self.writer.finish(report.nodeid + suffix, outcome)
+                except StoreError as exc:
+                    self.write_error = str(exc)
+                    self._stop(str(exc))
             self._flush_if_due()
 
     def _flush_if_due(self) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 WORKERINPUT_KEY = "quantbench_stored_rows"
 #: Attribute of a setup report that carries a measured row (:func:`handoff`).
 REPORT_ATTR = "quantbench_result"
+#: Attribute of a test item: {row suffix: payload} of its ``quantbench`` fixture measurements.
+FIXTURE_PAYLOADS = "_quantbench_payloads"
 
 
 class HandoffStore:
@@ -62,8 +64,9 @@ class HandoffStore:
         self.pending.clear()
 
 
-def handoff(session, unit) -> dict[str, Any] | None:
-    """The payload of ``unit``'s measured row for the controller, or None (reused, not measured).
+def handoff(session, tensor: str, qtype: str) -> dict[str, Any] | None:
+    """The payload of the row measured for (``tensor``, ``qtype``) (an item's unit name and
+    qtype, or a fixture measurement's) for the controller, or None (reused, not measured).
 
     session: the measuring process's QuantbenchSession (its ``results.store`` a
     :class:`HandoffStore`, set by the plugin).
@@ -74,7 +77,7 @@ def handoff(session, unit) -> dict[str, Any] | None:
     store = results.store
     if not isinstance(store, HandoffStore):
         return None
-    taken = store.take(unit.name, unit.qtype)
+    taken = store.take(tensor, qtype)
     if taken is None:
         return None
     key, run, row = taken
