@@ -198,9 +198,63 @@ def test_worker_gets_gpu_n_modulo_list_length_under_n_4(gpus, expected):
 
 
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), ("AUTO", "auto"), (None, None),
-                                             ("0,1", ("0", "1")), ("2 3", ("2", "3"))])
+                                             ("0,1", ("0", "1")), ("2 3", ("2", "3")),
+                                             (str([0, 1]), ("0", "1"))])
 def test_gpu_list_parsing(value, expected):
     assert devices.parse_gpus(value) == expected
+
+
+@pytest.mark.parametrize("where", ["yaml", "ini"])
+def test_gpus_from_yaml_and_ini(tmp_path, where):
+    from pytest_quantbench.config import build_config
+
+    yaml_file = tmp_path / "quantbench.yaml"
+    yaml_file.write_text("qtypes: q4_0\ngpus: [0, 1]\n" if where == "yaml" else "qtypes: q4_0\n")
+    ini = {"quantbench_gpus": "auto"} if where == "ini" else {}
+    config = build_config(lambda _: None, ini.get, invocation_dir=tmp_path, ini_dir=tmp_path,
+                          config_file=yaml_file, default_config_file=None)
+    assert devices.parse_gpus(config.gpus) == (("0", "1") if where == "yaml" else "auto")
+
+
+def test_the_engine_id_carries_the_gpu_model_and_leaves_cpu_ids_unchanged():
+    from dataclasses import replace
+
+    from pytest_quantbench.engine.identity import engine_identity
+
+    cpu = engine_identity()
+    assert cpu.device == "cpu" and "device" not in cpu.describe()
+    h100 = replace(cpu, device="cuda:0 NVIDIA H100", device_key="cuda:NVIDIA H100")
+    h200 = replace(cpu, device="cuda:1 NVIDIA H200", device_key="cuda:NVIDIA H200")
+    assert len({cpu.key, h100.key, h200.key}) == 3
+    assert replace(h100, device="cuda:3 NVIDIA H100").key == h100.key  # the index is no identity
+    assert "device cuda:1 NVIDIA H200" in h200.describe()
+    import hashlib
+
+    old = hashlib.sha256(f"{cpu.files_sha256}|{cpu.cpu_features}".encode()).hexdigest()[:12]
+    assert cpu.key == old  # CPU runs keep their baselines and stored results
+
+
+def test_the_run_header_names_the_gpu_and_says_graphs_are_off(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from pytest_quantbench.config import build_config
+    from pytest_quantbench.engine.identity import engine_identity
+    from pytest_quantbench.runinputs import RunInputs
+
+    cli = {"quantbench_qtypes": "q4_0", "quantbench_gpus": "0,1",
+           "quantbench_n_gpu_layers": 999}
+    config = build_config(cli.get, lambda _: None, invocation_dir=tmp_path, ini_dir=tmp_path,
+                          config_file=None, default_config_file=None)
+    monkeypatch.setattr(devices, "apply_process_env", lambda spec, worker: "0")  # this process
+    inputs = RunInputs(config, tmp_path)
+    assert inputs.gpu == "0"
+    assert inputs._device_header() == []  # the CPU wheel
+    inputs.__dict__["identity_engine"] = replace(engine_identity(), device="cuda:0 NVIDIA H200",
+                                                 device_key="cuda:NVIDIA H200")
+    (line,) = inputs._device_header()
+    assert line.startswith("quantbench device: cuda:0 NVIDIA H200 (one per worker from "
+                           "--quantbench-gpus 0,1")
+    assert "n_gpu_layers=999" in line and "CUDA graphs off" in line
 
 
 @pytest.mark.parametrize("value", ["zero", "0,-1", "0;1"])

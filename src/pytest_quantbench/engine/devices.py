@@ -40,15 +40,16 @@ class GpuSpecError(ValueError):
 def parse_gpus(value: str | None) -> str | tuple[str, ...] | None:
     """``--quantbench-gpus`` → None (unset), ``"auto"``, or the device ids as given.
 
-    ``value``: ``auto`` or ids separated by commas/whitespace (``0,1``, ``2 3``, or GPU UUIDs
-    ``GPU-…`` as ``CUDA_VISIBLE_DEVICES`` takes them). Raises GpuSpecError naming the fix.
+    ``value``: ``auto`` or ids separated by commas/whitespace (``0,1``, ``2 3``, a YAML list
+    ``[0, 1]``, or GPU UUIDs ``GPU-…`` as ``CUDA_VISIBLE_DEVICES`` takes them). Raises
+    GpuSpecError naming the fix.
     """
     if value is None or not str(value).strip():
         return None
     text = str(value).strip()
     if text.lower() == "auto":
         return "auto"
-    ids = tuple(p for p in re.split(r"[,\s]+", text) if p)
+    ids = tuple(p for p in re.split(r"[,\s\[\]'\"]+", text) if p)
     bad = [p for p in ids if not re.fullmatch(r"\d+|(GPU|MIG)-[0-9A-Za-z-]+", p)]
     if bad or not ids:
         raise GpuSpecError(f"--quantbench-gpus {value!r}: {bad or 'no id'} is not a device id; "
