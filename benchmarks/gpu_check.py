@@ -51,17 +51,19 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
     """(step, what it checks, command) for every plugin run of the check."""
     out = Path(args.out)
     big = out / "big-bf16.gguf"
+    model = [f"--quantbench-model={Path(args.model).resolve()}"] if args.model else []
+    helper = [f"--out={out}", *([f"--model={Path(args.model).resolve()}"] if args.model else [])]
     return [
         ("(a)", "default model, file engine", pytest_cmd(
-            out / "cache", args.chunks, QTYPES_A, TENSORS_A, "--quantbench-imatrix=auto",
-            "--quantbench-engine=file")),
+            out / "cache", args.chunks, QTYPES_A, args.tensors, "--quantbench-imatrix=auto",
+            "--quantbench-engine=file", *model)),
         ("(a)", "default model, in-process engine on device memory (compare: bit-identical)",
-         pytest_cmd(out / "cache", args.chunks, QTYPES_A, TENSORS_A,
+         pytest_cmd(out / "cache", args.chunks, QTYPES_A, args.tensors,
                     "--quantbench-imatrix=auto", "--quantbench-engine=inplace",
-                    "--quantbench-rerun")),
+                    "--quantbench-rerun", *model)),
         ("(b)", "restore: baseline logits == logits after swap + restore (q4_0, q6_K, iq4_ks)",
-         [sys.executable, __file__, "--step-b", f"--out={out}"]),
-        ("(c)", f"synthetic model {big} ({args.big_layers} layers, >= 2 GB), file engine",
+         [sys.executable, __file__, "--step-b", *helper]),
+        ("(c)", f"synthetic model {big} ({args.big_layers} layers), file engine",
          pytest_cmd(out / "cache", 1, QTYPES_C, TENSORS_C, f"--quantbench-model={big}",
                     f"--quantbench-corpus={out / 'corpus.txt'}", "--quantbench-ctx=512",
                     "--quantbench-engine=file")),
@@ -70,7 +72,7 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
             f"--quantbench-corpus={out / 'corpus.txt'}", "--quantbench-ctx=512",
             "--quantbench-engine=inplace", "--quantbench-rerun")),
         ("(d)", "decode tokens/s, default and synthetic model, 512-token chunks",
-         [sys.executable, __file__, "--step-d", f"--out={out}"]),
+         [sys.executable, __file__, "--step-d", *helper]),
     ]
 
 
@@ -110,8 +112,8 @@ def items_per_minute(rows) -> float:
     return 60.0 / float(rows["seconds"].mean())
 
 
-def step_b(out: Path) -> None:
-    """Swap three types into blk.12.ffn_down of the default model on the GPU, restore, compare."""
+def step_b(out: Path, model: Path | None) -> None:
+    """Swap three types into the last ffn_down of the model on the GPU, restore, compare."""
     import numpy as np
 
     from pytest_quantbench.engine.llama import EvalSettings
@@ -119,10 +121,12 @@ def step_b(out: Path) -> None:
     from pytest_quantbench.inputs import ensure_default_model
     from pytest_quantbench.qtypes import resolve_qtype
 
-    model = ensure_default_model(out / "cache", "bf16", os.cpu_count() or 1)
+    from pytest_quantbench.gguf import read_model_header
+
+    model = model or ensure_default_model(out / "cache", "bf16", os.cpu_count() or 1)
     swap = SwapModel(model, EvalSettings(n_ctx=512, threads=os.cpu_count() or 1,
                                          n_gpu_layers=999))
-    name = "blk.12.ffn_down.weight"
+    name = [t.name for t in read_model_header(model).tensors if "ffn_down" in t.name][-1]
     tokens = (np.arange(512, dtype=np.int32) * 31) % swap.model.n_vocab
     base = swap.model.eval_chunk(tokens)
     host = swap._host(swap.tensor(name))
@@ -140,15 +144,15 @@ def step_b(out: Path) -> None:
           f"{'host pointer swap' if host else 'private device buffers'}")
 
 
-def step_d(out: Path, big: Path) -> None:
+def step_d(out: Path, model: Path | None, big: Path) -> None:
     """Tokens/s of 512-token chunks (8 decodes after one warm-up) on each model."""
     import numpy as np
 
     from pytest_quantbench.engine.llama import EvalSettings, LlamaModel
     from pytest_quantbench.inputs import ensure_default_model
 
-    default = ensure_default_model(out / "cache", "bf16", os.cpu_count() or 1)
-    for label, path in (("default", default), ("synthetic", big)):
+    default = model or ensure_default_model(out / "cache", "bf16", os.cpu_count() or 1)
+    for label, path in (("model", default), ("synthetic", big)):
         with LlamaModel(path, EvalSettings(n_ctx=512, threads=os.cpu_count() or 1,
                                            n_gpu_layers=999)) as model:
             tokens = (np.arange(512, dtype=np.int32) * 7) % model.n_vocab
@@ -159,13 +163,15 @@ def step_d(out: Path, big: Path) -> None:
             print(f"STEP-D {label} {8 * 512 / (time.perf_counter() - start):.0f}")
 
 
-def build_big(out: Path, layers: int) -> Path:
+def build_big(out: Path, layers: int, n_embd: int) -> Path:
     from conftest import CORPUS_TEXT
     from synthmodel import build_synthetic_model
 
     big = out / "big-bf16.gguf"
     if not big.exists():
-        build_synthetic_model(big, n_layer=layers, n_ctx_train=1024, **BIG)
+        build_synthetic_model(big, n_layer=layers, n_ctx_train=1024,
+                              **{**BIG, "n_embd": n_embd,
+                                 "n_ff": 256 * max(1, round(n_embd * 11008 / 4096 / 256))})
     (out / "corpus.txt").write_text((CORPUS_TEXT + "\n") * 8, encoding="utf-8")
     return big
 
@@ -175,24 +181,31 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     parser.add_argument("--out", default="gpu-check")
     parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--model", default=None, help="GGUF for (a), (b), (d) instead of the "
+                        "default model (e.g. a synthetic one for a CPU smoke run)")
+    parser.add_argument("--tensors", default=TENSORS_A, help="tensors of (a) (regex)")
     parser.add_argument("--big-layers", type=int, default=6, help="layers of the synthetic model "
                         "(6: about 2.3 GB of bf16)")
+    parser.add_argument("--big-embd", type=int, default=BIG["n_embd"], help="its n_embd (4096)")
+    parser.add_argument("--only", default="abcd", help="steps to run, e.g. 'bd'")
     parser.add_argument("--step-b", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--step-d", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out).resolve()
     args.out = str(out)
+    model = Path(args.model).resolve() if args.model else None
     if args.step_b:
-        step_b(out)
+        step_b(out, model)
         return 0
     if args.step_d:
-        step_d(out, out / "big-bf16.gguf")
+        step_d(out, model, out / "big-bf16.gguf")
         return 0
-    steps = plan(args)
+    steps = [s for s in plan(args) if s[0].strip("()") in args.only]
     if args.dry_run:
         print(f"engine library: {os.environ.get('IK_LLAMA_CPP_LIB_PATH', 'the installed wheel')}")
-        print(f"would build the synthetic model {out / 'big-bf16.gguf'} "
-              f"({args.big_layers} layers, {BIG})")
+        if "c" in args.only:
+            print(f"would build the synthetic model {out / 'big-bf16.gguf'} "
+                  f"({args.big_layers} layers, n_embd {args.big_embd})")
         for step, what, cmd in steps:
             print(f"{step} would run: {what}\n    {' '.join(cmd)}")
         return 0
@@ -200,32 +213,38 @@ def main() -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    verdict_a = ("FAIL", "a plugin run failed")
-    a_file = run(steps[0][2], out / "a_file")
-    a_inplace = run(steps[1][2], out / "a_inplace")
-    if a_file.returncode == 0 and a_inplace.returncode == 0:
-        file_rows, inplace_rows = results(out / "a_file"), results(out / "a_inplace")
-        verdict_a = compare_engines(file_rows, inplace_rows)
-        rows.append(("(a) items/min default model", f"file {items_per_minute(file_rows):.1f}, "
-                     f"in-process {items_per_minute(inplace_rows):.1f}", ""))
-    rows.insert(0, ("(a) in-process vs file statistics", *verdict_a))
-    b = run(steps[2][2], out)
-    line_b = next((ln for ln in b.stdout.splitlines() if ln.startswith("STEP-B")), "STEP-B FAIL")
-    rows.append(("(b) restored logits vs baseline", line_b.split()[1], " ".join(line_b.split()[2:])))
-    build_big(out, args.big_layers)
-    c_file = run(steps[3][2], out / "c_file")
-    c_inplace = run(steps[4][2], out / "c_inplace")
-    if c_file.returncode == 0 and c_inplace.returncode == 0:
-        cf, ci = results(out / "c_file"), results(out / "c_inplace")
-        rows.append(("(c) items/min synthetic >= 2 GB", f"file {items_per_minute(cf):.2f}, "
-                     f"in-process {items_per_minute(ci):.2f}", compare_engines(cf, ci)[0]))
-    else:
-        rows.append(("(c) items/min synthetic >= 2 GB", "FAIL", "a plugin run failed"))
-    d = run(steps[5][2], out)
-    for line in d.stdout.splitlines():
-        if line.startswith("STEP-D"):
-            _, label, tps = line.split()
-            rows.append((f"(d) tokens/s {label}", tps, "512-token chunks, all layers on GPU"))
+    if "a" in args.only:
+        a_file, a_inplace = (run(cmd, out / f"a_{i}") for i, (_, _, cmd) in enumerate(steps[:2]))
+        if a_file.returncode == 0 and a_inplace.returncode == 0:
+            file_rows, inplace_rows = results(out / "a_0"), results(out / "a_1")
+            rows.append(("(a) in-process vs file statistics",
+                         *compare_engines(file_rows, inplace_rows)))
+            rows.append(("(a) items/min", f"file {items_per_minute(file_rows):.1f}, "
+                         f"in-process {items_per_minute(inplace_rows):.1f}", ""))
+        else:
+            rows.append(("(a) in-process vs file statistics", "FAIL", "a plugin run failed"))
+    if "b" in args.only:
+        b = run(next(cmd for step, _, cmd in steps if step == "(b)"), out)
+        line = next((ln for ln in b.stdout.splitlines() if ln.startswith("STEP-B")),
+                    "STEP-B FAIL (no result)").split()
+        rows.append(("(b) restored logits vs baseline", line[1], " ".join(line[2:])))
+    if "c" in args.only or "d" in args.only:
+        build_big(out, args.big_layers, args.big_embd)
+    if "c" in args.only:
+        c_file, c_inplace = (run(cmd, out / f"c_{i}") for i, (step, _, cmd) in
+                             enumerate(s for s in steps if s[0] == "(c)"))
+        if c_file.returncode == 0 and c_inplace.returncode == 0:
+            cf, ci = results(out / "c_0"), results(out / "c_1")
+            rows.append(("(c) items/min synthetic model", f"file {items_per_minute(cf):.2f}, "
+                         f"in-process {items_per_minute(ci):.2f}", compare_engines(cf, ci)[0]))
+        else:
+            rows.append(("(c) items/min synthetic model", "FAIL", "a plugin run failed"))
+    if "d" in args.only:
+        d = run(next(cmd for step, _, cmd in steps if step == "(d)"), out)
+        for line in d.stdout.splitlines():
+            if line.startswith("STEP-D"):
+                _, label, tps = line.split()
+                rows.append((f"(d) tokens/s {label}", tps, "512-token chunks, all layers on GPU"))
     table = pd.DataFrame(rows, columns=["check", "result", "detail"])
     print(table.to_string(index=False))
     return 0 if not table["result"].astype(str).str.startswith("FAIL").any() else 1
