@@ -28,7 +28,7 @@ QTYPES_A = "q4_0,q8_0,iq4_ks,q6_K,iq2_kt,q4_0_r8"
 TENSORS_A = r"blk\.(3|12)\.(attn_v|ffn_down)\.weight"
 QTYPES_C = "q4_0,q8_0"
 TENSORS_C = r"blk\.(0|1|2)\.(attn_v|ffn_down)\.weight"
-BIG = dict(n_embd=4096, n_ff=11008, n_head=32, n_head_kv=8)  # about 386 MB of bf16 per layer
+BIG = {"n_embd": 4096, "n_ff": 11008, "n_head": 32, "n_head_kv": 8}  # about 386 MB of bf16 per layer
 METRIC_PREFIXES = ("ppl", "kld", "mean_", "median_", "max_", "min_", "dp_", "rms", "same")
 
 
@@ -79,7 +79,7 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'src'}:{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
     print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
     return proc
 
@@ -118,10 +118,9 @@ def step_b(out: Path, model: Path | None) -> None:
 
     from pytest_quantbench.engine.llama import EvalSettings
     from pytest_quantbench.engine.swap import SwapModel
+    from pytest_quantbench.gguf import read_model_header
     from pytest_quantbench.inputs import ensure_default_model
     from pytest_quantbench.qtypes import resolve_qtype
-
-    from pytest_quantbench.gguf import read_model_header
 
     model = model or ensure_default_model(out / "cache", "bf16", os.cpu_count() or 1)
     swap = SwapModel(model, EvalSettings(n_ctx=512, threads=os.cpu_count() or 1,
@@ -154,18 +153,19 @@ def step_d(out: Path, model: Path | None, big: Path) -> None:
     default = model or ensure_default_model(out / "cache", "bf16", os.cpu_count() or 1)
     for label, path in (("model", default), ("synthetic", big)):
         with LlamaModel(path, EvalSettings(n_ctx=512, threads=os.cpu_count() or 1,
-                                           n_gpu_layers=999)) as model:
-            tokens = (np.arange(512, dtype=np.int32) * 7) % model.n_vocab
-            model.eval_chunk(tokens)
+                                           n_gpu_layers=999)) as llama:
+            tokens = (np.arange(512, dtype=np.int32) * 7) % llama.n_vocab
+            llama.eval_chunk(tokens)
             start = time.perf_counter()
             for _ in range(8):
-                model.eval_chunk(tokens)
+                llama.eval_chunk(tokens)
             print(f"STEP-D {label} {8 * 512 / (time.perf_counter() - start):.0f}")
 
 
 def build_big(out: Path, layers: int, n_embd: int) -> Path:
-    from conftest import CORPUS_TEXT
     from synthmodel import build_synthetic_model
+
+    from conftest import CORPUS_TEXT
 
     big = out / "big-bf16.gguf"
     if not big.exists():
@@ -219,8 +219,9 @@ def main() -> int:
             file_rows, inplace_rows = results(out / "a_0"), results(out / "a_1")
             rows.append(("(a) in-process vs file statistics",
                          *compare_engines(file_rows, inplace_rows)))
-            rows.append(("(a) items/min", f"file {items_per_minute(file_rows):.1f}, "
-                         f"in-process {items_per_minute(inplace_rows):.1f}", ""))
+            speed = (f"file {items_per_minute(file_rows):.1f}, "
+                     f"in-process {items_per_minute(inplace_rows):.1f}")
+            rows.append(("(a) items/min", speed, ""))
         else:
             rows.append(("(a) in-process vs file statistics", "FAIL", "a plugin run failed"))
     if "b" in args.only:
@@ -235,8 +236,8 @@ def main() -> int:
                              enumerate(s for s in steps if s[0] == "(c)"))
         if c_file.returncode == 0 and c_inplace.returncode == 0:
             cf, ci = results(out / "c_0"), results(out / "c_1")
-            rows.append(("(c) items/min synthetic model", f"file {items_per_minute(cf):.2f}, "
-                         f"in-process {items_per_minute(ci):.2f}", compare_engines(cf, ci)[0]))
+            speed = f"file {items_per_minute(cf):.2f}, in-process {items_per_minute(ci):.2f}"
+            rows.append(("(c) items/min synthetic model", speed, compare_engines(cf, ci)[0]))
         else:
             rows.append(("(c) items/min synthetic model", "FAIL", "a plugin run failed"))
     if "d" in args.only:
