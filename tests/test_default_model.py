@@ -87,8 +87,8 @@ def test_ordering_fallback_skip_and_reference_ppl(pytester, cache_dir):
                  "--quantbench-tensors", r"^blk\.(2|20)\.attn_v\.weight$", "-n", "2")
     result.assert_outcomes(passed=4, skipped=2)
     result.stdout.fnmatch_lines([
-        "*llama-quantize writes q5_0 instead of q4_K for blk.2.attn_v.weight (tensor cols 576 x "
-        "192 are not divisible by 256, required for q4_K: llama-quantize falls back to q5_0)"])
+        "*llama-quantize writes q5_0 instead of q4_K for blk.2.attn_v.weight (row length ne0 = 576 "
+        "is not divisible by 256, required for q4_K: llama-quantize falls back to q5_0)"])
     kld = pd.read_csv(pytester.path / "quantbench-results" / "kld_results.csv", dtype=str)
     kld = kld.set_index("QTYPE")
     assert kld.loc["q4_K"].tolist() == ["404", "404"]
@@ -99,3 +99,18 @@ def test_ordering_fallback_skip_and_reference_ppl(pytester, cache_dir):
     facts = json.loads(next((cache_dir / "baselines").glob("*-c512-8ch-*.kld.json")).read_text())
     assert abs(facts["ppl"] / 11.9369 - 1) < 5e-4
     assert round(facts["ppl_err"], 3) == 0.715
+
+
+def test_chunk_level_error_is_larger_than_llama_perplexitys(pytester, cache_dir):
+    """Tokens of a chunk are correlated: at 8 chunks the batch-means ± of mean KLD, Δp and
+    same-top-p exceeds llama-perplexity's per-token ± (whose printed values stay as they are)."""
+    result = run(pytester, cache_dir, "--quantbench-ctx=128", "--quantbench-chunks=8",
+                 "--quantbench-qtypes=q4_0", "--quantbench-tensors",
+                 r"^blk\.(3|29)\.attn_(v|output)")
+    result.assert_outcomes(passed=4)
+    rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    ratios = rows["mean_kld_err_chunks"] / rows["mean_kld_err"]
+    shown = ", ".join(f"{t}: {r:.2f}x" for t, r in zip(rows["tensor"], ratios))
+    print(f"mean KLD ± (chunk-level / llama-perplexity) at 8 chunks: {shown}")
+    assert (ratios > 1).all(), shown
+    assert (rows["same_top_p_err_chunks"] > 0).all() and (rows["mean_dp_err_chunks"] > 0).all()

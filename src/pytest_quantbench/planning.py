@@ -12,16 +12,8 @@ from typing import Callable
 
 from .config import ConfigError
 from .measure import WorkUnit
+from .qtypes import qtype_label
 from .session import QuantbenchSession
-
-
-def qtype_label(qtype) -> str:
-    """The qtype as it appears in ids and CSV rows: the exact ggml name for a ggml type
-    (``q4_k`` → ``q4_K``), the lower-case preset name for a preset (``Q4_K_M`` → ``q4_k_m``).
-
-    qtype: a resolved :class:`pytest_quantbench.qtypes.QType`.
-    """
-    return qtype.name if qtype.kind == "type" else qtype.name.lower()
 
 
 def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[WorkUnit]:

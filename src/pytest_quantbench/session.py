@@ -67,6 +67,7 @@ class QuantbenchSession:
     run_identity = _part("inputs", "run_identity")
     thresholds = _part("inputs", "thresholds")
     imatrix = _part("inputs", "imatrix")
+    imatrix_identity = _part("inputs", "imatrix_identity")  # [gating] rows' imatrix column
     swap_model = _part("engines", "swap_model")  # None where the in-process engine cannot bind
     baseline = _part("base", "file")  # the baseline logits file, computed once
     store = _part("results", "store")
@@ -120,13 +121,14 @@ class QuantbenchSession:
         Raises: ItemSkip (fallback type, missing imatrix, a type this build cannot run),
             EngineError, StoreError, ValueError (non-finite logits: the message says where).
         """
-        return self.results.reuse_or_measure(unit, row, self._measure)
+        return self.results.reuse_or_measure(unit, row, self._measure,
+                                             early_limits=self.early_limits(unit))  # [gating]
 
     def _measure(self, unit: WorkUnit, row: dict[str, Any]):
         """Plan the written types, quantize, evaluate every chunk; return the KLDStats."""
         import time
 
-        from .metrics import KLDAccumulator
+        from .earlystop import EarlyVerdict, gating_facts, item_accumulator  # [gating]
         from .qtypes import resolve_qtype
 
         started = time.perf_counter()
@@ -144,12 +146,25 @@ class QuantbenchSession:
         probes = [k for k in probes if k is not None]
         if probes:  # how far the engine's kernels are from the dequantized weights (nats)
             row["kernel_check_kld"] = max(probes)
-        acc = KLDAccumulator()
-        if engine == "inplace":
-            measuring.measure_inplace(self.engines.swap_model, header, self.imatrix, written,
-                                      base, acc, self.chunk_buffers)
-        else:
-            measuring.measure_file(self.inputs, unit, qtype, written, base, acc,
-                                   self.chunk_buffers)
+        n_chunks = self.run_identity.chunks
+        acc = item_accumulator(self.early_limits(unit), n_chunks,  # [gating]
+                               self.config.early_stop_confidence)
+        try:
+            if engine == "inplace":
+                measuring.measure_inplace(self.engines.swap_model, header, self.imatrix, written,
+                                          base, acc, self.chunk_buffers)
+            else:
+                measuring.measure_file(self.inputs, unit, qtype, written, base, acc,
+                                       self.chunk_buffers)
+        except EarlyVerdict:  # [gating] the verdict is sure: acc holds the chunks looked at
+            pass
+        row.update(gating_facts(acc, n_chunks))  # [gating] chunk-level ±, chunks_used
         row["seconds"] = round(time.perf_counter() - started, 3)
         return acc.stats()
+
+    def early_limits(self, unit: WorkUnit) -> dict[str, float]:  # [gating]
+        """``unit``'s threshold limits (key → value) under --quantbench-early-stop, else {}."""
+        if not self.config.early_stop:
+            return {}
+        limits = self.thresholds.limits_for(unit.name, unit.qtype)
+        return {key: limit.value for key, limit in limits.items()}
