@@ -66,6 +66,10 @@ OPTIONS: tuple[Option, ...] = (
            ".dat or a GGUF imatrix file, or 'auto' to compute one from the corpus (cached)"),
     Option("threads", "int", None, "threads per worker (default: CPU cores / number of workers)"),
     Option("n-gpu-layers", "int", 0, "layers to offload to a GPU build of the engine (default 0)"),
+    Option("gpus", "str", None, "one GPU per xdist worker: 'auto' (every GPU the engine's CUDA "
+           "build sees; none on a CPU build) or device ids such as 0,1; worker gwN gets "
+           "LIST[N % len(LIST)] through CUDA_VISIBLE_DEVICES, split mode none (default: unset, "
+           "the engine's own split over all visible GPUs)"),
     Option("n-seq", "int", 1, "chunks decoded together as separate sequences in one batch of "
            "n_seq*n_ctx tokens, as llama-perplexity's base run (default 1; try 4 on a GPU with "
            "a small model; on CPU 1 is fastest)"),
@@ -153,6 +157,7 @@ class QuantbenchConfig:
     baseline_ppl: float | None = None
     logs: Path | None = None
     n_seq: int = 1
+    gpus: str | None = None
     flush_minutes: float = 10.0
     compare: Path | None = None
     compare_fail: tuple[str, ...] = ()

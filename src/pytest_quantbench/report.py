@@ -118,6 +118,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "reused",                                    # True: statistics from the results store
     *RUN_IDENTITY_KEYS,
     "engine_mode",                               # inplace or file
+    "device",                                    # cpu, or cuda:<visible id> <GPU name>
     "engine_note",                               # why the file engine was used instead
     "kernel_check_kld",                          # kernel vs dequantized weights, mean KLD
     "seconds",                                   # the item's measuring time

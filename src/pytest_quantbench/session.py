@@ -110,7 +110,7 @@ class QuantbenchSession:
     def identity_row(self, unit: WorkUnit) -> dict[str, Any]:
         """The row columns every result of ``unit`` carries (builtin types)."""
         return {"tensor": unit.name, "qtype": unit.qtype, "members": ",".join(unit.tensors),
-                **self.run_identity.as_row()}
+                **self.run_identity.as_row(), "device": self.inputs.identity_engine.device}
 
     def measure(self, unit: WorkUnit, row: dict[str, Any]) -> dict[str, Any]:
         """The statistics of ``unit``: reused from the results store when it holds them for these
@@ -142,6 +142,7 @@ class QuantbenchSession:
         written = self.planner.plan_types(unit, qtype, row)
         base = self.baseline
         engine, note = self.engines.choose_engine(unit)
+        note = "; ".join(filter(None, (note, self.engines.device_note(written)))) or None  # GPU
         row["engine_mode"] = engine  # "engine" (the run identity) is the engine library's id
         if note:
             row["engine_note"] = note

@@ -184,6 +184,7 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "llama_batch_init": ([ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], llama_batch),
     "llama_batch_free": ([llama_batch], None),
     "llama_decode": ([_P, llama_batch], ctypes.c_int32),
+    "llama_synchronize": ([_P], None),  # before a device tensor swap (engine/swap.py)
     "llama_kv_cache_clear": ([_P], None),
     "llama_get_logits": ([_P], ctypes.POINTER(ctypes.c_float)),
     "llama_model_desc": ([_P, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32),
