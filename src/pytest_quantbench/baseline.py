@@ -134,7 +134,8 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
+def write_baseline(model, tokens: np.ndarray, path: Path,
+                   on_decode: Callable[[int], None] | None = None) -> None:
     """Evaluate every chunk of ``tokens`` with ``model`` and write the base file at ``path``.
 
     model: :class:`pytest_quantbench.engine.llama.LlamaModel` of the baseline; tokens: int32
@@ -142,6 +143,8 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
     is evaluated with). The file is written atomically by :class:`KLDBaseWriter`; beside it,
     :func:`sidecar_path` records the base run's ``Final estimate`` line (PPL from the raw logits,
     as llama-perplexity prints it when writing a base file, spec §1.5/§2) and the seconds taken.
+    ``on_decode(first_chunk)`` runs after each decode (prefix reuse captures hidden states there:
+    :class:`pytest_quantbench.hidden.HiddenWriter`).
     """
     import json
     import time
@@ -158,6 +161,8 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
         for first in range(0, n_chunk, n_seq):
             for logits in model.eval_chunks(tokens[first:first + n_seq]):
                 ppl.add(writer.write_chunk(logits))
+            if on_decode is not None:
+                on_decode(first)
     value, err = ppl.ppl()
     atomic_write_text(sidecar_path(path), json.dumps({
         "final_estimate": ppl.final_line(n_ctx), "ppl": value, "ppl_err": err,

@@ -38,7 +38,7 @@ import numpy as np
 from .. import gguf as gguf_reader
 from . import bindings
 from .llama import EngineError, EvalSettings, LlamaModel, scored_range
-from .swap import GGML_MAX_DIMS, GGML_MAX_SRC, GgmlTensor
+from .swap import GGML_MAX_DIMS, GGML_MAX_SRC, GgmlTensor, SwapModel
 
 GGML_TYPE_F32 = 0
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -267,6 +267,7 @@ class TailModel:
         header = gguf_reader.read_header(tail_path)
         full_names = [t.name for t in gguf_reader.read_model_header(full.path).tensors]
         self.names = tail_tensor_names(full_names, first_layer)
+        self._tail_name = {full_name: name for name, full_name in self.names.items()}
         if set(self.names) != {t.name for t in header.tensors}:
             raise EngineError(f"{tail_path} is not the tail at layer {first_layer} of {full.path}")
         self.model = LlamaModel(Path(tail_path), settings, full.lib.quantbench_path,
@@ -280,8 +281,11 @@ class TailModel:
         self._embd_batch = lib.llama_batch_init(settings.n_batch, self.n_embd, 1)
         self._full_tensor = {name: self._tensor(full, full_name)
                              for name, full_name in self.names.items()}
+        self._own = set()  # addresses of the tensors the model file declares (not duplicates)
         for name, src in self._full_tensor.items():
-            _point(self._tensor(self.model, name), src)
+            dst = self._tensor(self.model, name)
+            _point(dst, src)
+            self._own.add(ctypes.addressof(dst))
 
     @staticmethod
     def _tensor(model: LlamaModel, name: str) -> GgmlTensor:
@@ -291,8 +295,18 @@ class TailModel:
         return ggml_tensor_at(address)
 
     def tensor(self, name: str) -> GgmlTensor:
-        """The tail's ``ggml_tensor`` named ``name`` (tail numbering: ``blk.0`` is layer L)."""
-        return self._tensor(self.model, name)
+        """The tail's ``ggml_tensor`` for the FULL model's tensor ``name`` (``blk.(L+i).X`` →
+        the tail's ``blk.i.X``), so item code names tensors as in the model file.
+        Raises EngineError for a tensor of a layer before L."""
+        tail_name = self._tail_name.get(name)
+        if tail_name is None:
+            raise EngineError(f"{name} is not in the tail at layer {self.first_layer}: an item "
+                              "that changes it must start at its layer or earlier")
+        return self._tensor(self.model, tail_name)
+
+    # An item's in-process swap on the tail's tensors: the same code as on the full model
+    # (type, strides and data pointer set, restored exactly after the block), through tensor().
+    swapped = SwapModel.swapped
 
     def _hook(self, cparams: bindings.llama_context_params) -> None:
         cparams.cb_eval = self._callback
@@ -300,13 +314,14 @@ class TailModel:
 
     def _on_node(self, address: int, ask: bool, _user: object) -> bool:
         """Before each node runs (ask phase) during the first decode, re-point every weight
-        source that is not at the full model's data: the engine's duplicates."""
+        source that is not one of the file's tensors but carries one's name: the engine's
+        duplicates (the file's own tensors are left alone: an item may have swapped them)."""
         if not self._armed or not ask:
             return not ask
         try:
             node = ggml_tensor_at(address)
             for src_address in node.src[:GGML_MAX_SRC]:
-                if not src_address:
+                if not src_address or src_address in self._own:
                     continue
                 src = ggml_tensor_at(src_address)
                 full = self._full_tensor.get(src.name.decode("utf-8", "replace"))

@@ -1,0 +1,187 @@
+"""Prefix reuse for the item path: which items run a tail, which tail, in which order.
+
+A unit whose first changed tensor is in layer L ≥ 1 (its start layer, :func:`start_layer`)
+evaluates only layers L…N−1 and the head of a tail model (:mod:`pytest_quantbench.engine.tail`)
+from the cached input of layer L (:mod:`pytest_quantbench.hidden`); the numbers are bit-identical
+to a full evaluation, which the :class:`TailPool` checks on the first chunk before a tail serves
+any item (else prefix reuse is off for the model in that run, with the reason). Prefix reuse
+changes no number, so it enters no result or baseline key; each row says which path measured it
+(:func:`eval_path`). See docs/architecture.md#prefix-reuse.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import numpy as np
+from filelock import FileLock
+
+from .hidden import load_hidden
+
+_BLK = re.compile(r"^blk\.(\d+)\.")
+MODES = ("auto", "off")
+T = TypeVar("T")
+
+
+def start_layer(tensor_names: Iterable[str]) -> int | None:
+    """The smallest layer among the changed tensors, or None when the unit runs the full model:
+    it changes ``token_embd``, another tensor outside ``blk.*``, a layer-0 tensor, or nothing."""
+    layers = []
+    for name in tensor_names:
+        m = _BLK.match(name)
+        if m is None:
+            return None
+        layers.append(int(m.group(1)))
+    if not layers or min(layers) == 0:
+        return None
+    return min(layers)
+
+
+def eval_path(layer: int | None) -> str:
+    """The ``eval_path`` column: ``full`` or ``tail:L``."""
+    return "full" if layer is None else f"tail:{layer}"
+
+
+def prefix_reuse_enabled(mode: str, engine: str, n_gpu_layers: int) -> tuple[bool, str]:
+    """Whether prefix reuse may run, and the header's note.
+
+    mode: ``--quantbench-prefix-reuse`` (``auto`` or ``off``); engine: the item engine
+    (``inplace`` swaps in this process; the file engine never uses tails); n_gpu_layers: > 0 on a
+    GPU build, where tails stay off until verified on a device.
+    Raises ValueError for another mode (the option's choices name them)."""
+    if mode not in MODES:
+        raise ValueError(f"--quantbench-prefix-reuse={mode!r}: use one of {', '.join(MODES)}")
+    if mode == "off":
+        return False, "prefix reuse: off (--quantbench-prefix-reuse=off)"
+    if engine != "inplace":
+        return False, f"prefix reuse: off (the {engine} engine evaluates whole models)"
+    if n_gpu_layers > 0:
+        return False, ("prefix reuse: off on a GPU build (n_gpu_layers > 0) until it is "
+                       "verified on a device")
+    return True, "prefix reuse: auto (tails where the first-chunk self-check passes)"
+
+
+def layer_major(units: Sequence[T], layer_of: Callable[[T], int | None]) -> list[T]:
+    """``units`` ordered so consecutive units share a tail: full-model units first, then by start
+    layer ascending; the order within a layer is kept (a stable sort, so every xdist worker that
+    collects the same units gets the same order)."""
+    return sorted(units, key=lambda u: -1 if layer_of(u) is None else layer_of(u))
+
+
+def tail_gguf_path(cache_dir: Path, model_sha256: str, layer: int) -> Path:
+    """``<cache>/tails/<model sha 16>-L<layer>.gguf``: one header-only tail per model and L."""
+    return Path(cache_dir) / "tails" / f"{model_sha256[:16]}-L{layer:03d}.gguf"
+
+
+def ensure_tail_gguf(cache_dir: Path, model_path: Path, model_sha256: str, layer: int) -> Path:
+    """The tail GGUF of ``layer``, written once per cache under a file lock."""
+    from .engine.tail import write_tail_gguf
+
+    path = tail_gguf_path(cache_dir, model_sha256, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            write_tail_gguf(model_path, layer, path)
+    return path
+
+
+class TailChunks:
+    """Drop-in for the full model in the chunk loop: ``eval_chunks(tokens, out)`` evaluates the
+    tail on the cached input of its layer for the next chunks, in order.
+
+    Args: tail: a :class:`~pytest_quantbench.engine.tail.TailModel`; hidden: chunk indices →
+    float32 (k, n_ctx, n_embd) (e.g. :func:`load_hidden` bound to the key and layer);
+    tokens: int32 (n_chunk, n_ctx), the run's chunks (checked against what the loop passes).
+    """
+
+    def __init__(self, tail, hidden: Callable[[range], np.ndarray], tokens: np.ndarray) -> None:
+        self.tail, self.hidden, self.tokens = tail, hidden, tokens
+        self.settings = tail.settings
+        self.next_chunk = 0
+
+    def eval_chunks(self, tokens: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 (k, S, V) logits of the next k chunks. Raises ValueError when ``tokens`` are
+        not those chunks (the loop must go through the chunks in order, once)."""
+        chunks = range(self.next_chunk, self.next_chunk + tokens.shape[0])
+        if not np.array_equal(tokens, self.tokens[chunks.start:chunks.stop]):
+            raise ValueError(f"the tail evaluates chunks in order; chunks {chunks.start}… do not "
+                             "hold the tokens passed")
+        self.next_chunk = chunks.stop % self.tokens.shape[0]
+        return self.tail.eval_hidden(self.hidden(chunks), out)
+
+
+class TailPool:
+    """The tails of one worker: at most ``capacity`` loaded (least recently used closed first),
+    each self-checked on chunk 0 against the full model before it serves an item.
+
+    Args:
+        full: the worker's loaded full model (``SwapModel.model``); settings: its eval settings;
+        cache_dir, identity: the cache and the baseline key of the hidden states;
+        model_sha256: the model's hash (tail file key); tokens: int32 (n_chunk, n_ctx);
+        capacity: tails kept loaded.
+    Attributes:
+        off_reason: None, or why prefix reuse was turned off for this model in this run.
+    """
+
+    def __init__(self, full, settings, cache_dir: Path, identity, model_sha256: str,
+                 tokens: np.ndarray, capacity: int = 2) -> None:
+        self.full, self.settings = full, settings
+        self.cache_dir, self.identity, self.model_sha256 = Path(cache_dir), identity, model_sha256
+        self.tokens, self.capacity = tokens, max(1, capacity)
+        self.off_reason: str | None = None
+        self._tails: OrderedDict[int, object] = OrderedDict()
+        self._full_logits: np.ndarray | None = None
+
+    def _check_chunks(self) -> range:
+        return range(min(self.settings.n_seq, self.tokens.shape[0]))
+
+    def full_logits(self) -> np.ndarray:
+        """The full model's logits of the first decode's chunks (computed once per worker)."""
+        if self._full_logits is None:
+            self._full_logits = self.full.eval_chunks(self.tokens[self._check_chunks()])
+        return self._full_logits
+
+    def hidden(self, layer: int) -> Callable[[range], np.ndarray]:
+        """Chunk indices → the cached input of ``layer``, float32 (k, n_ctx, n_embd)."""
+        return lambda chunks: load_hidden(self.cache_dir, self.identity, layer, chunks)
+
+    def get(self, layer: int):
+        """The loaded, self-checked tail of ``layer``, or None when prefix reuse is off for the
+        model (see :attr:`off_reason`)."""
+        from .engine.llama import EngineError
+        from .engine.tail import TailModel, self_check
+
+        if self.off_reason is not None:
+            return None
+        tail = self._tails.get(layer)
+        if tail is not None:
+            self._tails.move_to_end(layer)
+            return tail
+        try:
+            path = ensure_tail_gguf(self.cache_dir, self.full.path, self.model_sha256, layer)
+            tail = TailModel(self.full, path, layer, self.settings)
+        except (EngineError, ValueError, OSError) as exc:
+            self.off_reason = f"the tail at layer {layer} could not be loaded: {exc}"
+            return None
+        problem = self_check(tail, self.hidden(layer)(self._check_chunks()), self.full_logits())
+        if problem is not None:
+            tail.close()
+            self.off_reason = problem
+            return None
+        self._tails[layer] = tail
+        while len(self._tails) > self.capacity:
+            self._tails.popitem(last=False)[1].close()
+        return tail
+
+    def chunks(self, layer: int) -> TailChunks | None:
+        """A :class:`TailChunks` for the item loop, or None (then evaluate the full model)."""
+        tail = self.get(layer)
+        return None if tail is None else TailChunks(tail, self.hidden(layer), self.tokens)
+
+    def close(self) -> None:
+        """Close every loaded tail."""
+        while self._tails:
+            self._tails.popitem()[1].close()

