@@ -299,5 +299,5 @@ def test_default_model_tail_logits_equal_full(tmp_path_factory, tmp_path, layer)
         hidden = capture.take()[layer].reshape(1, 512, n_embd)
         tail_path = write_tail_gguf(path, layer, tmp_path / "tail.gguf")
         with TailModel(full, tail_path, layer, s) as tail:
-            assert tail.duplicates == ["token_embd.weight"]  # SmolLM2 ties its embeddings
             assert self_check(tail, hidden, logits) is None
+            assert tail.duplicates == ["token_embd.weight"]  # SmolLM2 ties its embeddings
