@@ -6,7 +6,7 @@ from the cached input of layer L (:mod:`pytest_quantbench.hidden`); the numbers 
 to a full evaluation, which the :class:`TailPool` checks on the first chunk before a tail serves
 any item (else prefix reuse is off for the model in that run, with the reason). Prefix reuse
 changes no number, so it enters no result or baseline key; each row says which path measured it
-(:func:`eval_path`). See docs/architecture.md#prefix-reuse.
+(:func:`eval_path`). See README.md#prefix-reuse.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 For a tensor in layer L of N, layers 0…L−1 compute exactly what the baseline computed. This
 module provides the three engine pieces that let an item evaluate layers L…N−1 and the output
-head only (issue 12; docs/architecture.md#prefix-reuse):
+head only (issue 12; README.md#prefix-reuse):
 
 * :class:`HiddenCapture` — a ``cb_eval`` that asks the scheduler only for the graph nodes
   ``l_out-(L−1)`` (the input of layer L, f32 n_embd × n_tokens) and copies them out. Asking for
