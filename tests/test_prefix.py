@@ -14,13 +14,30 @@ import pytest
 from conftest import CORPUS_TEXT
 from pytest_quantbench.baseline import RunIdentity
 from pytest_quantbench.engine.llama import EvalSettings, LlamaModel
-from pytest_quantbench.engine.tail import (HiddenCapture, TailModel, self_check,
-                                           tail_tensor_names, write_tail_gguf)
+from pytest_quantbench.engine.tail import (
+    HiddenCapture,
+    TailModel,
+    self_check,
+    tail_tensor_names,
+    write_tail_gguf,
+)
 from pytest_quantbench.gguf import read_header
-from pytest_quantbench.hidden import (DiskSpaceError, capture_pass, check_free_space,
-                                      ensure_hidden_states, hidden_bytes, layer_dir, load_hidden)
-from pytest_quantbench.prefix import (TailPool, eval_path, layer_major, prefix_reuse_enabled,
-                                      start_layer)
+from pytest_quantbench.hidden import (
+    DiskSpaceError,
+    capture_pass,
+    check_free_space,
+    ensure_hidden_states,
+    hidden_bytes,
+    layer_dir,
+    load_hidden,
+)
+from pytest_quantbench.prefix import (
+    TailPool,
+    eval_path,
+    layer_major,
+    prefix_reuse_enabled,
+    start_layer,
+)
 
 N_CTX = 64
 N_LAYER = 4
@@ -85,7 +102,7 @@ def test_tail_logits_equal_full_logits_at_every_layer(models, tmp_path, name, n_
 
 def test_tied_head_duplicate_must_be_pointed(models, tmp_path):
     """Without re-pointing the engine's duplicate output head, the self-check fails."""
-    tokens, logits, hidden = capture_all(models["tied"], 1, [2])
+    _, logits, hidden = capture_all(models["tied"], 1, [2])
     with LlamaModel(models["tied"], settings(1)) as full:
         path = write_tail_gguf(models["tied"], 2, tmp_path / "tail.gguf")
         with TailModel(full, path, 2, settings(1)) as tail:
@@ -95,7 +112,7 @@ def test_tied_head_duplicate_must_be_pointed(models, tmp_path):
 
 
 def test_corrupted_tail_pointer_fails_self_check(models, tmp_path):
-    tokens, logits, hidden = capture_all(models["dense"], 1, [1])
+    _, logits, hidden = capture_all(models["dense"], 1, [1])
     with LlamaModel(models["dense"], settings(1)) as full:
         path = write_tail_gguf(models["dense"], 1, tmp_path / "tail.gguf")
         with TailModel(full, path, 1, settings(1)) as tail:
@@ -236,7 +253,9 @@ def test_start_layer_and_eval_path():
 
 def test_layer_major_order_is_stable():
     units = ["blk.3.a", "blk.1.a", "token_embd", "blk.3.b", "blk.1.b"]
-    layer = lambda u: int(u.split(".")[1]) if u.startswith("blk") else None  # noqa: E731
+    def layer(u):
+        return int(u.split(".")[1]) if u.startswith("blk") else None
+
     assert layer_major(units, layer) == ["token_embd", "blk.1.a", "blk.1.b", "blk.3.a", "blk.3.b"]
 
 

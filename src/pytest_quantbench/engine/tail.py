@@ -32,6 +32,7 @@ import os
 import re
 import struct
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -97,7 +98,7 @@ class HiddenCapture:
                               dtype=np.float32),
                 shape=(n_tokens, self.n_embd), strides=(int(t.nb[1]), int(t.nb[0])))
             self._rows[layer].append(rows.copy())
-        except Exception as exc:  # a ctypes callback must not raise
+        except Exception as exc:  # noqa: BLE001 (a ctypes callback must not raise)
             self._error = self._error or f"{type(exc).__name__}: {exc}"
             return False
         return True
@@ -328,7 +329,7 @@ class TailModel:
                 if full is not None and src.data != full.data:
                     _point(src, full)
                     self.duplicates.append(src.name.decode())
-        except Exception as exc:  # a ctypes callback must not raise
+        except Exception as exc:  # noqa: BLE001 (a ctypes callback must not raise)
             self._error = self._error or f"{type(exc).__name__}: {exc}"
         return False
 
@@ -338,7 +339,7 @@ class TailModel:
             self.model.lib.llama_batch_free(self._embd_batch)
         self.model.close()
 
-    def __enter__(self) -> "TailModel":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
