@@ -320,3 +320,33 @@ def test_default_model_tail_logits_equal_full(tmp_path_factory, tmp_path, layer)
         with TailModel(full, tail_path, layer, s) as tail:
             assert self_check(tail, hidden, logits) is None
             assert tail.duplicates == ["token_embd.weight"]  # SmolLM2 ties its embeddings
+
+
+def test_baseline_and_hidden_in_one_pass_then_added_to_a_cached_baseline(models, tmp_path):
+    from pytest_quantbench.kldbase import expected_file_size
+    from pytest_quantbench.prefix import ensure_baseline_and_hidden
+
+    path = models["dense"]
+    key, n_embd = identity(path), read_header(path).n_embd
+    with LlamaModel(path, settings(1), vocab_only=True) as vocab:
+        tokens = chunk_tokens(vocab, 3)
+        n_vocab = vocab.n_vocab
+    base_path = tmp_path / "base.kld"
+    args = (path, settings(1), None, tmp_path, key, tokens, n_vocab, n_embd)
+    base, size = ensure_baseline_and_hidden(*args, [1], base_path,
+                                            expected_file_size(N_CTX, n_vocab, 3))
+    base.close()
+    assert size == hidden_bytes(1, 3, N_CTX, n_embd)
+    from pytest_quantbench.baseline import write_baseline
+
+    with LlamaModel(path, settings(1)) as model:  # the capturing pass wrote the same base file
+        write_baseline(model, tokens, tmp_path / "plain.kld")
+    assert (tmp_path / "plain.kld").read_bytes() == base_path.read_bytes()
+    stamp = base_path.stat().st_mtime_ns
+    # the baseline is cached: layer 3 is added by a capture pass, the base file is not rewritten
+    base, size = ensure_baseline_and_hidden(*args, [1, 3], base_path, 0)
+    base.close()
+    assert base_path.stat().st_mtime_ns == stamp and size == hidden_bytes(2, 3, N_CTX, n_embd)
+    _, _, hidden = capture_all(path, 1, [1, 3])
+    for L in (1, 3):
+        assert np.array_equal(load_hidden(tmp_path, key, L, [0])[0], hidden[L][0])

@@ -186,3 +186,63 @@ class TailPool:
         """Close every loaded tail."""
         while self._tails:
             self._tails.popitem()[1].close()
+
+
+def ensure_baseline_and_hidden(model_path: Path, settings, lib_path: Path | None,
+                               cache_dir: Path, identity, tokens: np.ndarray, n_vocab: int,
+                               n_embd: int, layers: Iterable[int], base_path: Path,
+                               base_bytes: int):
+    """The baseline file and the hidden states of ``layers``, each computed once per key.
+
+    When hidden states are missing, one model is loaded with a
+    :class:`~pytest_quantbench.engine.tail.HiddenCapture` of the missing layers, and the same
+    pass writes the base file (when it is not cached either) and the rows; a baseline already
+    cached gets its hidden states by one capture pass, not recomputed. Free space for both is
+    checked first (:func:`pytest_quantbench.hidden.ensure_hidden_states`).
+
+    Args: model_path, settings, lib_path: the worker's model and evaluation settings; cache_dir,
+    identity: the cache and the baseline key; tokens: int32 (n_chunk, n_ctx); n_vocab, n_embd:
+    the model's; layers: the start layers of the planned items; base_path: the baseline cache
+    file; base_bytes: its size (``kldbase.expected_file_size``).
+    Returns (the opened KLDBaseFile, bytes of the hidden states of ``layers``).
+    Raises DiskSpaceError before any evaluation when the disk is too small; what
+    :func:`pytest_quantbench.baseline.ensure_baseline` raises.
+    """
+    from .baseline import ensure_baseline, write_baseline
+    from .engine.llama import LlamaModel
+    from .engine.tail import HiddenCapture
+    from .hidden import capture_pass, ensure_hidden_states
+
+    def compute(writer) -> None:
+        capture = HiddenCapture(writer.layers, n_embd)
+        decoded: list[int] = []
+
+        def on_decode(first: int) -> None:
+            decoded.append(first)
+            writer.add(first, capture.take())
+
+        with LlamaModel(Path(model_path), settings, lib_path,
+                        context_params_hook=capture.hook) as model:
+            ensure_baseline(base_path, tokens, n_vocab,
+                            lambda dest: write_baseline(model, tokens, dest, on_decode))
+            if not decoded:  # the baseline was cached already: one capture pass
+                capture_pass(model, capture, tokens, writer)
+
+    base_needed = 0 if Path(base_path).exists() else base_bytes
+    size = ensure_hidden_states(cache_dir, identity, layers, tokens, n_embd, compute,
+                                extra_needs={"baseline": base_needed})
+
+    def compute_plain(dest: Path) -> None:
+        with LlamaModel(Path(model_path), settings, lib_path) as model:
+            write_baseline(model, tokens, dest)
+
+    return ensure_baseline(base_path, tokens, n_vocab, compute_plain), size
+
+
+def header_line(note: str, n_layers: int, hidden_size: int, off_reason: str | None) -> str:
+    """The run header's prefix-reuse line: the mode, the hidden states' layers and total size,
+    and why it is off when a self-check failed."""
+    from .hidden import format_bytes
+
+    line = f"{note}; hidden states of {n_layers} layers: {format_bytes(hidden_size)}"
+    return line if off_reason is None else f"{line}; turned off for this model: {off_reason}"
