@@ -350,3 +350,23 @@ def test_baseline_and_hidden_in_one_pass_then_added_to_a_cached_baseline(models,
     _, _, hidden = capture_all(path, 1, [1, 3])
     for L in (1, 3):
         assert np.array_equal(load_hidden(tmp_path, key, L, [0])[0], hidden[L][0])
+
+
+def test_tail_equal_with_a_chunk_of_two_ubatches(tmp_path):
+    """n_ctx 1024 > n_ubatch 512: the captured rows of both ubatches, in order, and the tail's
+    second ubatch attending to the first one's KV cells, give the full logits bit for bit."""
+    pytest.importorskip("gguf", reason="gguf-py writes the synthetic test model")
+    from synthmodel import build_synthetic_model
+
+    path = build_synthetic_model(tmp_path / "long.gguf", n_layer=3, n_ctx_train=1024, tied=True)
+    s = EvalSettings(n_ctx=1024, threads=2)
+    assert s.n_ubatch == 512
+    capture = HiddenCapture([2], 256)
+    with LlamaModel(path, s, context_params_hook=capture.hook) as model:
+        tokens = model.tokenize(CORPUS_TEXT)[:1024].reshape(1, 1024)
+        model.eval_chunks(tokens)
+        hidden = capture.take()[2].reshape(1, 1024, 256)
+    with LlamaModel(path, s) as full:
+        logits = full.eval_chunks(tokens)
+        with TailModel(full, write_tail_gguf(path, 2, tmp_path / "t.gguf"), 2, s) as tail:
+            assert self_check(tail, hidden, logits) is None

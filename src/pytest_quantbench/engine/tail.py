@@ -186,7 +186,7 @@ def write_tail_gguf(model_path: Path, first_layer: int, dest: Path) -> Path:
 
     Raises ValueError for L outside 1…N−1, GGUFError for an unreadable model.
     """
-    header = gguf_reader.read_model_header(model_path)
+    header = gguf_reader.read_model_header(model_path, max_array_items=0)
     arch, n_layer = header.architecture, header.n_layer
     if not n_layer or not 1 <= first_layer < n_layer:
         raise ValueError(f"a tail must start at a layer 1…{(n_layer or 1) - 1} of {model_path}, "
@@ -265,8 +265,9 @@ class TailModel:
         self._armed = True
         self._error: str | None = None
         self._callback = bindings.ggml_backend_sched_eval_callback(self._on_node)
-        header = gguf_reader.read_header(tail_path)
-        full_names = [t.name for t in gguf_reader.read_model_header(full.path).tensors]
+        header = gguf_reader.read_header(tail_path, max_array_items=0)
+        full_names = [t.name for t in
+                      gguf_reader.read_model_header(full.path, max_array_items=0).tensors]
         self.names = tail_tensor_names(full_names, first_layer)
         self._tail_name = {full_name: name for name, full_name in self.names.items()}
         if set(self.names) != {t.name for t in header.tensors}:
