@@ -370,3 +370,50 @@ def test_tail_equal_with_a_chunk_of_two_ubatches(tmp_path):
         logits = full.eval_chunks(tokens)
         with TailModel(full, write_tail_gguf(path, 2, tmp_path / "t.gguf"), 2, s) as tail:
             assert self_check(tail, hidden, logits) is None
+
+
+def test_item_statistics_identical_with_and_without_prefix_reuse(models, tmp_path):
+    """The session's own chunk loop (statistics overlapped with decodes) over a tail gives the
+    same KLD statistics, to every digit, as over the full model; eval_path says which ran."""
+    from pytest_quantbench.engine.swap import SwapModel
+    from pytest_quantbench.kldbase import expected_file_size
+    from pytest_quantbench.metrics import KLDAccumulator
+    from pytest_quantbench.prefix import ensure_baseline_and_hidden, evaluate_item
+    from pytest_quantbench.qtypes import TYPES_BY_NAME
+    from pytest_quantbench.session import QuantbenchSession
+
+    path = models["moe"]
+    key, n_embd = identity(path), read_header(path).n_embd
+    swap = SwapModel(path, settings(1))
+    try:
+        tokens = chunk_tokens(swap.model, 3)
+        n_vocab = swap.model.n_vocab
+        base, _ = ensure_baseline_and_hidden(
+            path, settings(1), None, tmp_path, key, tokens, n_vocab, n_embd, [1, 2],
+            tmp_path / "base.kld", expected_file_size(N_CTX, n_vocab, 3))
+        pool = TailPool(swap.model, settings(1), tmp_path, key, "e" * 64, tokens)
+        q4 = TYPES_BY_NAME["q4_0"]
+
+        def replacement(name):
+            t = swap.tensor(name)
+            data = swap.quantize(swap.baseline_f32(name, "bf16"), q4.type_id,
+                                 q4.row_size(t.ne[0]), q4.interleave)
+            return name, (q4.type_id, q4.type_size, q4.row_size(t.ne[0]), data)
+
+        for names, expect in ((["blk.2.attn_q.weight"], "tail:2"),
+                              (["blk.1.attn_k.weight", "blk.3.attn_output.weight"], "tail:1"),
+                              (["blk.0.attn_v.weight"], "full")):
+            replacements = dict(replacement(n) for n in names)
+            results = []
+            for use in (pool, None):
+                acc = KLDAccumulator()
+                got = evaluate_item(use, swap, replacements,
+                                    lambda m, acc=acc: QuantbenchSession._evaluate(m, base, acc))
+                results.append((got, acc.stats().format_block(), acc.kld_values().tobytes(),
+                                acc.dp_values().tobytes()))
+            assert results[0][0] == expect and results[1][0] == "full"
+            assert results[0][1:] == results[1][1:], names  # printed block and every token
+        base.close()
+    finally:
+        pool.close()
+        swap.close()

@@ -246,3 +246,24 @@ def header_line(note: str, n_layers: int, hidden_size: int, off_reason: str | No
 
     line = f"{note}; hidden states of {n_layers} layers: {format_bytes(hidden_size)}"
     return line if off_reason is None else f"{line}; turned off for this model: {off_reason}"
+
+
+def evaluate_item(pool: TailPool | None, swap, replacements: dict, evaluate) -> str:
+    """Swap ``replacements`` in and run ``evaluate(model)`` on the tail of their start layer,
+    or on the full model; return the row's ``eval_path``.
+
+    pool: the worker's :class:`TailPool`, or None when prefix reuse is off; swap: the worker's
+    :class:`~pytest_quantbench.engine.swap.SwapModel`; replacements: full-model tensor name →
+    swap replacement (as ``SwapModel.swapped`` takes it: only the tensors the item changes);
+    evaluate: the chunk loop, called with the object whose ``eval_chunks``/``settings`` it uses
+    (``swap.model``, or a :class:`TailChunks`). A tail whose self-check failed, a unit changing
+    ``token_embd``, a non-``blk`` tensor or layer 0 run the full model."""
+    layer = start_layer(replacements) if pool is not None else None
+    chunks = pool.chunks(layer) if layer is not None else None
+    if chunks is None:
+        with swap.swapped(replacements):
+            evaluate(swap.model)
+        return eval_path(None)
+    with chunks.tail.swapped(replacements):
+        evaluate(chunks)
+    return eval_path(layer)

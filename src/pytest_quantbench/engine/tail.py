@@ -275,11 +275,14 @@ class TailModel:
         self.model = LlamaModel(Path(tail_path), settings, full.lib.quantbench_path,
                                 context_params_hook=self._hook)
         lib = self.model.lib
-        lib.llama_get_model_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.llama_get_model_tensor.restype = ctypes.c_void_p
-        lib.llama_model_n_embd.argtypes = [ctypes.c_void_p]
-        lib.llama_model_n_embd.restype = ctypes.c_int32
-        self.n_embd = int(lib.llama_model_n_embd(self.model._model))
+        # lib["…"] is a function object of our own: the declarations other modules give the
+        # shared library's attributes (swap.py's llama_get_model_tensor) stay as they are
+        self._get_tensor = lib["llama_get_model_tensor"]
+        self._get_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self._get_tensor.restype = ctypes.c_void_p
+        n_embd = lib["llama_model_n_embd"]
+        n_embd.argtypes, n_embd.restype = [ctypes.c_void_p], ctypes.c_int32
+        self.n_embd = int(n_embd(self.model._model))
         self._embd_batch = lib.llama_batch_init(settings.n_batch, self.n_embd, 1)
         self._full_tensor = {name: self._tensor(full, full_name)
                              for name, full_name in self.names.items()}
@@ -289,9 +292,8 @@ class TailModel:
             _point(dst, src)
             self._own.add(ctypes.addressof(dst))
 
-    @staticmethod
-    def _tensor(model: LlamaModel, name: str) -> GgmlTensor:
-        address = model.lib.llama_get_model_tensor(model._model, name.encode())
+    def _tensor(self, model: LlamaModel, name: str) -> GgmlTensor:
+        address = self._get_tensor(model._model, name.encode())
         if not address:
             raise EngineError(f"{model.path} has no tensor {name}")
         return ggml_tensor_at(address)
