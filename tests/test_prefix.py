@@ -409,8 +409,8 @@ def test_item_statistics_identical_with_and_without_prefix_reuse(models, tmp_pat
                 acc = KLDAccumulator()
                 got = evaluate_item(use, swap, replacements,
                                     lambda m, acc=acc: QuantbenchSession._evaluate(m, base, acc))
-                results.append((got, acc.stats().format_block(), acc.kld_values().tobytes(),
-                                acc.dp_values().tobytes()))
+                results.append((got, acc.stats().format_block(), acc.kld_values.tobytes(),
+                                acc.dp_values.tobytes()))
             assert results[0][0] == expect and results[1][0] == "full"
             assert results[0][1:] == results[1][1:], names  # printed block and every token
         base.close()
