@@ -32,7 +32,6 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 
@@ -342,7 +341,7 @@ class TailModel:
             self.model.lib.llama_batch_free(self._embd_batch)
         self.model.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> TailModel:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc: object) -> None:
