@@ -151,7 +151,8 @@ class TailPool:
 
     def get(self, layer: int):
         """The loaded, self-checked tail of ``layer``, or None when prefix reuse is off for the
-        model (see :attr:`off_reason`)."""
+        model (see :attr:`off_reason`). Call it while no swap is active on the full model: a new
+        tail takes the full model's tensor pointers as they are (:func:`evaluate_item` does)."""
         from .engine.llama import EngineError
         from .engine.tail import TailModel, self_check
 
