@@ -13,7 +13,7 @@ repeats (paired). All on the embedded default model (bf16), one process, same co
 (flash attention on, ik's default; n_ubatch 512), same chunks.
 
 Timed after them, not interleaved: the items' own chunk loop with the KLD statistics
-(QuantbenchSession._evaluate against a base file, statistics overlapped with the next decode), and
+(measure.evaluate against a base file, statistics overlapped with the next decode), and
 --quantbench-n-seq 2 and 4 (several chunks per decode into kept arrays; flash attention off, as the
 session sets it on the CPU). Every ratio printed is a speed ratio (the other loop's time / this
 loop's time): above 1 is faster.
@@ -66,7 +66,8 @@ def main() -> None:
     from pytest_quantbench.inputs import default_corpus_text, ensure_default_model
     from pytest_quantbench.kldbase import KLDBaseFile
     from pytest_quantbench.metrics import KLDAccumulator
-    from pytest_quantbench.session import ChunkBuffers, QuantbenchSession, default_threads
+    from pytest_quantbench.measure import ChunkBuffers, evaluate
+    from pytest_quantbench.runinputs import default_threads
 
     threads = default_threads(1)
     n_ctx = 512
@@ -97,7 +98,7 @@ def main() -> None:
                         loops[name](c)
                         spent[name] += time.perf_counter() - start
                 start = time.perf_counter()
-                QuantbenchSession._evaluate(model, base, KLDAccumulator(), buffers)
+                evaluate(model, base, KLDAccumulator(), buffers)
                 spent["ours+stats"] += time.perf_counter() - start
             base.close()
         for n_seq in (2, 4):

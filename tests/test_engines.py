@@ -200,7 +200,7 @@ def test_the_chunk_loop_scores_every_chunk_with_its_own_logits(synth_model, tmp_
     from pytest_quantbench.baseline import write_baseline
     from pytest_quantbench.kldbase import KLDBaseFile
     from pytest_quantbench.metrics import KLDAccumulator
-    from pytest_quantbench.session import ChunkBuffers, QuantbenchSession
+    from pytest_quantbench.measure import ChunkBuffers, evaluate
 
     class SlowAccumulator(KLDAccumulator):
         def add_chunk(self, *args):
@@ -224,7 +224,7 @@ def test_the_chunk_loop_scores_every_chunk_with_its_own_logits(synth_model, tmp_
             buffers = ChunkBuffers()
             for _ in range(2):
                 acc = SlowAccumulator()
-                QuantbenchSession._evaluate(model, base, acc, buffers)
+                evaluate(model, base, acc, buffers)
                 assert acc.stats().as_dict() == expected.stats().as_dict()
                 assert np.array_equal(acc.kld_values, expected.kld_values)
         base.close()

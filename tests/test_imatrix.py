@@ -16,13 +16,12 @@ import pytest
 from pytest_quantbench.engine import bindings
 from pytest_quantbench.engine.llama import EngineError, EvalSettings, LlamaModel
 from pytest_quantbench.engine.quantize import run_llama_quantize
-from pytest_quantbench.engine.swap import GgmlTensor, SwapModel
+from pytest_quantbench.engine.ggml import Ggml, GgmlHeader
+from pytest_quantbench.engine.swap import SwapModel
 from pytest_quantbench.gguf import read_header, read_model_header
 from pytest_quantbench.imatrix import (
-    GgmlHeader,
     Imatrix,
     ImatrixError,
-    _GgmlApi,
     auto_imatrix_key,
     auto_imatrix_path,
     check_imatrix,
@@ -365,7 +364,7 @@ def test_check_ignores_a_wrong_token_embd_entry_and_binds_shapes(synth_model, tm
 
 def test_ggml_header_gives_the_loaded_librarys_enums_and_tensor_layout():
     lib = bindings.load_library()
-    api = _GgmlApi(lib.quantbench_path)
+    api = Ggml(lib.quantbench_path)
     assert isinstance(api.header, GgmlHeader)
     ggml = api.lib
     ggml.ggml_op_name.argtypes, ggml.ggml_op_name.restype = [ctypes.c_int], ctypes.c_char_p
@@ -374,9 +373,26 @@ def test_ggml_header_gives_the_loaded_librarys_enums_and_tensor_layout():
     assert ggml.ggml_op_name(api.MUL_MAT_ID) == b"MUL_MAT_ID"
     assert ggml.ggml_type_name(api.F32) == b"f32" and ggml.ggml_type_name(api.I32) == b"i32"
     T = api.header.Tensor
-    assert ctypes.sizeof(T) == ctypes.sizeof(GgmlTensor)
+    assert api.header.Object is not None  # the layout is checked against the library
+    assert ggml.ggml_tensor_overhead() == ctypes.sizeof(T) + ctypes.sizeof(api.header.Object)
+    assert ctypes.sizeof(T) >= 300  # ik's struct ggml_tensor (about 336 bytes on x86-64)
     for name in ("type", "buffer", "ne", "nb", "op", "src", "view_src", "data", "name"):
-        assert getattr(T, name).offset == getattr(GgmlTensor, name).offset, name
+        assert hasattr(T, name), name
+
+
+def test_the_swap_reads_tensors_through_the_header_layout(synth_model):
+    """engine/swap.py has no struct of its own: a loaded tensor, read with the header's
+    ``struct ggml_tensor``, has the name, shape and type of the GGUF."""
+    header = read_model_header(synth_model)
+    swap = SwapModel(synth_model, EvalSettings(n_ctx=64, threads=1))
+    try:
+        assert type(swap.tensor("blk.0.attn_q.weight")) is swap.ggml.Tensor
+        for info in header.tensors[:4]:
+            t = swap.tensor(info.name)
+            assert t.name.decode() == info.name
+            assert [int(t.ne[i]) for i in range(len(info.shape))] == list(info.shape)
+    finally:
+        swap.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -189,3 +189,65 @@ def check_user_baseline(base: KLDBaseFile, n_vocab: int) -> KLDBaseFile:
                          f"n_vocab={base.n_vocab} but the model has n_vocab={n_vocab}: use the "
                          "base file of this model")
     return base
+
+
+class RunBaseline:
+    """The baseline of one run: its logits file, computed once across workers and runs, or the
+    user's ``--quantbench-kld-base`` file.
+
+    Args:
+        inputs: the run's :class:`~pytest_quantbench.runinputs.RunInputs` (chunks, tokenizer,
+            identity, user base file, model and settings).
+        swap_model: returns the worker's in-process
+            :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with ``--quantbench-engine=inplace`` its loaded model computes the
+            baseline too (same load, same settings).
+    """
+
+    def __init__(self, inputs, swap_model: Callable[[], object]) -> None:
+        self.inputs = inputs
+        self._swap_model = swap_model
+        self._file: KLDBaseFile | None = None
+
+    @property
+    def file(self) -> KLDBaseFile:
+        """The baseline logits file (:class:`KLDBaseFile`), checked or computed on first use.
+
+        Raises KLDBaseFormatError / ValueError (a user file that does not fit), EngineError.
+        """
+        if self._file is None:
+            ins = self.inputs
+            n_vocab = ins.tokenizer.n_vocab
+            if ins.user_base is not None:
+                self._file = check_user_baseline(ins.user_base, n_vocab)
+            else:
+                self._file = ensure_baseline(self.path, ins.chunk_tokens, n_vocab, self._compute)
+        return self._file
+
+    def _compute(self, dest: Path) -> None:
+        """Evaluate the baseline into the base file: with the swap model when items use it
+        (same load, same settings), else with a model loaded for this and freed."""
+        from .engine.llama import LlamaModel
+
+        ins = self.inputs
+        swap = self._swap_model() if ins.config.engine == "inplace" else None
+        if swap is not None:
+            write_baseline(swap.model, ins.chunk_tokens, dest)
+            return  # the worker's one model load serves the baseline and every swap
+        with LlamaModel(ins.model_path, ins.eval_settings) as model:
+            write_baseline(model, ins.chunk_tokens, dest)
+
+    @property
+    def path(self) -> Path:
+        """Where this run's baseline logits are cached."""
+        return baseline_cache_path(self.inputs.cache_dir, self.inputs.run_identity)
+
+    def summary_lines(self) -> list[str]:
+        """Summary lines about the baseline: its own PPL line, time and cache size."""
+        ins = self.inputs
+        if ins.user_base is not None:
+            return [f"baseline: --quantbench-kld-base {ins.config.kld_base}"]
+        facts = baseline_facts(self.path)
+        if not facts:
+            return []
+        return [f"baseline: {facts['final_estimate']} (cached: {self.path}, "
+                f"{facts['bytes'] / 1e6:.1f} MB, computed once in {facts['seconds']:.1f} s)"]

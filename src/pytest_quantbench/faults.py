@@ -61,10 +61,13 @@ _KEY_LINE = re.compile(r"GGML_ASSERT|GGML_ABORT|\berror\b|\bfatal\b|\bfailed\b|\
                        r"segmentation fault|terminate called", re.IGNORECASE)
 
 
-def install_fault_reports(config: pytest.Config, session: Any) -> None:
+def install_fault_reports(config: pytest.Config, session: Any,
+                          item_type: type[pytest.Item]) -> None:
     """Register the half of fault reporting this process needs (call from ``pytest_configure``).
 
     session: the :class:`~pytest_quantbench.session.QuantbenchSession`, with its units planned.
+    item_type: the plugin's item class (``plugin.QuantbenchItem``): only its items are recorded
+    (passed in, so this module needs nothing of the plugin that registers it).
     A worker registers a :class:`WorkerFaultRecorder` when the controller sent it a file prefix;
     a controller with pytest-xdist loaded registers a :class:`CrashReporter`. Otherwise nothing.
     """
@@ -73,7 +76,7 @@ def install_fault_reports(config: pytest.Config, session: Any) -> None:
         prefix = workerinput.get(WORKERINPUT_KEY)
         if prefix:
             config.pluginmanager.register(
-                WorkerFaultRecorder(prefix, str(workerinput.get("workerid", "gw"))),
+                WorkerFaultRecorder(prefix, str(workerinput.get("workerid", "gw")), item_type),
                 "quantbench-fault-recorder")
     elif config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(CrashReporter(session), "quantbench-crash-reporter")
@@ -82,12 +85,6 @@ def install_fault_reports(config: pytest.Config, session: Any) -> None:
 def _fault_paths(prefix: str, worker_id: str) -> tuple[Path, Path]:
     """(stderr file, engine log file) of one worker."""
     return Path(f"{prefix}-{worker_id}.stderr"), Path(f"{prefix}-{worker_id}.enginelog")
-
-
-def _is_quantbench_item(item: pytest.Item) -> bool:
-    from .plugin import QuantbenchItem
-
-    return isinstance(item, QuantbenchItem)
 
 
 class _LogRing:
@@ -130,10 +127,12 @@ class WorkerFaultRecorder:
     """Worker half: keeps what the engine writes to stderr during each quantbench item, and the
     engine log, in two files the controller reads if this process dies (see the module doc).
 
-    prefix: path prefix from the controller; worker_id: ``gw0``, ``gw1`` …
+    prefix: path prefix from the controller; worker_id: ``gw0``, ``gw1`` …; item_type: the class
+    of the items whose stderr is recorded.
     """
 
-    def __init__(self, prefix: str, worker_id: str) -> None:
+    def __init__(self, prefix: str, worker_id: str, item_type: type[pytest.Item]) -> None:
+        self.item_type = item_type
         self.stderr_path, self.log_path = _fault_paths(prefix, worker_id)
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
         self.stderr_fd = os.open(self.stderr_path,
@@ -164,7 +163,7 @@ class WorkerFaultRecorder:
     @pytest.hookimpl(wrapper=True, trylast=True)  # inside pytest's capture wrapper
     def pytest_runtest_setup(self, item: pytest.Item):
         """Record native stderr while the item measures (baseline, model load, swap, eval)."""
-        if not _is_quantbench_item(item):
+        if not isinstance(item, self.item_type):
             return (yield)
         with self._stderr_to_file(item_start=True):
             return (yield)
@@ -172,7 +171,7 @@ class WorkerFaultRecorder:
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_call(self, item: pytest.Item):
         """Record native stderr while the item checks its thresholds."""
-        if not _is_quantbench_item(item):
+        if not isinstance(item, self.item_type):
             return (yield)
         with self._stderr_to_file(item_start=False):
             return (yield)
@@ -180,7 +179,7 @@ class WorkerFaultRecorder:
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_teardown(self, item: pytest.Item):
         """Record native stderr while the item tears down."""
-        if not _is_quantbench_item(item):
+        if not isinstance(item, self.item_type):
             return (yield)
         with self._stderr_to_file(item_start=False):
             return (yield)

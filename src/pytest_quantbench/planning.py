@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import ConfigError
-from .session import QuantbenchSession, WorkUnit
+from .measure import WorkUnit
+from .session import QuantbenchSession
 
 
 def qtype_label(qtype) -> str:

@@ -101,7 +101,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
     from .faults import install_fault_reports  # a crashed xdist worker's engine stderr on its item
-    install_fault_reports(config, session)
+    install_fault_reports(config, session, QuantbenchItem)
     config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
     if not hasattr(config, "workerinput"):
         _sigterm_as_interrupt()
@@ -177,7 +177,7 @@ class QuantbenchItem(pytest.Item):
         return self.config.stash[SESSION_KEY]
 
     def setup(self) -> None:
-        from .session import ItemSkip
+        from .measure import ItemSkip
 
         qb = self._session()
         row = qb.identity_row(self.unit)

@@ -1,4 +1,5 @@
-"""ctypes bindings to ik_llama.cpp's ``libllama`` (the only module that declares C signatures).
+"""ctypes bindings to ik_llama.cpp's ``libllama``: its structs and C signatures (ggml's are
+declared in :mod:`.ggml`).
 
 The struct layouts follow ``include/llama.h`` of the ik-llama-cpp-python wheel (0.1.5). A library
 given by the user (``--quantbench-engine-lib`` or ``IK_LLAMA_CPP_LIB_PATH``) must be built from a

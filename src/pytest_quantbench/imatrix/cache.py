@@ -1,0 +1,64 @@
+"""The auto importance matrix's cache: its key (:func:`auto_imatrix_key`), its path and
+:func:`ensure_auto_imatrix`, which computes it once across processes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from .formats import ImatrixError, load_imatrix
+
+log = logging.getLogger(__name__)
+
+def auto_imatrix_key(model_sha256: str, corpus_sha256: str, n_ctx: int, chunks: int,
+                     engine: str = "") -> str:
+    """File stem of a cached auto imatrix: ``<model12>-c<n_ctx>-<chunks>ch-<digest16>``.
+
+    The digest covers all arguments (``engine``: e.g. :attr:`EngineIdentity.key`).
+    """
+    text = f"model={model_sha256}|corpus={corpus_sha256}|n_ctx={n_ctx}|chunks={chunks}|" \
+           f"engine={engine}"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{model_sha256[:12]}-c{n_ctx}-{chunks}ch-{digest}"
+
+
+def auto_imatrix_path(cache_dir: str | os.PathLike[str], key: str) -> Path:
+    """``<cache_dir>/imatrix/<key>.imatrix.dat``."""
+    return Path(cache_dir) / "imatrix" / f"{key}.imatrix.dat"
+
+
+def ensure_auto_imatrix(cache_dir: str | os.PathLike[str], key: str,
+                        compute: Callable[[Path], object]) -> Path:
+    """Return the cached auto imatrix for ``key``, computing it once across processes if needed.
+
+    Under a :class:`filelock.FileLock` beside the file (as :func:`baseline.ensure_baseline`): an
+    existing file that loads is returned; an unreadable one is removed and recomputed.
+
+    Args:
+        cache_dir: the plugin's cache directory. key: :func:`auto_imatrix_key`.
+        compute: writes the file at the given path atomically (e.g.
+            ``lambda dest: compute_imatrix(model, settings, tokens, dest, dataset=name)``);
+            called at most once, under the lock.
+    Returns:
+        the path of a readable legacy imatrix.
+    Raises:
+        whatever ``compute`` raises; ImatrixError if the fresh file cannot be read.
+    """
+    from filelock import FileLock
+
+    path = auto_imatrix_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                load_imatrix(path)
+                return path
+            except ImatrixError as exc:
+                log.warning("cached imatrix %s is not usable (%s): recomputing", path, exc)
+                path.unlink()
+        compute(path)
+        load_imatrix(path)
+    return path

@@ -1,0 +1,284 @@
+"""The run's inputs and identity: the baseline model and its header, the corpus and its chunks,
+the evaluation settings, the importance matrix, and the :class:`~baseline.RunIdentity` that keys
+baselines and results.
+
+Every part is lazy and cached: the controller only reads headers and tokenizes (for the run
+header); workers also load the importance matrix. Nothing here evaluates a model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from functools import cached_property
+from pathlib import Path
+
+from . import inputs
+from .config import ConfigError, QuantbenchConfig
+
+
+def default_threads(n_workers: int) -> int:
+    """About cores / workers threads per process (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, n_workers))
+
+
+class RunInputs:
+    """Model, corpus, chunks, settings, imatrix and identity of one run (each computed once).
+
+    Args:
+        config: merged settings; cache_dir: where baselines/models live; n_workers: xdist workers
+            (1 without xdist), used for the default thread count.
+    Raises ConfigError: ``--quantbench-engine-lib`` is not a file.
+    """
+
+    def __init__(self, config: QuantbenchConfig, cache_dir: Path, n_workers: int = 1) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self.threads = config.threads or default_threads(n_workers)
+        if config.engine_lib is not None:  # read by the engine bindings, inherited by workers
+            if not config.engine_lib.is_file():
+                raise ConfigError(f"--quantbench-engine-lib {config.engine_lib} does not exist: "
+                                  "give the libllama.so of an ik_llama.cpp build")
+            os.environ["IK_LLAMA_CPP_LIB_PATH"] = str(config.engine_lib)
+
+    @cached_property
+    def model_path(self) -> Path:
+        """The baseline GGUF (the default one is converted on first use)."""
+        if self.config.model is not None:
+            return self.config.model
+        return inputs.ensure_default_model(self.cache_dir, self.config.baseline_qtype,
+                                           self.threads)
+
+    @cached_property
+    def model_header(self):
+        """GGUF header of the baseline (every shard of a split model). Raises GGUFError, whose
+        message names --quantbench-model when the user gave the model."""
+        from .gguf import GGUFError, read_model_header
+
+        try:
+            return read_model_header(self.model_path)
+        except GGUFError as exc:
+            if self.config.model is None:
+                raise
+            raise GGUFError(f"--quantbench-model {exc}") from None
+
+    @cached_property
+    def model_sha256(self) -> str:
+        return inputs.sha256_file(self.model_path, self.cache_dir)
+
+    @cached_property
+    def corpus_text(self) -> str:
+        return inputs.read_corpus(self.config.corpus)
+
+    @cached_property
+    def identity_engine(self):
+        from .engine.identity import engine_identity
+
+        return engine_identity()
+
+    @cached_property
+    def eval_settings(self):
+        """The evaluation settings of the baseline and every variant.
+
+        Flash attention is on (llama-perplexity's default on ik) except when several chunks share
+        a decode (--quantbench-n-seq > 1) and attention may run on the CPU: the wheel's CPU flash
+        attention then can abort the process with ``GGML_ASSERT(S > 0)`` (seen here at n_ctx 64
+        with 2 sequences; reported upstream for ``--parallel > 1``). The layout (``fa=0``)
+        enters the run key, so such runs have their own baseline.
+        """
+        from .engine.llama import EvalSettings
+
+        n_seq, n_gpu_layers = self.config.n_seq, self.config.n_gpu_layers
+        all_on_gpu = n_gpu_layers > (self.model_header.n_layer or 0)
+        return EvalSettings(n_ctx=self.n_ctx, threads=self.threads, n_gpu_layers=n_gpu_layers,
+                            n_seq=n_seq, flash_attn=n_seq == 1 or all_on_gpu)
+
+    @cached_property
+    def tokenizer(self):
+        """The baseline's vocabulary only (tokenizing loads no weights, so the controller of a
+        700B run stays light)."""
+        from .engine.llama import LlamaModel
+
+        return LlamaModel(self.model_path, self.eval_settings, vocab_only=True)
+
+    @cached_property
+    def user_base(self):
+        """The user's ``--quantbench-kld-base`` file, or None."""
+        if self.config.kld_base is None:
+            return None
+        from .kldbase import KLDBaseFile
+
+        return KLDBaseFile(self.config.kld_base)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.user_base.n_ctx if self.user_base is not None else self.config.ctx
+
+    @cached_property
+    def corpus_tokens(self):
+        """All corpus tokens, int32 (N,), tokenized as llama-perplexity does."""
+        return self.tokenizer.tokenize(self.corpus_text)
+
+    @cached_property
+    def chunk_tokens(self):
+        """The evaluated chunks, int32 (n_chunk, n_ctx). Raises ConfigError when text is short."""
+        if self.user_base is not None:
+            return self.user_base.tokens
+        tokens, n_ctx, want = self.corpus_tokens, self.n_ctx, self.config.chunks
+        where = self.config.corpus or inputs.DEFAULT_CORPUS_NAME
+        available = len(tokens) // n_ctx
+        if len(tokens) < 2 * n_ctx:
+            raise ConfigError(f"corpus {where} has {len(tokens)} tokens; llama-perplexity needs at "
+                              f"least {2 * n_ctx} for n_ctx={n_ctx}: use a longer text or a "
+                              "smaller --quantbench-ctx")
+        if want is not None and want > available:
+            raise ConfigError(f"--quantbench-chunks {want}: corpus {where} has {len(tokens)} "
+                              f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}; "
+                              f"pass --quantbench-chunks {available} or less, or a longer corpus")
+        n_chunk = available if want is None else want
+        return tokens[: n_chunk * n_ctx].reshape(n_chunk, n_ctx)
+
+    @cached_property
+    def run_identity(self):
+        from .baseline import RunIdentity
+
+        if self.user_base is not None:
+            corpus_hash = inputs.sha256_file(self.config.kld_base, self.cache_dir)
+        elif self.config.corpus is not None:
+            self.corpus_text  # validates the file (missing, directory, not UTF-8, empty) first
+            corpus_hash = inputs.sha256_file(self.config.corpus, self.cache_dir)
+        else:  # the sha256 of the default text written to a file, as `sha256sum` shows it
+            corpus_hash = inputs.sha256_text(inputs.default_corpus_text())
+        return RunIdentity(
+            model_sha256=self.model_sha256,
+            corpus_sha256=corpus_hash,
+            n_ctx=self.n_ctx,
+            chunks=int(self.chunk_tokens.shape[0]),
+            engine=self.identity_engine.key,
+            eval=self.eval_settings.layout,
+        )
+
+    def validate_inputs(self) -> None:
+        """Check, before any item runs, what can be checked cheaply: the corpus yields the chunks
+        asked for, the tokenizer loads, a user kld-base file fits the model.
+
+        Raises ConfigError, EngineError, KLDBaseFormatError or ValueError with the fix.
+        """
+        self.chunk_tokens
+        if self.config.imatrix not in (None, "auto"):
+            self.imatrix  # wrong format or another model's: a usage error before any item
+        if self.user_base is not None:
+            from .baseline import check_user_baseline
+
+            check_user_baseline(self.user_base, self.tokenizer.n_vocab)
+
+    def header_lines(self) -> list[str]:
+        """The run-header lines: model + hash, corpus + tokens, n_ctx, chunks, engine."""
+        ident = self.run_identity
+        corpus = (f"kld-base {self.config.kld_base}" if self.user_base is not None else
+                  f"{self.config.corpus or inputs.DEFAULT_CORPUS_NAME} "
+                  f"({len(self.corpus_tokens)} tokens, sha256 {ident.corpus_sha256[:12]})")
+        return [
+            f"quantbench model: {self.model_path} (sha256 {ident.model_sha256[:12]}, "
+            f"baseline type {self.config.baseline_qtype})",
+            f"quantbench corpus: {corpus}",
+            f"quantbench n_ctx={ident.n_ctx}, chunks={ident.chunks}, threads={self.threads}, "
+            f"{ident.eval}",
+            f"quantbench engine: {self.identity_engine.describe()}",
+        ] + self._imatrix_header()
+
+    def _imatrix_header(self) -> list[str]:
+        if self.config.imatrix is None:
+            return []
+        if self.config.imatrix == "auto":
+            return ["quantbench imatrix: auto (computed from the corpus chunks once, cached in "
+                    f"{self.cache_dir / 'imatrix'}; key {self._auto_imatrix_key})"]
+        return [f"quantbench imatrix: {self.config.imatrix} (sha256 {self.imatrix_identity[:12]})"]
+
+    # ---- importance matrix ----------------------------------------------------------
+    @cached_property
+    def imatrix_identity(self) -> str | None:
+        """What identifies the importance matrix in result keys: the user file's sha256, or
+        ``auto:<key>`` (model, corpus, n_ctx, chunks, engine: what the computed one depends on);
+        None without one. Cheap: the controller never computes an auto imatrix."""
+        if self.config.imatrix is None:
+            return None
+        if self.config.imatrix == "auto":
+            return f"auto:{self._auto_imatrix_key}"
+        return inputs.sha256_file(self.config.imatrix, self.cache_dir)
+
+    @property
+    def _auto_imatrix_key(self) -> str:
+        from .imatrix import auto_imatrix_key
+
+        ident = self.run_identity
+        return auto_imatrix_key(ident.model_sha256, ident.corpus_sha256, ident.n_ctx,
+                                ident.chunks, ident.engine)
+
+    @cached_property
+    def imatrix(self):
+        """The importance matrix (:class:`~pytest_quantbench.imatrix.Imatrix`) checked against
+        the model, or None. ``auto`` computes it once across workers and runs (cached).
+
+        Raises ImatrixError (a ValueError): wrong format, or a file for another model.
+        """
+        from .imatrix import (
+            check_imatrix,
+            compute_imatrix,
+            ensure_auto_imatrix,
+            load_imatrix,
+        )
+
+        if self.config.imatrix is None:
+            return None
+        if self.config.imatrix == "auto":
+            name = str(self.config.corpus or inputs.DEFAULT_CORPUS_NAME)
+            # one chunk per decode with flash attention, whatever --quantbench-n-seq says: the
+            # cached matrix's key holds no evaluation layout
+            settings = replace(self.eval_settings, n_seq=1, flash_attn=True)
+            path = ensure_auto_imatrix(self.cache_dir, self._auto_imatrix_key, lambda dest:
+                                       compute_imatrix(self.model_path, settings,
+                                                       self.chunk_tokens, dest, dataset=name))
+        else:
+            path = self.config.imatrix
+        imx = load_imatrix(path)
+        check_imatrix(imx, self.model_header, path)
+        return imx
+
+    @cached_property
+    def imatrix_path(self) -> Path | None:
+        """A legacy-layout file of :attr:`imatrix` for llama-quantize (ik reads only that
+        layout: a GGUF imatrix is converted once into the work directory)."""
+        from .imatrix import write_legacy
+
+        imx = self.imatrix
+        if imx is None:
+            return None
+        if imx.source_format == "legacy":
+            return imx.path
+        return write_legacy(imx, self.work_dir / "imatrix.dat")
+
+    @cached_property
+    def thresholds(self):
+        from .thresholds import Thresholds, load_thresholds
+
+        if self.config.thresholds is None:
+            return Thresholds.empty()
+        return load_thresholds(self.config.thresholds, run_qtypes=self.config.qtypes)
+
+    @cached_property
+    def work_dir(self) -> Path:
+        """A private temporary directory for variant models (removed by :meth:`close`)."""
+        root = self.cache_dir / "tmp"
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"variants-{os.getpid()}-", dir=root))
+
+    def close(self) -> None:
+        """Free the tokenizer and remove the work directory."""
+        if "tokenizer" in self.__dict__:
+            self.tokenizer.close()
+        if "work_dir" in self.__dict__:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
