@@ -13,7 +13,7 @@ share that every tail pays); the script prints the body share ``(N−L)/N`` besi
 ``--items STEP`` then measures items per minute with prefix reuse vs without: every
 ``attn_q/k/v/output`` of every STEP-th layer at q4_0 (STEP 1 = all 120 items of the default model),
 each item quantized in memory, swapped in and evaluated by the session's own chunk loop with its
-KLD statistics (``QuantbenchSession._evaluate``), on the tail of its layer
+KLD statistics (``measure.evaluate``), on the tail of its layer
 (:func:`pytest_quantbench.prefix.evaluate_item`, tails kept in a pool of 2, items in layer order)
 or on the full model. The one-time cost (baseline and hidden states in one pass) is printed
 apart, and every item's statistics are checked identical in both modes. Until the session is
@@ -50,7 +50,7 @@ def main() -> None:
     from pytest_quantbench.engine.tail import HiddenCapture, TailModel, write_tail_gguf
     from pytest_quantbench.gguf import read_header
     from pytest_quantbench.inputs import default_corpus_text, ensure_default_model
-    from pytest_quantbench.session import default_threads
+    from pytest_quantbench.runinputs import default_threads
 
     threads = default_threads(1)
     layers = [int(x) for x in args.layers.split(",")]
@@ -135,7 +135,7 @@ def items_per_minute(path: Path, settings, tmp: Path, n_chunk: int, step: int) -
         start_layer,
     )
     from pytest_quantbench.qtypes import TYPES_BY_NAME
-    from pytest_quantbench.session import ChunkBuffers, QuantbenchSession
+    from pytest_quantbench.measure import ChunkBuffers, evaluate
 
     header = read_header(path, max_array_items=0)
     names = [f"blk.{L}.{kind}.weight" for L in range(0, header.n_layer, step)
@@ -164,7 +164,7 @@ def items_per_minute(path: Path, settings, tmp: Path, n_chunk: int, step: int) -
             acc = KLDAccumulator()
             evaluate_item(pool if mode == "on" else None, swap,
                           {name: (q4.type_id, q4.type_size, q4.row_size(t.ne[0]), data)},
-                          lambda m, acc=acc: QuantbenchSession._evaluate(m, base, acc, buffers))
+                          lambda m, acc=acc: evaluate(m, base, acc, buffers))
             stats[mode, name] = acc.kld_values.tobytes()
         spent[mode] = time.perf_counter() - start
     pool.close()

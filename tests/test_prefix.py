@@ -380,7 +380,7 @@ def test_item_statistics_identical_with_and_without_prefix_reuse(models, tmp_pat
     from pytest_quantbench.metrics import KLDAccumulator
     from pytest_quantbench.prefix import ensure_baseline_and_hidden, evaluate_item
     from pytest_quantbench.qtypes import TYPES_BY_NAME
-    from pytest_quantbench.session import QuantbenchSession
+    from pytest_quantbench.measure import evaluate
 
     path = models["moe"]
     key, n_embd = identity(path), read_header(path).n_embd
@@ -408,7 +408,7 @@ def test_item_statistics_identical_with_and_without_prefix_reuse(models, tmp_pat
             for use in (pool, None):
                 acc = KLDAccumulator()
                 got = evaluate_item(use, swap, replacements,
-                                    lambda m, acc=acc: QuantbenchSession._evaluate(m, base, acc))
+                                    lambda m, acc=acc: evaluate(m, base, acc))
                 results.append((got, acc.stats().format_block(), acc.kld_values.tobytes(),
                                 acc.dp_values.tobytes()))
             assert results[0][0] == expect and results[1][0] == "full"

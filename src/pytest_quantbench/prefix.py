@@ -215,7 +215,7 @@ def ensure_baseline_and_hidden(model_path: Path, settings, lib_path: Path | None
     from .hidden import capture_pass, ensure_hidden_states
 
     def compute(writer) -> None:
-        capture = HiddenCapture(writer.layers, n_embd)
+        capture = HiddenCapture(writer.layers, n_embd, lib_path)
         decoded: list[int] = []
 
         def on_decode(first: int) -> None:

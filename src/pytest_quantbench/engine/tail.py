@@ -20,9 +20,8 @@ head only (issue 12; README.md#prefix-reuse):
   ``llama_batch.embd`` with the stored rows (positions, sequence ids and scored outputs as
   :meth:`LlamaModel.eval_chunks`).
 
-The ``ggml_tensor`` layout comes from :func:`ggml_tensor_at`, the one accessor this module uses;
-it wraps :class:`pytest_quantbench.engine.swap.GgmlTensor` today and is the single place to switch
-to the header-derived binding (engine/ggml.py) when that lands.
+The ``ggml_tensor`` layout is the loaded library's own, read from its ``ggml.h`` by
+:class:`pytest_quantbench.engine.ggml.Ggml` (:func:`ggml_for`, one binding per library).
 """
 
 from __future__ import annotations
@@ -37,19 +36,22 @@ import numpy as np
 
 from .. import gguf as gguf_reader
 from . import bindings
+from .ggml import Ggml
 from .llama import EngineError, EvalSettings, LlamaModel, scored_range
-from .swap import GGML_MAX_DIMS, GGML_MAX_SRC, GgmlTensor, SwapModel
+from .swap import SwapModel
 
-GGML_TYPE_F32 = 0
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_GGML: dict[Path, Ggml] = {}
 
 
-def ggml_tensor_at(address: int) -> GgmlTensor:
-    """The ``struct ggml_tensor`` at ``address`` (a live view, writes go to the engine).
-
-    The one place this module maps the struct: switch it to engine/ggml.py's binding later.
-    """
-    return GgmlTensor.from_address(address)
+def ggml_for(lib_path: Path | None = None) -> Ggml:
+    """The :class:`~pytest_quantbench.engine.ggml.Ggml` binding of the libllama at ``lib_path``
+    (None: the default library), made once per library and process. Loads the library.
+    Raises EngineError (EngineLibraryError) when the library or its ggml.h cannot be bound."""
+    path = bindings.load_library(lib_path).quantbench_path
+    if path not in _GGML:
+        _GGML[path] = Ggml(path)
+    return _GGML[path]
 
 
 def hidden_node_name(first_layer: int) -> str:
@@ -64,14 +66,16 @@ class HiddenCapture:
     """``cb_eval`` that copies the input hidden states of the given layers out of every decode.
 
     Args:
-        layers: first layers L (≥ 1) whose input ``l_out-(L−1)`` is wanted; n_embd: model width.
+        layers: first layers L (≥ 1) whose input ``l_out-(L−1)`` is wanted; n_embd: model width;
+        lib_path: the libllama the model will be loaded with (None: the default one).
     Use :meth:`hook` as ``LlamaModel(context_params_hook=…)``; after each decode,
     :meth:`take` returns ``{L: float32 (n_tokens, n_embd)}`` in batch order (ubatches
     concatenated). Errors inside the callback are re-raised by :meth:`take` (EngineError).
     """
 
-    def __init__(self, layers, n_embd: int) -> None:
+    def __init__(self, layers, n_embd: int, lib_path: Path | None = None) -> None:
         self.n_embd = n_embd
+        self.ggml = ggml_for(lib_path)
         self._by_name = {hidden_node_name(layer): layer for layer in sorted(set(layers))}
         self._rows: dict[int, list[np.ndarray]] = {layer: [] for layer in self._by_name.values()}
         self._error: str | None = None
@@ -84,11 +88,11 @@ class HiddenCapture:
 
     def _on_node(self, address: int, ask: bool, _user: object) -> bool:
         try:
-            t = ggml_tensor_at(address)
+            t = self.ggml.tensor(address)
             layer = self._by_name.get(t.name.decode("utf-8", "replace"))
             if ask or layer is None:
                 return layer is not None
-            if t.type != GGML_TYPE_F32 or t.ne[0] != self.n_embd or t.ne[2] != 1 or t.ne[3] != 1:
+            if t.type != self.ggml.F32 or t.ne[0] != self.n_embd or t.ne[2] != 1 or t.ne[3] != 1:
                 raise EngineError(f"graph node {t.name.decode()} is type {t.type} shape "
                                   f"{list(t.ne)}, expected f32 ({self.n_embd}, n_tokens)")
             n_tokens = int(t.ne[1])
@@ -230,13 +234,14 @@ def write_tail_gguf(model_path: Path, first_layer: int, dest: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _point(dst: GgmlTensor, src: GgmlTensor) -> None:
-    """Make ``dst`` read ``src``'s weights: same type, strides and data pointer."""
+def _point(dst, src) -> None:
+    """Make ``dst`` read ``src``'s weights (both ``Ggml.Tensor`` views): same type, strides and
+    data pointer."""
     if tuple(dst.ne) != tuple(src.ne):
         raise EngineError(f"tail tensor {dst.name.decode()} has shape {list(dst.ne)}, the full "
                           f"model's {src.name.decode()} {list(src.ne)}")
     dst.type = src.type
-    for i in range(GGML_MAX_DIMS):
+    for i in range(len(dst.nb)):
         dst.nb[i] = src.nb[i]
     dst.data = src.data
 
@@ -258,6 +263,7 @@ class TailModel:
     def __init__(self, full: LlamaModel, tail_path: Path, first_layer: int,
                  settings: EvalSettings) -> None:
         self.full = full
+        self.ggml = ggml_for(full.lib.quantbench_path)
         self.first_layer = first_layer
         self.settings = settings
         self.duplicates: list[str] = []
@@ -275,7 +281,7 @@ class TailModel:
                                 context_params_hook=self._hook)
         lib = self.model.lib
         # lib["…"] is a function object of our own: the declarations other modules give the
-        # shared library's attributes (swap.py's llama_get_model_tensor) stay as they are
+        # shared library's attributes (Ggml.bind_model_tensor_lookup's llama_get_model_tensor) stay as they are
         self._get_tensor = lib["llama_get_model_tensor"]
         self._get_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         self._get_tensor.restype = ctypes.c_void_p
@@ -291,13 +297,13 @@ class TailModel:
             _point(dst, src)
             self._own.add(ctypes.addressof(dst))
 
-    def _tensor(self, model: LlamaModel, name: str) -> GgmlTensor:
+    def _tensor(self, model: LlamaModel, name: str):
         address = self._get_tensor(model._model, name.encode())
         if not address:
             raise EngineError(f"{model.path} has no tensor {name}")
-        return ggml_tensor_at(address)
+        return self.ggml.tensor(address)
 
-    def tensor(self, name: str) -> GgmlTensor:
+    def tensor(self, name: str):
         """The tail's ``ggml_tensor`` for the FULL model's tensor ``name`` (``blk.(L+i).X`` →
         the tail's ``blk.i.X``), so item code names tensors as in the model file.
         Raises EngineError for a tensor of a layer before L."""
@@ -322,11 +328,11 @@ class TailModel:
         if not self._armed or not ask:
             return not ask
         try:
-            node = ggml_tensor_at(address)
-            for src_address in node.src[:GGML_MAX_SRC]:
+            node = self.ggml.tensor(address)
+            for src_address in node.src:
                 if not src_address or src_address in self._own:
                     continue
-                src = ggml_tensor_at(src_address)
+                src = self.ggml.tensor(src_address)
                 full = self._full_tensor.get(src.name.decode("utf-8", "replace"))
                 if full is not None and src.data != full.data:
                     _point(src, full)
