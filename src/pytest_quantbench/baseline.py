@@ -201,11 +201,15 @@ class RunBaseline:
         swap_model: returns the worker's in-process
             :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with ``--quantbench-engine=inplace`` its loaded model computes the
             baseline too (same load, same settings).
+        prefix: the run's :class:`~pytest_quantbench.prefix.PrefixReuse` (or None); when it is
+            active, its ``baseline(path)`` computes the base file and the hidden states of the
+            planned start layers in one pass.
     """
 
-    def __init__(self, inputs, swap_model: Callable[[], object]) -> None:
+    def __init__(self, inputs, swap_model: Callable[[], object], prefix=None) -> None:
         self.inputs = inputs
         self._swap_model = swap_model
+        self._prefix = prefix
         self._file: KLDBaseFile | None = None
 
     @property
@@ -219,6 +223,8 @@ class RunBaseline:
             n_vocab = ins.tokenizer.n_vocab
             if ins.user_base is not None:
                 self._file = check_user_baseline(ins.user_base, n_vocab)
+            elif self._prefix is not None and self._prefix.active:  # prefix reuse (issue 12)
+                self._file = self._prefix.baseline(self.path)
             else:
                 self._file = ensure_baseline(self.path, ins.chunk_tokens, n_vocab, self._compute)
         return self._file

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_CONFIG_FILE = "quantbench.yaml"
+#: ``--quantbench-prefix-reuse`` values (README.md#prefix-reuse); :mod:`prefix` reads them here.
+PREFIX_REUSE_MODES = ("auto", "off")
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,10 @@ OPTIONS: tuple[Option, ...] = (
            "PPL in percent, e.g. +1.23 percent, as the suite's collector does"),
     Option("baseline-ppl", "float", None, "baseline PPL for --quantbench-ppl-percent and the "
            "baseline row (default: the run's baseline PPL)"),
+    Option("prefix-reuse", "str", "auto", "evaluate only the layers from an item's first changed "
+           "tensor on, from the baseline's cached hidden states (bit-identical numbers): 'auto' "
+           "(default: on for the in-process CPU engine where a first-chunk self-check passes) or "
+           "'off'"),
     Option("logs", "path", None, "directory for one suite-style log per item, "
            "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
 )
@@ -132,6 +138,7 @@ class QuantbenchConfig:
     baseline_ppl: float | None = None
     logs: Path | None = None
     n_seq: int = 1
+    prefix_reuse: str = "auto"
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -310,6 +317,9 @@ def validate(config: QuantbenchConfig) -> None:
         raise ConfigError(f"{where('n_seq')}: {config.n_seq}; give 1 or more chunks per decode")
     if config.engine not in ("inplace", "file"):
         raise ConfigError(f"{where('engine')}: {config.engine!r}; use 'inplace' or 'file'")
+    if config.prefix_reuse not in PREFIX_REUSE_MODES:
+        raise ConfigError(f"{where('prefix_reuse')}: {config.prefix_reuse!r}; use "
+                          f"{' or '.join(repr(m) for m in PREFIX_REUSE_MODES)}")
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
     if not config.qtypes:

@@ -149,6 +149,21 @@ def pytest_make_collect_report(collector: pytest.Collector):
     return report
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With prefix reuse on, run the quantbench items layer-major (full-model units first, then
+    by start layer; a stable sort of the same collection, so every xdist worker gets the same
+    order), so consecutive items of a worker share a tail. Other items keep their places."""
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None or not session.prefix.active:
+        return
+    from .prefix import layer_major, start_layer
+
+    slots = [i for i, item in enumerate(items) if isinstance(item, QuantbenchItem)]
+    ordered = layer_major([items[i] for i in slots], lambda item: start_layer(item.unit.tensors))
+    for i, item in zip(slots, ordered):
+        items[i] = item
+
+
 class QuantbenchCollector(pytest.Collector):
     """Yields one :class:`QuantbenchItem` per planned work unit, in the planned (sorted) order."""
 
@@ -296,6 +311,7 @@ class ResultCollector:
         return list(rows.values())
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        from .prefix import summary_lines
         from .report import format_summary
 
         rows = self.table_rows()
@@ -307,6 +323,8 @@ class ResultCollector:
             tr.write_line(line)
         session_rows = [r for r in rows if r.get("status") != "stored"]  # this run's items
         for line in format_summary(session_rows, self.session.config.top):
+            tr.write_line(line)
+        for line in summary_lines(session_rows):
             tr.write_line(line)
         reused = sum(1 for r in rows if r.get("reused") and r.get("status") != "stored")
         stored = sum(1 for r in rows if r.get("status") == "stored")

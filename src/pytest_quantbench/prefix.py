@@ -20,10 +20,10 @@ from typing import TypeVar
 import numpy as np
 from filelock import FileLock
 
+from .config import PREFIX_REUSE_MODES as MODES
 from .hidden import load_hidden
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
-MODES = ("auto", "off")
 T = TypeVar("T")
 
 
@@ -240,27 +240,33 @@ def ensure_baseline_and_hidden(model_path: Path, settings, lib_path: Path | None
     return ensure_baseline(base_path, tokens, n_vocab, compute_plain), size
 
 
-def header_line(note: str, n_layers: int, hidden_size: int, off_reason: str | None) -> str:
-    """The run header's prefix-reuse line: the mode, the hidden states' layers and total size,
-    and why it is off when a self-check failed."""
+def header_line(note: str, n_layers: int, hidden_size: int) -> str:
+    """The run header's prefix-reuse line: the mode and, when on, the hidden states' layers and
+    total size (:func:`pytest_quantbench.hidden.hidden_bytes`)."""
     from .hidden import format_bytes
 
-    line = f"{note}; hidden states of {n_layers} layers: {format_bytes(hidden_size)}"
-    return line if off_reason is None else f"{line}; turned off for this model: {off_reason}"
+    if not n_layers:
+        return f"quantbench {note}"
+    return (f"quantbench {note}; hidden states of {n_layers} layer(s): "
+            f"{format_bytes(hidden_size)}")
 
 
-def evaluate_item(pool: TailPool | None, swap, replacements: dict, evaluate) -> str:
-    """Swap ``replacements`` in and run ``evaluate(model)`` on the tail of their start layer,
-    or on the full model; return the row's ``eval_path``.
+def evaluate_item(pool: TailPool | None, swap, replacements: dict, evaluate,
+                  layer: int | None = None) -> str:
+    """Swap ``replacements`` in and run ``evaluate(model)`` on the tail of ``layer``, or on the
+    full model; return the row's ``eval_path``.
 
     pool: the worker's :class:`TailPool`, or None when prefix reuse is off; swap: the worker's
     :class:`~pytest_quantbench.engine.swap.SwapModel`; replacements: full-model tensor name →
     swap replacement (as ``SwapModel.swapped`` takes it: only the tensors the item changes);
     evaluate: the chunk loop, called with the object whose ``eval_chunks``/``settings`` it uses
-    (``swap.model``, or a :class:`TailChunks`). A tail whose self-check failed, a unit changing
-    ``token_embd``, a non-``blk`` tensor or layer 0 run the full model."""
-    layer = start_layer(replacements) if pool is not None else None
-    chunks = pool.chunks(layer) if layer is not None else None
+    (``swap.model``, or a :class:`TailChunks`); layer: the unit's start layer
+    (:func:`start_layer` of all its tensors, a superset of ``replacements``: the tail holds
+    every replaced tensor), None: the start layer of ``replacements``. A tail whose self-check
+    failed, a unit changing ``token_embd``, a non-``blk`` tensor or layer 0 run the full model."""
+    if layer is None:
+        layer = start_layer(replacements)
+    chunks = pool.chunks(layer) if pool is not None and layer is not None else None
     if chunks is None:
         with swap.swapped(replacements):
             evaluate(swap.model)
@@ -268,3 +274,138 @@ def evaluate_item(pool: TailPool | None, swap, replacements: dict, evaluate) -> 
     with chunks.tail.swapped(replacements):
         evaluate(chunks)
     return eval_path(layer)
+
+
+def summary_lines(rows: Iterable[dict]) -> list[str]:
+    """The terminal summary's prefix-reuse line from this run's measured rows: how many items
+    ran on tails and on the full model, and why prefix reuse turned itself off (``prefix_note``).
+    Empty when no row carries an ``eval_path`` (reused or skipped items only)."""
+    paths = [r["eval_path"] for r in rows if r.get("eval_path") and not r.get("reused")]
+    if not paths:
+        return []
+    tails = sum(1 for p in paths if p != "full")
+    notes = sorted({r["prefix_note"] for r in rows if r.get("prefix_note")})
+    line = (f"prefix reuse: {tails} item(s) evaluated on tails, {len(paths) - tails} on the full "
+            "model (eval_path column)")
+    return [line] + [f"prefix reuse turned off: {note}" for note in notes]
+
+
+class PrefixReuse:
+    """Prefix reuse in one process: whether it is on, the start layers of the planned units, the
+    hidden states computed with the baseline, the worker's tails, each item's evaluation path.
+
+    Args:
+        inputs: the run's :class:`~pytest_quantbench.runinputs.RunInputs`;
+        swap_model: returns the worker's :class:`~pytest_quantbench.engine.swap.SwapModel`
+            (or None); units: returns the planned :class:`~pytest_quantbench.measure.WorkUnit`
+            list (all of them: every xdist worker plans the same, so all want the same layers).
+    """
+
+    def __init__(self, inputs, swap_model: Callable[[], object],
+                 units: Callable[[], Sequence]) -> None:
+        self.inputs = inputs
+        self._swap_model = swap_model
+        self._units = units
+        self._pool: TailPool | None = None
+
+    @property
+    def mode(self) -> tuple[bool, str]:
+        """(on, note): :func:`prefix_reuse_enabled` for the run's settings; off with a user
+        ``--quantbench-kld-base`` file (no pass over the model computes hidden states then)."""
+        cfg = self.inputs.config
+        on, note = prefix_reuse_enabled(cfg.prefix_reuse, cfg.engine, cfg.n_gpu_layers)
+        if on and self.inputs.user_base is not None:
+            return False, ("prefix reuse: off (the baseline is the --quantbench-kld-base file; "
+                           "no baseline pass computes hidden states)")
+        return on, note
+
+    @property
+    def start_layers(self) -> list[int]:
+        """The start layers (≥ 1) of the planned units, ascending."""
+        return sorted({layer for unit in self._units()
+                       if (layer := start_layer(unit.tensors)) is not None})
+
+    @property
+    def active(self) -> bool:
+        """On, and some planned unit starts after layer 0."""
+        return self.mode[0] and bool(self.start_layers)
+
+    def _hidden_args(self) -> tuple:
+        ins = self.inputs
+        return ins.cache_dir, ins.run_identity, self.start_layers, ins.chunk_tokens
+
+    def hidden_size(self) -> int:
+        """Bytes of the hidden states of :attr:`start_layers` (:func:`hidden.hidden_bytes`)."""
+        from .hidden import hidden_bytes
+
+        n_chunk, n_ctx = self.inputs.chunk_tokens.shape
+        return hidden_bytes(len(self.start_layers), n_chunk, n_ctx,
+                            self.inputs.model_header.n_embd)
+
+    def header_lines(self) -> list[str]:
+        """The run header's prefix-reuse line (:func:`header_line`)."""
+        on, note = self.mode
+        n_layers = len(self.start_layers) if on else 0
+        return [header_line(note, n_layers, self.hidden_size() if n_layers else 0)]
+
+    def _base_bytes(self) -> int:
+        from .kldbase import expected_file_size
+
+        n_chunk, n_ctx = self.inputs.chunk_tokens.shape
+        return expected_file_size(n_ctx, self.inputs.tokenizer.n_vocab, n_chunk)
+
+    def check_disk_space(self) -> None:
+        """Before any item: raise :class:`~pytest_quantbench.hidden.DiskSpaceError` when the
+        cache's disk cannot hold the hidden states still missing plus the run's base file (when
+        that is missing too). Nothing when prefix reuse is inactive."""
+        if not self.active:
+            return
+        from .baseline import baseline_cache_path
+        from .hidden import cached_layers, check_free_space, hidden_bytes
+
+        cache_dir, identity, layers, tokens = self._hidden_args()
+        base_path = baseline_cache_path(cache_dir, identity)
+        n_embd = self.inputs.model_header.n_embd
+        missing = set(layers) - cached_layers(cache_dir, identity, layers, tokens, n_embd)
+        if missing:
+            check_free_space(cache_dir, {
+                "hidden states": hidden_bytes(len(missing), *tokens.shape, n_embd),
+                "baseline": 0 if Path(base_path).exists() else self._base_bytes()})
+
+    def baseline(self, base_path: Path):
+        """The baseline file at ``base_path`` and the hidden states of :attr:`start_layers`,
+        each computed once across workers and runs (:func:`ensure_baseline_and_hidden`).
+        Raises DiskSpaceError, EngineError, what :func:`baseline.ensure_baseline` raises."""
+        ins = self.inputs
+        cache_dir, identity, layers, tokens = self._hidden_args()
+        base, _ = ensure_baseline_and_hidden(
+            ins.model_path, ins.eval_settings, None, cache_dir, identity, tokens,
+            ins.tokenizer.n_vocab, ins.model_header.n_embd, layers, base_path,
+            self._base_bytes())
+        return base
+
+    @property
+    def pool(self) -> TailPool:
+        """The worker's :class:`TailPool` over the swap model (made on first use)."""
+        if self._pool is None:
+            ins = self.inputs
+            self._pool = TailPool(self._swap_model().model, ins.eval_settings, ins.cache_dir,
+                                  ins.run_identity, ins.model_sha256, ins.chunk_tokens)
+        return self._pool
+
+    def run_item(self, unit, row: dict, swap, replacements: dict, evaluate) -> str:
+        """:func:`evaluate_item` for ``unit`` on its tail (when prefix reuse is active and the
+        unit starts after layer 0), else on the full model; returns ``eval_path``. When a
+        failed self-check sent the unit to the full model, ``row["prefix_note"]`` says why."""
+        layer = start_layer(unit.tensors) if self.active else None
+        pool = self.pool if layer is not None else None
+        path = evaluate_item(pool, swap, replacements, evaluate, layer)
+        if pool is not None and pool.off_reason is not None:
+            row["prefix_note"] = pool.off_reason
+        return path
+
+    def close(self) -> None:
+        """Close the worker's tails (before the swap model they point at is freed)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
