@@ -10,14 +10,14 @@ against the full model's on every chunk before timing (the self-check of the ite
 The ideal share of a tail is ``(N−L)/N`` of the body plus the head (the output matmul, a fixed
 share that every tail pays); the script prints the body share ``(N−L)/N`` beside each ratio.
 
-``--items STEP`` then measures items per minute with prefix reuse vs without: every
-``attn_q/k/v/output`` of every STEP-th layer at q4_0 (STEP 1 = all 120 items of the default model),
-each item quantized in memory, swapped in and evaluated by the session's own chunk loop with its
-KLD statistics (``measure.evaluate``), on the tail of its layer
-(:func:`pytest_quantbench.prefix.evaluate_item`, tails kept in a pool of 2, items in layer order)
-or on the full model. The one-time cost (baseline and hidden states in one pass) is printed
-apart, and every item's statistics are checked identical in both modes. Until the session is
-wired this is the item path without pytest around it.
+``--items STEP`` first measures items per minute of the plugin itself: two pytest runs (one
+process each, no xdist) on the same selection, every ``attn_q/k/v/output`` of every STEP-th layer
+at q4_0 (STEP 1 = all 120 items of the default model), with ``--quantbench-prefix-reuse=off`` and
+``=auto``, each with its own output directory (so nothing is reused) and one cache. The one-time
+costs (model conversion, baseline and hidden states) are paid before, by a one-item run, and
+printed apart. Printed per mode: items/min over the run's wall time and over the items' own
+``seconds``, the process's peak RSS, the ``eval_path`` counts; the CSV tables of both runs must
+be identical byte for byte.
 
     python benchmarks/bench_prefix.py [--chunks 4] [--repeats 3] [--layers 1,8,15,22,29]
                                       [--items STEP] [--skip-layers]
@@ -59,7 +59,8 @@ def main() -> None:
         cache = args.cache_dir or Path(tmp)
         path = ensure_default_model(cache, "bf16", threads)
         if args.items:
-            items_per_minute(path, settings, Path(tmp), args.chunks, args.items)
+            items_per_minute(cache, Path(tmp), args.n_ctx, args.chunks, args.items,
+                             read_header(path).n_layer)
         if args.skip_layers:
             return
         header = read_header(path)
@@ -118,68 +119,67 @@ def main() -> None:
           f"(layers x chunks x n_ctx x n_embd x 4 bytes)")
 
 
-def items_per_minute(path: Path, settings, tmp: Path, n_chunk: int, step: int) -> None:
-    """Print items/minute with and without prefix reuse (see the module docstring)."""
-    import resource
+def pytest_run(cwd: Path, args: list[str]) -> tuple[float, int, str]:
+    """Run ``python -m pytest args`` in ``cwd``: (wall seconds, peak RSS in bytes of that
+    process, its output). Raises SystemExit with the output when pytest fails."""
+    import os
+    import subprocess
+    import sys
 
-    from pytest_quantbench.baseline import RunIdentity
-    from pytest_quantbench.engine.swap import SwapModel
-    from pytest_quantbench.gguf import read_header
-    from pytest_quantbench.inputs import default_corpus_text
-    from pytest_quantbench.kldbase import expected_file_size
-    from pytest_quantbench.metrics import KLDAccumulator
-    from pytest_quantbench.prefix import (
-        TailPool,
-        ensure_baseline_and_hidden,
-        evaluate_item,
-        start_layer,
-    )
-    from pytest_quantbench.qtypes import TYPES_BY_NAME
-    from pytest_quantbench.measure import ChunkBuffers, evaluate
-
-    header = read_header(path, max_array_items=0)
-    names = [f"blk.{L}.{kind}.weight" for L in range(0, header.n_layer, step)
-             for kind in ("attn_q", "attn_k", "attn_v", "attn_output")]
-    layers = sorted({start_layer([n]) for n in names} - {None})
-    q4 = TYPES_BY_NAME["q4_0"]
-    swap = SwapModel(path, settings)
-    tokens = swap.model.tokenize(default_corpus_text())[: n_chunk * settings.n_ctx]
-    tokens = tokens.reshape(n_chunk, settings.n_ctx)
-    key = RunIdentity("bench" + "0" * 59, "corpus", settings.n_ctx, n_chunk, "bench",
-                      settings.layout)
     start = time.perf_counter()
-    base, hidden_size = ensure_baseline_and_hidden(
-        path, settings, None, tmp, key, tokens, swap.model.n_vocab, header.n_embd, layers,
-        tmp / "base.kld", expected_file_size(settings.n_ctx, swap.model.n_vocab, n_chunk))
-    once = time.perf_counter() - start
-    pool = TailPool(swap.model, settings, tmp, key, "bench" * 4, tokens, capacity=2)
-    buffers = ChunkBuffers()
-    spent, stats = {}, {}
-    for mode in ("off", "on"):
-        start = time.perf_counter()
-        for name in names:
-            t = swap.tensor(name)
-            data = swap.quantize(swap.baseline_f32(name, header.tensor(name).type_name),
-                                 q4.type_id, q4.row_size(t.ne[0]), q4.interleave)
-            acc = KLDAccumulator()
-            evaluate_item(pool if mode == "on" else None, swap,
-                          {name: (q4.type_id, q4.type_size, q4.row_size(t.ne[0]), data)},
-                          lambda m, acc=acc: evaluate(m, base, acc, buffers))
-            stats[mode, name] = acc.kld_values.tobytes()
-        spent[mode] = time.perf_counter() - start
-    pool.close()
-    base.close()
-    swap.close()
-    same = all(stats["on", n] == stats["off", n] for n in names)
-    print(f"items: {len(names)} (attn_q/k/v/output of every {step}. layer, q4_0), {n_chunk} "
-          f"chunks, n_ctx={settings.n_ctx}; statistics identical on/off: {same}; "
-          f"off: {len(names) / spent['off'] * 60:.1f} items/min, on: "
-          f"{len(names) / spent['on'] * 60:.1f} items/min, speed-up "
-          f"{spent['off'] / spent['on']:.2f}x; one-time baseline + hidden states of "
-          f"{len(layers)} layers ({hidden_size / 1e6:.1f} MB) {once:.1f} s; peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    if pool.off_reason:
-        print(f"  prefix reuse turned itself off: {pool.off_reason}")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"pytest {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}")
+    return wall, usage.ru_maxrss * 1024, out
+
+
+def items_per_minute(cache: Path, tmp: Path, n_ctx: int, n_chunk: int, step: int,
+                     n_layer: int) -> None:
+    """Items per minute of the plugin with ``--quantbench-prefix-reuse`` auto vs off on the same
+    selection (see the module docstring); prints both, the speed-up, each run's peak RSS, and
+    whether the tables are identical."""
+    import pandas as pd
+
+    layers = "|".join(str(L) for L in range(0, n_layer, step))
+    common = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q",
+              f"--quantbench-cache-dir={cache}", f"--quantbench-ctx={n_ctx}",
+              f"--quantbench-chunks={n_chunk}", "--quantbench-qtypes=q4_0",
+              "--quantbench-tensors", rf"^blk\.({layers})\.attn_(q|k|v|output)\.weight$"]
+    # one-time costs first (model conversion, baseline, hidden states of every planned start
+    # layer): one item with prefix reuse on, so both timed runs find them cached
+    once, _, _ = pytest_run(tmp, [*common, f"--quantbench-output={tmp / 'prime'}",
+                                  "-k", "layer0 and attn_q"])
+    runs = {}
+    for mode in ("off", "auto"):
+        out = tmp / mode
+        wall, rss, text = pytest_run(tmp, [*common, f"--quantbench-output={out}",
+                                           f"--quantbench-prefix-reuse={mode}"])
+        tidy = pd.read_csv(out / "results.csv")
+        runs[mode] = (wall, rss, tidy, {name: (out / name).read_bytes() for name in
+                                        ("kld_results.csv", "ppl_results.csv", "topp_results.csv")})
+        note = [line for line in text.splitlines() if line.startswith("prefix reuse")]
+        print(f"  {mode}: " + ("; ".join(note) or "all items on the full model"))
+    n_items = len(runs["off"][2])
+    same = runs["off"][3] == runs["auto"][3]
+    print(f"items: {n_items} (attn_q/k/v/output of every {step}. layer of {n_layer}, q4_0), "
+          f"{n_chunk} chunk(s), n_ctx={n_ctx}, one pytest process each; tables identical "
+          f"auto vs off: {same}; one-time model + baseline + hidden states: {once:.1f} s")
+    rates = {}
+    for mode, (wall, rss, tidy, _) in runs.items():
+        rates[mode] = (n_items / wall * 60, n_items / tidy["seconds"].sum() * 60)
+        paths = tidy["eval_path"].value_counts().to_dict()
+        print(f"  prefix reuse {mode:4s}: {rates[mode][0]:6.1f} items/min over the run's "
+              f"{wall:.1f} s ({rates[mode][1]:6.1f} over the items' own seconds); peak RSS "
+              f"{rss / 1e6:.0f} MB; eval_path {paths}")
+    print(f"  speed-up auto/off: {rates['auto'][0] / rates['off'][0]:.2f}x over the run, "
+          f"{rates['auto'][1] / rates['off'][1]:.2f}x over the items")
+    if not same:
+        raise SystemExit("the tables differ between prefix reuse auto and off")
 
 
 if __name__ == "__main__":
