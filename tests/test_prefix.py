@@ -377,10 +377,10 @@ def test_item_statistics_identical_with_and_without_prefix_reuse(models, tmp_pat
     same KLD statistics, to every digit, as over the full model; eval_path says which ran."""
     from pytest_quantbench.engine.swap import SwapModel
     from pytest_quantbench.kldbase import expected_file_size
+    from pytest_quantbench.measure import evaluate
     from pytest_quantbench.metrics import KLDAccumulator
     from pytest_quantbench.prefix import ensure_baseline_and_hidden, evaluate_item
     from pytest_quantbench.qtypes import TYPES_BY_NAME
-    from pytest_quantbench.measure import evaluate
 
     path = models["moe"]
     key, n_embd = identity(path), read_header(path).n_embd
