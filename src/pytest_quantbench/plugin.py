@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,9 @@ def pytest_configure(config: pytest.Config) -> None:
         session.command = " ".join(shlex.quote(a) for a in ["pytest", *config.invocation_params.args])
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
+        from .planfacts import types_needing_imatrix  # headline: auto imatrix when needed
+        session.inputs.imatrix_needed_by = types_needing_imatrix(
+            session.units, session.model_header, qb_config.allow_fallback)
         session.thresholds  # a bad thresholds file is a usage error now, not an item failure
         session.validate_inputs()
     except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the
@@ -134,7 +138,11 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return None
-    return session.header_lines() + [f"quantbench items: {len(session.units)}"]
+    from .planfacts import fallback_notes
+
+    notes = fallback_notes(session.units, session.model_header, session.config.allow_fallback)
+    return (session.header_lines() + [f"quantbench items: {len(session.units)}"]
+            + [f"quantbench note: {note}" for note in notes])
 
 
 @pytest.hookimpl(wrapper=True)
@@ -234,6 +242,7 @@ class ResultCollector:
         self.written: list[Path] = []
         self.write_error: str | None = None
         self._table_rows: list[dict[str, Any]] | None = None
+        self.started = time.time()  # the session's start: was the auto imatrix computed now?
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
@@ -304,6 +313,8 @@ class ResultCollector:
         tr = terminalreporter
         tr.section("quantbench")
         for line in self.session.baseline_lines():
+            tr.write_line(line)
+        for line in self.session.inputs.imatrix_summary_lines(self.started):
             tr.write_line(line)
         session_rows = [r for r in rows if r.get("status") != "stored"]  # this run's items
         for line in format_summary(session_rows, self.session.config.top):
