@@ -15,7 +15,7 @@ from .measure import ItemSkip, WorkUnit
 
 #: The row facts the results store keeps with an item's statistics.
 _FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note",
-          "kernel_check_kld", "reason", "fallback",
+          "kernel_probe_kld", "reason", "fallback",
           "seconds")
 
 

@@ -141,8 +141,8 @@ class QuantbenchSession:
         probes = [self.engines.check_kernel(name, wtype, base) for name, wtype in written.items()
                   if wtype.name != header.tensor(name).type_name]
         probes = [k for k in probes if k is not None]
-        if probes:  # how far the engine's kernels are from the dequantized weights (nats)
-            row["kernel_check_kld"] = max(probes)
+        if probes:  # how far the type's kernel is from its dequantized weights (nats), probed on
+            row["kernel_probe_kld"] = max(probes)  # one fixed tensor per type (enginechoice)
         acc = KLDAccumulator()
         if engine == "inplace":
             measuring.measure_inplace(self.engines.swap_model, header, self.imatrix, written,
