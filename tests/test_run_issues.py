@@ -21,3 +21,55 @@ def test_kernel_probe_is_the_same_for_a_type_under_any_xdist_layout(pytester, qb
         assert column.notna().all() and column.nunique() == 1, column.tolist()
         values[n] = column.iloc[0]
     assert values["1"] == values["2"]
+
+
+NAN_BASELINE = '''
+import os
+import numpy as np
+from pytest_quantbench import kldbase
+
+_orig = kldbase.KLDBaseWriter.write_chunk
+
+def nan_at_position_3(self, logits):
+    with open(os.path.join(os.environ["COUNT_DIR"], "chunks"), "a") as fh:
+        fh.write("chunk\\n")
+    logits = np.array(logits)
+    logits[3, 0] = np.nan
+    return _orig(self, logits)
+
+kldbase.KLDBaseWriter.write_chunk = nan_at_position_3
+'''
+
+
+def test_a_failing_baseline_is_computed_once_and_every_item_errors_with_why(
+        pytester, qb_args, tmp_path, monkeypatch):
+    """Item 2: NaN baseline logits are evaluated once for the whole run (two workers, four
+    items); every item errors at once with one message that says the baseline failed and where."""
+    pytester.makeconftest(NAN_BASELINE)
+    monkeypatch.setenv("COUNT_DIR", str(tmp_path))
+    args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir=")]
+    result = pytester.runpytest_subprocess(
+        *args, f"--quantbench-cache-dir={tmp_path / 'cache'}", "--quantbench-qtypes=q8_0",
+        "--quantbench-tensors", r"^blk\.(0|1)\.attn_(k|v)\.weight$", "-n", "2")
+    result.assert_outcomes(errors=4)
+    assert (tmp_path / "chunks").read_text().count("chunk") == 1
+    reasons = set(results(pytester)["reason"])
+    assert len(reasons) == 1, reasons
+    reason = reasons.pop()
+    assert reason.startswith("BaselineError: the baseline failed (")
+    assert "chunk 1: 1 of 31 scored positions have non-finite logits (NaN or inf); first at " \
+           "position 3" in reason
+    result.stdout.fnmatch_lines(["BaselineError: the baseline failed (*(4 item(s) errored at once)"])
+
+
+def test_a_full_disk_during_the_baseline_says_the_sizes(tmp_path):
+    """Item 2: the message of a full disk gives the baseline's size and the free space."""
+    import errno
+
+    from pytest_quantbench.baseline import baseline_failure
+
+    exc = baseline_failure(OSError(errno.ENOSPC, "No space left on device"),
+                           tmp_path / "b.kld", 123_400_000)
+    text = str(exc)
+    assert text.startswith(f"the baseline failed ({tmp_path / 'b.kld'}): baseline cache: No space")
+    assert "the baseline file needs 123.4 MB, " in text and " MB free there)" in text

@@ -108,6 +108,10 @@ def pytest_configure(config: pytest.Config) -> None:
     install_fault_reports(config, session, QuantbenchItem)
     config.addinivalue_line("markers", "quantbench(tensor, qtype, layer, kind): a quantbench item")
     if not hasattr(config, "workerinput"):
+        import secrets
+
+        from .baseline import RUN_TOKEN_ENV  # one id per run, inherited by the xdist workers
+        os.environ[RUN_TOKEN_ENV] = secrets.token_hex(8)
         _sigterm_as_interrupt()
         reporter = ResultCollector(config, session)
         config.stash[REPORTER_KEY] = reporter
@@ -317,6 +321,10 @@ class ResultCollector:
         for line in self.session.inputs.imatrix_summary_lines(self.started):
             tr.write_line(line)
         session_rows = [r for r in rows if r.get("status") != "stored"]  # this run's items
+        failed = [r for r in session_rows if str(r.get("reason", "")).startswith("BaselineError")]
+        if failed:  # one message for the items that all stopped on the same baseline failure
+            tr.write_line(f"{failed[0]['reason']} ({len(failed)} item(s) errored at once)",
+                          red=True)
         for line in format_summary(session_rows, self.session.config.top):
             tr.write_line(line)
         reused = sum(1 for r in rows if r.get("reused") and r.get("status") != "stored")
