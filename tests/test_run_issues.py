@@ -73,3 +73,19 @@ def test_a_full_disk_during_the_baseline_says_the_sizes(tmp_path):
     text = str(exc)
     assert text.startswith(f"the baseline failed ({tmp_path / 'b.kld'}): baseline cache: No space")
     assert "the baseline file needs 123.4 MB, " in text and " MB free there)" in text
+
+
+def test_gpu_layers_on_a_cpu_only_build_are_said(pytester, qb_args):
+    """Item 14: a warning naming the build, and a header line saying everything runs on the CPU."""
+    import pytest
+
+    from pytest_quantbench.engine.bindings import load_library, supports_gpu_offload
+
+    if supports_gpu_offload(load_library()):
+        pytest.skip("this engine build has a GPU backend")
+    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q8_0",
+                                           "--quantbench-n-gpu-layers=99", "--collect-only")
+    lib = str(load_library().quantbench_path)
+    said = (f"--quantbench-n-gpu-layers 99 has no effect: the engine build {lib} has no GPU "
+            "backend, so everything runs on the CPU*")
+    result.stdout.fnmatch_lines([f"quantbench gpu: {said}", f"*PytestWarning: quantbench: {said}"])

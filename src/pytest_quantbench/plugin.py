@@ -99,6 +99,9 @@ def pytest_configure(config: pytest.Config) -> None:
         from .planfacts import types_needing_imatrix  # headline: auto imatrix when needed
         session.inputs.imatrix_needed_by = types_needing_imatrix(
             session.units, session.model_header, qb_config.allow_fallback)
+        if session.inputs.gpu_problem and not hasattr(config, "workerinput"):
+            config.issue_config_time_warning(pytest.PytestWarning(
+                f"quantbench: {session.inputs.gpu_problem}"), stacklevel=2)
         session.thresholds  # a bad thresholds file is a usage error now, not an item failure
         session.validate_inputs()
     except _USER_ERRORS as exc:  # config, GGUF, selection, qtype, thresholds, corpus, and the

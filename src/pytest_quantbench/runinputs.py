@@ -192,7 +192,26 @@ class RunInputs:
             f"quantbench n_ctx={ident.n_ctx}, chunks={ident.chunks}, threads={self.threads}, "
             f"{ident.eval}",
             f"quantbench engine: {self.identity_engine.describe()}",
-        ] + self._imatrix_header()
+        ] + self._imatrix_header() + (
+            [f"quantbench gpu: {self.gpu_problem}"] if self.gpu_problem else [])
+
+    @cached_property
+    def gpu_problem(self) -> str | None:
+        """Why ``--quantbench-n-gpu-layers N > 0`` offloads nothing, or None: the engine build
+        has no GPU backend (``llama_supports_gpu_offload()`` is false), so every layer runs on
+        the CPU."""
+        from .engine.bindings import load_library, supports_gpu_offload
+
+        n = self.config.n_gpu_layers
+        if not n or n <= 0:
+            return None
+        lib = load_library(self.config.engine_lib)
+        if supports_gpu_offload(lib):
+            return None
+        return (f"--quantbench-n-gpu-layers {n} has no effect: the engine build "
+                f"{self.identity_engine.libllama} has no GPU backend, so everything runs on the "
+                "CPU (pass --quantbench-engine-lib PATH to the libllama of a CUDA/Vulkan/Metal "
+                "build of ik_llama.cpp to offload)")
 
     def _imatrix_header(self) -> list[str]:
         source = self.imatrix_source

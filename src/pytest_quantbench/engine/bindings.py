@@ -253,6 +253,17 @@ def mapped_library(pattern: str) -> str:
     return ""
 
 
+def supports_gpu_offload(lib: ctypes.CDLL) -> bool:
+    """``llama_supports_gpu_offload()`` of a loaded library: True when the build has a GPU (or
+    other offload) backend, so ``n_gpu_layers`` can move layers off the CPU; False for a CPU-only
+    build such as the wheel (and for a library without the symbol)."""
+    fn = getattr(lib, "llama_supports_gpu_offload", None)
+    if fn is None:
+        return False
+    fn.argtypes, fn.restype = [], ctypes.c_bool
+    return bool(fn())
+
+
 _loaded: dict[Path, ctypes.CDLL] = {}
 
 
