@@ -89,3 +89,26 @@ def test_gpu_layers_on_a_cpu_only_build_are_said(pytester, qb_args):
     said = (f"--quantbench-n-gpu-layers 99 has no effect: the engine build {lib} has no GPU "
             "backend, so everything runs on the CPU*")
     result.stdout.fnmatch_lines([f"quantbench gpu: {said}", f"*PytestWarning: quantbench: {said}"])
+
+
+def test_an_already_quantized_baseline_is_measured_through_the_file_engine(
+        pytester, qb_args, synth_model, tmp_path):
+    """Item 5: a baseline of mixed quantized types (llama-quantize's Q4_K_M of the synthetic
+    model): a variant keeps every other tensor's own type instead of asking llama-quantize to
+    turn it back to bf16, which it refuses ("requantizing from type … is disabled")."""
+    from pytest_quantbench.engine.quantize import run_llama_quantize
+    from pytest_quantbench.gguf import read_model_header
+
+    quantized = tmp_path / "synth-q4_k_m.gguf"
+    run_llama_quantize(synth_model, quantized, {}, baseline_type="bf16", threads=1,
+                       preset="Q4_K_M")
+    types = {t.name: t.type_name for t in read_model_header(quantized).tensors}
+    assert {"q4_K", "q6_K"} <= set(types.values())
+    args = [a for a in qb_args if not a.startswith("--quantbench-model=")]
+    result = pytester.runpytest_subprocess(
+        *args, f"--quantbench-model={quantized}", "--quantbench-qtypes=q8_0",
+        "--quantbench-tensors", r"^blk\.0\.attn_q\.weight$", "-rfEs")
+    result.assert_outcomes(passed=1)
+    row = results(pytester).iloc[0]
+    assert (row["engine_mode"], row["written_type"]) == ("file", "q8_0")
+    assert row["mean_kld"] > 0

@@ -44,18 +44,28 @@ def find_quantize_binary() -> Path:
     )
 
 
-def custom_q_rules(changes: dict[str, str], baseline_type: str) -> str:
+def custom_q_rules(changes: dict[str, str], baseline_type: str,
+                   keep: dict[str, str] | None = None) -> str:
     """The ``--custom-q`` argument that sets ``changes`` (tensor → exact ggml type name).
 
-    Every other eligible tensor is pinned to ``baseline_type`` so it is copied unchanged. Tensor
-    names are escaped and anchored; names holding ``,`` or ``=`` cannot be expressed (spec §5.2)
-    and raise ValueError.
+    Every other eligible tensor is pinned to its own type so it is copied unchanged: ``keep``
+    (tensor → its type in the source, for a baseline whose tensors have several types, e.g. an
+    already-quantized one: llama-quantize copies a tensor whose target is its own type and never
+    requantizes it), then ``baseline_type`` for the rest. Tensor names are escaped and anchored;
+    names holding ``,`` or ``=`` cannot be expressed (spec §5.2) and raise ValueError.
     """
     rules = []
-    for tensor, ggml_type in sorted(changes.items()):
+    for tensor in list(changes) + list(keep or ()):
         if "," in tensor or "=" in tensor:
             raise ValueError(f"tensor name {tensor!r} cannot be used in llama-quantize --custom-q")
+    for tensor, ggml_type in sorted(changes.items()):
         rules.append(f"^{re.escape(tensor)}$={ggml_type}")
+    by_type: dict[str, list[str]] = {}
+    for tensor, ggml_type in sorted((keep or {}).items()):
+        if tensor not in changes and ggml_type != baseline_type:
+            by_type.setdefault(ggml_type, []).append(re.escape(tensor))
+    for ggml_type, names in sorted(by_type.items()):  # one rule per type, as few bytes as may be
+        rules.append(f"^({'|'.join(names)})$={ggml_type}")
     rules.append(f".*={baseline_type}")
     return ",".join(rules)
 
@@ -124,6 +134,7 @@ def run_llama_quantize(
     imatrix: Path | None = None,
     requantize: bool = False,
     preset: str = "Q8_0",
+    keep: dict[str, str] | None = None,
 ) -> str:
     """Write ``dest``: ``source`` with the tensors of ``changes`` quantized to their ggml types.
 
@@ -134,6 +145,8 @@ def run_llama_quantize(
         threads: quantization threads; imatrix: legacy ``.dat`` importance matrix or None.
         requantize: pass ``--allow-requantize`` (needed when the source tensors are quantized).
         preset: the positional ftype; must have a quantized default type (spec §5.2).
+        keep: tensor → its own type in ``source``, for the tensors of other types than
+            ``baseline_type`` (:func:`custom_q_rules`).
     Returns:
         llama-quantize's combined stdout/stderr (its log), for reports.
     Raises:
@@ -149,7 +162,7 @@ def run_llama_quantize(
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
     if changes:
-        cmd += ["--custom-q", custom_q_rules(changes, baseline_type)]
+        cmd += ["--custom-q", custom_q_rules(changes, baseline_type, keep)]
     cmd += [str(source), tmp_name, preset, str(max(1, threads))]
     try:
         log = _run(cmd, f"writing {dest.name}")
