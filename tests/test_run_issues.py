@@ -112,3 +112,39 @@ def test_an_already_quantized_baseline_is_measured_through_the_file_engine(
     row = results(pytester).iloc[0]
     assert (row["engine_mode"], row["written_type"]) == ("file", "q8_0")
     assert row["mean_kld"] > 0
+
+
+def test_progress_line_counts_elapsed_and_eta():
+    """Item 17: the line of a long step: done/total, elapsed, ETA; rate-limited, last one shown."""
+    from pytest_quantbench import progress
+
+    now = [100.0]
+    lines: list[str] = []
+    progress.set_writer(lines.append)
+    try:
+        step = progress.Progress("baseline", 4, clock=lambda: now[0])
+        for done, t in ((1, 102.5), (2, 103.0), (3, 107.5), (4, 110.0)):
+            now[0] = t
+            step.update(done)
+    finally:
+        progress.set_writer(None)
+    assert lines == ["quantbench baseline: 1/4 chunks, 2.5 s elapsed, ETA 7.5 s",
+                     "quantbench baseline: 3/4 chunks, 7.5 s elapsed, ETA 2.5 s",
+                     "quantbench baseline: 4/4 chunks, 10.0 s elapsed"]
+
+
+def test_baseline_and_imatrix_progress_on_the_terminal_and_quiet_under_q(
+        pytester, qb_args, tmp_path):
+    """Item 17: without -n the baseline pass and the auto imatrix print chunks done/total on the
+    terminal; -q prints none; the summary gives both durations."""
+    args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir=")]
+    args += ["--quantbench-qtypes=iq2_kt", "--quantbench-tensors", r"^blk\.0\.attn_v\.weight$"]
+    loud = pytester.runpytest_subprocess(*args, f"--quantbench-cache-dir={tmp_path / 'a'}")
+    loud.assert_outcomes(passed=1)
+    loud.stdout.fnmatch_lines(["quantbench imatrix: 2/2 chunks, * s elapsed",
+                               "quantbench baseline: 2/2 chunks, * s elapsed",
+                               "baseline: Final estimate*computed once in * s)",
+                               "imatrix: computed in this run in * s*"])
+    quiet = pytester.runpytest_subprocess(*args, f"--quantbench-cache-dir={tmp_path / 'b'}", "-q")
+    quiet.assert_outcomes(passed=1)
+    assert "chunks, " not in quiet.stdout.str()

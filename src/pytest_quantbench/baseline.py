@@ -210,16 +210,19 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
 
     from .kldbase import KLDBaseWriter
     from .metrics import PPLAccumulator
+    from .progress import Progress
     from .report import atomic_write_text
 
     start = time.perf_counter()
     n_chunk, n_ctx = tokens.shape
     ppl = PPLAccumulator()
+    progress = Progress("baseline", n_chunk)
     with KLDBaseWriter(path, n_ctx, model.n_vocab, tokens) as writer:
         n_seq = model.settings.n_seq
         for first in range(0, n_chunk, n_seq):
             for logits in model.eval_chunks(tokens[first:first + n_seq]):
                 ppl.add(writer.write_chunk(logits))
+            progress.update(min(first + n_seq, n_chunk))
     value, err = ppl.ppl()
     atomic_write_text(sidecar_path(path), json.dumps({
         "final_estimate": ppl.final_line(n_ctx), "ppl": value, "ppl_err": err,

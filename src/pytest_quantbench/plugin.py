@@ -11,6 +11,7 @@ the terminal summary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import time
@@ -79,6 +80,7 @@ def _cache_dir(config: pytest.Config, qb_config) -> Path:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    started = time.time()  # before any long step: what the summary calls "in this run"
     try:
         qb_config = _build_config(config)
         if qb_config is None:
@@ -88,6 +90,8 @@ def pytest_configure(config: pytest.Config) -> None:
         check_csv_metrics(qb_config.csv_metrics)
         from .planning import plan_units
         from .session import QuantbenchSession
+
+        _progress_to_terminal(config)
 
         numprocesses = getattr(config.option, "numprocesses", None)
         n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT")
@@ -116,9 +120,28 @@ def pytest_configure(config: pytest.Config) -> None:
         from .baseline import RUN_TOKEN_ENV  # one id per run, inherited by the xdist workers
         os.environ[RUN_TOKEN_ENV] = secrets.token_hex(8)
         _sigterm_as_interrupt()
-        reporter = ResultCollector(config, session)
+        reporter = ResultCollector(config, session, started)
         config.stash[REPORTER_KEY] = reporter
         config.pluginmanager.register(reporter, "quantbench-reporter")
+
+
+def _progress_to_terminal(config: pytest.Config) -> None:
+    """Long steps (:mod:`progress`) print through pytest's terminal writer in this process;
+    nothing under ``-q`` or in an xdist worker (pytest shows no worker terminal output)."""
+    from . import progress
+
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or hasattr(config, "workerinput") or config.get_verbosity() < 0:
+        progress.set_writer(None)
+        return
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def write(line: str) -> None:  # items measure with output captured: step outside of it
+        with (capture.global_and_fixture_disabled() if capture is not None
+              else contextlib.nullcontext()):
+            reporter.write_line(line)
+
+    progress.set_writer(write)
 
 
 def _sigterm_as_interrupt() -> None:
@@ -138,6 +161,9 @@ def _sigterm_as_interrupt() -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
+        from .progress import set_writer
+
+        set_writer(None)
         session.close()
 
 
@@ -242,14 +268,14 @@ def _builtin(value: Any) -> Any:
 class ResultCollector:
     """Controller-side: gathers result rows from reports, writes the tables, prints the summary."""
 
-    def __init__(self, config: pytest.Config, session) -> None:
+    def __init__(self, config: pytest.Config, session, started: float) -> None:
         self.config = config
         self.session = session
         self.rows: dict[str, dict[str, Any]] = {}
         self.written: list[Path] = []
         self.write_error: str | None = None
         self._table_rows: list[dict[str, Any]] | None = None
-        self.started = time.time()  # the session's start: was the auto imatrix computed now?
+        self.started = started  # the run's start (Unix time): what was computed in this run
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
@@ -319,6 +345,8 @@ class ResultCollector:
             return
         tr = terminalreporter
         tr.section("quantbench")
+        for line in self.session.inputs.model_summary_lines(self.started):
+            tr.write_line(line)
         for line in self.session.baseline_lines():
             tr.write_line(line)
         for line in self.session.inputs.imatrix_summary_lines(self.started):

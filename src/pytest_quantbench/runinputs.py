@@ -293,6 +293,23 @@ class RunInputs:
         check_imatrix(imx, self.model_header, path)
         return imx
 
+    def model_summary_lines(self, since: float) -> list[str]:
+        """The summary line of the converted default model: where, its size and how long the
+        conversion took ("in this run" when done after ``since``, Unix time); [] for a user
+        model or an unknown conversion."""
+        import json
+
+        if self.config.model is not None or "model_path" not in self.__dict__:
+            return []
+        try:
+            facts = json.loads(inputs.default_model_facts_path(self.model_path).read_text())
+        except (OSError, ValueError):
+            return []
+        when = ("converted in this run" if facts.get("computed_at", 0) >= since else
+                "taken from the cache; converted earlier")
+        return [f"default model: {when} in {facts['seconds']:.1f} s (cached: {self.model_path}, "
+                f"{facts['bytes'] / 1e6:.1f} MB)"]
+
     def imatrix_summary_lines(self, since: float) -> list[str]:
         """The summary line of a computed importance matrix: where it is cached, its size, and
         how long it took, said as "computed in this run" when it was written after ``since``

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .llama import EngineError
 
@@ -70,17 +71,28 @@ def custom_q_rules(changes: dict[str, str], baseline_type: str,
     return ",".join(rules)
 
 
-def _run(cmd: list[str], what: str) -> str:
+def _run(cmd: list[str], what: str, on_line: Callable[[str], None] | None = None) -> str:
     """Run llama-quantize (an argument list, never a shell string); return its combined log.
 
-    Raises EngineError with the last log lines when it exits non-zero.
+    on_line: called with each log line as it arrives (progress). Raises EngineError with the
+    last log lines when it exits non-zero.
     """
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-        raise EngineError(f"llama-quantize failed (exit {proc.returncode}) {what}:\n{tail}")
-    return proc.stdout
+    if on_line is None:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", check=False)
+        returncode, out = proc.returncode, proc.stdout
+    else:
+        lines = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace") as proc:
+            for line in proc.stdout:
+                lines.append(line)
+                on_line(line)
+        returncode, out = proc.returncode, "".join(lines)
+    if returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise EngineError(f"llama-quantize failed (exit {returncode}) {what}:\n{tail}")
+    return out
 
 
 # One tensor's record in llama-quantize's log: "[  3/ 272]   blk.0.ffn_down.weight - [ 1536,
@@ -135,6 +147,7 @@ def run_llama_quantize(
     requantize: bool = False,
     preset: str = "Q8_0",
     keep: dict[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> str:
     """Write ``dest``: ``source`` with the tensors of ``changes`` quantized to their ggml types.
 
@@ -147,6 +160,7 @@ def run_llama_quantize(
         preset: the positional ftype; must have a quantized default type (spec §5.2).
         keep: tensor → its own type in ``source``, for the tensors of other types than
             ``baseline_type`` (:func:`custom_q_rules`).
+        on_line: called with each log line as llama-quantize writes it (progress).
     Returns:
         llama-quantize's combined stdout/stderr (its log), for reports.
     Raises:
@@ -165,7 +179,7 @@ def run_llama_quantize(
         cmd += ["--custom-q", custom_q_rules(changes, baseline_type, keep)]
     cmd += [str(source), tmp_name, preset, str(max(1, threads))]
     try:
-        log = _run(cmd, f"writing {dest.name}")
+        log = _run(cmd, f"writing {dest.name}", on_line)
         os.replace(tmp_name, dest)
     finally:
         if os.path.exists(tmp_name):
