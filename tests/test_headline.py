@@ -32,15 +32,6 @@ def test_trellis_types_are_measured_without_an_imatrix_option(pytester, qb_args,
     assert results(pytester)["mean_kld"].tolist() == rows["mean_kld"].tolist()
 
 
-def test_imatrix_none_keeps_the_skip(pytester, qb_args):
-    result = pytester.runpytest_subprocess(*qb_args, *TRELLIS, "--quantbench-imatrix=none", "-rs")
-    result.assert_outcomes(skipped=4)
-    result.stdout.fnmatch_lines([
-        "*iq1_kt needs an importance matrix (blk.0.attn_q.weight): pass --quantbench-imatrix "
-        "FILE, or --quantbench-imatrix=auto to compute one from the corpus"])
-    assert "quantbench imatrix:" not in result.stdout.str()
-
-
 def test_no_imatrix_is_computed_when_no_planned_type_needs_one(pytester, qb_args):
     result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q8_0",
                                            "--quantbench-tensors", r"^blk\.0\.attn_v\.weight$")

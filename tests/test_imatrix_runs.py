@@ -20,6 +20,7 @@ def test_low_bit_types_are_skipped_with_imatrix_none(pytester, qb_args):
     result.stdout.fnmatch_lines([
         "*iq1_kt needs an importance matrix (blk.0.attn_q.weight): pass --quantbench-imatrix "
         "FILE, or --quantbench-imatrix=auto to compute one from the corpus"])
+    assert "quantbench imatrix:" not in result.stdout.str()  # =none: none computed
 
 
 def test_auto_imatrix_measures_them_identically_in_both_engines(pytester, qb_args):
