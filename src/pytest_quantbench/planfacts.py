@@ -13,7 +13,7 @@ Both follow llama-quantize's own rules as :func:`qtypes.predict_written_type` an
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 #: Tensors llama-quantize exempts from the "rule" imatrix need (the R types).
 _RULE_EXEMPT = ("token_embd.weight", "output.weight")

@@ -88,6 +88,7 @@ def pytest_configure(config: pytest.Config) -> None:
         from .report import check_csv_metrics
 
         check_csv_metrics(qb_config.csv_metrics)
+        from .planfacts import types_needing_imatrix
         from .planning import plan_units
         from .session import QuantbenchSession
 
@@ -100,7 +101,7 @@ def pytest_configure(config: pytest.Config) -> None:
         session.command = " ".join(shlex.quote(a) for a in ["pytest", *config.invocation_params.args])
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
-        from .planfacts import types_needing_imatrix  # headline: auto imatrix when needed
+        # a type that needs an importance matrix gets one computed when none is given
         session.inputs.imatrix_needed_by = types_needing_imatrix(
             session.units, session.model_header, qb_config.allow_fallback)
         if session.inputs.gpu_problem and not hasattr(config, "workerinput"):
@@ -117,8 +118,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):
         import secrets
 
-        from .baseline import RUN_TOKEN_ENV  # one id per run, inherited by the xdist workers
-        os.environ[RUN_TOKEN_ENV] = secrets.token_hex(8)
+        from .baseline import RUN_TOKEN_ENV
+
+        os.environ[RUN_TOKEN_ENV] = secrets.token_hex(8)  # one id per run, inherited by workers
         _sigterm_as_interrupt()
         reporter = ResultCollector(config, session, started)
         config.stash[REPORTER_KEY] = reporter

@@ -10,7 +10,7 @@ printed. Nothing here knows pytest.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 _writer: Callable[[str], None] | None = None
 
