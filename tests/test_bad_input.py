@@ -114,7 +114,8 @@ def test_unknown_qtype_names_the_closest(pytester, qb_args):
 def test_empty_qtype_list(pytester, qb_args, value):
     message = run_usage_error(pytester, qb_args, f"--quantbench-qtypes={value}")
     assert message == ("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
-                       "q4_0,q8_0), or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+                       "q4_0,q8_0), --quantbench-variant FILE.gguf, --quantbench-recipe "
+                       "FILE.recipe, or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
 
 
 def test_bad_regex_in_a_selection_rule(pytester, qb_args):
@@ -196,9 +197,17 @@ def test_bad_corpus(pytester, qb_args, tmp_path, make, message):
 
 @pytest.mark.parametrize("words, chunks, message", [
     (300, 50, "--quantbench-chunks 50: corpus {path} has 302 tokens, which allows at most 4 "
-              "chunks of n_ctx=64; pass --quantbench-chunks 4 or less, or a longer corpus"),
+              "chunks of n_ctx=64; pass --quantbench-chunks 4 or less, the largest "
+              "--quantbench-ctx it allows is 151 (one chunk pair), or a longer corpus"),
+    (300, 10, "--quantbench-chunks 10: corpus {path} has 302 tokens, which allows at most 4 "
+              "chunks of n_ctx=64; pass --quantbench-chunks 4 or less, --quantbench-ctx 30 or "
+              "less for 10 chunks, or a longer corpus"),
+    (100, 1, "corpus {path} has 102 tokens; llama-perplexity needs at least 128 for n_ctx=64: "
+             "use a longer text or a smaller --quantbench-ctx (the largest --quantbench-ctx it "
+             "allows is 51 (one chunk pair))"),
     (20, 1, "corpus {path} has 22 tokens; llama-perplexity needs at least 128 for n_ctx=64: use "
-            "a longer text or a smaller --quantbench-ctx"),
+            "a longer text or a smaller --quantbench-ctx (it is too short for any n_ctx (the "
+            "smallest is 16))"),
 ])
 def test_corpus_too_short_names_tokens_and_chunk_limit(pytester, qb_args, tmp_path, words,
                                                        chunks, message):
@@ -226,11 +235,13 @@ def test_corpus_too_short_names_tokens_and_chunk_limit(pytester, qb_args, tmp_pa
     ("rules:\n  - tensor: [attn_v]\n    max_kld: 0.1\n",
      "rule 1 (tensor='['attn_v']') in {path}: tensor must be a non-empty regex string, got a "
      "list"),
-    ("rules:\n  - tensor: attn_v\n    qtype: q8_0\n    max_kld: 0.1\n",
-     "rule 1 (tensor='attn_v', qtype=q8_0) in {path}: qtype 'q8_0' is not among this run's "
-     "qtypes (q4_0); did you mean 'q4_0'?; fix the qtype or remove the rule"),
+    ("rules:\n  - tensor: attn_v\n    qtype: q4_00\n    max_kld: 0.1\n",
+     "rule 1 (tensor='attn_v', qtype=q4_00) in {path}: unknown qtype 'q4_00'; did you mean "
+     "'q4_0', 'q8_0', 'q6_0', 'q5_0'? (valid names are the ggml weight types and "
+     "llama-quantize presets; `python -m pytest_quantbench.qtypes` lists them); fix the qtype "
+     "or remove the rule"),
 ], ids=["unknown-key", "unknown-top-level-key", "wrong-type", "wrong-type-tensor",
-        "qtype-not-in-run"])
+        "unknown-qtype"])
 def test_bad_thresholds_file_is_a_usage_error_before_any_item(pytester, qb_args, text, message):
     path = pytester.makefile(".yaml", thresholds=text)
     got = run_usage_error(pytester, qb_args, "--quantbench-qtypes=q4_0",

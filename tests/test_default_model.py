@@ -87,8 +87,8 @@ def test_ordering_fallback_skip_and_reference_ppl(pytester, cache_dir):
                  "--quantbench-tensors", r"^blk\.(2|20)\.attn_v\.weight$", "-n", "2")
     result.assert_outcomes(passed=4, skipped=2)
     result.stdout.fnmatch_lines([
-        "*llama-quantize writes q5_0 instead of q4_K for blk.2.attn_v.weight (tensor cols 576 x "
-        "192 are not divisible by 256, required for q4_K: llama-quantize falls back to q5_0)"])
+        "*llama-quantize writes q5_0 instead of q4_K for blk.2.attn_v.weight (row length ne0 = 576 "
+        "is not divisible by 256, required for q4_K: llama-quantize falls back to q5_0)"])
     kld = pd.read_csv(pytester.path / "quantbench-results" / "kld_results.csv", dtype=str)
     kld = kld.set_index("QTYPE")
     assert kld.loc["q4_K"].tolist() == ["404", "404"]
@@ -112,3 +112,18 @@ def test_fallback_on_every_selected_tensor_is_said_once_up_front(pytester, cache
     for part in ("iq1_kt falls back on 2 of 2 selected tensors", "ne0 = 576", "block 256",
                  "--quantbench-allow-fallback", "ffn_down (ne0 = 1536 = 6·256)"):
         assert part in note, note
+
+
+def test_chunk_level_error_is_larger_than_llama_perplexitys(pytester, cache_dir):
+    """Tokens of a chunk are correlated: at 8 chunks the batch-means ± of mean KLD, Δp and
+    same-top-p exceeds llama-perplexity's per-token ± (whose printed values stay as they are)."""
+    result = run(pytester, cache_dir, "--quantbench-ctx=128", "--quantbench-chunks=8",
+                 "--quantbench-qtypes=q4_0", "--quantbench-tensors",
+                 r"^blk\.(3|29)\.attn_(v|output)")
+    result.assert_outcomes(passed=4)
+    rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
+    ratios = rows["mean_kld_err_chunks"] / rows["mean_kld_err"]
+    shown = ", ".join(f"{t}: {r:.2f}x" for t, r in zip(rows["tensor"], ratios))
+    print(f"mean KLD ± (chunk-level / llama-perplexity) at 8 chunks: {shown}")
+    assert (ratios > 1).all(), shown
+    assert (rows["same_top_p_err_chunks"] > 0).all() and (rows["mean_dp_err_chunks"] > 0).all()

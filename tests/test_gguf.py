@@ -239,8 +239,18 @@ def test_unsupported_version(tmp_path: Path, version: int, match: str) -> None:
 
 
 def test_unknown_type_id(tmp_path: Path) -> None:
+    """Issue 11 item 15: the tensor, the id, the engine version and which build knows the id."""
+    from importlib import metadata
+
     p = write_raw_gguf(tmp_path / "u.gguf", [("blk.3.ffn_up.weight", (256, 4), 142, 1024)])
-    with pytest.raises(GGUFError, match=r"tensor 'blk.3.ffn_up.weight' has ggml type id 142"):
+    with pytest.raises(GGUFError, match=r"tensor 'blk.3.ffn_up.weight' has ggml type id 142") as e:
+        read_header(p)
+    version = metadata.version("ik-llama-cpp-python")
+    assert f"for the engine ik-llama-cpp-python {version} " in str(e.value)
+    assert "a newer ik_llama.cpp may" in str(e.value)
+    p = write_raw_gguf(tmp_path / "m.gguf", [("blk.0.attn_q.weight", (256, 4), 34, 1024)])
+    with pytest.raises(GGUFError, match=r"has ggml type id 34, .* id 34 is TQ1_0 in mainline "
+                                        r"llama.cpp, which ik_llama.cpp cannot load"):
         read_header(p)
 
 

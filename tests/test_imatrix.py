@@ -528,5 +528,8 @@ def test_ensure_auto_imatrix_computes_once_and_replaces_a_corrupt_cache(tmp_path
     assert path == auto_imatrix_path(tmp_path, key) and path.read_bytes() == auto_dat.read_bytes()
     assert ensure_auto_imatrix(tmp_path, key, compute) == path and len(calls) == 1
     path.write_bytes(b"garbage")
-    assert ensure_auto_imatrix(tmp_path, key, compute) == path and len(calls) == 2
+    from pytest_quantbench.cachefiles import CacheNotice
+
+    with pytest.warns(CacheNotice, match=f"cached imatrix {path} is not usable .*: recomputing"):
+        assert ensure_auto_imatrix(tmp_path, key, compute) == path and len(calls) == 2
     load_imatrix(path)

@@ -27,7 +27,7 @@ def test_plugin_stays_out_of_an_ordinary_suite(pytester):
 
 
 def test_plugin_module_imports_no_heavy_dependency():
-    code = ("import sys, pytest_quantbench.plugin; "
+    code = ("import sys, pytest_quantbench.plugin, pytest_quantbench.fixture; "  # fixture: always
             "print(sorted(m for m in ('numpy', 'pandas', 'yaml', 'ctypes', 'filelock') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -111,7 +111,8 @@ def test_cli_beats_yaml_beats_ini(pytester, qb_args):
 
 def test_items_are_filterable_and_sorted(pytester, qb_args):
     result = pytester.runpytest_subprocess("--collect-only", "-q", *qb_args,
-                                           "--quantbench-qtypes=q8_0,q4_0", "-k", "layer1 and q4_0")
+                                           "--quantbench-qtypes=q8_0,q4_0", "-m",
+                                           "quantbench(layer=1) and quantbench(qtype='q4_0')")
     result.stdout.fnmatch_lines([
         "quantbench::blk.1.attn_k.weight[[]q4_0[]]",
         "quantbench::blk.1.attn_output.weight[[]q4_0[]]",
@@ -131,7 +132,8 @@ def test_kld_base_file_from_a_previous_run_gives_the_same_numbers(pytester, qb_a
     result = pytester.runpytest_subprocess(*reuse, f"--quantbench-kld-base={base_file}",
                                            f"--quantbench-cache-dir={tmp_path / 'other'}")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"quantbench corpus: kld-base {base_file}",
+    result.stdout.fnmatch_lines([f"quantbench corpus: kld-base {base_file} (n_ctx, chunks and "
+                                 "tokens come from the base file; all 2 chunks)",
                                  "quantbench n_ctx=64, chunks=2, *"])
     second = results(pytester).iloc[0]
     for key in ("mean_kld", "ppl_q", "ppl_base", "same_top_p", "rms_dp"):

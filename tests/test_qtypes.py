@@ -320,6 +320,9 @@ def test_predict_reason_text() -> None:
     assert t.name == "q5_0"
     for part in ("576", "256", "q4_K", "q5_0", "blk.0.attn_v.weight"):
         assert part in reason
+    # the row length by its name, not "cols 576 x 192" (reads as a product: llama.cpp #6614)
+    assert reason.startswith("row length ne0 = 576 for blk.0.attn_v.weight is not divisible")
+    assert " x " not in reason
     t, reason = predict_written_type("q4_k_r4", 256, 130)
     assert t.name == "q4_K" and "130" in reason and "4" in reason
     t, reason = predict_written_type("q4_k_r4", 256, 384, tensor_name="token_embd.weight")
@@ -361,7 +364,21 @@ def test_the_name_lister_labels_kinds_and_survives_a_closed_pipe(monkeypatch, ca
     assert main([]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "q4_k_m       preset Q4_K_M (default type q4_K)" in out
-    assert "iq2_xxs      ggml type, 2.062 bpw, imatrix required" in out
+    # one term for both ik imatrix sets (A: the quantizer asserts; R: llama-quantize refuses),
+    # explained in a legend line (issue 11 item 16)
+    assert "iq2_xxs      ggml type, 2.062 bpw, needs imatrix" in out
+    assert "iq2_s        ggml type, 2.562 bpw, needs imatrix" in out
+    assert "q2_k_s       preset Q2_K_S (default type q2_K), needs imatrix" in out
+    assert not [line for line in out if "required" in line or "imatrix needed" in line]
+    assert out[-1].startswith("needs imatrix: quantizing to this type without an importance")
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "any case" not in help_text
+    assert "q8_KV_r8 is the ggml type, q8_kv_r8 (any other case) the preset Q8_KV_R8" in help_text
+    assert resolve_qtype("q8_KV_r8").kind == "type" and resolve_qtype("q8_kv_r8").kind == "preset"
+    assert resolve_qtype("Q8_KV_r8").kind == "preset"
 
     class ClosedPipe:  # what `python -m pytest_quantbench.qtypes | head -1` leaves behind
         def write(self, text):

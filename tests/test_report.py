@@ -11,9 +11,11 @@ import pytest
 
 from pytest_quantbench import report
 from pytest_quantbench.report import (
+    GATING_KEYS,
     METRIC_KEYS,
     atomic_write_text,
     check_csv_metrics,
+    comparison_columns,
     format_summary,
     tidy_columns,
     wide_table,
@@ -302,11 +304,8 @@ def test_results_csv_columns_and_full_precision(tmp_path):
     text = (tmp_path / "results.csv").read_bytes().decode("utf-8")
     assert "\r" not in text
     records = list(csv.DictReader(io.StringIO(text)))
-    assert list(records[0]) == [
-        "tensor", "qtype", "written_type", "status",
-        "model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine",
-        *METRIC_KEYS, "zz_extra", "nodeid", "reason",
-    ]
+    assert list(records[0]) == list(report.RESULT_COLUMNS)  # zz_extra is not a column
+    assert records[0]["fallback"] == "False" and records[0]["reused"] == "False"
     assert [r["tensor"] for r in records] == [
         "blk.2.attn_q.weight", "blk.10.attn_q.weight", "token_embd.weight"
     ]
@@ -319,10 +318,32 @@ def test_results_csv_columns_and_full_precision(tmp_path):
     assert records[2]["status"] == "error"
 
 
+def test_comparison_columns_fixed_then_a_fail_rules_metric():
+    assert comparison_columns(["mean_kld", "kld_p99", "mean_kld"]) == (
+        "ref_mean_kld", "delta_mean_kld", "ref_kld_p99", "delta_kld_p99")
+    row = {"tensor": "t", "ref_kld_p99": 1.0, "delta_kld_p99": 0.5, "ref_mean_kld": 0.1}
+    columns = tidy_columns([row])
+    fixed = list(comparison_columns())
+    assert columns[columns.index(fixed[0]):][:len(fixed) + 2] == [
+        *fixed, "ref_kld_p99", "delta_kld_p99"]
+    assert "ref_kld_p99" not in tidy_columns([])
+
+
 def test_tidy_columns_are_stable_without_extra_keys():
-    assert tidy_columns([]) == tidy_columns([ROWS[3]])
+    assert tidy_columns([]) == tidy_columns([ROWS[3], {"fallback": True, "zz": 1}])
     assert tidy_columns([])[:4] == ["tensor", "qtype", "written_type", "status"]
     assert tidy_columns([])[-2:] == ["nodeid", "reason"]
+
+
+def test_results_csv_header_is_the_fixed_list_whatever_the_rows_hold(tmp_path):
+    """Issue 11 item 6: keys that only some runs have (fallback, reused) do not move columns."""
+    report.write_tidy_csv([ROWS[3]], tmp_path / "a.csv")
+    report.write_tidy_csv([{**ROWS[0], "fallback": True, "reused": True, "zz": 1}],
+                          tmp_path / "b.csv")
+    headers = [(tmp_path / n).read_text().splitlines()[0] for n in ("a.csv", "b.csv")]
+    assert headers[0] == headers[1] == ",".join(report.RESULT_COLUMNS)
+    assert len(set(report.RESULT_COLUMNS)) == len(report.RESULT_COLUMNS)
+    assert set(METRIC_KEYS) <= set(report.RESULT_COLUMNS)
 
 
 def test_tidy_numpy_values_are_plain_numbers(tmp_path):
@@ -420,9 +441,9 @@ def test_worst_items_ties_in_natural_order():
 
 def test_format_summary_lines():
     assert format_summary(ROWS, 2) == [
-        "rank  tensor               qtype  written  mean KLD  PPL ratio  same top p",
+        "rank  tensor               qtype  written  mean KLD  PPL ratio  same top p  result",
         "   1  blk.0.attn_q.weight  iq2_k  iq2_k    0.500000  1.2800     80.000 %",
-        "   2  blk.2.attn_q.weight  q4_0   q4_0     0.200000  1.1000     88.000 %",
+        "   2  blk.2.attn_q.weight  q4_0   q4_0     0.200000  1.1000     88.000 %    FAIL",
     ]
     lines = format_summary(ROWS, 10)
     assert lines[3] == (
@@ -430,6 +451,19 @@ def test_format_summary_lines():
         "1.0312 ± 0.0041  93.457 ± 0.123 %"
     )
     assert len(lines) == 4  # the errored item has no KLD
+
+
+def test_format_summary_marks_failed_errored_and_impure_rows():
+    rows = [row("blk.0.attn_q.weight", "q4_0", "failed", mean_kld=0.3),
+            row("blk.1.attn_q.weight", "q4_K", "passed", written="q5_0", mean_kld=0.2,
+                fallback=True),
+            row("blk.2.attn_q.weight", "q4_0", "error", mean_kld=0.1),
+            row("blk.3.attn_q.weight", "q4_0", "passed", mean_kld=0.05)]
+    lines = format_summary(rows, 10)
+    assert lines[1].endswith("FAIL") and "blk.0" in lines[1]
+    assert "q5_0 (impure)" in lines[2] and not lines[2].endswith(("FAIL", "ERROR"))
+    assert lines[3].endswith("ERROR")
+    assert lines[4].endswith("n/a")  # a passed row has no mark
 
 
 def test_format_summary_nothing_measured():

@@ -336,13 +336,31 @@ def test_both_ppl_limits_in_one_rule(write):
     )
 
 
-def test_qtype_not_in_run(write):
+def test_qtype_not_in_run_is_ignored_and_noted(write):
+    """Issue 11 item 12: one thresholds file serves runs with different qtypes."""
     path = write("rules:\n  - tensor: attn_v\n    qtype: [q4_0, q4_k]\n    max_kld: 1\n")
-    load_thresholds(path, run_qtypes=["Q4_0", "q4_K", "iq2_k"])  # case-insensitive: fine
-    assert error_of(path, run_qtypes=["q4_0", "q5_K"]) == (
-        "rule 1 (tensor='attn_v', qtype=[q4_0, q4_k]) in thresholds.yaml: qtype 'q4_k' is "
-        "not among this run's qtypes (q4_0, q5_K); did you mean 'q5_K'?; fix the qtype or "
-        "remove the rule"
-    )
+    both = load_thresholds(path, run_qtypes=["Q4_0", "q4_K", "iq2_k"])  # case as users type it
+    assert both.notes == ()
+    one = load_thresholds(path, run_qtypes=["q4_0,q5_K"])
+    assert one.notes == (("rule 1 (tensor='attn_v', qtype=[q4_0, q4_k]) in thresholds.yaml: "
+                          "qtype 'q4_k' is not among this run's qtypes (q4_0, q5_K): ignored "
+                          "for this run"),)
+    assert one.limits_for("blk.0.attn_v.weight", "q4_0")["max_kld"].value == 1
+    assert one.limits_for("blk.0.attn_v.weight", "q5_K") == {}
     # without run_qtypes, the rule is accepted as is
     assert load_thresholds(path).limits_for("blk.0.attn_v.weight", "Q4_K")["max_kld"].value == 1
+
+
+def test_unknown_qtype_in_a_rule_is_an_error_naming_close_names(write):
+    path = write("rules:\n  - qtype: iq2-kt\n    max_kld: 1\n")
+    message = error_of(path, run_qtypes=["q4_0"])
+    assert message.startswith("rule 1 (qtype=iq2-kt) in thresholds.yaml: ")
+    assert "iq2_kt" in message and message.endswith("; fix the qtype or remove the rule")
+
+
+def test_qtypes_differing_only_in_case_are_told_apart(write):
+    """q8_KV_r8 is a ggml type, q8_kv_r8 a preset: a rule for one does not apply to the other."""
+    path = write("rules:\n  - qtype: q8_KV_r8\n    max_kld: 1\n")
+    rules = load_thresholds(path)
+    assert rules.limits_for("blk.0.attn_v.weight", "q8_KV_r8")["max_kld"].value == 1
+    assert rules.limits_for("blk.0.attn_v.weight", "q8_kv_r8") == {}

@@ -24,6 +24,7 @@ import numpy as np
 from filelock import FileLock
 
 from .kldbase import KLDBaseFile, KLDBaseFormatError
+from .report import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def ensure_baseline(
     tokens: np.ndarray,
     n_vocab: int,
     compute: Callable[[Path], None],
+    source: dict[str, str] | None = None,
 ) -> KLDBaseFile:
     """Return the cached baseline at ``path``, computing it first if absent or invalid.
 
@@ -90,26 +92,37 @@ def ensure_baseline(
         path: cache file; its directory is created. tokens: int32 (n_chunk, n_ctx), the chunks.
         n_vocab: the model's vocabulary size. compute: writes a complete file at the given path
             (atomically); called at most once across processes, under the lock.
+        source: facts of the model the baseline must come from (:func:`inputs.model_source`:
+            its sha256 and first/last MiB digest), recorded beside a fresh file; a cached file
+            whose record disagrees (or has none) is recomputed.
     Returns:
         the opened :class:`KLDBaseFile`.
     Raises:
-        whatever ``compute`` raises, an OSError restated by :func:`cache_write_error` (same
-        errno: a full disk is ENOSPC); KLDBaseFormatError if a fresh file is still invalid.
+        DiskSpaceError (a ValueError) before computing when the cache's disk cannot hold the
+        file; whatever ``compute`` raises, an OSError restated by :func:`cache_write_error`
+        (same errno: a full disk is ENOSPC); KLDBaseFormatError if a fresh file is still invalid.
     """
+    from .cachefiles import cache_notice, remove_temps_of
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
+        remove_temps_of(path)  # the lock holder writes them: any there now are a dead writer's
         if path.exists():
             try:
                 base = KLDBaseFile(path)
-                problem = matches(base, tokens, n_vocab)
+                problem = matches(base, tokens, n_vocab) or source_problem(path, source)
             except KLDBaseFormatError as exc:
                 problem = str(exc)
             if problem is None:
                 return base
-            log.warning("baseline cache %s is not usable (%s): recomputing", path, problem)
+            cache_notice(f"baseline cache {path} is not usable ({problem}): recomputing")
             path.unlink()
+        check_baseline_space(path, tokens.shape, n_vocab)
         try:
             compute(path)
+            if source:
+                atomic_write_text(sidecar_path(path),
+                                  json.dumps({**baseline_facts(path), **source}) + "\n")
         except OSError as exc:
             raise cache_write_error(exc) from exc
     base = KLDBaseFile(path)
@@ -117,6 +130,34 @@ def ensure_baseline(
     if problem is not None:
         raise KLDBaseFormatError(f"freshly computed baseline {path} does not match: {problem}")
     return base
+
+
+def check_baseline_space(path: Path, shape: tuple[int, int], n_vocab: int) -> None:
+    """Raise DiskSpaceError when the baseline file ``path`` is not cached yet and its disk lacks
+    room for it; ``shape`` is (n_chunk, n_ctx) of the chunks (size:
+    :func:`diskspace.baseline_bytes`)."""
+    from .diskspace import check_cache_space, plan_cache_files
+
+    check_cache_space(plan_cache_files(baseline=path, shape=shape, n_vocab=n_vocab,
+                                       imatrix=None, model_header=None))
+
+
+_SOURCE_LABELS = {"model_sha256": "sha256", "model_edges": "first/last MiB digest"}
+
+
+def source_problem(path: Path, source: dict[str, str] | None) -> str | None:
+    """Why the cached baseline ``path`` was not computed from the model of ``source``, or None
+    (also None when ``source`` is None: nothing to check)."""
+    if not source:
+        return None
+    recorded = baseline_facts(path)
+    for key, want in source.items():
+        got = recorded.get(key)
+        if got != want:
+            label = _SOURCE_LABELS.get(key, key)
+            return (f"it was computed from a model whose {label} is "
+                    f"{str(got)[:12] if got else 'not recorded'}, the model now has {want[:12]}")
+    return None
 
 
 def cache_write_error(exc: OSError) -> OSError:
@@ -205,13 +246,11 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
     :func:`sidecar_path` records the base run's ``Final estimate`` line (PPL from the raw logits,
     as llama-perplexity prints it when writing a base file, spec §1.5/§2) and the seconds taken.
     """
-    import json
     import time
 
     from .kldbase import KLDBaseWriter
     from .metrics import PPLAccumulator
     from .progress import Progress
-    from .report import atomic_write_text
 
     start = time.perf_counter()
     n_chunk, n_ctx = tokens.shape
@@ -231,23 +270,76 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
 
 def baseline_facts(path: Path) -> dict:
     """The sidecar of a cached baseline ({} when absent or unreadable)."""
-    import json
-
     try:
         return json.loads(sidecar_path(path).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def check_user_baseline(base: KLDBaseFile, n_vocab: int) -> KLDBaseFile:
-    """Check that a user-given ``--kl-divergence-base`` file fits the model; return it.
+def open_user_base(config) -> KLDBaseFile:
+    """Open ``config.kld_base`` (a llama-perplexity ``--kl-divergence-base`` file) for this run.
 
-    Raises ValueError when n_vocab differs, naming the file and the fix.
+    The file decides n_ctx, the chunks and their tokens. ``--quantbench-chunks N`` reads its
+    first N chunks (the statistics equal those of a file written with N chunks); a
+    ``--quantbench-ctx`` set anywhere (CLI, YAML, ini) must equal the file's n_ctx.
+    Raises ConfigError naming both numbers and the fix; KLDBaseFormatError for a bad file.
+    """
+    from .config import ConfigError
+
+    path = config.kld_base
+    base = KLDBaseFile(path)
+    ctx_from = config.sources.get("ctx", "default")
+    if ctx_from != "default" and config.ctx != base.n_ctx:
+        raise ConfigError(f"--quantbench-ctx {config.ctx} (from {ctx_from}) but "
+                          f"--quantbench-kld-base {path} was computed with n_ctx={base.n_ctx}: "
+                          f"n_ctx comes from the base file; drop --quantbench-ctx or set it to "
+                          f"{base.n_ctx}")
+    if config.chunks is not None and config.chunks != base.n_chunk:
+        if config.chunks > base.n_chunk:
+            raise ConfigError(f"--quantbench-chunks {config.chunks} but --quantbench-kld-base "
+                              f"{path} holds {base.n_chunk} chunks: pass --quantbench-chunks "
+                              f"{base.n_chunk} or less, or a base file with more chunks")
+        base = KLDBaseFile(path, chunks=config.chunks)
+    return base
+
+
+def user_base_header(base: KLDBaseFile) -> str:
+    """The run header's corpus line for a user base file: where n_ctx, chunks and tokens come
+    from."""
+    used = (f"all {base.n_chunk} chunks" if base.n_chunk == base.file_chunks else
+            f"its first {base.n_chunk} of {base.file_chunks} chunks")
+    return (f"kld-base {base.path} (n_ctx, chunks and tokens come from the base file; "
+            f"{used})")
+
+
+def check_user_baseline(base: KLDBaseFile, n_vocab: int, corpus: Path | None = None,
+                        corpus_tokens: Callable[[], np.ndarray] | None = None) -> KLDBaseFile:
+    """Check that a user-given ``--kl-divergence-base`` file fits the model (and the corpus, when
+    ``--quantbench-corpus`` is given too); return it.
+
+    corpus_tokens: returns the corpus's tokens, int32 (N,); called only when ``corpus`` is set.
+    The base file holds its tokens, so a corpus is accepted only when its first
+    ``n_chunk·n_ctx`` tokens are the file's (used) chunks.
+    Raises ValueError when n_vocab differs or the tokens differ, naming the file and the fix.
     """
     if base.n_vocab != n_vocab:
         raise ValueError(f"--quantbench-kld-base {base.path} was computed for "
                          f"n_vocab={base.n_vocab} but the model has n_vocab={n_vocab}: use the "
                          "base file of this model")
+    if corpus is not None and corpus_tokens is not None:
+        tokens, need = corpus_tokens(), base.n_chunk * base.n_ctx
+        if len(tokens) < need:
+            why = f"it has {len(tokens)} tokens, the file's {base.n_chunk} chunks hold {need}"
+        else:
+            differ = np.flatnonzero(np.asarray(tokens[:need]) != np.asarray(base.tokens).ravel())
+            why = (None if differ.size == 0 else
+                   f"its tokens differ from the file's, first at chunk {differ[0] // base.n_ctx + 1}"
+                   f" position {differ[0] % base.n_ctx}")
+        if why is not None:
+            raise ValueError(f"--quantbench-corpus {corpus} does not match --quantbench-kld-base "
+                             f"{base.path} ({why}): the base file already holds the tokens; "
+                             "drop --quantbench-corpus, or give the corpus the file was "
+                             "computed from")
     return base
 
 
@@ -285,10 +377,14 @@ class RunBaseline:
             else:
                 try:
                     self._file = ensure_baseline(self.path, ins.chunk_tokens, n_vocab,
-                                                 self._compute_once)
+                                                 self._compute_once, ins.model_source)
                 except BaselineError as exc:
                     self._failure = exc
                     raise
+                except (ValueError, OSError, RuntimeError) as exc:  # e.g. DiskSpaceError
+                    self._failure = BaselineError(f"the baseline failed ({self.path}): "
+                                                  f"{type(exc).__name__}: {exc}")
+                    raise self._failure from None
         return self._file
 
     def _compute_once(self, dest: Path) -> None:

@@ -92,8 +92,29 @@ OPTIONS: tuple[Option, ...] = (
            "PPL in percent, e.g. +1.23 percent, as the suite's collector does"),
     Option("baseline-ppl", "float", None, "baseline PPL for --quantbench-ppl-percent and the "
            "baseline row (default: the run's baseline PPL)"),
+    Option("compare", "path", None, "an earlier run's results.csv (or its output directory) to "
+           "compare with: items matched by tensor set and qtype get ref_<metric> and "
+           "delta_<metric>; its model, corpus, n_ctx, chunks and imatrix must be this run's"),
+    Option("compare-fail", "list", (), "fail an item whose change against --quantbench-compare "
+           "goes beyond the tolerance of METRIC:X, in the metric's unit, or of METRIC:X followed by a "
+           "percent sign, relative (repeatable; a negative tolerance fails a drop, for "
+           "higher-is-better metrics), e.g. mean_kld:0.001 or same_top_p:-0.5"),
+    Option("early-stop", "bool", False, "stop an item with threshold limits as soon as a "
+           "confidence interval on its chunk means lies wholly below every limit (pass) or wholly "
+           "above one (fail); looks after 4, 8, 16 ... chunks"),
+    Option("early-stop-confidence", "float", 0.99, "overall confidence of the early verdicts, "
+           "split over the planned looks (Bonferroni; default 0.99)"),
     Option("logs", "path", None, "directory for one suite-style log per item, "
            "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
+    Option("flush-minutes", "float", 10.0, "rewrite the result tables (atomically) at most every "
+           "N minutes while results arrive, so a long run has current CSVs before it ends; 0: "
+           "after every item (default 10)"),
+    # issue 15: whole files and recipes as items, pictures
+    Option("variant", "paths", (), "quantized GGUF files of the baseline (split files: the first "
+           "shard), each measured whole as item variant[<file stem>]"),
+    Option("recipe", "paths", (), "recipe files (suite format, regex=qtype per line), each "
+           "quantized with llama-quantize and measured as item recipe[<file stem>]"),
+    Option("plots", "str", "on", "'off': no heatmap-<qtype>.png / kld_vs_bpw.png pictures"),
 )
 BY_DEST = {opt.dest: opt for opt in OPTIONS}
 YAML_KEYS = {opt.name.replace("-", "_"): opt for opt in OPTIONS}
@@ -134,6 +155,14 @@ class QuantbenchConfig:
     baseline_ppl: float | None = None
     logs: Path | None = None
     n_seq: int = 1
+    flush_minutes: float = 10.0
+    compare: Path | None = None
+    compare_fail: tuple[str, ...] = ()
+    early_stop: bool = False
+    early_stop_confidence: float = 0.99
+    variant: tuple[Path, ...] = ()  # issue 15
+    recipe: tuple[Path, ...] = ()
+    plots: str = "on"
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -174,9 +203,10 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
             number = float(value) if not isinstance(value, bool) else math.nan
         except (TypeError, ValueError):
             number = math.nan
-        if not math.isfinite(number) or (opt.name == "baseline-ppl" and number < 0):
+        non_negative = opt.name in ("baseline-ppl", "flush-minutes")
+        if not math.isfinite(number) or (non_negative and number < 0):
             raise ConfigError(f"{where}: {value!r} is not a finite number"
-                              + (" >= 0" if opt.name == "baseline-ppl" else ""))
+                              + (" >= 0" if non_negative else ""))
         return number
     if opt.kind == "bool":
         if isinstance(value, bool):
@@ -194,6 +224,11 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
     if opt.kind == "path":
         path = Path(os.path.expanduser(str(value)))
         return path if path.is_absolute() else (base / path)
+    if opt.kind == "paths":  # one path per item/line (names may hold commas and spaces)
+        items = [value] if isinstance(value, str) else list(value)
+        paths = [Path(os.path.expanduser(line.strip())) for item in items
+                 for line in str(item).splitlines() if line.strip()]
+        return tuple(p if p.is_absolute() else base / p for p in paths)
     if opt.kind == "groups":  # one group per item/line; commas separate regexes inside a group
         items = [value] if isinstance(value, str) else list(value)
         return tuple(line.strip() for item in items for line in str(item).splitlines()
@@ -297,13 +332,48 @@ def build_config(
     return config
 
 
+#: The smallest n_ctx accepted (``validate``).
+MIN_CTX = 16
+
+
+def corpus_chunk_problem(where: str, n_tokens: int, n_ctx: int,
+                         chunks: int | None) -> ConfigError | None:
+    """The error for a corpus too short for the chunks asked, or None when it is long enough.
+
+    llama-perplexity needs at least 2·n_ctx tokens and makes ⌊n_tokens / n_ctx⌋ chunks
+    (docs/llama-perplexity.md#chunks). where: the corpus as shown to the user; n_tokens: its
+    token count; n_ctx: the chunk length (tokens); chunks: the chunks asked (None: all).
+    The message says how many tokens there are, the most chunks they allow and the largest
+    ``--quantbench-ctx`` that gives one chunk pair (⌊n_tokens / 2⌋) or the chunks asked
+    (⌊n_tokens / chunks⌋). Raises nothing (returns the error).
+    """
+    largest = n_tokens // 2
+    ctx_hint = (f"the largest --quantbench-ctx it allows is {largest} (one chunk pair)"
+                if largest >= MIN_CTX else
+                f"it is too short for any n_ctx (the smallest is {MIN_CTX})")
+    if n_tokens < 2 * n_ctx:
+        return ConfigError(f"corpus {where} has {n_tokens} tokens; llama-perplexity needs at "
+                           f"least {2 * n_ctx} for n_ctx={n_ctx}: use a longer text or a smaller "
+                           f"--quantbench-ctx ({ctx_hint})")
+    available = n_tokens // n_ctx
+    if chunks is not None and chunks > available:
+        ctx_for = n_tokens // chunks
+        ctx_hint = (f"--quantbench-ctx {ctx_for} or less for {chunks} chunks"
+                    if ctx_for >= MIN_CTX else ctx_hint)
+        return ConfigError(f"--quantbench-chunks {chunks}: corpus {where} has {n_tokens} "
+                           f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}; "
+                           f"pass --quantbench-chunks {available} or less, {ctx_hint}, or a "
+                           "longer corpus")
+    return None
+
+
 def validate(config: QuantbenchConfig) -> None:
     """Check values that need no file access. Raises ConfigError naming the setting and the fix."""
     def where(name: str) -> str:
         return f"--quantbench-{name.replace('_', '-')} (from {config.sources.get(name, '?')})"
 
-    if config.ctx < 16:
-        raise ConfigError(f"{where('ctx')}: n_ctx={config.ctx} is too small; use 16 or more "
+    if config.ctx < MIN_CTX:
+        raise ConfigError(f"{where('ctx')}: n_ctx={config.ctx} is too small; use {MIN_CTX} or more "
                           "(llama-perplexity's default is 512)")
     if config.chunks is not None and config.chunks <= 0:
         raise ConfigError(f"{where('chunks')}: {config.chunks} chunks; give a positive number, "
@@ -314,8 +384,31 @@ def validate(config: QuantbenchConfig) -> None:
         raise ConfigError(f"{where('n_seq')}: {config.n_seq}; give 1 or more chunks per decode")
     if config.engine not in ("inplace", "file"):
         raise ConfigError(f"{where('engine')}: {config.engine!r}; use 'inplace' or 'file'")
+    if not 0 <= config.flush_minutes < math.inf:
+        raise ConfigError(f"{where('flush_minutes')}: {config.flush_minutes}; give 0 (after every "
+                          "item) or a finite number of minutes")
+    if not 0.0 < config.early_stop_confidence < 1.0:
+        raise ConfigError(f"{where('early_stop_confidence')}: {config.early_stop_confidence}; "
+                          "give a level between 0 and 1, e.g. 0.99")
+    if config.compare_fail:
+        if config.compare is None:
+            raise ConfigError(f"{where('compare_fail')} needs a reference: pass "
+                              "--quantbench-compare RESULTS_CSV")
+        from .compare import CompareError, parse_fail_rules
+        from .report import comparable_metrics
+
+        try:
+            parse_fail_rules(config.compare_fail, comparable_metrics())
+        except CompareError as exc:
+            raise ConfigError(str(exc)) from None
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
-    if not config.qtypes:
+    if config.plots not in ("on", "off"):
+        raise ConfigError(f"{where('plots')}: {config.plots!r}; use 'on' or 'off'")
+    if (not config.qtypes and not config.variant and not config.recipe
+            and config.sources.get("qtypes", "default") != "default"):
         raise ConfigError("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
-                          "q4_0,q8_0), or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+                          "q4_0,q8_0), --quantbench-variant FILE.gguf, --quantbench-recipe "
+                          "FILE.recipe, or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+    # nothing to measure given at all: only the quantbench fixture measures (see
+    # plugin.pytest_collection_modifyitems)

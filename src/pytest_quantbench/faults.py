@@ -300,7 +300,11 @@ class CrashReporter:
         self.phases: dict[str, str] = {}
 
     def pytest_configure_node(self, node: Any) -> None:
-        """Tell a starting worker where to keep its fault files."""
+        """Tell a starting worker where to keep its fault files: only a worker on this machine
+        (popen), since the controller reads them; an ssh/socket host's crash gets xdist's report."""
+        spec = getattr(getattr(node, "gateway", None), "spec", None)
+        if spec is not None and not spec.popen:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         node.workerinput[WORKERINPUT_KEY] = self.prefix
 

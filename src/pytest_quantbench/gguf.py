@@ -350,6 +350,36 @@ def _check_path(path: Path) -> None:
         raise GGUFError(f"{path}: is a directory, not a GGUF file; point the option at the .gguf file inside it")
 
 
+#: ggml type ids of mainline llama.cpp (ggml/include/ggml.h, enum ggml_type) that ik_llama.cpp does
+#: not have (31-33 and 36-38 are removed repack types there, 39 is MXFP4 in both).
+MAINLINE_ONLY_TYPE_IDS: dict[int, str] = {34: "TQ1_0", 35: "TQ2_0", 40: "NVFP4"}
+
+
+def unknown_type_message(path: Path, tensor: str, type_id: int) -> str:
+    """The error text for a tensor whose ggml type id is not in the type table: the file, the
+    tensor, the id, the engine version the table belongs to, and which build would know the id
+    (mainline llama.cpp for :data:`MAINLINE_ONLY_TYPE_IDS`, else possibly a newer ik_llama.cpp).
+    Raises nothing."""
+    from importlib import metadata
+
+    try:
+        engine = f"ik-llama-cpp-python {metadata.version('ik-llama-cpp-python')}"
+    except metadata.PackageNotFoundError:
+        engine = "ik-llama-cpp-python (not installed)"
+    known = max(TYPES_BY_ID)
+    if type_id in MAINLINE_ONLY_TYPE_IDS:
+        who = (f"id {type_id} is {MAINLINE_ONLY_TYPE_IDS[type_id]} in mainline llama.cpp, which "
+               f"ik_llama.cpp cannot load: quantize the model from its bf16/f16 original with "
+               f"ik_llama.cpp's llama-quantize, or use a model with ik or standard types")
+    else:
+        who = (f"no llama.cpp build this plugin knows has it (ik ids go up to {known}): a newer "
+               f"ik_llama.cpp may; update ik-llama-cpp-python and pytest-quantbench (or give "
+               f"--quantbench-engine-lib for your own build), or re-quantize the model with the "
+               f"ik_llama.cpp llama-quantize")
+    return (f"{path}: tensor {tensor!r} has ggml type id {type_id}, unknown to the ggml type "
+            f"table of pytest-quantbench for the engine {engine} (ik_llama.cpp's ggml.h); {who}")
+
+
 def read_header(path: str | os.PathLike[str], *, max_array_items: int | None = None) -> GGUFHeader:
     """Read the header (metadata and tensor infos) of one GGUF file.
 
@@ -449,11 +479,7 @@ def _parse(p: Path, mm, file_size: int, max_items: int | None) -> GGUFHeader:
     for name, shape, type_id, offset in raw:
         t = TYPES_BY_ID.get(type_id)
         if t is None:
-            raise GGUFError(
-                f"{p}: tensor {name!r} has ggml type id {type_id}, unknown to ik_llama.cpp's ggml.h "
-                f"(this file may come from a newer or different llama.cpp fork); re-quantize it with "
-                f"the ik_llama.cpp llama-quantize or use a model with standard types"
-            )
+            raise GGUFError(unknown_type_message(p, name, type_id))
         try:
             n_bytes = tensor_nbytes(t, shape)
         except ValueError as e:

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .cachefiles import temp_prefix
 from .metrics import check_finite, for_row_blocks, row_blocks, row_max_lse
 
 __all__ = [
@@ -270,7 +271,7 @@ class KLDBaseWriter:
     def __enter__(self) -> "KLDBaseWriter":
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+            fd, self._tmp = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".tmp",
                                              dir=self.path.parent)
         except OSError as exc:
             raise self._write_error(exc) from exc
@@ -377,14 +378,18 @@ class KLDBaseFile:
 
     Attributes: ``path``, ``n_ctx``, ``n_vocab``, ``n_chunk``, ``first`` (= n_ctx//2),
     ``n_scored`` (S = C − 1 − C//2), ``tokens`` (read-only int32 (n_chunk, n_ctx)),
-    ``fma`` (decoder mode used by :meth:`chunk_logprobs`).
+    ``fma`` (decoder mode used by :meth:`chunk_logprobs`), ``file_chunks`` (chunks the file
+    holds). ``chunks``: read only the first ``chunks`` chunks (``n_chunk`` is then that number;
+    the statistics equal those of a file written with that many chunks).
 
     Raises :class:`KLDBaseFormatError` — naming the path, expected and actual size
     and the fix — for a bad magic, an implausible header, or a file whose size is
-    not exactly ``20 + 4·n_chunk·C + n_chunk·S·2·nv`` (truncated or oversized).
+    not exactly ``20 + 4·n_chunk·C + n_chunk·S·2·nv`` (truncated or oversized); ValueError
+    when ``chunks`` is not between 1 and the file's chunks.
     """
 
-    def __init__(self, path: str | os.PathLike, *, fma: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, fma: bool = False,
+                 chunks: int | None = None) -> None:
         self.path = Path(path)
         self.fma = fma
         actual = os.path.getsize(self.path)
@@ -414,16 +419,19 @@ class KLDBaseFile:
                 f"{self.path}: {what} KLD base file: expected {expected} bytes for n_ctx={n_ctx}, "
                 f"n_vocab={n_vocab}, n_chunk={n_chunk}, actual size {actual} bytes; {_FIX}"
             )
+        if chunks is not None and not 1 <= chunks <= n_chunk:
+            raise ValueError(f"{self.path} holds {n_chunk} chunks; cannot read {chunks}")
         self.n_ctx = int(n_ctx)
         self.n_vocab = int(n_vocab)
-        self.n_chunk = int(n_chunk)
+        self.file_chunks = int(n_chunk)
+        self.n_chunk = int(n_chunk if chunks is None else chunks)
         self.first = self.n_ctx // 2
         self.n_scored = n_scored(self.n_ctx)
         self.record_words = record_words(self.n_vocab)
         self.tokens = np.memmap(self.path, dtype="<i4", mode="r", offset=HEADER_SIZE,
                                 shape=(self.n_chunk, self.n_ctx))
         self._records = np.memmap(
-            self.path, dtype="<u2", mode="r", offset=HEADER_SIZE + 4 * self.n_chunk * self.n_ctx,
+            self.path, dtype="<u2", mode="r", offset=HEADER_SIZE + 4 * self.file_chunks * self.n_ctx,
             shape=(self.n_chunk, self.n_scored, self.record_words),
         )
 

@@ -71,8 +71,11 @@ def evaluate(model, base, acc, buffers: ChunkBuffers | None = None) -> None:
     The statistics of one decode's chunks run on a helper thread while the next decode runs
     (the engine and numpy release the GIL), in chunk order, so the results are those of a
     sequential loop; an error in either surfaces here (a statistics error one decode later).
-    Logits and base log-probs go into ``buffers`` (the session passes its own, kept across
-    items; None: arrays for this call only).
+    An accumulator with ``is_look(n_chunks_done)`` (an early-stopping one, :mod:`earlystop`)
+    may end the loop by raising from ``add_chunk`` at a look: before a decode whose preceding
+    chunks reach a look, the loop waits for their statistics, so a stopped item decodes no
+    chunk past its verdict. Logits and base log-probs go into ``buffers`` (the session passes
+    its own, kept across items; None: arrays for this call only).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -89,9 +92,14 @@ def evaluate(model, base, acc, buffers: ChunkBuffers | None = None) -> None:
         for i, chunk_logits in enumerate(logits, start):
             acc.add_chunk(chunk_logits, base.chunk_logprobs(i, out=base_buf), base.targets(i))
 
+    is_look = getattr(acc, "is_look", None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantbench-stats") as stats:
         pending = None
         for d, start in enumerate(range(0, base.n_chunk, n_seq)):
+            if pending is not None and is_look is not None and any(
+                    is_look(k) for k in range(start - n_seq + 1, start + 1)):
+                pending.result()  # a verdict at this look raises here, before the next decode
+                pending = None
             tokens = np.asarray(base.tokens[start:start + n_seq])
             logits = model.eval_chunks(tokens, out=logits_bufs[d % 2][:len(tokens)])
             if pending is not None:

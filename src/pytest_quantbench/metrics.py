@@ -52,6 +52,9 @@ __all__ = [
     "row_max_lse",
     "check_finite",
     "kld_token_stats",
+    "CHUNK_MEAN_KEYS",
+    "CHUNK_ERROR_OF",
+    "chunk_mean_errors",
     "mean_and_uncertainty",
     "covariance",
     "percentile",
@@ -713,6 +716,35 @@ def format_kld_output(rows: list[str], stats: KLDStats | None) -> str:
     return out
 
 
+#: Keys of :attr:`KLDAccumulator.chunk_means`, in the order it keeps them.
+CHUNK_MEAN_KEYS: tuple[str, ...] = ("kld", "dp", "same_top", "ln_ratio", "dp2")
+
+#: The chunk-level uncertainty columns (:meth:`KLDAccumulator.chunk_errors`) and the
+#: llama-perplexity value each qualifies.
+CHUNK_ERROR_OF: dict[str, str] = {
+    "mean_kld_err_chunks": "mean_kld",
+    "mean_dp_err_chunks": "mean_dp",
+    "same_top_p_err_chunks": "same_top_p",
+}
+
+
+def chunk_mean_errors(chunk_means: np.ndarray) -> float:
+    """Batch-means standard error of a mean from its per-chunk means.
+
+    ``chunk_means``: float (k,), one mean per chunk of equal size. Returns
+    ``std(chunk_means, ddof=1) / sqrt(k)`` as a Python float; NaN when k < 2.
+
+    Tokens of one chunk share their context, so they are correlated and llama-perplexity's ±
+    (MU of spec §3.3, which treats every token as independent) understates the uncertainty of
+    a mean; the means of disjoint chunks are close to independent, and their spread gives an
+    honest standard error (the batch-means method; see ``docs/llama-perplexity.md#uncertainty``).
+    """
+    x = np.asarray(chunk_means, dtype=_F64).ravel()
+    if x.size < 2:
+        return math.nan
+    return float(np.std(x, ddof=1) / math.sqrt(x.size))
+
+
 class KLDAccumulator:
     """Accumulates a ``--kl-divergence`` run chunk by chunk (spec §3.2–§3.5).
 
@@ -736,6 +768,7 @@ class KLDAccumulator:
         self.n_chunks = 0
         self._kld: list[np.ndarray] = []
         self._dp: list[np.ndarray] = []
+        self._chunk_means: list[tuple[float, ...]] = []
 
     # -- accumulation ------------------------------------------------------
     def add_chunk(self, logits: np.ndarray, base_logprobs: np.ndarray, targets: np.ndarray) -> TokenStats:
@@ -771,6 +804,14 @@ class KLDAccumulator:
         self.n_chunks += 1
         self._kld.append(kld.astype(_F32))
         self._dp.append(dp.copy())
+        n = max(1, nll.shape[0])
+        self._chunk_means.append((
+            float(kld.sum()) / n,
+            float(dp.astype(_F64).sum()) / n,
+            float(np.count_nonzero(ts.same_top)) / n,
+            float((nll.astype(_F64) - nb.astype(_F64)).sum()) / n,
+            float(d2.sum()) / n,
+        ))
 
     # -- read-out ----------------------------------------------------------
     @property
@@ -787,6 +828,33 @@ class KLDAccumulator:
     def dp_values(self) -> np.ndarray:
         """float32 (n,) ``dp[]`` (probability, not %) in token order."""
         return np.concatenate(self._dp) if self._dp else np.zeros(0, _F32)
+
+    @property
+    def chunk_means(self) -> dict[str, np.ndarray]:
+        """Per-chunk means of the token quantities, float64 (n_chunks,) each, in chunk order.
+
+        Keys: ``kld`` (nats), ``dp`` (probability, not %), ``same_top`` (fraction),
+        ``ln_ratio`` (nll − nll_base, nats) and ``dp2`` (Δp², probability²). Their mean over
+        chunks is the token mean when every chunk scores the same number of tokens (always, in
+        a llama-perplexity run). Used for batch-means uncertainties (:func:`chunk_mean_errors`)
+        and early verdicts (:mod:`pytest_quantbench.earlystop`).
+        """
+        cols = np.array(self._chunk_means, dtype=_F64).reshape(-1, len(CHUNK_MEAN_KEYS))
+        return {key: cols[:, i] for i, key in enumerate(CHUNK_MEAN_KEYS)}
+
+    def chunk_errors(self) -> dict[str, float]:
+        """The chunk-level (batch-means) standard errors of mean KLD, mean Δp and same-top-p.
+
+        Returns ``{"mean_kld_err_chunks": nats, "mean_dp_err_chunks": %,
+        "same_top_p_err_chunks": %}`` (:func:`chunk_mean_errors` of :attr:`chunk_means`), NaN
+        with fewer than two chunks. llama-perplexity's own ± (``*_err``) are unchanged.
+        """
+        means = self.chunk_means
+        return {
+            "mean_kld_err_chunks": chunk_mean_errors(means["kld"]),
+            "mean_dp_err_chunks": 100.0 * chunk_mean_errors(means["dp"]),
+            "same_top_p_err_chunks": 100.0 * chunk_mean_errors(means["same_top"]),
+        }
 
     def _ppl_parts(self):
         mq, sq = mean_and_uncertainty(self.s_n, self.s_n2, self.n)

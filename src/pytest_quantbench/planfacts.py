@@ -19,6 +19,19 @@ from collections.abc import Iterable
 _RULE_EXEMPT = ("token_embd.weight", "output.weight")
 
 
+def _tensor_qtype(unit, known: set[str]):
+    """The resolved qtype of ``unit`` when it quantizes tensors of the model, else None (a
+    variant-file or recipe item, whose ``tensors`` name a file digest)."""
+    from .qtypes import resolve_qtype
+
+    if any(name not in known for name in unit.tensors):
+        return None
+    try:
+        return resolve_qtype(unit.qtype)
+    except ValueError:
+        return None
+
+
 def _written(qtype_name: str, info):
     """(requested GGMLType, written GGMLType, reason) of ggml type ``qtype_name`` on tensor
     ``info`` (a :class:`~pytest_quantbench.gguf.TensorInfo`), or None for a preset or a shape the
@@ -45,11 +58,14 @@ def types_needing_imatrix(units: Iterable, header, allow_fallback: bool) -> tupl
     counts when llama-quantize refuses it without an imatrix (:func:`qtypes.needs_imatrix`).
     Pure: every xdist worker gets the same answer, so the imatrix identity in result keys agrees.
     """
-    from .qtypes import needs_imatrix, resolve_qtype
+    from .qtypes import needs_imatrix
 
+    known = {t.name for t in header.tensors}
     needed: set[str] = set()
     for unit in units:
-        qtype = resolve_qtype(unit.qtype)
+        qtype = _tensor_qtype(unit, known)
+        if qtype is None:
+            continue
         if qtype.kind == "preset":
             if needs_imatrix(qtype):
                 needed.add(qtype.name.lower())
@@ -91,8 +107,9 @@ def fallback_notes(units: Iterable, header, allow_fallback: bool,
     by_qtype: dict[str, list[tuple[str, int, str]]] = {}
     totals: Counter = Counter()
     block: dict[str, int] = {}
+    known = {t.name for t in header.tensors}
     for unit in units:
-        if len(unit.tensors) != 1:
+        if len(unit.tensors) != 1 or _tensor_qtype(unit, known) is None:
             continue
         info = header.tensor(unit.tensors[0])
         found = _written(unit.qtype, info)

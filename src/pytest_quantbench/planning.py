@@ -12,16 +12,8 @@ from typing import Callable
 
 from .config import ConfigError
 from .measure import WorkUnit
+from .qtypes import qtype_label
 from .session import QuantbenchSession
-
-
-def qtype_label(qtype) -> str:
-    """The qtype as it appears in ids and CSV rows: the exact ggml name for a ggml type
-    (``q4_k`` → ``q4_K``), the lower-case preset name for a preset (``Q4_K_M`` → ``q4_k_m``).
-
-    qtype: a resolved :class:`pytest_quantbench.qtypes.QType`.
-    """
-    return qtype.name if qtype.kind == "type" else qtype.name.lower()
 
 
 def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[WorkUnit]:
@@ -41,14 +33,16 @@ def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[
     from .selection import is_quantizable_tensor, natural_key, select_groups
 
     config = session.config
-    qtypes = sorted({qtype_label(q) for q in parse_qtype_list(list(config.qtypes))})
+    # no qtypes: no items, only the quantbench fixture measures
+    qtypes = sorted({qtype_label(q) for q in parse_qtype_list(list(config.qtypes))}
+                    if config.qtypes else ())
     header = session.model_header
     if header.n_ctx_train and config.kld_base is None and config.ctx > header.n_ctx_train:
         raise ConfigError(f"--quantbench-ctx {config.ctx} is larger than the model's training "
                           f"context ({header.n_ctx_train} tokens): use a smaller n_ctx")
     eligible = [t.name for t in header.tensors if is_quantizable_tensor(t.name, t.n_dims)]
     groups = select_groups(config.group_tensors, eligible, warn=warn)
-    if config.groups_only and not groups:
+    if config.groups_only and not groups and config.qtypes:
         raise ConfigError("--quantbench-groups-only: no group has a member; give "
                           "--quantbench-group-tensors REGEX[,REGEX] (e.g. '.*' for the whole model)")
     session.groups = groups
@@ -58,6 +52,23 @@ def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[
     units = [WorkUnit(name=g.name, tensors=g.members, qtype=q) for g in groups for q in qtypes]
     units += [WorkUnit(name=t, tensors=(t,), qtype=q)
               for t in sorted(tensors, key=natural_key) for q in qtypes]
+    return units + _whole_units(session, warn)
+
+
+def _whole_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[WorkUnit]:
+    """The ``variant[<stem>]`` and ``recipe[<stem>]`` units (variants.whole_units), checked
+    against the baseline now; sets ``session.whole_paths`` ((name, stem) → file)."""
+    from . import inputs
+    from .variants import whole_units
+
+    config = session.config
+    session.whole_paths = {}
+    if not config.variant and not config.recipe:
+        return []
+    units = whole_units(config.variant, config.recipe, session.model_header,
+                        lambda p: inputs.sha256_file(p, session.cache_dir), warn)
+    given = [*config.variant, *config.recipe]
+    session.whole_paths = {(u.name, u.qtype): p for u, p in zip(units, given)}
     return units
 
 

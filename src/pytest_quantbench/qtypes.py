@@ -530,6 +530,16 @@ def resolve_qtype(name: str) -> QType:
 _SPLIT_RE = re.compile(r"[\s,]+")
 
 
+def qtype_label(qtype: QType) -> str:
+    """The qtype as it appears in item ids, CSV rows and thresholds matching: the exact ggml name
+    for a ggml type (``q4_k`` → ``q4_K``), the lower-case preset name for a preset (``Q4_K_M`` →
+    ``q4_k_m``; ``q8_kv_r8``, the preset, stays apart from ``q8_KV_r8``, the type).
+
+    qtype: a resolved :class:`QType` (:func:`resolve_qtype`). Raises nothing.
+    """
+    return qtype.name if qtype.kind == "type" else qtype.name.lower()
+
+
 def parse_qtype_list(text_or_list: Union[str, Iterable[str]]) -> tuple[QType, ...]:
     """Parse ``"q4_K, iq4_ks q8_0"`` (or a list of such strings) into QTypes.
 
@@ -577,8 +587,9 @@ def predict_written_type(
     """The type ik llama-quantize will write for a requested type and a 2-D shape.
 
     Returns ``(written_type, reason)``; ``reason`` is None when the written type
-    is the requested one, else a human sentence.  Applied in llama-quantize's
-    order (spec §5.4):
+    is the requested one, else a human sentence naming the row length as ``ne0 = 576``
+    and the row count as ``ne1 = …`` (not "cols 576 x 1536", which reads as a product,
+    llama.cpp #6614).  Applied in llama-quantize's order (spec §5.4):
 
     1. row length: a 256-block type with ``ne0 % 256 != 0`` falls back to
        ``GGMLType.fallback`` (e.g. ``q4_K`` on a 576-wide row → ``q5_0``);
@@ -607,23 +618,23 @@ def predict_written_type(
     if t.block_size == QK_K and ne0 % QK_K:
         if t.fallback is None:  # not reached with the current table
             raise UnsupportedShapeError(
-                f"tensor cols {ne0} x {ne1}{what} are not divisible by {QK_K}, required for "
+                f"row length ne0 = {ne0}{what} is not divisible by {QK_K}, required for "
                 f"{t.name}, and {t.name} has no fallback type"
             )
         fb = TYPES_BY_NAME[t.fallback]
         reasons.append(
-            f"tensor cols {ne0} x {ne1}{what} are not divisible by {QK_K}, required for "
+            f"row length ne0 = {ne0}{what} is not divisible by {QK_K}, required for "
             f"{t.name}: llama-quantize falls back to {fb.name}"
         )
         t = fb
     if t.name in _BITNET and ne0 % t.block_size:
         raise UnsupportedShapeError(
-            f"tensor cols {ne0} x {ne1}{what} are not divisible by 64, required for {t.name}: "
+            f"row length ne0 = {ne0}{what} is not divisible by 64, required for {t.name}: "
             f"llama-quantize throws 'Unsupported tensor size encountered' (no fallback)"
         )
     if ne0 % t.block_size:
         raise UnsupportedShapeError(
-            f"tensor cols {ne0} x {ne1}{what} are not divisible by {t.block_size}, the block "
+            f"row length ne0 = {ne0}{what} is not divisible by {t.block_size}, the block "
             f"size of {t.name}: llama-quantize does not check this and the quantizer asserts"
         )
     if t.is_interleaved and t.base is not None:
@@ -635,13 +646,13 @@ def predict_written_type(
             t = TYPES_BY_NAME[t.base]
         elif ne1 % t.interleave:
             reasons.append(
-                f"tensor rows {ne1}{what} are not divisible by {t.interleave}, required for "
+                f"row count ne1 = {ne1}{what} is not divisible by {t.interleave}, required for "
                 f"{t.name}: llama-quantize silently writes {t.base}"
             )
             t = TYPES_BY_NAME[t.base]
         if ne0 % t.block_size:  # iq1_s_r4 / iq1_m_r4 (32-block) -> iq1_s / iq1_m (256-block)
             raise UnsupportedShapeError(
-                f"{reasons[-1]}, but tensor cols {ne0} are not divisible by {t.block_size}, "
+                f"{reasons[-1]}, but row length ne0 = {ne0} is not divisible by {t.block_size}, "
                 f"required for {t.name}: llama-quantize does not check this and the quantizer asserts"
             )
     return t, ("; ".join(reasons) if reasons else None)
@@ -665,28 +676,46 @@ def needs_imatrix(t: GGMLType | QType | str) -> bool:
     return t.imatrix is not None
 
 
+#: What ``needs imatrix`` means in the name listing: one term for both sets of
+#: :attr:`GGMLType.imatrix` (``required`` and ``rule``).
+IMATRIX_LEGEND = (
+    "needs imatrix: quantizing to this type without an importance matrix fails (llama-quantize "
+    "refuses, or its quantizer asserts; token_embd.weight and output.weight are exempt for some "
+    "types), so such items are skipped unless --quantbench-imatrix FILE or auto is given.")
+
+#: The qtype names that differ only by case, and what each one is.
+_CASE_PAIRS_TEXT = "q8_KV_r8 is the ggml type, q8_kv_r8 (any other case) the preset Q8_KV_R8"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pytest_quantbench.qtypes``: one line per accepted qtype name with its kind
-    (ggml type, with bits per weight and imatrix need; or preset, with its default type)."""
+    (ggml type, with bits per weight and ``needs imatrix`` where quantizing to it without an
+    importance matrix fails; or preset, with its default type), then the legend
+    (:data:`IMATRIX_LEGEND`)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
         prog="python -m pytest_quantbench.qtypes",
-        description="The qtype names --quantbench-qtypes accepts (any case: q4_k_r4 = q4_K_R4). "
-                    "A ggml type quantizes a tensor to exactly that type; a preset applies "
-                    "llama-quantize's per-tensor mixture rules.")
+        description="The qtype names --quantbench-qtypes accepts, case as users type it "
+                    "(q4_k_r4 = q4_K_R4), except where two names differ only by case: "
+                    f"{_CASE_PAIRS_TEXT}. A ggml type quantizes a tensor to exactly that type; "
+                    "a preset applies llama-quantize's per-tensor mixture rules. "
+                    + IMATRIX_LEGEND)
     parser.parse_args(argv)
     lines = []
     for name in valid_qtype_names():
         q = resolve_qtype(name)
         if q.kind == "type":
             t = q.ggml_type
-            need = {"required": ", imatrix required", "rule": ", imatrix needed"}.get(
-                t.imatrix or "", "")
+            need = ", needs imatrix" if t.imatrix else ""
             lines.append(f"{name:<12} ggml type, {t.bpw:.4g} bpw{need}")
         else:
-            lines.append(f"{name.lower():<12} preset {q.name} (default type {q.ggml_type.name})")
+            need = ", needs imatrix" if needs_imatrix(q) else ""
+            lines.append(f"{name.lower():<12} preset {q.name} (default type {q.ggml_type.name})"
+                         f"{need}")
+    lines.append("")
+    lines.append(IMATRIX_LEGEND)
     try:
         print("\n".join(lines))
         sys.stdout.flush()

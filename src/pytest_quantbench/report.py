@@ -4,7 +4,8 @@ Pure module (pandas is imported lazily, only by the CSV builders; no engine,
 no pytest). Results arrive as rows: ``dict[str, str | int | float]`` with at
 least ``tensor``, ``qtype``, ``written_type`` and ``status``, plus the metric
 keys of :data:`METRIC_KEYS` (absent when not measured), the run-identity keys
-of :data:`RUN_IDENTITY_KEYS`, ``nodeid`` and ``reason``.
+of :data:`RUN_IDENTITY_KEYS`, ``nodeid`` and ``reason``; ``results.csv`` has the
+columns of :data:`RESULT_COLUMNS`.
 
 Formats and where they are specified:
 
@@ -38,15 +39,20 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = [
+    "COMPARED_METRICS",
+    "GATING_KEYS",
     "ITEM_KEYS",
     "METRIC_KEYS",
     "MISSING",
     "MISSING_PERCENT",
     "PRINT_DECIMALS",
+    "RESULT_COLUMNS",
     "RUN_IDENTITY_KEYS",
     "SUITE_TABLES",
     "atomic_write_text",
     "check_csv_metrics",
+    "comparable_metrics",
+    "comparison_columns",
     "format_summary",
     "tidy_columns",
     "wide_table",
@@ -61,8 +67,10 @@ Row = Mapping[str, Any]
 #: Keys that identify an item and its outcome.
 ITEM_KEYS: tuple[str, ...] = ("tensor", "qtype", "written_type", "status")
 
-#: Keys that identify the run (what makes two numbers comparable).
-RUN_IDENTITY_KEYS: tuple[str, ...] = ("model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine")
+#: Keys that identify the run (what makes two numbers comparable): ``eval`` is the evaluation
+#: layout (``fa=…,ub=…,seq=…``).
+RUN_IDENTITY_KEYS: tuple[str, ...] = ("model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine",
+                                      "eval")
 
 #: Metric keys in llama-perplexity's order (spec §3.4/§3.5); Δp and
 #: same-top-p values are in percent.
@@ -76,7 +84,55 @@ METRIC_KEYS: tuple[str, ...] = (
     "rms_dp", "rms_dp_err", "same_top_p", "same_top_p_err", "n_tokens",
 )
 
-_TRAILING_KEYS: tuple[str, ...] = ("nodeid", "reason")
+#: Columns of the gating features, after the metrics: the run's imatrix identity (sha256 of the
+#: file, or the key of an auto imatrix; "" without one), which a comparison checks, the
+#: chunk-level (batch-means) ± of
+#: :meth:`~pytest_quantbench.metrics.KLDAccumulator.chunk_errors` and the early-verdict facts of
+#: :mod:`~pytest_quantbench.earlystop` (the comparison's columns: :func:`comparison_columns`).
+GATING_KEYS: tuple[str, ...] = (
+    "imatrix", "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
+    "chunks_used", "stopped_early", "early_verdict",
+)
+
+#: Metrics every item compared with a reference run (``--quantbench-compare``) gets
+#: ``ref_<metric>`` / ``delta_<metric>`` for; each fail rule's metric adds its own pair.
+COMPARED_METRICS: tuple[str, ...] = ("mean_kld", "ppl_ratio", "mean_dp", "same_top_p")
+
+
+
+def comparison_columns(metrics: Iterable[str] = COMPARED_METRICS) -> tuple[str, ...]:
+    """The ``results.csv`` columns of a comparison with a reference run: ``ref_<metric>``
+    (the reference's value) and ``delta_<metric>`` (this run − reference, the metric's unit) for
+    each of ``metrics`` (:data:`COMPARED_METRICS` and the fail rules' metrics), in order, once."""
+    return tuple(f"{side}_{m}" for m in dict.fromkeys(metrics) for side in ("ref", "delta"))
+
+
+#: The columns of ``results.csv``: all of them in every run, in this order, whatever the rows hold
+#: (an absent value is an empty cell; a key not listed here is not written). A new row key
+#: becomes a column by adding one line here (and one line to the README's results.csv list).
+RESULT_COLUMNS: tuple[str, ...] = (
+    *ITEM_KEYS,                                  # tensor, qtype, written_type, status
+    "requested_type",                            # the ggml type asked for, or "preset Q4_K_M"
+    "members",                                   # the tensors quantized (comma-separated)
+    "fallback",                                  # True: written_type is llama-quantize's fallback
+    "reused",                                    # True: statistics from the results store
+    *RUN_IDENTITY_KEYS,
+    "engine_mode",                               # inplace or file
+    "engine_note",                               # why the file engine was used instead
+    "kernel_probe_kld",                          # the type's kernel vs its dequantized weights
+    "seconds",                                   # the item's measuring time
+    "file_size",                                 # whole-file items: the file's bytes
+    "bpw",                                       # whole-file items: bits per weight
+    "types",                                     # whole-file items: type of each tensor class
+    *METRIC_KEYS,
+    *GATING_KEYS,                                # imatrix, chunk-level ±, early-verdict facts
+    *comparison_columns(),                       # ref_/delta_ of --quantbench-compare
+    "nodeid",
+    "reason",                                    # skip/failure/error message, whole
+)
+
+#: Values written where a row has no value for a boolean column.
+_RESULT_DEFAULTS: Mapping[str, Any] = {"fallback": False, "reused": False}
 
 #: Decimals llama-perplexity prints for each statistic (spec §3.5): ``%10.6lf``
 #: for the PPL and KLD blocks, ``%6.3lf`` for Δp and same top p, ``%6.2lf``
@@ -302,18 +358,14 @@ def write_wide_csv(df: pandas.DataFrame, path: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------
 
 
-def tidy_columns(rows: Iterable[Row]) -> list[str]:
-    """Column order of ``results.csv``.
-
-    Item keys (:data:`ITEM_KEYS`), run-identity keys
-    (:data:`RUN_IDENTITY_KEYS`), every metric (:data:`METRIC_KEYS`, in
-    llama-perplexity's order), then any other key found in the rows
-    (sorted), then ``nodeid`` and ``reason``. The known columns are always
-    present, so the header is the same in every run.
-    """
-    known = (*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *_TRAILING_KEYS)
-    extra = sorted({key for row in rows for key in row} - set(known))
-    return [*ITEM_KEYS, *RUN_IDENTITY_KEYS, *METRIC_KEYS, *extra, *_TRAILING_KEYS]
+def tidy_columns(rows: Iterable[Row] = ()) -> list[str]:
+    """Column order of ``results.csv``: :data:`RESULT_COLUMNS`, the same in every run, plus the
+    ``ref_``/``delta_`` pair of a ``--quantbench-compare-fail`` rule's metric outside
+    :data:`COMPARED_METRICS` where the rows have one (before ``nodeid`` and ``reason``)."""
+    keys = {key for row in rows for key in row}
+    extra = [c for c in comparison_columns(k[len("ref_"):] for k in sorted(keys)
+                                           if k.startswith("ref_")) if c not in RESULT_COLUMNS]
+    return [*RESULT_COLUMNS[:-2], *extra, *RESULT_COLUMNS[-2:]]
 
 
 def _tidy_cell(value: Any) -> str:
@@ -344,25 +396,34 @@ def _item_order(row: Row) -> tuple[Any, ...]:
 
 
 def write_tidy_csv(rows: Iterable[Row], path: str | os.PathLike[str]) -> Path:
-    """Write ``results.csv``: one line per item, every key of the rows.
+    """Write ``results.csv``: one line per item.
 
-    Columns: :func:`tidy_columns`. Lines are sorted by tensor (natural
-    order), then qtype. Floats are written with full precision (``repr``:
-    they read back to the same double), integers as integers, absent values
-    as empty cells. Standard CSV (fields quoted only where needed), LF line
-    endings; replaced atomically. Output: the path.
+    Columns: :data:`RESULT_COLUMNS`, always all of them, in that order (keys
+    of the rows not listed there are not written). Lines are sorted by tensor
+    (natural order), then qtype. Floats are written with full precision
+    (``repr``: they read back to the same double), integers as integers,
+    absent values as empty cells (``False`` for ``fallback`` and ``reused``).
+    Standard CSV (fields quoted only where needed), LF line endings; replaced
+    atomically. Output: the path.
 
     Raises :class:`OSError` when the file cannot be written.
     """
     import pandas as pd
 
     ordered = sorted(rows, key=_item_order)
-    columns = tidy_columns(ordered)
-    data = {col: [_tidy_cell(row.get(col)) for row in ordered] for col in columns}
+    columns = list(RESULT_COLUMNS)
+    data = {col: [_tidy_cell(row.get(col, _RESULT_DEFAULTS.get(col))) for row in ordered]
+            for col in columns}
     df = pd.DataFrame(data, columns=columns, dtype=object)
     text = df.to_csv(index=False, lineterminator="\n")
     atomic_write_text(path, text)
     return Path(path)
+
+
+def comparable_metrics() -> tuple[str, ...]:
+    """The metric names a comparison rule (``--quantbench-compare-fail``) may use: every value
+    of :data:`METRIC_KEYS` (not their ± and not the token count)."""
+    return tuple(k for k in METRIC_KEYS if not k.endswith("_err") and k != "n_tokens")
 
 
 def check_csv_metrics(names: Iterable[str]) -> tuple[str, ...]:
@@ -508,20 +569,34 @@ def _pm(row: Row, key: str, places: int, unit: str = "") -> str:
     return text + unit
 
 
+#: The summary's ``result`` cell per row status: regressions and broken items stand out.
+_OUTCOME_MARKS: Mapping[str, str] = {"failed": "FAIL", "error": "ERROR"}
+
+
+def _true(value: Any) -> bool:
+    """A row's boolean fact: True, or its text ``"True"`` (rows read back from a store)."""
+    return value is True or str(value) == "True"
+
+
 def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld") -> list[str]:
     """Lines for the terminal summary: the ``n`` worst items by ``metric``.
 
     One header line, then one line per item (see :func:`worst_items`):
-    rank, tensor, qtype (requested), written type, mean KLD ± err (6
+    rank, tensor, qtype (requested), written type (``q5_0 (impure)`` where
+    the row's ``fallback`` is true: measured under llama-quantize's fallback
+    type, the suite's ``--allow-impure-quant``), mean KLD ± err (6
     decimals), PPL(Q)/PPL(base) ± err (4 decimals), same top p ± err (3
-    decimals, percent); ``n/a`` where not measured. Columns are padded to
-    align; lines have no trailing spaces. Output: ``[]`` when no row has a
-    finite ``metric``. Raises nothing.
+    decimals, percent), and ``FAIL`` for a row whose ``status`` is
+    ``failed`` (a threshold regressed) or ``ERROR`` for ``error``; ``n/a``
+    where not measured. Columns are padded to align; lines have no trailing
+    spaces. Output: ``[]`` when no row has a finite ``metric``. Raises
+    nothing.
     """
     worst = worst_items(rows, n, metric)
     if not worst:
         return []
-    header = ("rank", "tensor", "qtype", "written", "mean KLD", "PPL ratio", "same top p")
+    header = ("rank", "tensor", "qtype", "written", "mean KLD", "PPL ratio", "same top p",
+              "result")
     table = [header]
     for rank, row in enumerate(worst, start=1):
         table.append(
@@ -529,10 +604,12 @@ def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld"
                 str(rank),
                 str(row.get("tensor", "")),
                 str(row.get("qtype", "")),
-                str(row.get("written_type", "") or "n/a"),
+                str(row.get("written_type", "") or "n/a")
+                + (" (impure)" if _true(row.get("fallback")) else ""),
                 _pm(row, "mean_kld", 6),
                 _pm(row, "ppl_ratio", 4),
                 _pm(row, "same_top_p", 3, " %"),
+                _OUTCOME_MARKS.get(str(row.get("status", "")), ""),
             )
         )
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

@@ -9,6 +9,7 @@ freshly measured item at once, so an interrupted run loses only the items in fli
 from __future__ import annotations
 
 from functools import cached_property
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from .measure import ItemSkip, WorkUnit
@@ -16,7 +17,11 @@ from .measure import ItemSkip, WorkUnit
 #: The row facts the results store keeps with an item's statistics.
 _FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note",
           "kernel_probe_kld", "reason", "fallback",
-          "seconds")
+          "seconds",
+          # chunk-level ± and early verdicts (earlystop.gating_facts)
+          "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
+          "chunks_used", "stopped_early", "early_verdict",
+          "file_size", "bpw", "types")  # whole-file items (variants.file_facts)
 
 
 class RunResults:
@@ -52,18 +57,28 @@ class RunResults:
         return item_key(self.run_key, unit.tensors, unit.qtype)
 
     def reuse_or_measure(self, unit: WorkUnit, row: dict[str, Any],
-                         measure: Callable[[WorkUnit, dict[str, Any]], Any]) -> dict[str, Any]:
+                         measure: Callable[[WorkUnit, dict[str, Any]], Any],
+                         early_limits: Mapping[str, float] | None = None) -> dict[str, Any]:
         """The statistics of ``unit``: reused from the results store when it holds them for these
         settings (unless ``--quantbench-rerun``), else ``measure(unit, row)`` (a KLDStats) and
         stored at once.
 
+        ``early_limits``: the item's threshold limits under ``--quantbench-early-stop`` (empty or
+        None without it). A result that stopped early (``row["stopped_early"]``) is stored under
+        :func:`~pytest_quantbench.earlystop.early_item_key` of these limits, so a full-chunk run
+        never reuses it; a run with the same limits reuses a full or an early result.
         ``row`` is updated in place (stored facts and ``reused`` on reuse). Returns
         :meth:`KLDStats.as_dict` (floats/ints). Raises ItemSkip (a stored fallback without
         ``--quantbench-allow-fallback``), StoreError, and whatever ``measure`` raises.
         """
+        from .earlystop import early_item_key, early_store_run
+
         config = self.inputs.config
-        key = self.item_key(unit)
-        stored = None if config.rerun else self.store.get(key)
+        key, run = self.item_key(unit), self.run_key
+        early_key = (early_item_key(run, unit.tensors, unit.qtype, early_limits,
+                                    config.early_stop_confidence) if early_limits else None)
+        stored = None if config.rerun else (
+            self.store.get(key) or (self.store.get(early_key) if early_key else None))
         if stored is not None:
             row.update(stored["facts"], reused=True)
             if row.get("fallback") and not config.allow_fallback:
@@ -71,8 +86,10 @@ class RunResults:
             return stored["stats"]
         stats = measure(unit, row)
         facts = {k: row[k] for k in _FACTS if k in row}
-        self.store.put(key, self.run_key, {"tensor": unit.name, "qtype": unit.qtype,
-                                           "facts": facts, "stats": stats.as_dict()})
+        if row.get("stopped_early"):  # never reused for, nor listed by, a full-chunk run
+            key, run = early_key, early_store_run(run)
+        self.store.put(key, run, {"tensor": unit.name, "qtype": unit.qtype,
+                                  "facts": facts, "stats": stats.as_dict()})
         return stats.as_dict()
 
     def write_item_log(self, unit: WorkUnit, row: dict[str, Any], stats: dict[str, Any]) -> None:

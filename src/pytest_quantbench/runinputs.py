@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import inputs
-from .config import ConfigError, QuantbenchConfig
+from .config import ConfigError, QuantbenchConfig, corpus_chunk_problem
 
 
 def default_threads(n_workers: int) -> int:
@@ -71,7 +71,19 @@ class RunInputs:
 
     @cached_property
     def model_sha256(self) -> str:
-        return inputs.sha256_file(self.model_path, self.cache_dir)
+        """sha256 (hex) of the model: of its one file, or of the ``sha256sum`` lines of every
+        shard of a split model (:func:`inputs.model_sha256`), so a replaced shard is a new model."""
+        return inputs.model_sha256(self.model_shards, self.cache_dir)
+
+    @property
+    def model_shards(self) -> tuple[Path, ...]:
+        """The model's files: every shard of a split model, else the one file."""
+        return tuple(self.model_header.shards or (self.model_path,))
+
+    @cached_property
+    def model_source(self) -> dict[str, str]:
+        """What a cached baseline records of the model it came from (:func:`inputs.model_source`)."""
+        return inputs.model_source(self.model_shards, self.model_sha256)
 
     @cached_property
     def corpus_text(self) -> str:
@@ -113,9 +125,9 @@ class RunInputs:
         """The user's ``--quantbench-kld-base`` file, or None."""
         if self.config.kld_base is None:
             return None
-        from .kldbase import KLDBaseFile
+        from .baseline import open_user_base
 
-        return KLDBaseFile(self.config.kld_base)
+        return open_user_base(self.config)  # --quantbench-chunks / --quantbench-ctx checked there
 
     @property
     def n_ctx(self) -> int:
@@ -133,16 +145,10 @@ class RunInputs:
             return self.user_base.tokens
         tokens, n_ctx, want = self.corpus_tokens, self.n_ctx, self.config.chunks
         where = self.config.corpus or inputs.DEFAULT_CORPUS_NAME
-        available = len(tokens) // n_ctx
-        if len(tokens) < 2 * n_ctx:
-            raise ConfigError(f"corpus {where} has {len(tokens)} tokens; llama-perplexity needs at "
-                              f"least {2 * n_ctx} for n_ctx={n_ctx}: use a longer text or a "
-                              "smaller --quantbench-ctx")
-        if want is not None and want > available:
-            raise ConfigError(f"--quantbench-chunks {want}: corpus {where} has {len(tokens)} "
-                              f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}; "
-                              f"pass --quantbench-chunks {available} or less, or a longer corpus")
-        n_chunk = available if want is None else want
+        problem = corpus_chunk_problem(where, len(tokens), n_ctx, want)  # issue 11 item 13
+        if problem is not None:
+            raise problem
+        n_chunk = len(tokens) // n_ctx if want is None else want
         return tokens[: n_chunk * n_ctx].reshape(n_chunk, n_ctx)
 
     @cached_property
@@ -167,7 +173,8 @@ class RunInputs:
 
     def validate_inputs(self) -> None:
         """Check, before any item runs, what can be checked cheaply: the corpus yields the chunks
-        asked for, the tokenizer loads, a user kld-base file fits the model.
+        asked for, the tokenizer loads, a user kld-base file fits the model (and the corpus, when
+        one is given too).
 
         Raises ConfigError, EngineError, KLDBaseFormatError or ValueError with the fix.
         """
@@ -177,12 +184,32 @@ class RunInputs:
         if self.user_base is not None:
             from .baseline import check_user_baseline
 
-            check_user_baseline(self.user_base, self.tokenizer.n_vocab)
+            check_user_baseline(self.user_base, self.tokenizer.n_vocab, self.config.corpus,
+                                lambda: self.corpus_tokens)
+
+    @cached_property
+    def cache_plan(self):
+        """The files this run adds to the cache, with their sizes
+        (:func:`diskspace.plan_cache_files`): the baseline unless a user base file is given, the
+        auto imatrix with ``--quantbench-imatrix auto``."""
+        from .baseline import baseline_cache_path
+        from .diskspace import plan_cache_files
+        from .imatrix import auto_imatrix_path
+
+        return plan_cache_files(
+            baseline=(None if self.user_base is not None else
+                      baseline_cache_path(self.cache_dir, self.run_identity)),
+            shape=self.chunk_tokens.shape, n_vocab=self.tokenizer.n_vocab,
+            imatrix=(auto_imatrix_path(self.cache_dir, self._auto_imatrix_key)
+                     if self.imatrix_source == "auto" else None), model_header=self.model_header)
 
     def header_lines(self) -> list[str]:
-        """The run-header lines: model + hash, corpus + tokens, n_ctx, chunks, engine."""
+        """The run-header lines: model + hash, corpus + tokens, n_ctx, chunks, engine, cache."""
+        from .baseline import user_base_header
+        from .diskspace import cache_header_line
+
         ident = self.run_identity
-        corpus = (f"kld-base {self.config.kld_base}" if self.user_base is not None else
+        corpus = (user_base_header(self.user_base) if self.user_base is not None else
                   f"{self.config.corpus or inputs.DEFAULT_CORPUS_NAME} "
                   f"({len(self.corpus_tokens)} tokens, sha256 {ident.corpus_sha256[:12]})")
         return [
@@ -192,6 +219,7 @@ class RunInputs:
             f"quantbench n_ctx={ident.n_ctx}, chunks={ident.chunks}, threads={self.threads}, "
             f"{ident.eval}",
             f"quantbench engine: {self.identity_engine.describe()}",
+            cache_header_line(self.cache_dir, self.cache_plan),
         ] + self._imatrix_header() + (
             [f"quantbench gpu: {self.gpu_problem}"] if self.gpu_problem else [])
 

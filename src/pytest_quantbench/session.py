@@ -57,6 +57,7 @@ class QuantbenchSession:
         self.chunk_buffers = ChunkBuffers()  # the chunk loop's arrays, kept across items
         self.units: list[WorkUnit] = []
         self.groups: tuple = ()
+        self.whole_paths: dict = {}  # issue 15: (variant|recipe, stem) → file (planning.py)
 
     # ---- the parts' facts that other modules read ---------------------------------------------
     config = _part("inputs", "config")
@@ -67,6 +68,7 @@ class QuantbenchSession:
     run_identity = _part("inputs", "run_identity")
     thresholds = _part("inputs", "thresholds")
     imatrix = _part("inputs", "imatrix")
+    imatrix_identity = _part("inputs", "imatrix_identity")  # [gating] rows' imatrix column
     swap_model = _part("engines", "swap_model")  # None where the in-process engine cannot bind
     baseline = _part("base", "file")  # the baseline logits file, computed once
     store = _part("results", "store")
@@ -120,15 +122,21 @@ class QuantbenchSession:
         Raises: ItemSkip (fallback type, missing imatrix, a type this build cannot run),
             EngineError, StoreError, ValueError (non-finite logits: the message says where).
         """
-        return self.results.reuse_or_measure(unit, row, self._measure)
+        return self.results.reuse_or_measure(unit, row, self._measure,
+                                             early_limits=self.early_limits(unit))  # [gating]
 
     def _measure(self, unit: WorkUnit, row: dict[str, Any]):
         """Plan the written types, quantize, evaluate every chunk; return the KLDStats."""
         import time
 
-        from .metrics import KLDAccumulator
+        from .earlystop import EarlyVerdict, gating_facts, item_accumulator  # [gating]
         from .qtypes import resolve_qtype
 
+        if unit.name in ("variant", "recipe"):  # issue 15: whole files and recipes (variants.py)
+            from .variants import measure_whole
+            return measure_whole(unit, self.whole_paths[(unit.name, unit.qtype)], row,
+                                 inputs=self.inputs, planner=self.planner, engines=self.engines,
+                                 baseline=self.base, buffers=self.chunk_buffers)
         started = time.perf_counter()
         qtype = resolve_qtype(unit.qtype)
         written = self.planner.plan_types(unit, qtype, row)
@@ -143,12 +151,25 @@ class QuantbenchSession:
         probes = [k for k in probes if k is not None]
         if probes:  # how far the type's kernel is from its dequantized weights (nats), probed on
             row["kernel_probe_kld"] = max(probes)  # one fixed tensor per type (enginechoice)
-        acc = KLDAccumulator()
-        if engine == "inplace":
-            measuring.measure_inplace(self.engines.swap_model, header, self.imatrix, written,
-                                      base, acc, self.chunk_buffers)
-        else:
-            measuring.measure_file(self.inputs, unit, qtype, written, base, acc,
-                                   self.chunk_buffers)
+        n_chunks = self.run_identity.chunks
+        acc = item_accumulator(self.early_limits(unit), n_chunks,  # [gating]
+                               self.config.early_stop_confidence)
+        try:
+            if engine == "inplace":
+                measuring.measure_inplace(self.engines.swap_model, header, self.imatrix, written,
+                                          base, acc, self.chunk_buffers)
+            else:
+                measuring.measure_file(self.inputs, unit, qtype, written, base, acc,
+                                       self.chunk_buffers)
+        except EarlyVerdict:  # [gating] the verdict is sure: acc holds the chunks looked at
+            pass
+        row.update(gating_facts(acc, n_chunks))  # [gating] chunk-level ±, chunks_used
         row["seconds"] = round(time.perf_counter() - started, 3)
         return acc.stats()
+
+    def early_limits(self, unit: WorkUnit) -> dict[str, float]:  # [gating]
+        """``unit``'s threshold limits (key → value) under --quantbench-early-stop, else {}."""
+        if not self.config.early_stop:
+            return {}
+        limits = self.thresholds.limits_for(unit.name, unit.qtype)
+        return {key: limit.value for key, limit in limits.items()}

@@ -1,9 +1,10 @@
 """The results store: every measured item, kept durably and found again by what decides its numbers.
 
-One SQLite file (``<output>/results-store.sqlite``) shared by all xdist workers and by later runs.
-A worker writes an item's row the moment it is measured (one committed transaction), so Ctrl-C,
-SIGTERM or a crashed worker lose only the items in flight; the controller reads every row of the
-current settings to write the CSV tables, like the suite's collect step reads every log file.
+One SQLite file (``<output>/results-store.sqlite``), written by one process: the pytest controller
+(:mod:`pytest_quantbench.storewriter`), which stores an item's row from its report the moment it
+arrives (one committed transaction), so Ctrl-C, SIGTERM or a crashed worker lose only the items in
+flight; xdist workers (local or on other hosts) never open it. The controller reads every row of
+the current settings to write the CSV tables, like the suite's collect step reads every log file.
 
 The item key (:func:`item_key`) is the run key (model and corpus content hashes, n_ctx, chunks,
 engine version and evaluation layout, imatrix hash) plus the tensor set and the requested qtype,
@@ -86,6 +87,8 @@ class ResultsStore:
             "run_key TEXT NOT NULL, tensor TEXT NOT NULL, qtype TEXT NOT NULL, "
             "row_json TEXT NOT NULL, stored_at REAL NOT NULL)")
         conn.execute("CREATE INDEX IF NOT EXISTS by_run ON results (run_key)")
+        conn.execute("CREATE TABLE IF NOT EXISTS runs (run_key TEXT PRIMARY KEY, "
+                     "record_json TEXT NOT NULL, stored_at REAL NOT NULL)")
         conn.commit()
         return conn
 
@@ -123,6 +126,30 @@ class ResultsStore:
             return [json.loads(text) for (text,) in cur.fetchall()]
         except sqlite3.Error as exc:
             raise StoreError(f"results store {self.path}: cannot read it ({exc})") from None
+
+    def items(self, run: str) -> dict[str, dict[str, Any]]:
+        """Every stored row of the run key ``run``, by item key."""
+        if not self.path.exists():
+            return {}
+        try:
+            cur = self._connect().execute(
+                "SELECT item_key, row_json FROM results WHERE run_key = ?", (run,))
+            return {key: json.loads(text) for key, text in cur.fetchall()}
+        except sqlite3.Error as exc:
+            raise StoreError(f"results store {self.path}: cannot read it ({exc})") from None
+
+    def put_run(self, run: str, record: dict[str, Any]) -> None:
+        """Record what the tables of run key ``run`` are written from (the settings that are not
+        in the run key: planned tensors and qtypes, groups, table options; see
+        :mod:`pytest_quantbench.resultset`), replacing an older record, committed at once."""
+        try:
+            conn = self._connect()
+            with conn:
+                conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?)",
+                             (run, json.dumps(record, sort_keys=True), time.time()))
+        except sqlite3.Error as exc:
+            raise StoreError(f"results store {self.path}: cannot write the run record ({exc})"
+                             ) from None
 
     def close(self) -> None:
         """Close this process's connection (idempotent)."""

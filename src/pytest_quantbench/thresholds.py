@@ -12,7 +12,9 @@ File format (YAML, read with ``yaml.safe_load``)::
     rules:                 # optional: applied in order, later ones win per limit
       - tensor: 'attn_v'   # regex, unanchored search (as the suite's rules,
                            #   suite formats §3); optional, default: every tensor
-        qtype: q4_0        # optional; a string or a list; case-insensitive
+        qtype: q4_0        # optional; a string or a list; any qtype name as
+                           #   --quantbench-qtypes takes it (q4_k = q4_K); one
+                           #   not in the run is ignored, an unknown one an error
         max_kld: 0.01      # mean KLD
         max_ppl_ratio: 1.02          # or max_ppl_increase_pct: 2.0 (not both)
         min_same_top_p: 95           # percent
@@ -156,7 +158,8 @@ class ThresholdRule:
 
     ``limits`` maps a limit key to its value, or to ``None`` for "remove the
     inherited limit". ``qtypes`` is ``None`` for "any qtype", else the
-    lower-cased qtypes. ``describe`` is how messages name the rule.
+    qtypes' labels (:func:`~pytest_quantbench.qtypes.qtype_label`: ``q4_K``,
+    ``q4_k_m``). ``describe`` is how messages name the rule.
     """
 
     index: int | None  # 1-based; None for "defaults"
@@ -169,9 +172,19 @@ class ThresholdRule:
     def matches(self, tensor: str, qtype: str) -> bool:
         if self.pattern is not None and not self.pattern.search(tensor):
             return False
-        if self.qtypes is not None and qtype.lower() not in self.qtypes:
+        if self.qtypes is not None and _label(qtype) not in self.qtypes:
             return False
         return True
+
+
+def _label(qtype: str) -> str:
+    """``qtype``'s label (``Q4_K`` → ``q4_K``), or ``qtype`` itself when it is no qtype name."""
+    from .qtypes import UnknownQTypeError, qtype_label, resolve_qtype
+
+    try:
+        return qtype_label(resolve_qtype(qtype))
+    except UnknownQTypeError:
+        return qtype
 
 
 def _fmt_limit(value: float) -> str:
@@ -184,9 +197,12 @@ class Thresholds:
     Build with :func:`load_thresholds` or :meth:`Thresholds.empty`.
     """
 
-    def __init__(self, rules: Sequence[ThresholdRule], path: str | None = None) -> None:
+    def __init__(self, rules: Sequence[ThresholdRule], path: str | None = None,
+                 notes: Sequence[str] = ()) -> None:
         self.rules: tuple[ThresholdRule, ...] = tuple(rules)
         self.path = path
+        #: One line per rule qtype that is not in this run (ignored), for ``-v``.
+        self.notes: tuple[str, ...] = tuple(notes)
 
     @classmethod
     def empty(cls) -> Thresholds:
@@ -235,6 +251,8 @@ class Thresholds:
         ``measured=False``. Messages read, e.g.::
 
             mean KLD 0.012345 ± 0.000456 > max_kld 0.01 (rule 2 (tensor='attn_v', qtype=q4_0) in thresholds.yaml)
+            (the ± is ``<err>_chunks``, the chunk-level one, where the row has it: then the
+            message ends in "(± from chunk means)")
             PPL(Q)/PPL(base) 1.0312 ± 0.0041 > max_ppl_ratio 1.02 (defaults in thresholds.yaml)
 
         Raises nothing.
@@ -262,7 +280,12 @@ class Thresholds:
             failed = value > limit.value if spec.kind == "max" else value < limit.value
             if not failed:
                 continue
-            err = _as_float(row_metrics.get(spec.err)) if spec.err else None
+            # the chunk-level (batch-means) ± where the row has it: tokens of a chunk are
+            # correlated, so llama-perplexity's ± understates the uncertainty of a verdict
+            chunk_err = _as_float(row_metrics.get(f"{spec.err}_chunks")) if spec.err else None
+            chunk_level = chunk_err is not None and math.isfinite(chunk_err)
+            err = chunk_err if chunk_level else (
+                _as_float(row_metrics.get(spec.err)) if spec.err else None)
             if err is not None and math.isfinite(err):
                 err = err * abs(spec.scale)
             else:
@@ -278,7 +301,8 @@ class Thresholds:
                     value,
                     err,
                     True,
-                    f"{spec.label} {text} {op} {key} {_fmt_limit(limit.value)} {where}",
+                    f"{spec.label} {text} {op} {key} {_fmt_limit(limit.value)} {where}"
+                    + (" (± from chunk means)" if chunk_level and err is not None else ""),
                 )
             )
         return violations
@@ -418,8 +442,12 @@ def load_thresholds(
     """Read and validate a thresholds YAML file.
 
     Inputs: ``path`` (shown in messages as given); ``run_qtypes``, the qtypes
-    of this run: when given, a rule naming a qtype outside it is an error
-    (compared case-insensitively).
+    of this run as given (names, or comma/space separated lists of names):
+    when given, a rule's qtype that is a valid name but not among them is
+    ignored, so one file serves runs with different qtypes, and noted in
+    :attr:`Thresholds.notes`. Rule qtypes are compared by label
+    (:func:`~pytest_quantbench.qtypes.qtype_label`: ``q4_k`` is ``q4_K``;
+    ``q8_kv_r8``, a preset, is not ``q8_KV_r8``, a type).
 
     Output: :class:`Thresholds` (format: this module's docstring; metrics:
     llama-perplexity spec §3.4).
@@ -432,7 +460,7 @@ def load_thresholds(
     list, a rule not a mapping, a rule with no limit; a limit that is not a
     number, not finite, negative, or a percentage above 100; a ``tensor``
     that is not a string or not a valid regex; a ``qtype`` that is not a
-    string or list of strings, or not in ``run_qtypes``; both
+    string or list of strings, or not a qtype name (with the closest names); both
     ``max_ppl_ratio`` and ``max_ppl_increase_pct`` in one rule.
     """
     import yaml
@@ -492,7 +520,13 @@ def load_thresholds(
             f"thresholds file {shown}: 'rules' must be a list of mappings "
             f"(each item starting with '- '), got {_type_name(rules)}"
         )
-    run_lower = {q.lower(): q for q in run_qtypes} if run_qtypes is not None else None
+    from .qtypes import UnknownQTypeError, parse_qtype_list, qtype_label, resolve_qtype
+
+    run_labels: list[str] | None = None  # a run of whole files only has no qtypes
+    if run_qtypes is not None:
+        run_labels = [qtype_label(q) for q in parse_qtype_list(list(run_qtypes))] \
+            if run_qtypes else []
+    notes: list[str] = []
     for index, raw in enumerate(rules or (), start=1):
         if not isinstance(raw, Mapping):
             raise ThresholdsError(
@@ -528,20 +562,18 @@ def load_thresholds(
                 raise ThresholdsError(
                     f"{where}: qtype must be a qtype name or a list of names, got {_type_name(q)}"
                 )
-            if run_lower is not None:
-                for name in items:
-                    if name.lower() not in run_lower:
-                        known = sorted(run_lower.values())
-                        close = difflib.get_close_matches(
-                            name.lower(), sorted(run_lower), n=1, cutoff=0.6
-                        )
-                        hint = f"; did you mean '{run_lower[close[0]]}'?" if close else ""
-                        raise ThresholdsError(
-                            f"{where}: qtype '{name}' is not among this run's qtypes "
-                            f"({', '.join(known)}){hint}; fix the qtype or remove the rule"
-                        )
-            qtypes = tuple(x.lower() for x in items)
+            labels = []
+            for name in items:
+                try:
+                    labels.append(qtype_label(resolve_qtype(name)))
+                except UnknownQTypeError as exc:
+                    raise ThresholdsError(f"{where}: {exc}; fix the qtype or remove the rule") \
+                        from None
+                if run_labels is not None and labels[-1] not in run_labels:
+                    notes.append(f"{where}: qtype '{name}' is not among this run's qtypes "
+                                 f"({', '.join(run_labels)}): ignored for this run")
+            qtypes = tuple(labels)
 
         parsed.append(ThresholdRule(index, tensor, pattern, qtypes, limits, where))
 
-    return Thresholds(parsed, shown)
+    return Thresholds(parsed, shown, notes)

@@ -168,7 +168,8 @@ def run_llama_quantize(
     """
     exe = find_quantize_binary()
     dest = Path(dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{dest.name}.{os.getpid()}.", suffix=".tmp",
+                                    dir=dest.parent)  # the PID: cachefiles.sweep_stale_temps
     os.close(fd)
     cmd = [str(exe)]
     if requantize:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from pathlib import Path
 from typing import Callable
 
+from ..cachefiles import cache_notice
 from .formats import ImatrixError, load_imatrix
 
-log = logging.getLogger(__name__)
 
 def auto_imatrix_key(model_sha256: str, corpus_sha256: str, n_ctx: int, chunks: int,
                      engine: str = "") -> str:
@@ -37,7 +36,8 @@ def ensure_auto_imatrix(cache_dir: str | os.PathLike[str], key: str,
     """Return the cached auto imatrix for ``key``, computing it once across processes if needed.
 
     Under a :class:`filelock.FileLock` beside the file (as :func:`baseline.ensure_baseline`): an
-    existing file that loads is returned; an unreadable one is removed and recomputed.
+    existing file that loads is returned; an unreadable one is removed and recomputed (a
+    :class:`~pytest_quantbench.cachefiles.CacheNotice` warning says so).
 
     Args:
         cache_dir: the plugin's cache directory. key: :func:`auto_imatrix_key`.
@@ -59,7 +59,7 @@ def ensure_auto_imatrix(cache_dir: str | os.PathLike[str], key: str,
                 load_imatrix(path)
                 return path
             except ImatrixError as exc:
-                log.warning("cached imatrix %s is not usable (%s): recomputing", path, exc)
+                cache_notice(f"cached imatrix {path} is not usable ({exc}): recomputing")
                 path.unlink()
         started = time.perf_counter()
         compute(path)
