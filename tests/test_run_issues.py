@@ -79,9 +79,10 @@ def test_gpu_layers_on_a_cpu_only_build_are_said(pytester, qb_args):
     """Item 14: a warning naming the build, and a header line saying everything runs on the CPU."""
     import pytest
 
-    from pytest_quantbench.engine.bindings import load_library, supports_gpu_offload
+    from pytest_quantbench.engine.bindings import load_library
+    from pytest_quantbench.engine.identity import engine_identity
 
-    if supports_gpu_offload(load_library()):
+    if engine_identity().device != "cpu":
         pytest.skip("this engine build has a GPU backend")
     result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q8_0",
                                            "--quantbench-n-gpu-layers=99", "--collect-only")

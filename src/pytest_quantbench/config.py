@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_CONFIG_FILE = "quantbench.yaml"
+#: ``--quantbench-prefix-reuse`` values (README.md#prefix-reuse); :mod:`prefix` reads them here.
+PREFIX_REUSE_MODES = ("auto", "off")
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,10 @@ OPTIONS: tuple[Option, ...] = (
            "item's type needs one)"),
     Option("threads", "int", None, "threads per worker (default: CPU cores / number of workers)"),
     Option("n-gpu-layers", "int", 0, "layers to offload to a GPU build of the engine (default 0)"),
+    Option("gpus", "str", None, "one GPU per xdist worker: 'auto' (every GPU the engine's CUDA "
+           "build sees; none on a CPU build) or device ids such as 0,1; worker gwN gets "
+           "LIST[N % len(LIST)] through CUDA_VISIBLE_DEVICES, split mode none (default: unset, "
+           "the engine's own split over all visible GPUs)"),
     Option("n-seq", "int", 1, "chunks decoded together as separate sequences in one batch of "
            "n_seq*n_ctx tokens, as llama-perplexity's base run (default 1; try 4 on a GPU with "
            "a small model; on CPU 1 is fastest)"),
@@ -104,6 +110,10 @@ OPTIONS: tuple[Option, ...] = (
            "above one (fail); looks after 4, 8, 16 ... chunks"),
     Option("early-stop-confidence", "float", 0.99, "overall confidence of the early verdicts, "
            "split over the planned looks (Bonferroni; default 0.99)"),
+    Option("prefix-reuse", "str", "auto", "evaluate only the layers from an item's first changed "
+           "tensor on, from the baseline's cached hidden states (bit-identical numbers): 'auto' "
+           "(default: on for the in-process CPU engine where a first-chunk self-check passes) or "
+           "'off'"),
     Option("logs", "path", None, "directory for one suite-style log per item, "
            "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
     Option("flush-minutes", "float", 10.0, "rewrite the result tables (atomically) at most every "
@@ -155,6 +165,7 @@ class QuantbenchConfig:
     baseline_ppl: float | None = None
     logs: Path | None = None
     n_seq: int = 1
+    gpus: str | None = None
     flush_minutes: float = 10.0
     compare: Path | None = None
     compare_fail: tuple[str, ...] = ()
@@ -163,6 +174,7 @@ class QuantbenchConfig:
     variant: tuple[Path, ...] = ()  # issue 15
     recipe: tuple[Path, ...] = ()
     plots: str = "on"
+    prefix_reuse: str = "auto"
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -401,6 +413,9 @@ def validate(config: QuantbenchConfig) -> None:
             parse_fail_rules(config.compare_fail, comparable_metrics())
         except CompareError as exc:
             raise ConfigError(str(exc)) from None
+    if config.prefix_reuse not in PREFIX_REUSE_MODES:
+        raise ConfigError(f"{where('prefix_reuse')}: {config.prefix_reuse!r}; use "
+                          f"{' or '.join(repr(m) for m in PREFIX_REUSE_MODES)}")
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
     if config.plots not in ("on", "off"):

@@ -48,7 +48,22 @@ class EngineChoice:
                                 "applies importance matrices to 2-D tensors only")
         if self.swap_model is None:
             return "file", self._swap_error
+        for name in unit.tensors:  # split, merged or load-transformed tensors (GPU builds)
+            info = ins.model_header.tensor(name)
+            why = self.swap_model.swap_problem(name, info.type_name, tuple(info.shape))
+            if why:
+                return "file", why
         return "inplace", None
+
+    def device_note(self, written) -> str | None:
+        """:func:`engine.devices.device_note` for ``written`` (tensor → ggml type) with this run's
+        offload: types without a CUDA matmul, measured on the CPU by the scheduler."""
+        from .engine import devices
+
+        ins = self.inputs
+        offloaded = ins.eval_settings.n_gpu_layers > 0 and devices.is_gpu_build()
+        base = {name: ins.model_header.tensor(name).type_name for name in written}
+        return devices.device_note(written, base, offloaded)
 
     @cached_property
     def _tied_embeddings(self) -> bool:

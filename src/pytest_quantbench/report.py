@@ -118,9 +118,12 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "reused",                                    # True: statistics from the results store
     *RUN_IDENTITY_KEYS,
     "engine_mode",                               # inplace or file
+    "device",                                    # cpu, or cuda:<visible id> <GPU name>
     "engine_note",                               # why the file engine was used instead
     "kernel_probe_kld",                          # the type's kernel vs its dequantized weights
     "seconds",                                   # the item's measuring time
+    "eval_path",                                 # full, or tail:L (prefix reuse from layer L)
+    "prefix_note",                               # why prefix reuse measured it in full instead
     "file_size",                                 # whole-file items: the file's bytes
     "bpw",                                       # whole-file items: bits per weight
     "types",                                     # whole-file items: type of each tensor class

@@ -25,6 +25,18 @@ def default_threads(n_workers: int) -> int:
     return max(1, (cores or 1) // max(1, n_workers))
 
 
+def _process_gpu(config: QuantbenchConfig) -> str | None:
+    """:func:`engine.devices.apply_process_env` for ``--quantbench-gpus`` in this process (an
+    xdist worker ``gwN`` or the controller); its errors as ConfigError."""
+    from .engine import devices
+
+    try:
+        spec = devices.parse_gpus(config.gpus)
+        return devices.apply_process_env(spec, os.environ.get("PYTEST_XDIST_WORKER"))
+    except (devices.GpuSpecError, devices.EngineAlreadyLoaded) as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class RunInputs:
     """Model, corpus, chunks, settings, imatrix and identity of one run (each computed once).
 
@@ -47,6 +59,7 @@ class RunInputs:
                 raise ConfigError(f"--quantbench-engine-lib {config.engine_lib} does not exist: "
                                   "give the libllama.so of an ik_llama.cpp build")
             os.environ["IK_LLAMA_CPP_LIB_PATH"] = str(config.engine_lib)
+        self.gpu = _process_gpu(config)  # before the engine loads: the worker's GPU, graphs off
 
     @cached_property
     def model_path(self) -> Path:
@@ -110,7 +123,8 @@ class RunInputs:
         n_seq, n_gpu_layers = self.config.n_seq, self.config.n_gpu_layers
         all_on_gpu = n_gpu_layers > (self.model_header.n_layer or 0)
         return EvalSettings(n_ctx=self.n_ctx, threads=self.threads, n_gpu_layers=n_gpu_layers,
-                            n_seq=n_seq, flash_attn=n_seq == 1 or all_on_gpu)
+                            n_seq=n_seq, flash_attn=n_seq == 1 or all_on_gpu,
+                            single_gpu=self.config.gpus is not None)
 
     @cached_property
     def tokenizer(self):
@@ -220,26 +234,30 @@ class RunInputs:
             f"{ident.eval}",
             f"quantbench engine: {self.identity_engine.describe()}",
             cache_header_line(self.cache_dir, self.cache_plan),
-        ] + self._imatrix_header() + (
+        ] + self._device_header() + self._imatrix_header() + (
             [f"quantbench gpu: {self.gpu_problem}"] if self.gpu_problem else [])
 
     @cached_property
     def gpu_problem(self) -> str | None:
         """Why ``--quantbench-n-gpu-layers N > 0`` offloads nothing, or None: the engine build
-        has no GPU backend (``llama_supports_gpu_offload()`` is false), so every layer runs on
-        the CPU."""
-        from .engine.bindings import load_library, supports_gpu_offload
-
+        has no GPU backend (its device is the CPU), so every layer runs on the CPU."""
         n = self.config.n_gpu_layers
-        if not n or n <= 0:
-            return None
-        lib = load_library(self.config.engine_lib)
-        if supports_gpu_offload(lib):
+        if not n or n <= 0 or self.identity_engine.device != "cpu":
             return None
         return (f"--quantbench-n-gpu-layers {n} has no effect: the engine build "
                 f"{self.identity_engine.libllama} has no GPU backend, so everything runs on the "
                 "CPU (pass --quantbench-engine-lib PATH to the libllama of a CUDA/Vulkan/Metal "
                 "build of ik_llama.cpp to offload)")
+
+    def _device_header(self) -> list[str]:
+        """The device line of a GPU build: which GPUs, one per worker or not, graphs off."""
+        engine = self.identity_engine
+        if engine.device == "cpu":
+            return []
+        per_worker = (f"one per worker from --quantbench-gpus {self.config.gpus}"
+                      if self.config.gpus is not None else "the engine's own split")
+        return [f"quantbench device: {engine.device} ({per_worker}; n_gpu_layers="
+                f"{self.config.n_gpu_layers}; CUDA graphs off)"]
 
     def _imatrix_header(self) -> list[str]:
         source = self.imatrix_source

@@ -184,6 +184,7 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "llama_batch_init": ([ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], llama_batch),
     "llama_batch_free": ([llama_batch], None),
     "llama_decode": ([_P, llama_batch], ctypes.c_int32),
+    "llama_synchronize": ([_P], None),  # before a device tensor swap (engine/swap.py)
     "llama_kv_cache_clear": ([_P], None),
     "llama_get_logits": ([_P], ctypes.POINTER(ctypes.c_float)),
     "llama_model_desc": ([_P, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32),
@@ -251,17 +252,6 @@ def mapped_library(pattern: str) -> str:
     except OSError:
         pass
     return ""
-
-
-def supports_gpu_offload(lib: ctypes.CDLL) -> bool:
-    """``llama_supports_gpu_offload()`` of a loaded library: True when the build has a GPU (or
-    other offload) backend, so ``n_gpu_layers`` can move layers off the CPU; False for a CPU-only
-    build such as the wheel (and for a library without the symbol)."""
-    fn = getattr(lib, "llama_supports_gpu_offload", None)
-    if fn is None:
-        return False
-    fn.argtypes, fn.restype = [], ctypes.c_bool
-    return bool(fn())
 
 
 _loaded: dict[Path, ctypes.CDLL] = {}

@@ -9,7 +9,8 @@ Every ggml struct and function signature the plugin uses is declared here, once:
 * :class:`Ggml` binds the loaded ``libggml``: ``ggml_quantize_chunk`` with the arity its header
   declares (:func:`quantize_chunk_arity`), ``ggml_internal_get_type_traits`` (:class:`TypeTraits`,
   only when the header's layout is the one declared here), ``ggml_nbytes``,
-  ``ggml_tensor_overhead``, ``ggml_backend_buffer_is_host`` and ``ggml_backend_tensor_get``; it
+  ``ggml_tensor_overhead``, ``ggml_row_size`` and the ``ggml_backend_*`` buffer functions (is
+  host, tensor get/set, a buffer type's allocation size, allocate, clear, set usage, free); it
   checks the header against the library (``ggml_tensor_overhead()``) and reads tensors.
 
 Users: :mod:`pytest_quantbench.engine.swap` (in-process tensor swap) and the importance-matrix
@@ -208,9 +209,22 @@ _SIGNATURES = {
     "ggml_backend_buffer_is_host": ([ctypes.c_void_p], ctypes.c_bool),
     "ggml_backend_tensor_get": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                                  ctypes.c_size_t], None),
+    "ggml_backend_tensor_set": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                 ctypes.c_size_t], None),
+    "ggml_backend_buffer_get_type": ([ctypes.c_void_p], ctypes.c_void_p),
+    "ggml_backend_buft_get_alloc_size": ([ctypes.c_void_p, ctypes.c_void_p], ctypes.c_size_t),
+    "ggml_backend_buft_alloc_buffer": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p),
+    "ggml_backend_buffer_get_base": ([ctypes.c_void_p], ctypes.c_void_p),
+    "ggml_backend_buffer_clear": ([ctypes.c_void_p, ctypes.c_uint8], None),
+    "ggml_backend_buffer_set_usage": ([ctypes.c_void_p, ctypes.c_int], None),
+    "ggml_backend_buffer_free": ([ctypes.c_void_p], None),
     "ggml_nbytes": ([ctypes.c_void_p], ctypes.c_size_t),
+    "ggml_row_size": ([ctypes.c_int, ctypes.c_int64], ctypes.c_size_t),
     "ggml_tensor_overhead": ([], ctypes.c_size_t),
 }
+#: ``enum ggml_backend_buffer_usage`` (ggml-backend.h): a buffer of weights, so the scheduler
+#: runs the ops that read it on the buffer's backend.
+BUFFER_USAGE_WEIGHTS = 1
 
 
 class Ggml:

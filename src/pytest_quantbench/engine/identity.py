@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..inputs import sha256_file
 from . import bindings
+from .devices import device_info
 from .quantize import find_quantize_binary
 
 
@@ -31,16 +32,24 @@ class EngineIdentity:
     quantize_binary: str
     files_sha256: str
     cpu_features: str
+    device: str = "cpu"
+    device_key: str = "cpu"
 
     @property
     def key(self) -> str:
-        """Short id of everything that can change a logit: file hashes and kernel features."""
-        return hashlib.sha256(f"{self.files_sha256}|{self.cpu_features}".encode()).hexdigest()[:12]
+        """Short id of everything that can change a logit: file hashes, kernel features and, on a
+        GPU build, the GPU model names (``device_key``), so GPU and CPU results never mix."""
+        text = f"{self.files_sha256}|{self.cpu_features}"
+        if self.device_key != "cpu":
+            text += f"|{self.device_key}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def describe(self) -> str:
-        """``ik-llama-cpp-python 0.1.5, libllama <path> [AVX2 FMA F16C], engine id <key>``."""
+        """``ik-llama-cpp-python 0.1.5, libllama <path> [AVX2 FMA F16C], engine id <key>``
+        (``, device cuda:0 <GPU name>`` on a GPU build)."""
+        device = f", device {self.device}" if self.device != "cpu" else ""
         return (f"ik-llama-cpp-python {self.package_version}, libllama {self.libllama} "
-                f"[{self.cpu_features}], engine id {self.key}")
+                f"[{self.cpu_features}]{device}, engine id {self.key}")
 
 
 @lru_cache(maxsize=4)
@@ -61,5 +70,7 @@ def engine_identity(lib_path: Path | None = None) -> EngineIdentity:
         version = metadata.version("ik-llama-cpp-python")
     except metadata.PackageNotFoundError:
         version = "unknown"
+    dev = device_info()
     return EngineIdentity(version, libllama, libggml, quantize,
-                          hashlib.sha256("|".join(hashes).encode()).hexdigest(), features)
+                          hashlib.sha256("|".join(hashes).encode()).hexdigest(), features,
+                          dev.describe(), dev.key)

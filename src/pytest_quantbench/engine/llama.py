@@ -32,7 +32,9 @@ class EvalSettings:
     n_seq: chunks decoded together as separate sequences in one call (llama-perplexity's
     n_seq = n_batch/C of its base run, spec §1.2). With n_seq > 1 the physical batch holds all of
     them (n_ubatch = n_seq·C), which feeds a GPU larger matrix products; with 1 (default),
-    n_ubatch = min(512, C) as llama-perplexity's KLD run.
+    n_ubatch = min(512, C) as llama-perplexity's KLD run. single_gpu: split mode NONE (one GPU
+    per worker, ``--quantbench-gpus``); otherwise the engine's default split over the GPUs it
+    sees.
     """
 
     n_ctx: int
@@ -40,6 +42,7 @@ class EvalSettings:
     n_gpu_layers: int = 0
     flash_attn: bool = True
     n_seq: int = 1
+    single_gpu: bool = False
 
     @property
     def n_batch(self) -> int:
@@ -94,6 +97,9 @@ class LlamaModel:
         mparams = self.lib.llama_model_default_params()
         mparams.n_gpu_layers = settings.n_gpu_layers
         mparams.use_mmap = True
+        if settings.single_gpu:
+            mparams.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the worker's one GPU holds it all
+            mparams.main_gpu = 0
         mparams.vocab_only = vocab_only
         self.lib.log_tail.lines.clear()
         self._model = self.lib.llama_model_load_from_file(str(self.path).encode(), mparams)
@@ -121,6 +127,11 @@ class LlamaModel:
         cparams.n_threads_batch = settings.threads
         cparams.flash_attn = settings.flash_attn
         cparams.graph_reuse = False
+        from .devices import CUDA_PARAMS_NO_GRAPHS, is_gpu_build
+
+        if is_gpu_build():  # CUDA graphs off: a captured graph ignores a swapped weight's type
+            self._cuda_params = ctypes.create_string_buffer(CUDA_PARAMS_NO_GRAPHS)
+            cparams.cuda_params = ctypes.cast(self._cuda_params, ctypes.c_void_p)
         if self._context_params_hook is not None:
             self._context_params_hook(cparams)
         self._ctx = self.lib.llama_init_from_model(self._model, cparams)
@@ -131,6 +142,12 @@ class LlamaModel:
                 f"{self.lib.log_tail.text()}"
             )
         self._batch = self.lib.llama_batch_init(settings.n_batch, 0, 1)
+
+    def synchronize(self) -> None:
+        """Wait for the context's queued device work (``llama_synchronize``); no-op without a
+        context."""
+        if self._ctx:
+            self.lib.llama_synchronize(self._ctx)
 
     def __enter__(self) -> "LlamaModel":
         return self

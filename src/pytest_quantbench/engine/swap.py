@@ -6,18 +6,33 @@ target tensors' baseline weights (f32/f16/bf16) to float32, quantizes them with 
 ``ggml_tensor``'s type, strides and data pointer to the quantized buffer, and restores all three
 exactly afterwards. The context is created with graph reuse off, so no graph keeps the old layout.
 Per-item cost outside evaluation therefore grows with the tensor, not with the model.
+
+That pointer swap needs the tensor in host memory. A tensor in any other buffer (a GPU build with
+``--quantbench-n-gpu-layers``) gets a private buffer instead, as ik_llama.cpp's own tensor
+hot-swap does: allocated on the tensor's own buffer type with the size that type gives the
+target type (CUDA adds a zeroed padding tail, :func:`.devices.cuda_padding`), cleared, marked as
+weights, filled with ``ggml_backend_tensor_set``; restoring puts back type, strides, data and
+buffer, then frees it. ``llama_synchronize`` runs before swapping in and before restoring.
+``QUANTBENCH_SWAP_PRIVATE_BUFFERS=1`` (or ``SwapModel(private_buffers=True)``) forces that path
+on host buffers, so the CPU tests exercise it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from .ggml import Ggml, TypeTraits
+from .devices import cuda_padding
+from .ggml import BUFFER_USAGE_WEIGHTS, Ggml, TypeTraits
 from .llama import EngineError, EvalSettings, LlamaModel
+
+#: Test switch: ``1`` forces the private-buffer swap on host buffers (see the module docstring).
+PRIVATE_BUFFERS_ENV = "QUANTBENCH_SWAP_PRIVATE_BUFFERS"
 
 GGML_MAX_DIMS = 4
 _ROW_BLOCK_ELEMENTS = 1 << 24  # float32 staging per quantize call: 64 MB
@@ -28,11 +43,18 @@ class SwapModel:
     """The baseline model, loaded once, whose tensors can be swapped for quantized versions.
 
     Args:
-        path: baseline GGUF; settings: evaluation settings (same as the baseline's).
+        path: baseline GGUF; settings: evaluation settings (same as the baseline's);
+        private_buffers: swap through private buffers even for host tensors (a test switch;
+        also ``QUANTBENCH_SWAP_PRIVATE_BUFFERS=1``).
+    Attributes:
+        allocations: byte sizes of the private buffers of the last :meth:`swapped` block.
     Raises EngineError when the engine's libggml or its header cannot be bound.
     """
 
-    def __init__(self, path: Path, settings: EvalSettings) -> None:
+    def __init__(self, path: Path, settings: EvalSettings, *,
+                 private_buffers: bool = False) -> None:
+        self.private_buffers = private_buffers or os.environ.get(PRIVATE_BUFFERS_ENV) == "1"
+        self.allocations: list[int] = []
         self.model = LlamaModel(path, settings)
         try:
             self.ggml = Ggml(self.model.lib.quantbench_path)
@@ -40,6 +62,8 @@ class SwapModel:
             self.model.close()
             raise
         self.ggml.bind_model_tensor_lookup(self.model.lib)
+        types = self.ggml.header.types
+        self._float_ids = {types.get(f"GGML_TYPE_{n.upper()}") for n in _FLOAT_TYPES}
 
     def close(self) -> None:
         """Free the model."""
@@ -64,7 +88,13 @@ class SwapModel:
         dtype, size = _FLOAT_TYPES[type_name]
         ne0 = t.ne[0]
         rows = t.ne[1] * t.ne[2] * t.ne[3]
-        raw = self.ggml.host_array(t.data, ne0 * rows * size).view(dtype).reshape(rows, ne0)
+        nbytes = ne0 * rows * size
+        if self._host(t):
+            raw = self.ggml.host_array(t.data, nbytes)
+        else:  # device memory: copied out by the buffer's backend
+            raw = np.empty(nbytes, dtype=np.uint8)
+            self.ggml.lib.ggml_backend_tensor_get(ctypes.addressof(t), raw.ctypes.data, 0, nbytes)
+        raw = raw.view(dtype).reshape(rows, ne0)
         if type_name == "bf16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32)
@@ -128,31 +158,98 @@ class SwapModel:
                      interleave * ne0)
         return out
 
+    def _host(self, t) -> bool:
+        """Whether the pointer swap can serve tensor ``t``: its data is host memory and the
+        private-buffer path is not forced."""
+        if self.private_buffers:
+            return False
+        return not t.buffer or bool(self.ggml.lib.ggml_backend_buffer_is_host(t.buffer))
+
+    def swap_problem(self, name: str, type_name: str, shape: tuple[int, ...]) -> str | None:
+        """Why the in-process swap cannot replace tensor ``name`` (None when it can): its data is
+        split over several devices (``extra`` set: split mode graph/attn), it is a view into a
+        merged tensor (``view_src``: ``-mqkv``/``-muge``), or the engine changed it at load
+        (type or shape differ from the GGUF's ``type_name``/``shape``, or MLA's ``attn_kv_b``,
+        which the engine converts to other tensors). ik_llama.cpp's own hot-swap refuses the
+        same tensors."""
+        t = self.tensor(name)
+        if getattr(t, "extra", None):
+            return (f"{name} is split over several devices (tensor->extra is set); the in-process "
+                    "swap cannot replace its parts")
+        if t.view_src:
+            return (f"{name} is a view into a merged tensor (-mqkv/-muge); the in-process swap "
+                    "cannot replace part of it")
+        type_id = self.ggml.header.types.get(f"GGML_TYPE_{type_name.upper()}")
+        loaded = tuple(int(t.ne[i]) for i in range(len(shape)))
+        if t.type != type_id or loaded != tuple(shape):
+            return (f"{name} was transformed at load (the engine holds it as type {t.type}, "
+                    f"shape {loaded}; the file has {type_name} {tuple(shape)})")
+        if name.endswith("attn_kv_b.weight"):
+            return (f"{name} is converted at load into MLA's own tensors; swapping it would not "
+                    "change what the engine computes")
+        return None
+
+    def _swap_private(self, t, data: np.ndarray, quantized: bool) -> int:
+        """Give ``t`` (type and strides already set to the target) a private buffer on its own
+        buffer type holding ``data``; returns the buffer. Raises EngineError when it cannot be
+        allocated (t is left for the caller to restore)."""
+        lib = self.ggml.lib
+        addr = ctypes.addressof(t)
+        buft = lib.ggml_backend_buffer_get_type(t.buffer)
+        size = int(lib.ggml_backend_buft_get_alloc_size(buft, addr))
+        if self.private_buffers:  # forced on a host buffer: allocate CUDA's padding as well
+            size = max(size, len(data) + cuda_padding(lib.ggml_row_size, t.type, int(t.ne[0]),
+                                                      quantized))
+        buf = lib.ggml_backend_buft_alloc_buffer(buft, size)
+        if not buf:
+            raise EngineError(f"cannot allocate {size} bytes on the buffer type of "
+                              f"{t.name.decode(errors='replace')} for the swap")
+        lib.ggml_backend_buffer_clear(buf, 0)
+        lib.ggml_backend_buffer_set_usage(buf, BUFFER_USAGE_WEIGHTS)
+        t.buffer = buf
+        t.data = lib.ggml_backend_buffer_get_base(buf)
+        lib.ggml_backend_tensor_set(addr, data.ctypes.data, 0, len(data))
+        self.allocations.append(size)
+        return buf
+
     @contextmanager
     def swapped(self, replacements: dict[str, tuple[int, int, int, np.ndarray]]) -> Iterator[None]:
         """Point tensors at quantized data for the duration of the block, then restore them.
 
         replacements: tensor name → (ggml type id, type size (bytes per block, ggml's nb[0]),
-        row size in bytes, uint8 data). The data arrays
-        must stay alive during the block (the caller holds them). Restores type, strides and data
-        pointer even when the block raises.
+        row size in bytes, uint8 data). The data arrays must stay alive during the block (the
+        caller holds them). Host tensors are re-pointed at the arrays; others get a private
+        buffer (module docstring). Restores type, strides, data pointer and buffer, and frees
+        private buffers, even when the block raises. Raises EngineError when a private buffer
+        cannot be allocated.
         """
         saved = []
+        self.allocations = []
+        self.model.synchronize()
         try:
             for name, (type_id, type_size, row_size, data) in replacements.items():
                 t = self.tensor(name)
-                saved.append((t, t.type, tuple(t.nb), t.data))
+                host = self._host(t)
+                entry = [t, t.type, tuple(t.nb), t.data, t.buffer, None]
+                saved.append(entry)
+                quantized = type_id not in self._float_ids
                 t.type = type_id
                 t.nb[0] = type_size
                 t.nb[1] = row_size
                 t.nb[2] = row_size * t.ne[1]
                 t.nb[3] = t.nb[2] * t.ne[2]
-                t.data = data.ctypes.data
+                if host:
+                    t.data = data.ctypes.data
+                else:
+                    entry[5] = self._swap_private(t, data, quantized)
             yield
         finally:
-            for t, type_id, nb, data in reversed(saved):
+            self.model.synchronize()
+            for t, type_id, nb, data, buffer, private in reversed(saved):
                 t.type = type_id
                 for i in range(GGML_MAX_DIMS):
                     t.nb[i] = nb[i]
                 t.data = data
-
+                t.buffer = buffer
+                if private:
+                    self.ggml.lib.ggml_backend_buffer_free(private)
