@@ -8,7 +8,7 @@ from __future__ import annotations
 from runhelpers import results
 
 PROBED = ["--quantbench-qtypes=q4_0", "--quantbench-tensors",
-          r"^blk\.(0|1)\.attn_(k|v)\.weight$", "--quantbench-threads=1", "--quantbench-rerun"]
+          r"^blk\.0\.attn_(q|k|v|output)\.weight$", "--quantbench-threads=1", "--quantbench-rerun"]
 
 
 def test_kernel_probe_is_the_same_for_a_type_under_any_xdist_layout(pytester, qb_args):
@@ -50,7 +50,7 @@ def test_a_failing_baseline_is_computed_once_and_every_item_errors_with_why(
     args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir=")]
     result = pytester.runpytest_subprocess(
         *args, f"--quantbench-cache-dir={tmp_path / 'cache'}", "--quantbench-qtypes=q8_0",
-        "--quantbench-tensors", r"^blk\.(0|1)\.attn_(k|v)\.weight$", "-n", "2")
+        "--quantbench-tensors", r"^blk\.0\.attn_(q|k|v|output)\.weight$", "-n", "2")
     result.assert_outcomes(errors=4)
     assert (tmp_path / "chunks").read_text().count("chunk") == 1
     reasons = set(results(pytester)["reason"])
