@@ -285,7 +285,7 @@ class Quantbench:
 
     def check(self, stats: Measurement, **limits: float) -> Measurement:
         """Fail the test when ``stats`` breaks a limit, with the thresholds file's semantics and
-        message (value ± uncertainty, the limit; docs/suite-formats.md#thresholds).
+        message (value ± uncertainty, the limit; README.md, "Thresholds").
 
         limits: thresholds-file keys (``max_kld``, ``max_ppl_ratio``, ``max_ppl_increase_pct``,
         ``max_rms_dp``, ``min_same_top_p`` (percent), ``max_kld_p99``, …) → limit.

@@ -2,7 +2,7 @@
 
 A recipe is text, one rule per line, ``<regex>=<qtype>``; lines are trimmed, empty lines and
 lines starting with ``#`` are ignored; the regex is an unanchored bash ERE; the first matching
-line decides a tensor's qtype (docs/suite-formats.md#8-recipe-format). The qtype is spelled as
+line decides a tensor's qtype (docs/suite-formats.md#recipe). The qtype is spelled as
 users spell it (``q4_k`` → ``q4_K``) and resolved with
 :func:`pytest_quantbench.qtypes.resolve_qtype`;
 it must be a ggml type (a recipe names one type per tensor, never a preset mixture).
@@ -81,7 +81,7 @@ class Recipe:
 
 
 def parse_recipe(lines: Iterable[str], source: str, *, name: str | None = None) -> Recipe:
-    """Parse recipe lines (docs/suite-formats.md#8-recipe-format).
+    """Parse recipe lines (docs/suite-formats.md#recipe).
 
     Args:
         lines: the recipe's lines; source: the file name used in messages; name: the recipe's

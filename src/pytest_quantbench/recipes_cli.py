@@ -3,7 +3,7 @@
 Reads per-tensor results (``results.csv`` files or output directories), the baseline model's
 header (shapes: sizes are real row sizes per type), chooses one type per tensor with
 :func:`pytest_quantbench.budget.plan_budget` and writes the recipe in the GGUF tool suite's
-format (docs/suite-formats.md#8-recipe-format), atomically.
+format (docs/suite-formats.md#recipe), atomically.
 """
 
 from __future__ import annotations
