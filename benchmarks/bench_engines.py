@@ -97,9 +97,8 @@ def main() -> None:
     parser.add_argument("--rss-items", type=int, default=50)
     parser.add_argument("--big-layers", type=int, default=11, help="layers of the ~1 GB model")
     args = parser.parse_args()
-    from synthmodel import build_synthetic_model
-
     from pytest_quantbench.measure import WorkUnit
+    from synthmodel import build_synthetic_model
 
     def units(names):
         return [WorkUnit(n, (n,), "q4_0") for n in names][:args.items]

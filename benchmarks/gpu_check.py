@@ -163,9 +163,8 @@ def step_d(out: Path, model: Path | None, big: Path) -> None:
 
 
 def build_big(out: Path, layers: int, n_embd: int) -> Path:
-    from synthmodel import build_synthetic_model
-
     from conftest import CORPUS_TEXT
+    from synthmodel import build_synthetic_model
 
     big = out / "big-bf16.gguf"
     if not big.exists():

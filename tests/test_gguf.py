@@ -27,7 +27,6 @@ if str(Path(__file__).parent) not in sys.path:  # also under --import-mode=impor
     sys.path.insert(0, str(Path(__file__).parent))
 from synthmodel import build_synthetic_model  # noqa: E402
 
-
 # --------------------------------------------------------------------------
 # a minimal hand-rolled GGUF writer, for shapes gguf-py will not write
 # --------------------------------------------------------------------------

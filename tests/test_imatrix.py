@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from pytest_quantbench.engine import bindings
+from pytest_quantbench.engine.ggml import Ggml, GgmlHeader
 from pytest_quantbench.engine.llama import EngineError, EvalSettings, LlamaModel
 from pytest_quantbench.engine.quantize import run_llama_quantize
-from pytest_quantbench.engine.ggml import Ggml, GgmlHeader
 from pytest_quantbench.engine.swap import SwapModel
 from pytest_quantbench.gguf import read_header, read_model_header
 from pytest_quantbench.imatrix import (

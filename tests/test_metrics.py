@@ -12,10 +12,10 @@ import pytest
 from pytest_quantbench import metrics as m
 from pytest_quantbench.metrics import (
     FIELDS,
+    TABLE_HEADER,
     KLDAccumulator,
     KLDStats,
     PPLAccumulator,
-    TABLE_HEADER,
     covariance,
     expf,
     format_kld_output,

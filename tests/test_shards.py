@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from runhelpers import without
 
 from pytest_quantbench.config import ConfigError
 from pytest_quantbench.merge import PER_PROCESS, MergeError, merge
 from pytest_quantbench.shard import Shard, assign_shards, parse_shard
+from runhelpers import without
 
 TABLES = ("kld_results.csv", "ppl_results.csv", "topp_results.csv", "results.csv")
 TIMING = PER_PROCESS  # the time and the kernel probe depend on the process, not the item

@@ -24,10 +24,9 @@ from pytest_quantbench.qtypes import predict_written_type
 pytest.importorskip("gguf", reason="gguf-py writes the synthetic test models (pip install gguf)")
 if str(Path(__file__).parent) not in sys.path:  # also under --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
+from conftest import WHEEL  # noqa: E402
 from synthmodel import build_synthetic_model, f32_to_bf16_bits, synthetic_vocab  # noqa: E402
 
-
-from conftest import WHEEL  # noqa: E402
 QUANTIZE = WHEEL / "bin" / "llama-quantize" if WHEEL else None
 needs_quantize = pytest.mark.skipif(
     QUANTIZE is None or not QUANTIZE.is_file(), reason="the wheel's llama-quantize is not installed"

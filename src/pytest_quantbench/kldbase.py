@@ -268,7 +268,7 @@ class KLDBaseWriter:
         self._fh = None
         self._tmp: str | None = None
 
-    def __enter__(self) -> "KLDBaseWriter":
+    def __enter__(self) -> KLDBaseWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".tmp",
@@ -467,7 +467,7 @@ class KLDBaseFile:
         self.tokens = None
         self._records = None
 
-    def __enter__(self) -> "KLDBaseFile":
+    def __enter__(self) -> KLDBaseFile:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,7 +8,7 @@ tensors in natural order, each with its qtypes sorted.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .config import ConfigError
 from .measure import WorkUnit

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence, Union
+from typing import Literal
 
 __all__ = [
     "GGMLType",
@@ -540,7 +541,7 @@ def qtype_label(qtype: QType) -> str:
     return qtype.name if qtype.kind == "type" else qtype.name.lower()
 
 
-def parse_qtype_list(text_or_list: Union[str, Iterable[str]]) -> tuple[QType, ...]:
+def parse_qtype_list(text_or_list: str | Iterable[str]) -> tuple[QType, ...]:
     """Parse ``"q4_K, iq4_ks q8_0"`` (or a list of such strings) into QTypes.
 
     Items are separated by commas and/or whitespace.  Order is kept and

@@ -8,9 +8,9 @@ freshly measured item at once, so an interrupted run loses only the items in fli
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import cached_property
-from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 from .measure import ItemSkip, WorkUnit
 

@@ -23,8 +23,8 @@ import ast
 import ctypes
 import operator
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 

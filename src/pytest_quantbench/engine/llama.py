@@ -10,9 +10,9 @@ as separate sequences (EvalSettings.n_seq), as llama-perplexity's base run does 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -149,7 +149,7 @@ class LlamaModel:
         if self._ctx:
             self.lib.llama_synchronize(self._ctx)
 
-    def __enter__(self) -> "LlamaModel":
+    def __enter__(self) -> LlamaModel:
         return self
 
     def __exit__(self, *exc: object) -> None:

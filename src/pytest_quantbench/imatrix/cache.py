@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..cachefiles import cache_notice
 from .formats import ImatrixError, load_imatrix
