@@ -491,7 +491,7 @@ def test_moe_experts_get_one_vector_each(tmp_path, chunks, monkeypatch):
     up = [imx.weights_for("blk.0.ffn_up_exps.weight", e) for e in range(4)]
     gate = [imx.weights_for("blk.0.ffn_gate_exps.weight", e) for e in range(4)]
     assert all(u.shape == (256,) for u in up)
-    for u, g in zip(up, gate):
+    for u, g in zip(up, gate, strict=True):
         np.testing.assert_array_equal(u, g)
     assert not np.array_equal(up[0], up[1])
     stats = seen["collector"].stats

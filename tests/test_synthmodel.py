@@ -110,7 +110,7 @@ def test_quantize_one_tensor_to_iq4_ks(synth: Path, tmp_path: Path) -> None:
     v = dst.tensor("blk.0.attn_v.weight")
     assert (v.ggml_type, v.type_name) == (144, "iq4_ks")
     assert v.shape == (256, 128) and v.n_bytes == 128 * (4 + 136)
-    for a, b in zip(src.tensors, dst.tensors):
+    for a, b in zip(src.tensors, dst.tensors, strict=True):
         if a.name != v.name:
             assert (a.type_name, a.shape, a.n_bytes) == (b.type_name, b.shape, b.n_bytes), a.name
     assert dst.metadata["tokenizer.ggml.tokens"] == src.metadata["tokenizer.ggml.tokens"]

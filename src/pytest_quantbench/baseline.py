@@ -287,8 +287,9 @@ class RunBaseline:
         inputs: the run's :class:`~pytest_quantbench.runinputs.RunInputs` (chunks, tokenizer,
             identity, user base file, model and settings).
         swap_model: returns the worker's in-process
-            :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with ``--quantbench-engine=inplace`` its loaded model computes the
-            baseline too (same load, same settings).
+            :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with
+            ``--quantbench-engine=inplace`` its loaded model computes the baseline too (same load,
+            same settings).
     """
 
     def __init__(self, inputs, swap_model: Callable[[], object]) -> None:

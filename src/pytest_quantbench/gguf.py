@@ -484,7 +484,8 @@ def _parse(p: Path, mm, file_size: int, max_items: int | None) -> GGUFHeader:
         try:
             n_bytes = tensor_nbytes(t, shape)
         except ValueError as e:
-            raise GGUFError(f"{p}: tensor {name!r} shape {list(shape)} type {t.name}: {e}; corrupt header; {_FIX_HINT}") from None
+            raise GGUFError(f"{p}: tensor {name!r} shape {list(shape)} type {t.name}: {e}; "
+                            f"corrupt header; {_FIX_HINT}") from None
         if offset % alignment:
             raise GGUFError(
                 f"{p}: tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}; "

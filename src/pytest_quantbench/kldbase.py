@@ -147,13 +147,13 @@ def encode_logits(
     inv = np.zeros_like(scale)
     inv[nz] = _F32(1) / scale[nz]
     for blk in row_blocks(n_rows, n_vocab):
-        l = logits[blk]
-        d = l - mn[blk, None]                                  # f32(l_i − mn)
+        rows = logits[blk]
+        d = rows - mn[blk, None]                               # f32(l_i − mn)
         if fma:
             v = np.rint(inv[blk, None].astype(_F64) * d)       # exact product, one rounding
         else:
             v = np.rint(inv[blk, None] * d)                    # f32 product, then RNE
-        keep = (l > mn[blk, None]) & nz[blk, None]
+        keep = (rows > mn[blk, None]) & nz[blk, None]
         q[blk] = np.where(keep, v, 0).astype(np.uint16)
     return EncodedRows(scale=scale, min_log_prob=min_log_prob, q=q, max_logit=mx, log_sum_exp=lse)
 

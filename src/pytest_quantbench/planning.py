@@ -68,7 +68,7 @@ def _whole_units(session: QuantbenchSession, warn: Callable[[str], None]) -> lis
     units = whole_units(config.variant, config.recipe, session.model_header,
                         lambda p: inputs.sha256_file(p, session.cache_dir), warn)
     given = [*config.variant, *config.recipe]
-    session.whole_paths = {(u.name, u.qtype): p for u, p in zip(units, given)}
+    session.whole_paths = {(u.name, u.qtype): p for u, p in zip(units, given, strict=True)}
     return units
 
 

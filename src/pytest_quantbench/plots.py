@@ -165,7 +165,7 @@ def kld_vs_bpw_figure(rows: Sequence[Row], bpw_of: Callable[[Row], float | None]
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red",
             marker="o", markerfacecolor="none", markersize=9, label="Pareto front")
-    for (x, y), label in zip(points, labels):
+    for (x, y), label in zip(points, labels, strict=True):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     files = [(bpw_of(r), _kld(r), str(r.get("qtype"))) for r in rows
              if r.get("tensor") in ("variant", "recipe")]

@@ -131,7 +131,7 @@ def pytest_configure(config: pytest.Config) -> None:
         session.units = _shard_units(config, session)
         if not hasattr(config, "workerinput"):
             _check_separate_path_args(config)
-        session.thresholds  # a bad thresholds file is a usage error now, not an item failure
+        _ = session.thresholds  # a bad thresholds file is a usage error now, not an item failure
         session.validate_inputs()
         if not hasattr(config, "workerinput"):  # not in workers: a baseline being written by
             from .diskspace import check_cache_space  # one of them takes space already
@@ -272,9 +272,9 @@ def pytest_make_collect_report(collector: pytest.Collector):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A configured run without items (no qtypes, variants or recipes) measures only through the ``quantbench`` fixture: a usage
-    error when no collected test uses it; a warning in an xdist worker (the controller does not
-    collect, and a worker's usage error would crash it)."""
+    """A configured run without items (no qtypes, variants or recipes) measures only through the
+    ``quantbench`` fixture: a usage error when no collected test uses it; a warning in an xdist
+    worker (the controller does not collect, and a worker's usage error would crash it)."""
     session = config.stash.get(SESSION_KEY, None)
     if (session is not None and not session.units
             and not any("quantbench" in getattr(item, "fixturenames", ()) for item in items)):

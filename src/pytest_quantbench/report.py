@@ -617,7 +617,7 @@ def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld"
     lines = []
     for line in table:
         cells = [line[0].rjust(widths[0])]
-        cells += [cell.ljust(width) for cell, width in zip(line[1:], widths[1:])]
+        cells += [cell.ljust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells).rstrip())
     return lines
 

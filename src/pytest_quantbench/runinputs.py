@@ -168,7 +168,7 @@ class RunInputs:
         if self.user_base is not None:
             corpus_hash = inputs.sha256_file(self.config.kld_base, self.cache_dir)
         elif self.config.corpus is not None:
-            self.corpus_text  # validates the file (missing, directory, not UTF-8, empty) first
+            _ = self.corpus_text  # validates the file (missing, directory, not UTF-8, empty) first
             corpus_hash = inputs.sha256_file(self.config.corpus, self.cache_dir)
         else:  # the sha256 of the default text written to a file, as `sha256sum` shows it
             corpus_hash = inputs.sha256_text(inputs.default_corpus_text())
@@ -188,9 +188,9 @@ class RunInputs:
 
         Raises ConfigError, EngineError, KLDBaseFormatError or ValueError with the fix.
         """
-        self.chunk_tokens
+        _ = self.chunk_tokens
         if self.config.imatrix not in (None, "auto"):
-            self.imatrix  # wrong format or another model's: a usage error before any item
+            _ = self.imatrix  # wrong format or another model's: a usage error before any item
         if self.user_base is not None:
             from .baseline import check_user_baseline
 

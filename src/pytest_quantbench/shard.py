@@ -114,7 +114,7 @@ def select_shard(units: Sequence[T], shard: Shard, cost: Callable[[T], float],
                  ident: Callable[[T], str]) -> list[T]:
     """The units of ``shard``, in their planned order (see :func:`assign_shards`)."""
     shares = assign_shards([ident(u) for u in units], [cost(u) for u in units], shard.count)
-    return [u for u, s in zip(units, shares) if s == shard.index - 1]
+    return [u for u, s in zip(units, shares, strict=True) if s == shard.index - 1]
 
 
 def unit_cost(header, chunks: int) -> Callable[[object], float]:

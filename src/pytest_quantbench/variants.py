@@ -82,7 +82,7 @@ def check_compatible(base, other, what: str) -> None:
     a = base.metadata.get("tokenizer.ggml.tokens")
     b = other.metadata.get("tokenizer.ggml.tokens")
     if a is not None and b is not None and tuple(a) != tuple(b):
-        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
         raise VariantError(f"{what}: token {i} is {b[i]!r}, the baseline's is {a[i]!r} "
                            "(another tokenizer)")
     mine = {t.name: t for t in base.tensors}

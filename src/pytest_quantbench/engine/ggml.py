@@ -106,7 +106,7 @@ class GgmlHeader:
             raise EngineError(f"{self.path}: struct ggml_tensor lacks {sorted(missing)}")
 
     def _enum(self, text: str, name: str) -> dict[str, int]:
-        m = re.search(r"enum\s+%s\s*\{(.*?)\}" % re.escape(name), text, re.S)
+        m = re.search(r"enum\s+" + re.escape(name) + r"\s*\{(.*?)\}", text, re.S)
         if m is None:
             raise KeyError(f"enum {name}")
         out: dict[str, int] = {}
@@ -124,7 +124,7 @@ class GgmlHeader:
         return out
 
     def _struct(self, text: str, name: str) -> type[ctypes.Structure]:
-        m = re.search(r"struct\s+%s\s*\{(.*?)\}\s*;" % re.escape(name), text, re.S)
+        m = re.search(r"struct\s+" + re.escape(name) + r"\s*\{(.*?)\}\s*;", text, re.S)
         if m is None:
             raise KeyError(f"struct {name}")
         fields = []
