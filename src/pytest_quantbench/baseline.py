@@ -17,12 +17,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from filelock import FileLock
 
 from .kldbase import KLDBaseFile, KLDBaseFormatError
 from .report import atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine.swap import SwapModel
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +269,8 @@ def check_user_baseline(base: KLDBaseFile, n_vocab: int, corpus: Path | None = N
     if corpus is not None and corpus_tokens is not None:
         tokens, need = corpus_tokens(), base.n_chunk * base.n_ctx
         if len(tokens) < need:
-            why = f"it has {len(tokens)} tokens, the file's {base.n_chunk} chunks hold {need}"
+            why: str | None = (f"it has {len(tokens)} tokens, the file's {base.n_chunk} chunks "
+                               f"hold {need}")
         else:
             differ = np.flatnonzero(np.asarray(tokens[:need]) != np.asarray(base.tokens).ravel())
             why = (None if differ.size == 0 else
@@ -288,11 +293,11 @@ class RunBaseline:
             identity, user base file, model and settings).
         swap_model: returns the worker's in-process
             :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with
-            ``--quantbench-engine=inplace`` its loaded model computes the baseline too (same load,
-            same settings).
+            ``--quantbench-engine=inplace`` its loaded model computes the
+            baseline too (same load, same settings).
     """
 
-    def __init__(self, inputs, swap_model: Callable[[], object]) -> None:
+    def __init__(self, inputs, swap_model: Callable[[], SwapModel | None]) -> None:
         self.inputs = inputs
         self._swap_model = swap_model
         self._file: KLDBaseFile | None = None

@@ -338,7 +338,8 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
 
     assignment: dict[str, str] = {}
     constant = 0
-    plan_fixed, unmeasured = [], []
+    plan_fixed: list[str] = []
+    unmeasured: list[str] = []
     options: list[list[tuple[int, float, str]]] = []
     names: list[str] = []
     for info in header.tensors:
@@ -387,8 +388,8 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
             least) from None
     total = constant
     summed = 0.0
-    for name, opts, q in zip(names, options, chosen, strict=True):
-        size, k, wname = opts[q]
+    for name, sized, pick in zip(names, options, chosen, strict=True):
+        size, k, wname = sized[pick]
         assignment[name] = wname
         total += size
         summed += k

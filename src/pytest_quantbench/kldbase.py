@@ -28,7 +28,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -265,7 +265,7 @@ class KLDBaseWriter:
         self.fma = fma
         self.log_prob_range = log_prob_range
         self.chunks_written = 0
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self._tmp: str | None = None
 
     def __enter__(self) -> KLDBaseWriter:
@@ -347,6 +347,7 @@ class KLDBaseWriter:
                 f"{self.path}: only {self.chunks_written} of {self.n_chunk} chunks were written; "
                 "the file was not created"
             )
+        assert self._fh is not None and self._tmp is not None  # set by __enter__
         try:
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -464,8 +465,9 @@ class KLDBaseFile:
     def close(self) -> None:
         """Drop this reader's memory maps; the mapping is released once no view handed out
         earlier is alive (numpy memmaps cannot be closed under live views)."""
-        self.tokens = None
-        self._records = None
+        # a closed reader is not read again: None drops the maps without an Optional type
+        self.tokens = None  # type: ignore[assignment]
+        self._records = None  # type: ignore[assignment]
 
     def __enter__(self) -> KLDBaseFile:
         return self

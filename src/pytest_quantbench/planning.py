@@ -75,9 +75,9 @@ def _whole_units(session: QuantbenchSession, warn: Callable[[str], None]) -> lis
 def _selected_tensors(session: QuantbenchSession, eligible: list[str],
                       warn: Callable[[str], None]) -> tuple[str, ...]:
     """The tensors the selection rules (CLI, YAML/ini, tensors file, or the default) select."""
-    from .selection import parse_rules, select_tensors
+    from .selection import Rule, parse_rules, select_tensors
 
-    rules = []
+    rules: list[Rule] = []
     by_source: dict[str, list[str]] = {}
     for text, source in session.config.rule_lines():
         by_source.setdefault(source, []).append(text)

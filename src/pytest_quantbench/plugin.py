@@ -16,11 +16,14 @@ import re
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
 from .config import OPTIONS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .storewriter import StoreWriter
 
 SESSION_KEY = pytest.StashKey["Any"]()
 SWEPT_KEY = pytest.StashKey["list"]()
@@ -54,7 +57,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             kwargs["metavar"] = opt.kind.upper() if opt.kind != "path" else "PATH"
         group.addoption(opt.flag, **kwargs)
-        ini_type = "linelist" if opt.kind in ("list", "groups", "paths") else "string"
+        ini_type: Literal["linelist", "string"] = "linelist" if opt.kind in ("list", "groups", "paths") else "string"
         parser.addini(opt.dest, opt.help, type=ini_type, default=None)
     group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
                     help="YAML file of quantbench settings (default: quantbench.yaml in the "
@@ -352,6 +355,7 @@ class QuantbenchItem(pytest.Item):
 
     def runtest(self) -> None:
         qb = self._session()
+        assert self.measured is not None  # runtest follows a setup that measured
         measured = {**self.row, **self.measured}  # the row has the chunk-level ±
         messages = [v.message for v in qb.thresholds.check(self.unit.name, self.unit.qtype,
                                                            measured)]
@@ -418,7 +422,7 @@ class ResultCollector:
         self._table_rows: list[dict[str, Any]] | None = None
         self._flushed_at = time.monotonic()  # tables are rewritten mid-run from this on
         self.flush_error: str | None = None  # the last mid-run rewrite's error, if it failed
-        self._writer = None
+        self._writer: StoreWriter | None = None
         self._refused: dict[str, str] = {}  # nodeid -> why its row was not stored
 
     @property
@@ -471,7 +475,7 @@ class ResultCollector:
                 if report.failed and "reason" not in row:
                     row["reason"] = failure_message(report)
                 self.rows[report.nodeid + suffix] = row
-                outcome = {k: row[k] for k in ("status", "nodeid") if k in row}
+                outcome: dict[str, Any] = {k: row[k] for k in ("status", "nodeid") if k in row}
                 if "reason" in row and "reason" not in props:
                     outcome["reason"] = row["reason"]
                 try:

@@ -202,6 +202,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
                 continue
         if fd < 0:  # pragma: no cover - 100 random collisions
             raise FileExistsError(f"no free temporary name next to {target}")
+        assert tmp is not None  # the loop broke with tmp created
         try:
             view = memoryview(data)
             while view:

@@ -166,6 +166,7 @@ class RunInputs:
         from .baseline import RunIdentity
 
         if self.user_base is not None:
+            assert self.config.kld_base is not None  # the user base is read from it
             corpus_hash = inputs.sha256_file(self.config.kld_base, self.cache_dir)
         elif self.config.corpus is not None:
             _ = self.corpus_text  # validates the file (missing, directory, not UTF-8, empty) first
@@ -248,7 +249,8 @@ class RunInputs:
         if self.config.imatrix == "auto":
             return ["quantbench imatrix: auto (computed from the corpus chunks once, cached in "
                     f"{self.cache_dir / 'imatrix'}; key {self._auto_imatrix_key})"]
-        return [f"quantbench imatrix: {self.config.imatrix} (sha256 {self.imatrix_identity[:12]})"]
+        sha = self.imatrix_identity or ""  # a file is set here: its sha256
+        return [f"quantbench imatrix: {self.config.imatrix} (sha256 {sha[:12]})"]
 
     # ---- importance matrix ----------------------------------------------------------
     @cached_property
@@ -260,7 +262,7 @@ class RunInputs:
             return None
         if self.config.imatrix == "auto":
             return f"auto:{self._auto_imatrix_key}"
-        return inputs.sha256_file(self.config.imatrix, self.cache_dir)
+        return inputs.sha256_file(Path(self.config.imatrix), self.cache_dir)
 
     @property
     def _auto_imatrix_key(self) -> str:

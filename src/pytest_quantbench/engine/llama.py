@@ -183,7 +183,7 @@ class LlamaModel:
         n = self.lib.llama_tokenize(self._model, data, len(data), buf, n_max, True, False)
         if n < 0:
             raise EngineError(f"tokenization failed ({n}) for {len(data)} bytes of text")
-        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+        return np.frombuffer(memoryview(buf), dtype=np.int32, count=n).copy()
 
     def eval_chunk(self, tokens: np.ndarray) -> np.ndarray:
         """Evaluate one chunk and return the logits of its scored positions.
