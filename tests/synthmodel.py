@@ -188,13 +188,13 @@ def build_synthetic_model(
 
 
 def build_moe_model(path: Path, *, n_embd=256, n_ff=256, n_expert=4, n_used=2,
-                    n_vocab=384, seed=1) -> Path:
-    """A 1-layer llama MoE (ffn_{gate,up,down}_exps, bf16) that the engine loads."""
+                    n_vocab=384, seed=1, n_layer=1) -> Path:
+    """An ``n_layer``-layer llama MoE (ffn_{gate,up,down}_exps, bf16) that the engine loads."""
     import gguf
 
     rng = np.random.default_rng(seed)
     n_head, n_head_kv = 4, 2
-    w = _llama_writer(path, name="quantbench-synthetic-moe", n_layer=1, n_ctx_train=512,
+    w = _llama_writer(path, name="quantbench-synthetic-moe", n_layer=n_layer, n_ctx_train=512,
                       n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
                       n_vocab=n_vocab, file_type=32)
     w.add_expert_count(n_expert)
@@ -206,17 +206,19 @@ def build_moe_model(path: Path, *, n_embd=256, n_ff=256, n_expert=4, n_used=2,
 
     n_kv = n_embd // n_head * n_head_kv
     mat("token_embd.weight", n_vocab, n_embd)
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(n_embd, np.float32))
-    mat("blk.0.attn_q.weight", n_embd, n_embd)
-    mat("blk.0.attn_k.weight", n_kv, n_embd)
-    mat("blk.0.attn_v.weight", n_kv, n_embd)
-    mat("blk.0.attn_output.weight", n_embd, n_embd)
-    w.add_tensor("blk.0.ffn_norm.weight", np.ones(n_embd, np.float32))
-    w.add_tensor("blk.0.ffn_gate_inp.weight",
-                 rng.standard_normal((n_expert, n_embd), dtype=np.float32))
-    mat("blk.0.ffn_gate_exps.weight", n_expert, n_ff, n_embd)
-    mat("blk.0.ffn_up_exps.weight", n_expert, n_ff, n_embd)
-    mat("blk.0.ffn_down_exps.weight", n_expert, n_embd, n_ff)
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", np.ones(n_embd, np.float32))
+        mat(b + "attn_q.weight", n_embd, n_embd)
+        mat(b + "attn_k.weight", n_kv, n_embd)
+        mat(b + "attn_v.weight", n_kv, n_embd)
+        mat(b + "attn_output.weight", n_embd, n_embd)
+        w.add_tensor(b + "ffn_norm.weight", np.ones(n_embd, np.float32))
+        w.add_tensor(b + "ffn_gate_inp.weight",
+                     rng.standard_normal((n_expert, n_embd), dtype=np.float32))
+        mat(b + "ffn_gate_exps.weight", n_expert, n_ff, n_embd)
+        mat(b + "ffn_up_exps.weight", n_expert, n_ff, n_embd)
+        mat(b + "ffn_down_exps.weight", n_expert, n_embd, n_ff)
     w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
     mat("output.weight", n_vocab, n_embd)
     w.write_header_to_file()

@@ -180,7 +180,8 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
+def write_baseline(model, tokens: np.ndarray, path: Path,
+                   on_decode: Callable[[int], None] | None = None) -> None:
     """Evaluate every chunk of ``tokens`` with ``model`` and write the base file at ``path``.
 
     model: :class:`pytest_quantbench.engine.llama.LlamaModel` of the baseline; tokens: int32
@@ -188,6 +189,8 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
     is evaluated with). The file is written atomically by :class:`KLDBaseWriter`; beside it,
     :func:`sidecar_path` records the base run's ``Final estimate`` line (PPL from the raw logits,
     as llama-perplexity prints it when writing a base file, spec §1.5/§2) and the seconds taken.
+    ``on_decode(first_chunk)`` runs after each decode (prefix reuse captures hidden states there:
+    :class:`pytest_quantbench.hidden.HiddenWriter`).
     """
     import time
 
@@ -202,6 +205,8 @@ def write_baseline(model, tokens: np.ndarray, path: Path) -> None:
         for first in range(0, n_chunk, n_seq):
             for logits in model.eval_chunks(tokens[first:first + n_seq]):
                 ppl.add(writer.write_chunk(logits))
+            if on_decode is not None:
+                on_decode(first)
     value, err = ppl.ppl()
     atomic_write_text(sidecar_path(path), json.dumps({
         "final_estimate": ppl.final_line(n_ctx), "ppl": value, "ppl_err": err,
@@ -295,11 +300,15 @@ class RunBaseline:
             :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with
             ``--quantbench-engine=inplace`` its loaded model computes the
             baseline too (same load, same settings).
+        prefix: the run's :class:`~pytest_quantbench.prefix.PrefixReuse` (or None); when it is
+            active, its ``baseline(path)`` computes the base file and the hidden states of the
+            planned start layers in one pass.
     """
 
-    def __init__(self, inputs, swap_model: Callable[[], SwapModel | None]) -> None:
+    def __init__(self, inputs, swap_model: Callable[[], SwapModel | None], prefix=None) -> None:
         self.inputs = inputs
         self._swap_model = swap_model
+        self._prefix = prefix
         self._file: KLDBaseFile | None = None
 
     @property
@@ -313,6 +322,8 @@ class RunBaseline:
             n_vocab = ins.tokenizer.n_vocab
             if ins.user_base is not None:
                 self._file = check_user_baseline(ins.user_base, n_vocab)
+            elif self._prefix is not None and self._prefix.active:  # prefix reuse (issue 12)
+                self._file = self._prefix.baseline(self.path)
             else:
                 self._file = ensure_baseline(self.path, ins.chunk_tokens, n_vocab, self._compute,
                                              ins.model_source)

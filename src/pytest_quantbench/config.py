@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_FILE = "quantbench.yaml"
+#: ``--quantbench-prefix-reuse`` values (README.md#prefix-reuse); :mod:`prefix` reads them here.
+PREFIX_REUSE_MODES = ("auto", "off")
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,10 @@ OPTIONS: tuple[Option, ...] = (
            "above one (fail); looks after 4, 8, 16 ... chunks"),
     Option("early-stop-confidence", "float", 0.99, "overall confidence of the early verdicts, "
            "split over the planned looks (Bonferroni; default 0.99)"),
+    Option("prefix-reuse", "str", "auto", "evaluate only the layers from an item's first changed "
+           "tensor on, from the baseline's cached hidden states (bit-identical numbers): 'auto' "
+           "(default: on for the in-process CPU engine where a first-chunk self-check passes) or "
+           "'off'"),
     Option("logs", "path", None, "directory for one suite-style log per item, "
            "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
     Option("flush-minutes", "float", 10.0, "rewrite the result tables (atomically) at most every "
@@ -167,6 +173,7 @@ class QuantbenchConfig:
     variant: tuple[Path, ...] = ()  # issue 15
     recipe: tuple[Path, ...] = ()
     plots: str = "on"
+    prefix_reuse: str = "auto"
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -403,6 +410,9 @@ def validate(config: QuantbenchConfig) -> None:
             parse_fail_rules(config.compare_fail, comparable_metrics())
         except CompareError as exc:
             raise ConfigError(str(exc)) from None
+    if config.prefix_reuse not in PREFIX_REUSE_MODES:
+        raise ConfigError(f"{where('prefix_reuse')}: {config.prefix_reuse!r}; use "
+                          f"{' or '.join(repr(m) for m in PREFIX_REUSE_MODES)}")
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
     if config.plots not in ("on", "off"):

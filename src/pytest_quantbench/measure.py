@@ -125,13 +125,16 @@ def quantized(swap, header, imatrix, name: str, wtype) -> tuple[int, int, int, A
 
 
 def measure_inplace(swap, header, imatrix, written: dict[str, Any], base, acc,
-                    buffers: ChunkBuffers | None = None) -> None:
+                    buffers: ChunkBuffers | None = None, run=None) -> str:
     """Quantize each changed tensor in memory with ggml_quantize_chunk, swap them all in,
-    evaluate, restore.
+    evaluate, restore; return the ``eval_path`` (``full`` or ``tail:L``).
 
     written: tensor → ggml type planned (:mod:`typeplan`); base: the baseline
     :class:`~pytest_quantbench.kldbase.KLDBaseFile`; acc: a
-    :class:`~pytest_quantbench.metrics.KLDAccumulator`; other arguments as :func:`quantized`.
+    :class:`~pytest_quantbench.metrics.KLDAccumulator`; run: ``run(swap, replacements,
+    evaluate)`` swaps the replacements in and calls ``evaluate(model)`` on the full model or a
+    tail, returning the eval_path (the session passes :meth:`prefix.PrefixReuse.run_item`);
+    None: the full model. Other arguments as :func:`quantized`.
     """
     replacements = {}
     for name, wtype in written.items():
@@ -139,8 +142,11 @@ def measure_inplace(swap, header, imatrix, written: dict[str, Any], base, acc,
         if wtype.name == info.type_name:
             continue  # a preset that leaves this tensor as it is
         replacements[name] = quantized(swap, header, imatrix, name, wtype)
+    if run is not None:
+        return run(swap, replacements, lambda model: evaluate(model, base, acc, buffers))
     with swap.swapped(replacements):
         evaluate(swap.model, base, acc, buffers)
+    return "full"
 
 
 def measure_file(inputs, unit: WorkUnit, qtype, written: dict[str, Any], base, acc,

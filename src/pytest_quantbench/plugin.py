@@ -275,11 +275,17 @@ def pytest_make_collect_report(collector: pytest.Collector):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A configured run without items (no qtypes, variants or recipes) measures only through the
-    ``quantbench`` fixture: a usage error when no collected test uses it; a warning in an xdist
-    worker (the controller does not collect, and a worker's usage error would crash it)."""
+    """Two things on the collected items. A configured run without items (no qtypes, variants or
+    recipes) measures only through the ``quantbench`` fixture: a usage error when no collected
+    test uses it (a warning in an xdist worker: the controller does not collect, and a worker's
+    usage error would crash it). With prefix reuse on, the quantbench items run layer-major
+    (full-model units first, then by start layer; a stable sort of the same collection, so every
+    xdist worker gets the same order), so consecutive items of a worker share a tail; other items
+    keep their places."""
     session = config.stash.get(SESSION_KEY, None)
-    if (session is not None and not session.units
+    if session is None:
+        return
+    if (not session.units
             and not any("quantbench" in getattr(item, "fixturenames", ()) for item in items)):
         if hasattr(config, "workerinput"):
             import warnings
@@ -287,6 +293,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             warnings.warn(pytest.PytestWarning(NO_QTYPES), stacklevel=1)
             return
         raise pytest.UsageError(NO_QTYPES)
+    if not session.prefix.active:
+        return
+    from .prefix import layer_major, start_layer
+
+    slots = [i for i, item in enumerate(items) if isinstance(item, QuantbenchItem)]
+    ordered = layer_major([items[i] for i in slots], lambda item: start_layer(item.unit.tensors))
+    for i, item in zip(slots, ordered):
+        items[i] = item
 
 
 NO_QTYPES = ("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes=q4_0,q8_0), "
@@ -558,6 +572,7 @@ class ResultCollector:
         return list(rows.values())
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        from .prefix import summary_lines
         from .report import format_summary
 
         rows = self.table_rows()
@@ -569,6 +584,8 @@ class ResultCollector:
             tr.write_line(line)
         session_rows = [r for r in rows if r.get("status") != "stored"]  # this run's items
         for line in format_summary(session_rows, self.session.config.top):
+            tr.write_line(line)
+        for line in summary_lines(session_rows):
             tr.write_line(line)
         reused = sum(1 for r in rows if r.get("reused") and r.get("status") != "stored")
         stored = sum(1 for r in rows if r.get("status") == "stored")

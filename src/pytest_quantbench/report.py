@@ -122,6 +122,8 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "engine_note",                               # why the file engine was used instead
     "kernel_check_kld",                          # kernel vs dequantized weights, mean KLD
     "seconds",                                   # the item's measuring time
+    "eval_path",                                 # full, or tail:L (prefix reuse from layer L)
+    "prefix_note",                               # why prefix reuse measured it in full instead
     "file_size",                                 # whole-file items: the file's bytes
     "bpw",                                       # whole-file items: bits per weight
     "types",                                     # whole-file items: type of each tensor class

@@ -21,7 +21,8 @@ _FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_no
           # chunk-level ± and early verdicts (earlystop.gating_facts)
           "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
           "chunks_used", "stopped_early", "early_verdict",
-          "file_size", "bpw", "types")  # whole-file items (variants.file_facts)
+          "file_size", "bpw", "types",  # whole-file items (variants.file_facts)
+          "eval_path", "prefix_note")  # prefix reuse: facts of the path, never part of a key
 
 
 class RunResults:

@@ -27,6 +27,7 @@ from .baseline import RunBaseline
 from .config import QuantbenchConfig
 from .enginechoice import KERNEL_PROBE_MAX_KLD, EngineChoice
 from .measure import ChunkBuffers, ItemSkip, WorkUnit, fallback_reason
+from .prefix import PrefixReuse, eval_path
 from .results import RunResults
 from .runinputs import RunInputs, default_threads
 from .typeplan import TypePlanner
@@ -51,7 +52,9 @@ class QuantbenchSession:
     def __init__(self, config: QuantbenchConfig, cache_dir: Path, n_workers: int = 1) -> None:
         self.inputs = RunInputs(config, cache_dir, n_workers)
         self.engines = EngineChoice(self.inputs)
-        self.base = RunBaseline(self.inputs, lambda: self.engines.swap_model)
+        self.prefix = PrefixReuse(self.inputs, lambda: self.engines.swap_model,
+                                  lambda: self.units)
+        self.base = RunBaseline(self.inputs, lambda: self.engines.swap_model, self.prefix)
         self.planner = TypePlanner(self.inputs)
         self.results = RunResults(self.inputs)
         self.chunk_buffers = ChunkBuffers()  # the chunk loop's arrays, kept across items
@@ -84,12 +87,14 @@ class QuantbenchSession:
         self.results.command = value
 
     def validate_inputs(self) -> None:
-        """:meth:`RunInputs.validate_inputs`."""
+        """:meth:`RunInputs.validate_inputs`, then the cache's free space for prefix reuse
+        (:meth:`PrefixReuse.check_disk_space`; DiskSpaceError)."""
         self.inputs.validate_inputs()
+        self.prefix.check_disk_space()
 
     def header_lines(self) -> list[str]:
-        """:meth:`RunInputs.header_lines`."""
-        return self.inputs.header_lines()
+        """:meth:`RunInputs.header_lines` and the prefix-reuse line."""
+        return self.inputs.header_lines() + self.prefix.header_lines()
 
     def baseline_lines(self) -> list[str]:
         """:meth:`RunBaseline.summary_lines`."""
@@ -102,6 +107,7 @@ class QuantbenchSession:
     def close(self) -> None:
         """Free the engine objects and remove temporary files."""
         self.inputs.close()
+        self.prefix.close()  # the tails point at the swap model's weights: closed first
         self.engines.close()
         self.results.close()
         self.chunk_buffers = ChunkBuffers()
@@ -156,10 +162,12 @@ class QuantbenchSession:
         acc = item_accumulator(self.early_limits(unit), n_chunks,  # [gating]
                                self.config.early_stop_confidence)
         try:
-            if engine == "inplace":
-                measuring.measure_inplace(self.engines.swap_model, header, self.imatrix, written,
-                                          base, acc, self.chunk_buffers)
+            if engine == "inplace":  # on the unit's tail or the full model (prefix.run_item)
+                row["eval_path"] = measuring.measure_inplace(
+                    self.engines.swap_model, header, self.imatrix, written, base, acc,
+                    self.chunk_buffers, run=lambda *args: self.prefix.run_item(unit, row, *args))
             else:
+                row["eval_path"] = eval_path(None)  # the file engine never uses tails
                 measuring.measure_file(self.inputs, unit, qtype, written, base, acc,
                                        self.chunk_buffers)
         except EarlyVerdict:  # [gating] the verdict is sure: acc holds the chunks looked at
