@@ -298,8 +298,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from .prefix import layer_major, start_layer
 
     slots = [i for i, item in enumerate(items) if isinstance(item, QuantbenchItem)]
-    ordered = layer_major([items[i] for i in slots], lambda item: start_layer(item.unit.tensors))
-    for i, item in zip(slots, ordered):
+    ordered = layer_major([item for item in items if isinstance(item, QuantbenchItem)],
+                          lambda item: start_layer(item.unit.tensors))
+    for i, item in zip(slots, ordered, strict=True):
         items[i] = item
 
 
