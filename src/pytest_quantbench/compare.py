@@ -296,7 +296,8 @@ def load_reference(path: Path, current: Mapping[str, Any]) -> Reference:
         elif _number(record.get("mean_kld")) is None:
             skipped[name] = f"not measured in the reference ({record.get('status') or 'no value'})"
         else:
-            rows[_item_key(members, record["qtype"])] = cast(dict[str, Any], record)  # str columns
+            # to_dict keys are the CSV's column names, all str
+            rows[_item_key(members, record["qtype"])] = cast(dict[str, Any], record)
     return Reference(csv_path, rows, identity, skipped)
 
 

@@ -57,7 +57,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             kwargs["metavar"] = opt.kind.upper() if opt.kind != "path" else "PATH"
         group.addoption(opt.flag, **kwargs)
-        ini_type: Literal["linelist", "string"] = "linelist" if opt.kind in ("list", "groups", "paths") else "string"
+        ini_type: Literal["linelist", "string"] = (
+            "linelist" if opt.kind in ("list", "groups", "paths") else "string")
         parser.addini(opt.dest, opt.help, type=ini_type, default=None)
     group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
                     help="YAML file of quantbench settings (default: quantbench.yaml in the "
