@@ -9,7 +9,7 @@ On the synthetic test model (tests/synthmodel.py; --model for another GGUF), in 
    (each host computes its own baseline; the controller stores the rows).
 Each run starts with an empty cache, so every wall time includes its baselines. Prints the wall
 time of each part and whether the merged and the two-host tables equal the single run's
-(results.csv without the per-process columns ``seconds`` and ``kernel_check_kld``).
+(results.csv without the per-process column ``seconds``).
 
     python benchmarks/bench_shards.py [--chunks 4] [--ctx 64] [--tensors REGEX] [--qtypes q4_0]
 """

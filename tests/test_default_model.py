@@ -101,6 +101,19 @@ def test_ordering_fallback_skip_and_reference_ppl(pytester, cache_dir):
     assert round(facts["ppl_err"], 3) == 0.715
 
 
+def test_fallback_on_every_selected_tensor_is_said_once_up_front(pytester, cache_dir):
+    """On the default model (rows of 576), iq1_kt falls back on every attention tensor: one
+    message before the items names 576, the block 256, the option and ffn_down (1536 = 6·256)."""
+    result = run(pytester, cache_dir, "--quantbench-qtypes=iq1_kt", "--quantbench-tensors",
+                 r"^blk\.0\.attn_(q|v)\.weight$", "--quantbench-chunks=1", "--collect-only")
+    notes = [line for line in result.stdout.lines if line.startswith("quantbench note:")]
+    assert len(notes) == 1, result.stdout.str()
+    note = notes[0]
+    for part in ("iq1_kt falls back on 2 of 2 selected tensors", "ne0 = 576", "block 256",
+                 "--quantbench-allow-fallback", "ffn_down (ne0 = 1536 = 6·256)"):
+        assert part in note, note
+
+
 def test_chunk_level_error_is_larger_than_llama_perplexitys(pytester, cache_dir):
     """Tokens of a chunk are correlated: at 8 chunks the batch-means ± of mean KLD, Δp and
     same-top-p exceeds llama-perplexity's per-token ± (whose printed values stay as they are)."""

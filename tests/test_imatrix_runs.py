@@ -14,12 +14,13 @@ LOW_BIT = ["--quantbench-qtypes=iq2_xxs,iq1_kt", "--quantbench-tensors",
            r"^blk\.0\.(attn_q|ffn_down)\.weight$"]
 
 
-def test_low_bit_types_are_skipped_without_an_imatrix(pytester, qb_args):
-    result = pytester.runpytest_subprocess(*qb_args, *LOW_BIT, "-rs")
+def test_low_bit_types_are_skipped_with_imatrix_none(pytester, qb_args):
+    result = pytester.runpytest_subprocess(*qb_args, *LOW_BIT, "--quantbench-imatrix=none", "-rs")
     result.assert_outcomes(skipped=4)
     result.stdout.fnmatch_lines([
         "*iq1_kt needs an importance matrix (blk.0.attn_q.weight): pass --quantbench-imatrix "
         "FILE, or --quantbench-imatrix=auto to compute one from the corpus"])
+    assert "quantbench imatrix:" not in result.stdout.str()  # =none: none computed
 
 
 def test_auto_imatrix_measures_them_identically_in_both_engines(pytester, qb_args):

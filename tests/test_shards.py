@@ -19,7 +19,7 @@ from pytest_quantbench.shard import Shard, assign_shards, parse_shard
 from runhelpers import without
 
 TABLES = ("kld_results.csv", "ppl_results.csv", "topp_results.csv", "results.csv")
-TIMING = PER_PROCESS  # the time and the kernel probe depend on the process, not the item
+TIMING = PER_PROCESS  # the time depends on the process, not the item
 
 
 def test_parse_shard_forms_and_scheduler_environments():

@@ -14,6 +14,8 @@ import errno
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,6 +177,65 @@ def cache_write_error(exc: OSError) -> OSError:
     return OSError(exc.errno, f"baseline cache: {detail}; {fix}")
 
 
+#: Environment variable holding the id of one pytest run (set by the controller, inherited by
+#: xdist workers): a baseline failure recorded under it is not recomputed by another process.
+RUN_TOKEN_ENV = "QUANTBENCH_RUN_TOKEN"
+
+
+class BaselineError(RuntimeError):
+    """The baseline could not be computed; every item of the run needs it. str: what failed and
+    why (e.g. the chunk and position of NaN logits, or the sizes on a full disk)."""
+
+
+def failure_path(path: Path) -> Path:
+    """The record beside a baseline cache file of the failure to compute it in this run."""
+    return path.with_name(path.name + ".failed")
+
+
+def known_failure(path: Path) -> str | None:
+    """The message of a failure to compute ``path`` recorded by this run (any process), or None;
+    a record of another run is removed (that run's failure may be fixed now)."""
+    record = failure_path(path)
+    try:
+        facts = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if facts.get("run") == os.environ.get(RUN_TOKEN_ENV):
+        return facts.get("message")
+    record.unlink(missing_ok=True)
+    return None
+
+
+def record_failure(path: Path, message: str) -> None:
+    """Record that computing ``path`` failed in this run, so other processes do not retry it
+    (best effort: a full disk may refuse even this)."""
+    from .report import atomic_write_text
+
+    try:
+        atomic_write_text(failure_path(path), json.dumps(
+            {"run": os.environ.get(RUN_TOKEN_ENV), "message": message}) + "\n")
+    except OSError:
+        pass
+
+
+def baseline_failure(exc: BaseException, path: Path, expected_bytes: int) -> BaselineError:
+    """``exc`` (raised while computing the baseline cache ``path``) as one BaselineError message
+    that says the baseline failed and why; a full disk adds the expected file size
+    (``expected_bytes``, :func:`kldbase.expected_file_size`) and the free space there."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        detail = cache_write_error(exc).strerror or detail  # always set: OSError(errno, text)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = shutil.disk_usage(path.parent).free
+            except OSError:
+                free = None
+            have = f", {free / 1e6:.1f} MB free there" if free is not None else ""
+            detail += f" (the baseline file needs {expected_bytes / 1e6:.1f} MB{have})"
+    return BaselineError(f"the baseline failed ({path}): {detail}; every item needs it, so no "
+                         "item of this run is measured")
+
+
 def sidecar_path(path: Path) -> Path:
     """The JSON beside a baseline file: its own PPL line and how long it took."""
     return path.with_name(path.name + ".json")
@@ -196,15 +257,18 @@ def write_baseline(model, tokens: np.ndarray, path: Path,
 
     from .kldbase import KLDBaseWriter
     from .metrics import PPLAccumulator
+    from .progress import Progress
 
     start = time.perf_counter()
     n_chunk, n_ctx = tokens.shape
     ppl = PPLAccumulator()
+    progress = Progress("baseline", n_chunk)
     with KLDBaseWriter(path, n_ctx, model.n_vocab, tokens) as writer:
         n_seq = model.settings.n_seq
         for first in range(0, n_chunk, n_seq):
             for logits in model.eval_chunks(tokens[first:first + n_seq]):
                 ppl.add(writer.write_chunk(logits))
+            progress.update(min(first + n_seq, n_chunk))
             if on_decode is not None:
                 on_decode(first)
     value, err = ppl.ppl()
@@ -310,6 +374,7 @@ class RunBaseline:
         self._swap_model = swap_model
         self._prefix = prefix
         self._file: KLDBaseFile | None = None
+        self._failure: BaselineError | None = None  # raised again by every later item
 
     @property
     def file(self) -> KLDBaseFile:
@@ -317,6 +382,8 @@ class RunBaseline:
 
         Raises KLDBaseFormatError / ValueError (a user file that does not fit), EngineError.
         """
+        if self._failure is not None:
+            raise self._failure
         if self._file is None:
             ins = self.inputs
             n_vocab = ins.tokenizer.n_vocab
@@ -325,9 +392,35 @@ class RunBaseline:
             elif self._prefix is not None and self._prefix.active:  # prefix reuse (issue 12)
                 self._file = self._prefix.baseline(self.path)
             else:
-                self._file = ensure_baseline(self.path, ins.chunk_tokens, n_vocab, self._compute,
-                                             ins.model_source)
+                try:
+                    self._file = ensure_baseline(self.path, ins.chunk_tokens, n_vocab,
+                                                 self._compute_once, ins.model_source)
+                except BaselineError as exc:
+                    self._failure = exc
+                    raise
+                except (ValueError, OSError, RuntimeError) as exc:  # e.g. DiskSpaceError
+                    self._failure = BaselineError(f"the baseline failed ({self.path}): "
+                                                  f"{type(exc).__name__}: {exc}")
+                    raise self._failure from None
         return self._file
+
+    def _compute_once(self, dest: Path) -> None:
+        """:meth:`_compute`, once per run across processes (under the baseline's lock): a
+        failure is recorded beside the cache file and raised, as BaselineError, by every process
+        that needs the baseline after it, without computing it again."""
+        from .kldbase import expected_file_size
+
+        known = known_failure(dest)
+        if known is not None:
+            raise BaselineError(known)
+        try:
+            self._compute(dest)
+        except (ValueError, OSError, RuntimeError) as exc:
+            tokens = self.inputs.chunk_tokens
+            failure = baseline_failure(exc, dest, expected_file_size(
+                tokens.shape[1], self.inputs.tokenizer.n_vocab, tokens.shape[0]))
+            record_failure(dest, str(failure))
+            raise failure from None
 
     def _compute(self, dest: Path) -> None:
         """Evaluate the baseline into the base file: with the swap model when items use it

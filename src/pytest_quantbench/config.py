@@ -66,7 +66,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("rerun", "bool", False, "measure every item again instead of reusing results already "
            "in the results store for the same settings"),
     Option("imatrix", "path", None, "importance matrix used when quantizing: a legacy llama-imatrix "
-           ".dat or a GGUF imatrix file, or 'auto' to compute one from the corpus (cached)"),
+           ".dat or a GGUF imatrix file, 'auto' to compute one from the corpus (cached), or "
+           "'none' to skip items whose type needs one (default: computed only when a planned "
+           "item's type needs one)"),
     Option("threads", "int", None, "threads per worker (default: CPU cores / number of workers)"),
     Option("n-gpu-layers", "int", 0, "layers to offload to a GPU build of the engine (default 0)"),
     Option("gpus", "str", None, "one GPU per xdist worker: 'auto' (every GPU the engine's CUDA "
@@ -148,7 +150,7 @@ class QuantbenchConfig:
     group_tensors: tuple[str, ...]
     groups_only: bool
     rerun: bool
-    imatrix: Path | str | None  # a file, or "auto"
+    imatrix: Path | str | None  # a file, "auto", "none", or None (auto when needed)
     threads: int | None
     n_gpu_layers: int
     output: Path
@@ -228,8 +230,10 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{where}: {value!r} is not true/false")
-    if opt.name == "imatrix" and str(value).strip().lower() == "auto":
-        return "auto"  # computed from the corpus (see session.imatrix_path), not a file name
+    if opt.name == "imatrix" and str(value).strip().lower() in ("auto", "none"):
+        # auto: computed from the corpus (runinputs.RunInputs.imatrix); none: never one, items
+        # of types that need one are skipped (by default one is computed when such items exist)
+        return str(value).strip().lower()
     if opt.kind == "path":
         path = Path(os.path.expanduser(str(value)))
         return path if path.is_absolute() else (base / path)

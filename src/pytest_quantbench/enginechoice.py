@@ -87,12 +87,41 @@ class EngineChoice:
         return quantized(self.swap_model, self.inputs.model_header, self.inputs.imatrix, name,
                          wtype)
 
+    def probe_tensor(self, wtype) -> str | None:
+        """The tensor the kernel of ``wtype`` is probed on: the first tensor of the model, in
+        natural name order, that is a quantizable float matrix other than ``token_embd`` (read
+        by row lookup, not by the matmul kernel) and that llama-quantize writes as ``wtype`` (no
+        fallback), with importance-matrix data when the type needs it. The same tensor in every
+        process of a run whatever the scheduling, so the probe is a fact of the type; None when
+        no tensor qualifies."""
+        from .qtypes import UnsupportedShapeError, needs_imatrix, predict_written_type
+        from .selection import is_quantizable_tensor, natural_key
+
+        ins = self.inputs
+        for info in sorted(ins.model_header.tensors, key=lambda t: natural_key(t.name)):
+            if (info.name == "token_embd.weight" or info.type_name not in ("f32", "f16", "bf16")
+                    or not is_quantizable_tensor(info.name, info.n_dims)):
+                continue
+            try:
+                written, _ = predict_written_type(wtype, info.ne0, info.n_rows,
+                                                  tensor_name=info.name)
+            except (UnsupportedShapeError, ValueError):
+                continue
+            if written.name != wtype.name:
+                continue
+            if needs_imatrix(wtype) and (ins.imatrix is None
+                                         or ins.imatrix.weights_for(info.name) is None):
+                continue
+            return info.name
+        return None
+
     def check_kernel(self, name: str, wtype, baseline) -> float | None:
         """Make sure this engine build computes with ``wtype`` correctly, once per type and process.
 
         A type without a CPU ``vec_dot`` (e.g. the ARM-only q4_0_4x4) cannot be evaluated. Any
         other type whose ``to_float`` gives the weights back (relative error below 1) is probed:
-        tensor ``name`` quantized to ``wtype`` and the same weights dequantized to f32 must give
+        the tensor :meth:`probe_tensor` names (``name``, the item's tensor, only when none
+        qualifies) quantized to ``wtype`` and the same weights dequantized to f32 must give
         nearly the same logits on the first chunk of ``baseline`` (the base file; mean KLD below
         :data:`KERNEL_PROBE_MAX_KLD`; only the activations' own rounding separates them). A build
         whose kernel for the type is broken would otherwise yield silently wrong numbers.
@@ -102,7 +131,8 @@ class EngineChoice:
         """
         checked = self._kernel_checks
         if wtype.name not in checked:
-            checked[wtype.name] = self._kernel_problem(name, wtype, baseline)
+            probe = self.probe_tensor(wtype) or name
+            checked[wtype.name] = self._kernel_problem(probe, wtype, baseline)
         problem, kld = checked[wtype.name]
         if problem:
             raise ItemSkip(problem)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 from filelock import FileLock
 
 from .baseline import RunIdentity
+from .diskspace import DiskSpaceError, format_bytes, free_bytes
 from .report import atomic_write_text
 
 PREFIX_REUSE_FIXES = ("set --quantbench-cache-dir to a directory on a disk with more free space, "
@@ -32,32 +32,10 @@ PREFIX_REUSE_FIXES = ("set --quantbench-cache-dir to a directory on a disk with 
                       "(--quantbench-prefix-reuse=off)")
 
 
-class DiskSpaceError(OSError):
-    """The cache directory's disk cannot hold what is about to be written; the message names
-    both sizes and the fixes. Raised before any evaluation (a usage error for the plugin)."""
-
-
 def hidden_bytes(n_layers: int, n_chunk: int, n_ctx: int, n_embd: int) -> int:
     """Bytes of the hidden states of ``n_layers`` layers: layers × chunks × n_ctx × n_embd × 4
     (f32; the ``.npy`` headers add 128 bytes per chunk file, counted too)."""
     return n_layers * n_chunk * (n_ctx * n_embd * 4 + 128)
-
-
-def format_bytes(n: int) -> str:
-    """``n`` bytes as a short human figure (``1.3 GB``, decimal units)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
-def free_bytes(directory: Path) -> int:
-    """Free bytes for an unprivileged writer on the disk of ``directory`` (its nearest existing
-    ancestor when it does not exist yet)."""
-    probe = Path(directory).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
 
 
 def check_free_space(directory: Path, needs: dict[str, int], fixes: str = PREFIX_REUSE_FIXES,

@@ -52,13 +52,27 @@ def ensure_default_model(cache_dir: Path, baseline_type: str, threads: int) -> P
     against the converted file's size. Raises ConfigError (DiskSpaceError naming the file and
     both sizes) / EngineError on failure.
     """
+    import re
+    import time
+
     from .diskspace import converted_model_bytes, require_space
     from .engine.quantize import run_llama_quantize
     from .gguf import read_model_header
+    from .progress import Progress
 
     source = default_model_source()
     dest = cache_dir / "models" / f"{DEFAULT_MODEL_NAME}-{baseline_type}.gguf"
     dest.parent.mkdir(parents=True, exist_ok=True)
+    progress: list[Progress] = []
+
+    def on_line(line: str) -> None:  # llama-quantize's "[  3/ 272]   blk.0…" tensor records
+        found = re.match(r"\[\s*(\d+)/\s*(\d+)\]", line)
+        if found:
+            if not progress:
+                progress.append(Progress(f"default model conversion to {baseline_type}",
+                                         int(found[2]), "tensors"))
+            progress[0].update(int(found[1]))
+
     with FileLock(str(dest) + ".lock"):
         if not dest.is_file():
             require_space(dest.parent, converted_model_bytes(read_model_header(source),
@@ -66,9 +80,18 @@ def ensure_default_model(cache_dir: Path, baseline_type: str, threads: int) -> P
                           f"the default model {source.name} converted to {baseline_type} "
                           f"({dest.name})", "set --quantbench-cache-dir to a directory on a disk "
                           "with more free space, free space there, or pass --quantbench-model")
+            started = time.perf_counter()
             run_llama_quantize(source, dest, {}, baseline_type=baseline_type, threads=threads,
-                               requantize=True, preset=baseline_type.upper())
+                               requantize=True, preset=baseline_type.upper(), on_line=on_line)
+            atomic_write_text(default_model_facts_path(dest), json.dumps({
+                "seconds": round(time.perf_counter() - started, 3), "computed_at": time.time(),
+                "bytes": dest.stat().st_size}) + "\n")
     return dest
+
+
+def default_model_facts_path(dest: Path) -> Path:
+    """The JSON beside the converted default model: ``seconds``, ``computed_at``, ``bytes``."""
+    return dest.with_name(dest.name + ".json")
 
 
 def default_corpus_text() -> str:

@@ -173,10 +173,13 @@ def measure_file(inputs, unit: WorkUnit, qtype, written: dict[str, Any], base, a
             evaluate(model, base, acc, buffers)
         return
     variant = inputs.work_dir / f"variant-{unit.id}.gguf"
+    own = {t.name: t.type_name for t in header.tensors}  # a quantized baseline keeps its types
+    floats = ("f32", "f16", "bf16")
     try:
         run_llama_quantize(inputs.model_path, variant, changes,
                            baseline_type=inputs.config.baseline_qtype, threads=inputs.threads,
-                           imatrix=inputs.imatrix_path)
+                           imatrix=inputs.imatrix_path, keep=own,
+                           requantize=any(own[t] not in floats for t in changes))
         check_written(header, read_model_header(variant), unit, written)
         with LlamaModel(variant, inputs.eval_settings) as model:
             evaluate(model, base, acc, buffers)

@@ -26,11 +26,10 @@ from pathlib import Path
 from .resultset import RECORD_FIELDS, stored_row, write_run_tables
 from .store import STORE_FILE
 
-#: Row facts that depend on the process, not on the item: the time it took, and the kernel probe
-#: (run once per qtype and process, on the first tensor that process quantizes to it). The one
-#: place that excludes them from comparisons (merge, tests, bench_shards): drop
-#: ``kernel_check_kld`` here once the probe is deterministic per (type, run) (issue 11 item 8).
-PER_PROCESS = ("seconds", "kernel_check_kld")
+#: Row facts that depend on the process, not on the item: the time it took. The one place that
+#: excludes them from comparisons (merge, tests, bench_shards); the kernel probe
+#: (``kernel_probe_kld``) is a fact of the type, the same in every process (issue 11 item 8).
+PER_PROCESS = ("seconds",)
 
 
 class MergeError(ValueError):

@@ -11,6 +11,7 @@ the terminal summary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -104,6 +105,7 @@ MARKER = ("quantbench(tensor, qtype, layer, kind): a pytest-quantbench item; sel
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    started = time.time()  # before any long step: what the summary calls "in this run"
     config.addinivalue_line("markers", MARKER)  # always: --markers and --strict-markers know it
     # the quantbench fixture (issue 18), in every run; fixture.py imports only pytest
     from .fixture import register
@@ -116,8 +118,11 @@ def pytest_configure(config: pytest.Config) -> None:
         from .report import check_csv_metrics
 
         check_csv_metrics(qb_config.csv_metrics)
+        from .planfacts import types_needing_imatrix
         from .planning import plan_units
         from .session import QuantbenchSession
+
+        _progress_to_terminal(config)
 
         numprocesses = getattr(config.option, "numprocesses", None)
         n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT")
@@ -131,6 +136,13 @@ def pytest_configure(config: pytest.Config) -> None:
         session.command = " ".join(shlex.quote(a) for a in ["pytest", *config.invocation_params.args])
         session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
             pytest.PytestWarning(msg), stacklevel=2))
+        # a type that needs an importance matrix gets one computed when none is given (from
+        # the units of every shard: all shards of a run share the imatrix identity)
+        session.inputs.imatrix_needed_by = types_needing_imatrix(
+            session.units, session.model_header, qb_config.allow_fallback)
+        if session.inputs.gpu_problem and not hasattr(config, "workerinput"):
+            config.issue_config_time_warning(pytest.PytestWarning(
+                f"quantbench: {session.inputs.gpu_problem}"), stacklevel=2)
         config.stash[PLANNED_KEY] = session.units
         session.units = _shard_units(config, session)
         if not hasattr(config, "workerinput"):
@@ -153,8 +165,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):  # items measure here; the controller stores their rows
         session.results.store = HandoffStore(worker_lookup(config.workerinput))
     else:
+        import secrets
+
+        from .baseline import RUN_TOKEN_ENV
+
+        os.environ[RUN_TOKEN_ENV] = secrets.token_hex(8)  # one id per run, inherited by workers
         _sigterm_as_interrupt()
-        reporter = ResultCollector(config, session)
+        reporter = ResultCollector(config, session, started)
         config.stash[REPORTER_KEY] = reporter
         config.pluginmanager.register(reporter, "quantbench-reporter")
         session.results.store = HandoffStore(
@@ -205,6 +222,25 @@ def _load_comparison(session):
     return reference, parse_fail_rules(cfg.compare_fail, comparable_metrics())
 
 
+def _progress_to_terminal(config: pytest.Config) -> None:
+    """Long steps (:mod:`progress`) print through pytest's terminal writer in this process;
+    nothing under ``-q`` or in an xdist worker (pytest shows no worker terminal output)."""
+    from . import progress
+
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or hasattr(config, "workerinput") or config.get_verbosity() < 0:
+        progress.set_writer(None)
+        return
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def write(line: str) -> None:  # items measure with output captured: step outside of it
+        with (capture.global_and_fixture_disabled() if capture is not None
+              else contextlib.nullcontext()):
+            reporter.write_line(line)
+
+    progress.set_writer(write)
+
+
 def _sigterm_as_interrupt() -> None:
     """Treat SIGTERM like Ctrl-C in the controller (when nobody else handles it), so a terminated
     run still ends its session: the tables are rewritten, complete, from what was measured."""
@@ -239,6 +275,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
+        from .progress import set_writer
+
+        set_writer(None)
         session.close()
     reporter = config.stash.get(REPORTER_KEY, None)
     if reporter is not None:
@@ -250,11 +289,14 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if session is None:
         return None
     from .cachefiles import sweep_lines
+    from .planfacts import fallback_notes
 
     notes = session.thresholds.notes if config.get_verbosity() > 0 else ()
     lines = [*session.header_lines(), *sweep_lines(config.stash.get(SWEPT_KEY, [])),
              f"quantbench items: {len(session.units)}",
-             *(f"quantbench thresholds: {note}" for note in notes)]
+             *(f"quantbench thresholds: {note}" for note in notes),
+             *(f"quantbench note: {note}" for note in fallback_notes(
+                 session.units, session.model_header, session.config.allow_fallback))]
     if COMPARE_KEY in config.stash:
         lines += config.stash[COMPARE_KEY][0].header_lines(_current_identity(session))
     if session.config.early_stop:
@@ -426,7 +468,7 @@ def _builtin(value: Any) -> Any:
 class ResultCollector:
     """Controller-side: gathers result rows from reports, writes the tables, prints the summary."""
 
-    def __init__(self, config: pytest.Config, session) -> None:
+    def __init__(self, config: pytest.Config, session, started: float) -> None:
         from .store import STORE_FILE, ResultsStore
 
         self.config = config
@@ -436,6 +478,7 @@ class ResultCollector:
         self.written: list[Path] = []
         self.write_error: str | None = None
         self._table_rows: list[dict[str, Any]] | None = None
+        self.started = started  # the run's start (Unix time): what was computed in this run
         self._flushed_at = time.monotonic()  # tables are rewritten mid-run from this on
         self.flush_error: str | None = None  # the last mid-run rewrite's error, if it failed
         self._writer: StoreWriter | None = None
@@ -582,9 +625,17 @@ class ResultCollector:
             return
         tr = terminalreporter
         tr.section("quantbench")
+        for line in self.session.inputs.model_summary_lines(self.started):
+            tr.write_line(line)
         for line in self.session.baseline_lines():
             tr.write_line(line)
+        for line in self.session.inputs.imatrix_summary_lines(self.started):
+            tr.write_line(line)
         session_rows = [r for r in rows if r.get("status") != "stored"]  # this run's items
+        failed = [r for r in session_rows if str(r.get("reason", "")).startswith("BaselineError")]
+        if failed:  # one message for the items that all stopped on the same baseline failure
+            tr.write_line(f"{failed[0]['reason']} ({len(failed)} item(s) errored at once)",
+                          red=True)
         for line in format_summary(session_rows, self.session.config.top):
             tr.write_line(line)
         for line in summary_lines(session_rows):

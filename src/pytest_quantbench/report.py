@@ -120,7 +120,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "engine_mode",                               # inplace or file
     "device",                                    # cpu, or cuda:<visible id> <GPU name>
     "engine_note",                               # why the file engine was used instead
-    "kernel_check_kld",                          # kernel vs dequantized weights, mean KLD
+    "kernel_probe_kld",                          # the type's kernel vs its dequantized weights
     "seconds",                                   # the item's measuring time
     "eval_path",                                 # full, or tail:L (prefix reuse from layer L)
     "prefix_note",                               # why prefix reuse measured it in full instead

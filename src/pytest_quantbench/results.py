@@ -16,7 +16,7 @@ from .measure import ItemSkip, WorkUnit
 
 #: The row facts the results store keeps with an item's statistics.
 _FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note",
-          "kernel_check_kld", "reason", "fallback",
+          "kernel_probe_kld", "reason", "fallback",
           "seconds",
           # chunk-level ± and early verdicts (earlystop.gating_facts)
           "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",

@@ -50,6 +50,10 @@ class RunInputs:
         self.config = config
         self.cache_dir = cache_dir
         self.threads = config.threads or default_threads(n_workers)
+        #: ggml types the planned items write that need an importance matrix
+        #: (:func:`planfacts.types_needing_imatrix`, set after planning): with no
+        #: --quantbench-imatrix, one is then computed from the corpus as with ``auto``.
+        self.imatrix_needed_by: tuple[str, ...] = ()
         if config.engine_lib is not None:  # read by the engine bindings, inherited by workers
             if not config.engine_lib.is_file():
                 raise ConfigError(f"--quantbench-engine-lib {config.engine_lib} does not exist: "
@@ -190,7 +194,7 @@ class RunInputs:
         Raises ConfigError, EngineError, KLDBaseFormatError or ValueError with the fix.
         """
         _ = self.chunk_tokens
-        if self.config.imatrix not in (None, "auto"):
+        if self.imatrix_source not in (None, "auto"):
             _ = self.imatrix  # wrong format or another model's: a usage error before any item
         if self.user_base is not None:
             from .baseline import check_user_baseline
@@ -212,7 +216,7 @@ class RunInputs:
                       baseline_cache_path(self.cache_dir, self.run_identity)),
             shape=self.chunk_tokens.shape, n_vocab=self.tokenizer.n_vocab,
             imatrix=(auto_imatrix_path(self.cache_dir, self._auto_imatrix_key)
-                     if self.config.imatrix == "auto" else None), model_header=self.model_header)
+                     if self.imatrix_source == "auto" else None), model_header=self.model_header)
 
     def header_lines(self) -> list[str]:
         """The run-header lines: model + hash, corpus + tokens, n_ctx, chunks, engine, cache."""
@@ -231,7 +235,20 @@ class RunInputs:
             f"{ident.eval}",
             f"quantbench engine: {self.identity_engine.describe()}",
             cache_header_line(self.cache_dir, self.cache_plan),
-        ] + self._device_header() + self._imatrix_header()
+        ] + self._device_header() + self._imatrix_header() + (
+            [f"quantbench gpu: {self.gpu_problem}"] if self.gpu_problem else [])
+
+    @cached_property
+    def gpu_problem(self) -> str | None:
+        """Why ``--quantbench-n-gpu-layers N > 0`` offloads nothing, or None: the engine build
+        has no GPU backend (its device is the CPU), so every layer runs on the CPU."""
+        n = self.config.n_gpu_layers
+        if not n or n <= 0 or self.identity_engine.device != "cpu":
+            return None
+        return (f"--quantbench-n-gpu-layers {n} has no effect: the engine build "
+                f"{self.identity_engine.libllama} has no GPU backend, so everything runs on the "
+                "CPU (pass --quantbench-engine-lib PATH to the libllama of a CUDA/Vulkan/Metal "
+                "build of ik_llama.cpp to offload)")
 
     def _device_header(self) -> list[str]:
         """The device line of a GPU build: which GPUs, one per worker or not, graphs off."""
@@ -244,25 +261,46 @@ class RunInputs:
                 f"{self.config.n_gpu_layers}; CUDA graphs off)"]
 
     def _imatrix_header(self) -> list[str]:
-        if self.config.imatrix is None:
+        source = self.imatrix_source
+        if source is None:
             return []
-        if self.config.imatrix == "auto":
-            return ["quantbench imatrix: auto (computed from the corpus chunks once, cached in "
-                    f"{self.cache_dir / 'imatrix'}; key {self._auto_imatrix_key})"]
-        sha = self.imatrix_identity or ""  # a file is set here: its sha256
-        return [f"quantbench imatrix: {self.config.imatrix} (sha256 {sha[:12]})"]
+        if source == "auto":
+            cached = (f"once, cached in {self.cache_dir / 'imatrix'}; key "
+                      f"{self._auto_imatrix_key}")
+            if self.config.imatrix is None:
+                types = ", ".join(self.imatrix_needed_by)
+                verb = "needs" if len(self.imatrix_needed_by) == 1 else "need"
+                return [f"quantbench imatrix: computed from the corpus because {types} {verb} "
+                        "one; pass --quantbench-imatrix FILE to use yours, or =none to skip such "
+                        f"items ({cached})"]
+            return [f"quantbench imatrix: auto (computed from the corpus chunks {cached})"]
+        sha = self.imatrix_identity or ""  # a file is the source here: its sha256
+        return [f"quantbench imatrix: {source} (sha256 {sha[:12]})"]
 
     # ---- importance matrix ----------------------------------------------------------
+    @property
+    def imatrix_source(self) -> Path | str | None:
+        """Where the run's importance matrix comes from: a file, ``"auto"`` (computed from the
+        corpus: asked for, or no option given and :attr:`imatrix_needed_by` is not empty), or
+        None (``--quantbench-imatrix=none``, or no option and no planned type needs one)."""
+        given = self.config.imatrix
+        if given == "none":
+            return None
+        if given is None:
+            return "auto" if self.imatrix_needed_by else None
+        return given
+
     @cached_property
     def imatrix_identity(self) -> str | None:
         """What identifies the importance matrix in result keys: the user file's sha256, or
         ``auto:<key>`` (model, corpus, n_ctx, chunks, engine: what the computed one depends on);
         None without one. Cheap: the controller never computes an auto imatrix."""
-        if self.config.imatrix is None:
+        source = self.imatrix_source
+        if source is None:
             return None
-        if self.config.imatrix == "auto":
+        if source == "auto":
             return f"auto:{self._auto_imatrix_key}"
-        return inputs.sha256_file(Path(self.config.imatrix), self.cache_dir)
+        return inputs.sha256_file(Path(source), self.cache_dir)
 
     @property
     def _auto_imatrix_key(self) -> str:
@@ -286,9 +324,10 @@ class RunInputs:
             load_imatrix,
         )
 
-        if self.config.imatrix is None:
+        source = self.imatrix_source
+        if source is None:
             return None
-        if self.config.imatrix == "auto":
+        if source == "auto":
             name = str(self.config.corpus or inputs.DEFAULT_CORPUS_NAME)
             # one chunk per decode with flash attention, whatever --quantbench-n-seq says: the
             # cached matrix's key holds no evaluation layout
@@ -297,10 +336,45 @@ class RunInputs:
                                        compute_imatrix(self.model_path, settings,
                                                        self.chunk_tokens, dest, dataset=name))
         else:
-            path = self.config.imatrix
+            path = source
         imx = load_imatrix(path)
         check_imatrix(imx, self.model_header, path)
         return imx
+
+    def model_summary_lines(self, since: float) -> list[str]:
+        """The summary line of the converted default model: where, its size and how long the
+        conversion took ("in this run" when done after ``since``, Unix time); [] for a user
+        model or an unknown conversion."""
+        import json
+
+        if self.config.model is not None or "model_path" not in self.__dict__:
+            return []
+        try:
+            facts = json.loads(inputs.default_model_facts_path(self.model_path).read_text())
+        except (OSError, ValueError):
+            return []
+        when = ("converted in this run" if facts.get("computed_at", 0) >= since else
+                "taken from the cache; converted earlier")
+        return [f"default model: {when} in {facts['seconds']:.1f} s (cached: {self.model_path}, "
+                f"{facts['bytes'] / 1e6:.1f} MB)"]
+
+    def imatrix_summary_lines(self, since: float) -> list[str]:
+        """The summary line of a computed importance matrix: where it is cached, its size, and
+        how long it took, said as "computed in this run" when it was written after ``since``
+        (Unix time, the session's start) or "taken from the cache" otherwise; [] for a user file or none."""
+        from .imatrix import auto_imatrix_path
+        from .imatrix.cache import auto_imatrix_facts
+
+        if self.imatrix_source != "auto":
+            return []
+        path = auto_imatrix_path(self.cache_dir, self._auto_imatrix_key)
+        facts = auto_imatrix_facts(path)
+        if not facts or not path.exists():
+            return []
+        when = ("computed in this run" if facts.get("computed_at", 0) >= since else
+                "taken from the cache; computed earlier")
+        return [f"imatrix: {when} in {facts['seconds']:.1f} s (cached: {path}, "
+                f"{facts['bytes'] / 1e6:.1f} MB)"]
 
     @cached_property
     def imatrix_path(self) -> Path | None:

@@ -156,8 +156,8 @@ class QuantbenchSession:
         probes = [self.engines.check_kernel(name, wtype, base) for name, wtype in written.items()
                   if wtype.name != header.tensor(name).type_name]
         probes = [k for k in probes if k is not None]
-        if probes:  # how far the engine's kernels are from the dequantized weights (nats)
-            row["kernel_check_kld"] = max(probes)
+        if probes:  # how far the type's kernel is from its dequantized weights (nats), probed on
+            row["kernel_probe_kld"] = max(probes)  # one fixed tensor per type (enginechoice)
         n_chunks = self.run_identity.chunks
         acc = item_accumulator(self.early_limits(unit), n_chunks,  # [gating]
                                self.config.early_stop_confidence)

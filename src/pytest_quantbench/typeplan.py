@@ -83,7 +83,7 @@ class TypePlanner:
         ins = self.inputs
         if not needs_imatrix(wtype) or wtype.name == ins.model_header.tensor(name).type_name:
             return None
-        if ins.config.imatrix is None:
+        if ins.imatrix_source is None:
             return (f"{wtype.name} needs an importance matrix ({name}): pass "
                     "--quantbench-imatrix FILE, or --quantbench-imatrix=auto to compute one "
                     "from the corpus")
@@ -112,7 +112,7 @@ class TypePlanner:
             except EngineError as exc:
                 said = [line.strip() for line in str(exc).splitlines()
                         if "importance matrix" in line]
-                if said and ins.config.imatrix is None:
+                if said and ins.imatrix_source is None:
                     raise ItemSkip(f"preset {qtype.name.lower()} needs an importance matrix "
                                    f"(llama-quantize says: {said[-1]}): pass "
                                    "--quantbench-imatrix FILE") from None

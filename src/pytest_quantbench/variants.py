@@ -271,7 +271,7 @@ def measure_whole(unit, path: Path, row: dict[str, Any], *, inputs, planner, eng
     run's importance matrix and baseline type), evaluated and removed; the kernel probe runs
     once per written type as for single items. ``row`` gets ``requested_type``,
     ``engine_mode`` (and ``engine_note``), ``bpw``, ``types``, ``written_type``, ``seconds``,
-    ``file_size`` (variant files and recipes written to a file) and ``kernel_check_kld``.
+    ``file_size`` (variant files and recipes written to a file) and ``kernel_probe_kld``.
 
     Args: unit: the :class:`~measure.WorkUnit` (:func:`whole_units`); path: the file given on
         the command line; inputs: the run's RunInputs; planner: its TypePlanner (imatrix
@@ -320,7 +320,7 @@ def measure_whole(unit, path: Path, row: dict[str, Any], *, inputs, planner, eng
     probes = [engines.check_kernel(name, wtype, base) for name, wtype in first_of_type.values()]
     probes = [k for k in probes if k is not None]
     if probes:
-        row["kernel_check_kld"] = max(probes)
+        row["kernel_probe_kld"] = max(probes)
     if engine == "inplace":
         acc = KLDAccumulator()
         measure_inplace(engines.swap_model, header, inputs.imatrix, written, base, acc, buffers)

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .llama import EngineError
@@ -44,33 +45,55 @@ def find_quantize_binary() -> Path:
     )
 
 
-def custom_q_rules(changes: dict[str, str], baseline_type: str) -> str:
+def custom_q_rules(changes: dict[str, str], baseline_type: str,
+                   keep: dict[str, str] | None = None) -> str:
     """The ``--custom-q`` argument that sets ``changes`` (tensor → exact ggml type name).
 
-    Every other eligible tensor is pinned to ``baseline_type`` so it is copied unchanged. Tensor
-    names are escaped and anchored; names holding ``,`` or ``=`` cannot be expressed (spec §5.2)
-    and raise ValueError.
+    Every other eligible tensor is pinned to its own type so it is copied unchanged: ``keep``
+    (tensor → its type in the source, for a baseline whose tensors have several types, e.g. an
+    already-quantized one: llama-quantize copies a tensor whose target is its own type and never
+    requantizes it), then ``baseline_type`` for the rest. Tensor names are escaped and anchored;
+    names holding ``,`` or ``=`` cannot be expressed (spec §5.2) and raise ValueError.
     """
     rules = []
-    for tensor, ggml_type in sorted(changes.items()):
+    for tensor in list(changes) + list(keep or ()):
         if "," in tensor or "=" in tensor:
             raise ValueError(f"tensor name {tensor!r} cannot be used in llama-quantize --custom-q")
+    for tensor, ggml_type in sorted(changes.items()):
         rules.append(f"^{re.escape(tensor)}$={ggml_type}")
+    by_type: dict[str, list[str]] = {}
+    for tensor, ggml_type in sorted((keep or {}).items()):
+        if tensor not in changes and ggml_type != baseline_type:
+            by_type.setdefault(ggml_type, []).append(re.escape(tensor))
+    for ggml_type, names in sorted(by_type.items()):  # one rule per type, as few bytes as may be
+        rules.append(f"^({'|'.join(names)})$={ggml_type}")
     rules.append(f".*={baseline_type}")
     return ",".join(rules)
 
 
-def _run(cmd: list[str], what: str) -> str:
+def _run(cmd: list[str], what: str, on_line: Callable[[str], None] | None = None) -> str:
     """Run llama-quantize (an argument list, never a shell string); return its combined log.
 
-    Raises EngineError with the last log lines when it exits non-zero.
+    on_line: called with each log line as it arrives (progress). Raises EngineError with the
+    last log lines when it exits non-zero.
     """
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-        raise EngineError(f"llama-quantize failed (exit {proc.returncode}) {what}:\n{tail}")
-    return proc.stdout
+    if on_line is None:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", check=False)
+        returncode, out = proc.returncode, proc.stdout
+    else:
+        lines = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace") as proc:
+            assert proc.stdout is not None  # stdout=PIPE
+            for line in proc.stdout:
+                lines.append(line)
+                on_line(line)
+        returncode, out = proc.returncode, "".join(lines)
+    if returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise EngineError(f"llama-quantize failed (exit {returncode}) {what}:\n{tail}")
+    return out
 
 
 # One tensor's record in llama-quantize's log: "[  3/ 272]   blk.0.ffn_down.weight - [ 1536,
@@ -124,6 +147,8 @@ def run_llama_quantize(
     imatrix: Path | None = None,
     requantize: bool = False,
     preset: str = "Q8_0",
+    keep: dict[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> str:
     """Write ``dest``: ``source`` with the tensors of ``changes`` quantized to their ggml types.
 
@@ -134,6 +159,9 @@ def run_llama_quantize(
         threads: quantization threads; imatrix: legacy ``.dat`` importance matrix or None.
         requantize: pass ``--allow-requantize`` (needed when the source tensors are quantized).
         preset: the positional ftype; must have a quantized default type (spec §5.2).
+        keep: tensor → its own type in ``source``, for the tensors of other types than
+            ``baseline_type`` (:func:`custom_q_rules`).
+        on_line: called with each log line as llama-quantize writes it (progress).
     Returns:
         llama-quantize's combined stdout/stderr (its log), for reports.
     Raises:
@@ -150,10 +178,10 @@ def run_llama_quantize(
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
     if changes:
-        cmd += ["--custom-q", custom_q_rules(changes, baseline_type)]
+        cmd += ["--custom-q", custom_q_rules(changes, baseline_type, keep)]
     cmd += [str(source), tmp_name, preset, str(max(1, threads))]
     try:
-        log = _run(cmd, f"writing {dest.name}")
+        log = _run(cmd, f"writing {dest.name}", on_line)
         os.replace(tmp_name, dest)
     finally:
         if os.path.exists(tmp_name):

@@ -39,7 +39,105 @@ _ROW_BLOCK_ELEMENTS = 1 << 24  # float32 staging per quantize call: 64 MB
 _FLOAT_TYPES = {"f32": (np.float32, 4), "f16": (np.float16, 2), "bf16": (np.uint16, 2)}
 
 
-class SwapModel:
+class TensorSwap:
+    """The in-process swap of a loaded model's tensors for the duration of a block: a pointer
+    swap on host memory, a private buffer elsewhere (module docstring). The base of
+    :class:`SwapModel` and of :class:`~pytest_quantbench.engine.tail.TailModel` (a tail's
+    tensors are swapped by the same code), which provide ``model`` (a LlamaModel), ``ggml`` (a
+    :class:`~pytest_quantbench.engine.ggml.Ggml`) and ``tensor(name)``, and call
+    :meth:`_init_swap` once ``ggml`` is bound.
+
+    Attributes:
+        allocations: byte sizes of the private buffers of the last :meth:`swapped` block.
+    """
+
+    model: LlamaModel
+    ggml: Ggml
+
+    def tensor(self, name: str):
+        raise NotImplementedError
+
+    def _init_swap(self, private_buffers: bool) -> None:
+        self.private_buffers = private_buffers or os.environ.get(PRIVATE_BUFFERS_ENV) == "1"
+        self.allocations: list[int] = []
+        types = self.ggml.header.types
+        self._float_ids = {types.get(f"GGML_TYPE_{n.upper()}") for n in _FLOAT_TYPES}
+
+    def _host(self, t) -> bool:
+        """Whether the pointer swap can serve tensor ``t``: its data is host memory and the
+        private-buffer path is not forced."""
+        if self.private_buffers:
+            return False
+        return not t.buffer or bool(self.ggml.lib.ggml_backend_buffer_is_host(t.buffer))
+
+
+    def _swap_private(self, t, data: np.ndarray, quantized: bool) -> int:
+        """Give ``t`` (type and strides already set to the target) a private buffer on its own
+        buffer type holding ``data``; returns the buffer. Raises EngineError when it cannot be
+        allocated (t is left for the caller to restore)."""
+        lib = self.ggml.lib
+        addr = ctypes.addressof(t)
+        buft = lib.ggml_backend_buffer_get_type(t.buffer)
+        size = int(lib.ggml_backend_buft_get_alloc_size(buft, addr))
+        if self.private_buffers:  # forced on a host buffer: allocate CUDA's padding as well
+            size = max(size, len(data) + cuda_padding(lib.ggml_row_size, t.type, int(t.ne[0]),
+                                                      quantized))
+        buf = lib.ggml_backend_buft_alloc_buffer(buft, size)
+        if not buf:
+            raise EngineError(f"cannot allocate {size} bytes on the buffer type of "
+                              f"{t.name.decode(errors='replace')} for the swap")
+        lib.ggml_backend_buffer_clear(buf, 0)
+        lib.ggml_backend_buffer_set_usage(buf, BUFFER_USAGE_WEIGHTS)
+        t.buffer = buf
+        t.data = lib.ggml_backend_buffer_get_base(buf)
+        lib.ggml_backend_tensor_set(addr, data.ctypes.data, 0, len(data))
+        self.allocations.append(size)
+        return buf
+
+    @contextmanager
+    def swapped(self, replacements: dict[str, tuple[int, int, int, np.ndarray]]) -> Iterator[None]:
+        """Point tensors at quantized data for the duration of the block, then restore them.
+
+        replacements: tensor name → (ggml type id, type size (bytes per block, ggml's nb[0]),
+        row size in bytes, uint8 data). The data arrays must stay alive during the block (the
+        caller holds them). Host tensors are re-pointed at the arrays; others get a private
+        buffer (module docstring). Restores type, strides, data pointer and buffer, and frees
+        private buffers, even when the block raises. Raises EngineError when a private buffer
+        cannot be allocated.
+        """
+        saved = []
+        self.allocations = []
+        self.model.synchronize()
+        try:
+            for name, (type_id, type_size, row_size, data) in replacements.items():
+                t = self.tensor(name)
+                host = self._host(t)
+                entry = [t, t.type, tuple(t.nb), t.data, t.buffer, None]
+                saved.append(entry)
+                quantized = type_id not in self._float_ids
+                t.type = type_id
+                t.nb[0] = type_size
+                t.nb[1] = row_size
+                t.nb[2] = row_size * t.ne[1]
+                t.nb[3] = t.nb[2] * t.ne[2]
+                if host:
+                    t.data = data.ctypes.data
+                else:
+                    entry[5] = self._swap_private(t, data, quantized)
+            yield
+        finally:
+            self.model.synchronize()
+            for t, type_id, nb, data, buffer, private in reversed(saved):
+                t.type = type_id
+                for i in range(GGML_MAX_DIMS):
+                    t.nb[i] = nb[i]
+                t.data = data
+                t.buffer = buffer
+                if private:
+                    self.ggml.lib.ggml_backend_buffer_free(private)
+
+
+class SwapModel(TensorSwap):
     """The baseline model, loaded once, whose tensors can be swapped for quantized versions.
 
     Args:
@@ -53,8 +151,6 @@ class SwapModel:
 
     def __init__(self, path: Path, settings: EvalSettings, *,
                  private_buffers: bool = False) -> None:
-        self.private_buffers = private_buffers or os.environ.get(PRIVATE_BUFFERS_ENV) == "1"
-        self.allocations: list[int] = []
         self.model = LlamaModel(path, settings)
         try:
             self.ggml = Ggml(self.model.lib.quantbench_path)
@@ -62,8 +158,7 @@ class SwapModel:
             self.model.close()
             raise
         self.ggml.bind_model_tensor_lookup(self.model.lib)
-        types = self.ggml.header.types
-        self._float_ids = {types.get(f"GGML_TYPE_{n.upper()}") for n in _FLOAT_TYPES}
+        self._init_swap(private_buffers)
 
     def close(self) -> None:
         """Free the model."""
@@ -158,13 +253,6 @@ class SwapModel:
                      interleave * ne0)
         return out
 
-    def _host(self, t) -> bool:
-        """Whether the pointer swap can serve tensor ``t``: its data is host memory and the
-        private-buffer path is not forced."""
-        if self.private_buffers:
-            return False
-        return not t.buffer or bool(self.ggml.lib.ggml_backend_buffer_is_host(t.buffer))
-
     def swap_problem(self, name: str, type_name: str, shape: tuple[int, ...]) -> str | None:
         """Why the in-process swap cannot replace tensor ``name`` (None when it can): its data is
         split over several devices (``extra`` set: split mode graph/attn), it is a view into a
@@ -188,68 +276,3 @@ class SwapModel:
             return (f"{name} is converted at load into MLA's own tensors; swapping it would not "
                     "change what the engine computes")
         return None
-
-    def _swap_private(self, t, data: np.ndarray, quantized: bool) -> int:
-        """Give ``t`` (type and strides already set to the target) a private buffer on its own
-        buffer type holding ``data``; returns the buffer. Raises EngineError when it cannot be
-        allocated (t is left for the caller to restore)."""
-        lib = self.ggml.lib
-        addr = ctypes.addressof(t)
-        buft = lib.ggml_backend_buffer_get_type(t.buffer)
-        size = int(lib.ggml_backend_buft_get_alloc_size(buft, addr))
-        if self.private_buffers:  # forced on a host buffer: allocate CUDA's padding as well
-            size = max(size, len(data) + cuda_padding(lib.ggml_row_size, t.type, int(t.ne[0]),
-                                                      quantized))
-        buf = lib.ggml_backend_buft_alloc_buffer(buft, size)
-        if not buf:
-            raise EngineError(f"cannot allocate {size} bytes on the buffer type of "
-                              f"{t.name.decode(errors='replace')} for the swap")
-        lib.ggml_backend_buffer_clear(buf, 0)
-        lib.ggml_backend_buffer_set_usage(buf, BUFFER_USAGE_WEIGHTS)
-        t.buffer = buf
-        t.data = lib.ggml_backend_buffer_get_base(buf)
-        lib.ggml_backend_tensor_set(addr, data.ctypes.data, 0, len(data))
-        self.allocations.append(size)
-        return buf
-
-    @contextmanager
-    def swapped(self, replacements: dict[str, tuple[int, int, int, np.ndarray]]) -> Iterator[None]:
-        """Point tensors at quantized data for the duration of the block, then restore them.
-
-        replacements: tensor name → (ggml type id, type size (bytes per block, ggml's nb[0]),
-        row size in bytes, uint8 data). The data arrays must stay alive during the block (the
-        caller holds them). Host tensors are re-pointed at the arrays; others get a private
-        buffer (module docstring). Restores type, strides, data pointer and buffer, and frees
-        private buffers, even when the block raises. Raises EngineError when a private buffer
-        cannot be allocated.
-        """
-        saved = []
-        self.allocations = []
-        self.model.synchronize()
-        try:
-            for name, (type_id, type_size, row_size, data) in replacements.items():
-                t = self.tensor(name)
-                host = self._host(t)
-                entry = [t, t.type, tuple(t.nb), t.data, t.buffer, None]
-                saved.append(entry)
-                quantized = type_id not in self._float_ids
-                t.type = type_id
-                t.nb[0] = type_size
-                t.nb[1] = row_size
-                t.nb[2] = row_size * t.ne[1]
-                t.nb[3] = t.nb[2] * t.ne[2]
-                if host:
-                    t.data = data.ctypes.data
-                else:
-                    entry[5] = self._swap_private(t, data, quantized)
-            yield
-        finally:
-            self.model.synchronize()
-            for t, type_id, nb, data, buffer, private in reversed(saved):
-                t.type = type_id
-                for i in range(GGML_MAX_DIMS):
-                    t.nb[i] = nb[i]
-                t.data = data
-                t.buffer = buffer
-                if private:
-                    self.ggml.lib.ggml_backend_buffer_free(private)

@@ -38,7 +38,7 @@ from .. import gguf as gguf_reader
 from . import bindings
 from .ggml import Ggml
 from .llama import EngineError, EvalSettings, LlamaModel, scored_range
-from .swap import SwapModel
+from .swap import TensorSwap
 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _GGML: dict[Path, Ggml] = {}
@@ -246,7 +246,7 @@ def _point(dst, src) -> None:
     dst.data = src.data
 
 
-class TailModel:
+class TailModel(TensorSwap):
     """A header-only tail GGUF loaded and pointed at a loaded full model's weights.
 
     Args:
@@ -264,6 +264,8 @@ class TailModel:
                  settings: EvalSettings) -> None:
         self.full = full
         self.ggml = ggml_for(full.lib.quantbench_path)
+        self._init_swap(private_buffers=False)  # an item's swap on the tail's tensors: the same
+        # code as on the full model (engine.swap.TensorSwap), through tensor()
         self.first_layer = first_layer
         self.settings = settings
         self.duplicates: list[str] = []
@@ -312,10 +314,6 @@ class TailModel:
             raise EngineError(f"{name} is not in the tail at layer {self.first_layer}: an item "
                               "that changes it must start at its layer or earlier")
         return self._tensor(self.model, tail_name)
-
-    # An item's in-process swap on the tail's tensors: the same code as on the full model
-    # (type, strides and data pointer set, restored exactly after the block), through tensor().
-    swapped = SwapModel.swapped
 
     def _hook(self, cparams: bindings.llama_context_params) -> None:
         cparams.cb_eval = self._callback

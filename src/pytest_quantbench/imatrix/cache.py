@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,6 +61,26 @@ def ensure_auto_imatrix(cache_dir: str | os.PathLike[str], key: str,
             except ImatrixError as exc:
                 cache_notice(f"cached imatrix {path} is not usable ({exc}): recomputing")
                 path.unlink()
+        started = time.perf_counter()
         compute(path)
         load_imatrix(path)
+        from ..report import atomic_write_text
+
+        atomic_write_text(auto_imatrix_facts_path(path), json.dumps({
+            "seconds": round(time.perf_counter() - started, 3), "computed_at": time.time(),
+            "bytes": path.stat().st_size}) + "\n")
     return path
+
+
+def auto_imatrix_facts_path(path: Path) -> Path:
+    """The JSON beside a cached auto imatrix: how long it took (``seconds``), when it was
+    computed (``computed_at``, Unix time) and its size (``bytes``)."""
+    return path.with_name(path.name + ".json")
+
+
+def auto_imatrix_facts(path: Path) -> dict:
+    """The facts beside a cached auto imatrix ({} when absent or unreadable)."""
+    try:
+        return json.loads(auto_imatrix_facts_path(path).read_text())
+    except (OSError, ValueError):
+        return {}

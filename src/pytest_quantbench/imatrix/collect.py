@@ -245,11 +245,15 @@ def compute_imatrix(
         cparams.fused_moe_up_gate = False
         cparams.fused_mmad = False
 
+    from ..progress import Progress
+
     start = time.perf_counter()
+    progress = Progress("imatrix", tokens.shape[0])
     with LlamaModel(Path(model_path), eval_settings, lib_path, context_params_hook=hook) as model:
-        for chunk in tokens:
+        for done, chunk in enumerate(tokens, 1):
             model.decode_all_outputs(chunk)
             collector.raise_if_failed()
+            progress.update(done)
     records = collector.records()
     if not records:
         raise ImatrixError(f"computing an importance matrix for {model_path}: the engine ran no "
