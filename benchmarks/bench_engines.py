@@ -69,7 +69,7 @@ def compare(label: str, model, corpus, ctx: int, chunks: int, units, cache: Path
     the machine's speed hits both alike; each engine first measures one warm-up item (its model
     load and the kernel check of the type) that is not counted."""
     sessions = {e: make_session(model, corpus, ctx, chunks, e, cache) for e in ("file", "inplace")}
-    sessions["file"].baseline  # computed once, outside the timed items
+    _ = sessions["file"].baseline  # computed once, outside the timed items
     for session in sessions.values():
         timed_item(session, units[0])
     times = {e: [] for e in sessions}
@@ -97,9 +97,8 @@ def main() -> None:
     parser.add_argument("--rss-items", type=int, default=50)
     parser.add_argument("--big-layers", type=int, default=11, help="layers of the ~1 GB model")
     args = parser.parse_args()
-    from synthmodel import build_synthetic_model
-
     from pytest_quantbench.measure import WorkUnit
+    from synthmodel import build_synthetic_model
 
     def units(names):
         return [WorkUnit(n, (n,), "q4_0") for n in names][:args.items]
@@ -110,7 +109,7 @@ def main() -> None:
         # first, so that the peak RSS is this loop's, not the larger models' below
         session = make_session(None, None, 128, 1, "inplace", cache)
         names = [f"blk.{i}.attn_{k}.weight" for i in range(30) for k in ("q", "k", "v", "output")]
-        session.baseline
+        _ = session.baseline
         rss = []
         for i in range(args.rss_items):
             unit = WorkUnit(names[i % len(names)], (names[i % len(names)],), "q4_0")

@@ -65,8 +65,8 @@ def main() -> None:
     from pytest_quantbench.engine.llama import EvalSettings, LlamaModel
     from pytest_quantbench.inputs import default_corpus_text, ensure_default_model
     from pytest_quantbench.kldbase import KLDBaseFile
-    from pytest_quantbench.metrics import KLDAccumulator
     from pytest_quantbench.measure import ChunkBuffers, evaluate
+    from pytest_quantbench.metrics import KLDAccumulator
     from pytest_quantbench.runinputs import default_threads
 
     threads = default_threads(1)

@@ -82,7 +82,7 @@ def main() -> None:
                 tail_path = write_tail_gguf(path, L, Path(tmp) / f"tail{L}.gguf")
                 with TailModel(full, tail_path, L, settings) as tail:
                     setup = time.perf_counter() - start
-                    for i, c in enumerate(chunks):
+                    for i in range(len(chunks)):
                         got = tail.eval_hidden(hidden[L][i])
                         if not np.array_equal(got.view(np.uint32),
                                               full_logits[i].view(np.uint32)):

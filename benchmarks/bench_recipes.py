@@ -70,9 +70,8 @@ def main() -> None:
     common = [f"--quantbench-cache-dir={cache}"]
     if args.small:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from synthmodel import build_synthetic_model
-
         from conftest import CORPUS_TEXT
+        from synthmodel import build_synthetic_model
 
         model = build_synthetic_model(root / "synth-bf16.gguf")
         corpus = root / "corpus.txt"

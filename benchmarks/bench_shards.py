@@ -67,9 +67,8 @@ def main() -> None:
         model, corpus = args.model, args.corpus
         if model is None:
             sys.path.insert(0, str(REPO / "tests"))
-            from synthmodel import build_synthetic_model
-
             from conftest import CORPUS_TEXT
+            from synthmodel import build_synthetic_model
 
             model = build_synthetic_model(root / "synth-bf16.gguf")
             corpus = root / "corpus.txt"

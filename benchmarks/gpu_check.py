@@ -101,7 +101,7 @@ def compare_engines(file_rows, inplace_rows) -> tuple[str, str]:
     same = (f[metrics].values == i[metrics].values) | (f[metrics].isna().values
                                                        & i[metrics].isna().values)
     notes = "; ".join(sorted({str(n) for n in i.get("engine_note", []) if isinstance(n, str)}))
-    bad = [f"{t}[{q}]" for (t, q), ok in zip(f[key].itertuples(index=False), same.all(axis=1))
+    bad = [f"{t}[{q}]" for (t, q), ok in zip(f[key].itertuples(index=False), same.all(axis=1), strict=True)
            if not ok]
     modes = ",".join(sorted(set(i["engine_mode"])))
     detail = f"{len(f)} items, {len(metrics)} statistics, in-process rows: {modes}; {notes}"
@@ -163,9 +163,8 @@ def step_d(out: Path, model: Path | None, big: Path) -> None:
 
 
 def build_big(out: Path, layers: int, n_embd: int) -> Path:
-    from synthmodel import build_synthetic_model
-
     from conftest import CORPUS_TEXT
+    from synthmodel import build_synthetic_model
 
     big = out / "big-bf16.gguf"
     if not big.exists():

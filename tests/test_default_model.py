@@ -123,7 +123,7 @@ def test_chunk_level_error_is_larger_than_llama_perplexitys(pytester, cache_dir)
     result.assert_outcomes(passed=4)
     rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
     ratios = rows["mean_kld_err_chunks"] / rows["mean_kld_err"]
-    shown = ", ".join(f"{t}: {r:.2f}x" for t, r in zip(rows["tensor"], ratios))
+    shown = ", ".join(f"{t}: {r:.2f}x" for t, r in zip(rows["tensor"], ratios, strict=True))
     print(f"mean KLD ± (chunk-level / llama-perplexity) at 8 chunks: {shown}")
     assert (ratios > 1).all(), shown
     assert (rows["same_top_p_err_chunks"] > 0).all() and (rows["mean_dp_err_chunks"] > 0).all()

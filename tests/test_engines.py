@@ -199,8 +199,8 @@ def test_the_chunk_loop_scores_every_chunk_with_its_own_logits(synth_model, tmp_
     its statistics equal a plain sequential loop's, for one and for two chunks per decode."""
     from pytest_quantbench.baseline import write_baseline
     from pytest_quantbench.kldbase import KLDBaseFile
-    from pytest_quantbench.metrics import KLDAccumulator
     from pytest_quantbench.measure import ChunkBuffers, evaluate
+    from pytest_quantbench.metrics import KLDAccumulator
 
     class SlowAccumulator(KLDAccumulator):
         def add_chunk(self, *args):

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+
 from runhelpers import usage_error, without
 
 # Counts the baseline evaluations of every process (controller and xdist workers) in a file.
@@ -177,9 +178,8 @@ def test_mean_entropy(quantbench, request):
 
 def test_measure_file_equals_the_file_engine_item_and_refuses_a_foreign_model(
         pytester, qb_args, synth_model, tmp_path):
-    from synthmodel import build_synthetic_model
-
     from pytest_quantbench.engine.quantize import run_llama_quantize
+    from synthmodel import build_synthetic_model
 
     variant = tmp_path / "attn-v-q4_0.gguf"
     run_llama_quantize(synth_model, variant, {"blk.0.attn_v.weight": "q4_0"},

@@ -27,7 +27,6 @@ if str(Path(__file__).parent) not in sys.path:  # also under --import-mode=impor
     sys.path.insert(0, str(Path(__file__).parent))
 from synthmodel import build_synthetic_model  # noqa: E402
 
-
 # --------------------------------------------------------------------------
 # a minimal hand-rolled GGUF writer, for shapes gguf-py will not write
 # --------------------------------------------------------------------------
@@ -113,7 +112,7 @@ def test_synthetic_header_matches_gguf_py(synth: Path) -> None:
     r = gguf.GGUFReader(synth)
     h = read_header(synth)
     assert [t.name for t in r.tensors] == [t.name for t in h.tensors]
-    for a, b in zip(r.tensors, h.tensors):
+    for a, b in zip(r.tensors, h.tensors, strict=True):
         assert tuple(int(x) for x in a.shape) == b.shape
         assert int(a.tensor_type) == b.ggml_type
         assert int(a.n_bytes) == b.n_bytes

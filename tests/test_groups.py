@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from runhelpers import read_wide, results
 
 from pytest_quantbench.selection import SelectionError, select_groups
+from runhelpers import read_wide, results
 
 NAMES = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.1.attn_q.weight",
          "blk.1.ffn_down.weight", "token_embd.weight"]

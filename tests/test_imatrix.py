@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from pytest_quantbench.engine import bindings
+from pytest_quantbench.engine.ggml import Ggml, GgmlHeader
 from pytest_quantbench.engine.llama import EngineError, EvalSettings, LlamaModel
 from pytest_quantbench.engine.quantize import run_llama_quantize
-from pytest_quantbench.engine.ggml import Ggml, GgmlHeader
 from pytest_quantbench.engine.swap import SwapModel
 from pytest_quantbench.gguf import read_header, read_model_header
 from pytest_quantbench.imatrix import (
@@ -491,7 +491,7 @@ def test_moe_experts_get_one_vector_each(tmp_path, chunks, monkeypatch):
     up = [imx.weights_for("blk.0.ffn_up_exps.weight", e) for e in range(4)]
     gate = [imx.weights_for("blk.0.ffn_gate_exps.weight", e) for e in range(4)]
     assert all(u.shape == (256,) for u in up)
-    for u, g in zip(up, gate):
+    for u, g in zip(up, gate, strict=True):
         np.testing.assert_array_equal(u, g)
     assert not np.array_equal(up[0], up[1])
     stats = seen["collector"].stats

@@ -123,9 +123,8 @@ def test_an_entry_whose_first_or_last_mib_differs_is_not_trusted(tmp_path, hashi
 def test_a_replaced_shard_changes_the_hash_of_a_split_model(tmp_path):
     """A split model's hash covers every shard: `sha256sum <shards> | sha256sum`."""
     pytest.importorskip("gguf")
-    from synthmodel import build_synthetic_model
-
     from pytest_quantbench.gguf import read_model_header
+    from synthmodel import build_synthetic_model
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

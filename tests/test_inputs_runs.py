@@ -9,6 +9,7 @@ import shutil
 
 import pandas as pd
 import pytest
+
 from runhelpers import results, usage_error, without
 
 STATS = ("mean_kld", "ppl_q", "ppl_base", "same_top_p", "rms_dp", "kld_p99")
@@ -54,7 +55,7 @@ def test_model_copied_over_with_the_same_size_and_mtime_gets_its_own_hash_and_ba
     result.stdout.fnmatch_lines([f"quantbench model: {model} (sha256 {_sha(b)[:12]}, *"])
     second = results(pytester).iloc[0]
     assert second["model_sha256"] == _sha(b)
-    assert not second.get("reused", False) is True and second["ppl_base"] != first["ppl_base"]
+    assert second.get("reused", False) is not True and second["ppl_base"] != first["ppl_base"]
     assert len(list((cache / "baselines").glob("*.kld"))) == 2
 
 

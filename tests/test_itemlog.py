@@ -192,13 +192,13 @@ def test_real_grep_and_sed_read_same_top_p(tmp_path):
     grep = subprocess.run(["grep", "-E", SAME_TOP_P_ERE, str(path)], capture_output=True,
                           env=env, check=True)
     # Only the final line matches; the table header "Same top p" has no colon after it.
-    assert grep.stdout == "Same top p: 94.444 ± 1.446 %\n".encode("utf-8")
+    assert grep.stdout == "Same top p: 94.444 ± 1.446 %\n".encode()
     sed = subprocess.run(["sed", "-nE", f"s/{SAME_TOP_P_ERE}/\\1/p", str(path)],
                          capture_output=True, env=env, check=True)
     assert sed.stdout == b"94.444\n"
     mean_kld = subprocess.run(["grep", "-E", "Mean    KLD:", str(path)], capture_output=True,
                               env=env, check=True)
-    assert mean_kld.stdout == "Mean    KLD:   0.006878 ±   0.000459\n".encode("utf-8")
+    assert mean_kld.stdout == "Mean    KLD:   0.006878 ±   0.000459\n".encode()
 
 
 def test_collector_reads_accumulated_stats_to_printed_places(tmp_path):

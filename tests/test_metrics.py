@@ -12,10 +12,10 @@ import pytest
 from pytest_quantbench import metrics as m
 from pytest_quantbench.metrics import (
     FIELDS,
+    TABLE_HEADER,
     KLDAccumulator,
     KLDStats,
     PPLAccumulator,
-    TABLE_HEADER,
     covariance,
     expf,
     format_kld_output,
@@ -160,7 +160,8 @@ def test_pct_fma_is_single_rounding():
         p = F32(f * F32(len(x) - 1))
         k = int(p)
         r = F32(p - F32(k))
-        exact = Fraction(float(F32(1) - r)) * Fraction(float(x[k])) + Fraction(float(F32(r * x[min(k + 1, len(x) - 1)])))
+        exact = (Fraction(float(F32(1) - r)) * Fraction(float(x[k]))
+                 + Fraction(float(F32(r * x[min(k + 1, len(x) - 1)]))))
         err = abs(Fraction(float(got)) - exact)
         for nb in (np.nextafter(got, F32(np.inf)), np.nextafter(got, F32(-np.inf))):
             assert err <= abs(Fraction(float(nb)) - exact)
@@ -273,7 +274,7 @@ def test_blocking_does_not_change_results(monkeypatch):
     whole = kld_token_stats(l, base, t)
     monkeypatch.setattr(m, "_BLOCK_ELEMS", 60)  # force 1-row blocks
     blocked = kld_token_stats(l, base, t)
-    for a, b in zip(whole, blocked):
+    for a, b in zip(whole, blocked, strict=True):
         assert np.array_equal(a, b)
 
 
@@ -432,7 +433,8 @@ Minimum Δp: -7.303%
 RMS Δp    :  1.915 ± 0.175 %
 Same top p: 94.444 ± 1.446 %
 """
-REFERENCE_ROW = "   4      13.4396 ±    2.4116       0.00800 ±    0.01032       0.00688 ±    0.00046     1.915 ±  0.175 %    94.444 ±  1.446 %"
+REFERENCE_ROW = ("   4      13.4396 ±    2.4116       0.00800 ±    0.01032"
+                 "       0.00688 ±    0.00046     1.915 ±  0.175 %    94.444 ±  1.446 %")
 
 
 def test_format_block_reproduces_reference_bytes():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import WHEEL
 from pytest_quantbench import qtypes
 from pytest_quantbench.qtypes import (
     GGML_TYPES,
@@ -33,8 +34,6 @@ from pytest_quantbench.qtypes import (
 # the wheel
 # --------------------------------------------------------------------------
 
-
-from conftest import WHEEL  # noqa: E402
 needs_wheel = pytest.mark.skipif(WHEEL is None, reason="ik-llama-cpp-python is not installed")
 
 

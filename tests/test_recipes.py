@@ -108,7 +108,7 @@ def test_solver_finds_enumerated_optimum_and_stays_within_budget(seed):
     for _ in range(6):
         sizes = sorted(rng.sample(range(8, 200, 2), 4))
         klds = sorted((rng.random() for _ in sizes), reverse=True)  # bigger: better
-        choices.append([(s * 18, k) for s, k in zip(sizes, klds)])
+        choices.append([(s * 18, k) for s, k in zip(sizes, klds, strict=True)])
     lo = sum(c[0][0] for c in choices)
     hi = sum(c[-1][0] for c in choices)
     capacity = rng.randint(lo, hi)
@@ -144,7 +144,7 @@ def _fake_results(header, path: Path) -> Path:
     rows = []
     names = [t.name for t in header.tensors if is_quantizable_tensor(t.name, t.n_dims)]
     for i, name in enumerate(names):
-        for q, k in zip(QTYPES, (0.02, 0.006, 0.0002)):
+        for q, k in zip(QTYPES, (0.02, 0.006, 0.0002), strict=True):
             rows.append({"tensor": name, "qtype": q, "written_type": q, "status": "passed",
                          "model_sha256": "ab" * 32, "mean_kld": k * (i + 1), "members": name})
     rows.append({"tensor": "group0", "qtype": "q4_0", "status": "passed", "mean_kld": 1.0,

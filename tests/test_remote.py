@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from runhelpers import usage_error, without
 from test_shards import _tables
 

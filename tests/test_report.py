@@ -11,7 +11,6 @@ import pytest
 
 from pytest_quantbench import report
 from pytest_quantbench.report import (
-    GATING_KEYS,
     METRIC_KEYS,
     atomic_write_text,
     check_csv_metrics,

@@ -7,9 +7,9 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import pytest
-from runhelpers import results
 
 from pytest_quantbench.report import RESULT_COLUMNS
+from runhelpers import results
 
 ATTN_V_FAILS = "rules:\n  - tensor: attn_v\n    max_kld: 1.0e-12\n"
 

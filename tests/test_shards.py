@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from runhelpers import without
 
 from pytest_quantbench.config import ConfigError
 from pytest_quantbench.merge import PER_PROCESS, MergeError, merge
 from pytest_quantbench.shard import Shard, assign_shards, parse_shard
+from runhelpers import without
 
 TABLES = ("kld_results.csv", "ppl_results.csv", "topp_results.csv", "results.csv")
 TIMING = PER_PROCESS  # the time depends on the process, not the item
@@ -42,11 +42,11 @@ def test_assign_shards_is_a_balanced_partition_independent_of_order():
     costs = [float((i * 7919) % 97 + 1) for i in range(40)]
     shares = assign_shards(ids, costs, 3)
     assert sorted(set(shares)) == [0, 1, 2]
-    loads = [sum(c for c, s in zip(costs, shares) if s == k) for k in range(3)]
+    loads = [sum(c for c, s in zip(costs, shares, strict=True) if s == k) for k in range(3)]
     assert max(loads) - min(loads) <= max(costs)  # the LPT bound
     shuffled = list(reversed(range(40)))  # same items in another order: same shares
     again = assign_shards([ids[i] for i in shuffled], [costs[i] for i in shuffled], 3)
-    assert {ids[i]: s for i, s in zip(shuffled, again)} == dict(zip(ids, shares))
+    assert {ids[i]: s for i, s in zip(shuffled, again, strict=True)} == dict(zip(ids, shares, strict=True))
 
 
 def _collected(pytester, args) -> list[str]:
@@ -82,7 +82,7 @@ def test_three_shards_cover_every_item_once_and_merge_to_the_single_run(pytester
                                             f"--quantbench-output=shard{i}", "-n", n)
         run.assert_outcomes(passed=len(shards[i - 1]))
         tidy = pd.read_csv(pytester.path / f"shard{i}" / "results.csv")
-        assert sorted(f"{t}[{q}]" for t, q in zip(tidy["tensor"], tidy["qtype"])) == \
+        assert sorted(f"{t}[{q}]" for t, q in zip(tidy["tensor"], tidy["qtype"], strict=True)) == \
             sorted(shards[i - 1])
     done = subprocess.run([sys.executable, "-m", "pytest_quantbench", "merge", "shard1", "shard2",
                            "shard3", "--output", "merged"], check=False, cwd=pytester.path,

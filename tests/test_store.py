@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from runhelpers import read_wide, results
 
 from pytest_quantbench.store import STORE_FILE, ResultsStore, StoreError, item_key, run_key
+from runhelpers import read_wide, results
 
 # A conftest that makes every measurement fail: a run that passes under it measured nothing.
 NO_MEASURING = '''

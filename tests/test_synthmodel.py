@@ -24,10 +24,9 @@ from pytest_quantbench.qtypes import predict_written_type
 pytest.importorskip("gguf", reason="gguf-py writes the synthetic test models (pip install gguf)")
 if str(Path(__file__).parent) not in sys.path:  # also under --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
+from conftest import WHEEL  # noqa: E402
 from synthmodel import build_synthetic_model, f32_to_bf16_bits, synthetic_vocab  # noqa: E402
 
-
-from conftest import WHEEL  # noqa: E402
 QUANTIZE = WHEEL / "bin" / "llama-quantize" if WHEEL else None
 needs_quantize = pytest.mark.skipif(
     QUANTIZE is None or not QUANTIZE.is_file(), reason="the wheel's llama-quantize is not installed"
@@ -111,7 +110,7 @@ def test_quantize_one_tensor_to_iq4_ks(synth: Path, tmp_path: Path) -> None:
     v = dst.tensor("blk.0.attn_v.weight")
     assert (v.ggml_type, v.type_name) == (144, "iq4_ks")
     assert v.shape == (256, 128) and v.n_bytes == 128 * (4 + 136)
-    for a, b in zip(src.tensors, dst.tensors):
+    for a, b in zip(src.tensors, dst.tensors, strict=True):
         if a.name != v.name:
             assert (a.type_name, a.shape, a.n_bytes) == (b.type_name, b.shape, b.n_bytes), a.name
     assert dst.metadata["tokenizer.ggml.tokens"] == src.metadata["tokenizer.ggml.tokens"]

@@ -7,9 +7,9 @@ another vocabulary or architecture is a usage error naming it."""
 from __future__ import annotations
 
 import pytest
-from runhelpers import read_wide, results, usage_error
 
 from pytest_quantbench.variants import VariantError, check_compatible, type_summary
+from runhelpers import read_wide, results, usage_error
 
 STATS = ("mean_kld", "ppl_q", "same_top_p", "max_kld", "rms_dp")
 
@@ -22,9 +22,8 @@ def test_type_summary_per_class():
 
 
 def test_compatibility_names_first_difference(synth_model, tmp_path):
-    from synthmodel import build_synthetic_model
-
     from pytest_quantbench.gguf import read_model_header
+    from synthmodel import build_synthetic_model
 
     base = read_model_header(synth_model)
     check_compatible(base, base, "same")

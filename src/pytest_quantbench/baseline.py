@@ -16,15 +16,19 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from filelock import FileLock
 
 from .kldbase import KLDBaseFile, KLDBaseFormatError
 from .report import atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine.swap import SwapModel
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +224,7 @@ def baseline_failure(exc: BaseException, path: Path, expected_bytes: int) -> Bas
     (``expected_bytes``, :func:`kldbase.expected_file_size`) and the free space there."""
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, OSError):
-        detail = cache_write_error(exc).strerror
+        detail = cache_write_error(exc).strerror or detail  # always set: OSError(errno, text)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             try:
                 free = shutil.disk_usage(path.parent).free
@@ -334,7 +338,8 @@ def check_user_baseline(base: KLDBaseFile, n_vocab: int, corpus: Path | None = N
     if corpus is not None and corpus_tokens is not None:
         tokens, need = corpus_tokens(), base.n_chunk * base.n_ctx
         if len(tokens) < need:
-            why = f"it has {len(tokens)} tokens, the file's {base.n_chunk} chunks hold {need}"
+            why: str | None = (f"it has {len(tokens)} tokens, the file's {base.n_chunk} chunks "
+                               f"hold {need}")
         else:
             differ = np.flatnonzero(np.asarray(tokens[:need]) != np.asarray(base.tokens).ravel())
             why = (None if differ.size == 0 else
@@ -356,14 +361,15 @@ class RunBaseline:
         inputs: the run's :class:`~pytest_quantbench.runinputs.RunInputs` (chunks, tokenizer,
             identity, user base file, model and settings).
         swap_model: returns the worker's in-process
-            :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with ``--quantbench-engine=inplace`` its loaded model computes the
+            :class:`~pytest_quantbench.engine.swap.SwapModel` (or None); with
+            ``--quantbench-engine=inplace`` its loaded model computes the
             baseline too (same load, same settings).
         prefix: the run's :class:`~pytest_quantbench.prefix.PrefixReuse` (or None); when it is
             active, its ``baseline(path)`` computes the base file and the hidden states of the
             planned start layers in one pass.
     """
 
-    def __init__(self, inputs, swap_model: Callable[[], object], prefix=None) -> None:
+    def __init__(self, inputs, swap_model: Callable[[], SwapModel | None], prefix=None) -> None:
         self.inputs = inputs
         self._swap_model = swap_model
         self._prefix = prefix

@@ -106,7 +106,7 @@ def solve(choices: Sequence[Sequence[tuple[int, float]]], capacity: int, *,
     if base > capacity:
         raise Infeasible(f"the smallest choice is {base} bytes, above the budget of {capacity}",
                          base)
-    steps = [[s - f for s, _ in opts] for opts, f in zip(choices, floor)]
+    steps = [[s - f for s, _ in opts] for opts, f in zip(choices, floor, strict=True)]
     room = capacity - base
     g = 0
     for row in steps:
@@ -123,7 +123,7 @@ def solve(choices: Sequence[Sequence[tuple[int, float]]], capacity: int, *,
     for i, opts in enumerate(choices):
         new = np.full(cells + 1, np.inf)
         pick = picks[i]
-        for q, (w, (_, k)) in enumerate(zip(width[i], opts)):
+        for q, (w, (_, k)) in enumerate(zip(width[i], opts, strict=True)):
             if w > cells:
                 continue
             cand = cost[: cells + 1 - w] + k
@@ -338,7 +338,8 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
 
     assignment: dict[str, str] = {}
     constant = 0
-    plan_fixed, unmeasured = [], []
+    plan_fixed: list[str] = []
+    unmeasured: list[str] = []
     options: list[list[tuple[int, float, str]]] = []
     names: list[str] = []
     for info in header.tensors:
@@ -387,8 +388,8 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
             least) from None
     total = constant
     summed = 0.0
-    for name, opts, q in zip(names, options, chosen):
-        size, k, wname = opts[q]
+    for name, sized, pick in zip(names, options, chosen, strict=True):
+        size, k, wname = sized[pick]
         assignment[name] = wname
         total += size
         summed += k

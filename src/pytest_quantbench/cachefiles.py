@@ -13,6 +13,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Literal
 
 from filelock import FileLock, Timeout
 
@@ -149,7 +150,7 @@ def sweep_lines(removed: list[tuple[Path, int]]) -> list[str]:
             f"left by killed runs, e.g. {removed[0][0].name}")]
 
 
-def _stale(entry: Path) -> bool | FileLock | None:
+def _stale(entry: Path) -> Literal[True] | FileLock | None:
     """True (remove), a free lock to remove under, or None (keep)."""
     if entry.is_dir():
         match = _WORK_DIR.match(entry.name)

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .report import COMPARED_METRICS
 
@@ -92,7 +92,7 @@ def parse_fail_rules(texts: Iterable[str], metrics: Sequence[str]) -> tuple[Fail
                 value = float(match.group(2))
             except ValueError:
                 value = None
-        if value is None or not math.isfinite(value):
+        if match is None or value is None or not math.isfinite(value):
             raise CompareError(f"--quantbench-compare-fail {text!r}: write METRIC:N% or "
                                "METRIC:X, e.g. mean_kld:5% or same_top_p:-0.5")
         metric = match.group(1)
@@ -296,7 +296,8 @@ def load_reference(path: Path, current: Mapping[str, Any]) -> Reference:
         elif _number(record.get("mean_kld")) is None:
             skipped[name] = f"not measured in the reference ({record.get('status') or 'no value'})"
         else:
-            rows[_item_key(members, record["qtype"])] = record
+            # to_dict keys are the CSV's column names, all str
+            rows[_item_key(members, record["qtype"])] = cast(dict[str, Any], record)
     return Reference(csv_path, rows, identity, skipped)
 
 

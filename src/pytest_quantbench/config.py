@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_CONFIG_FILE = "quantbench.yaml"
 #: ``--quantbench-prefix-reuse`` values (README.md#prefix-reuse); :mod:`prefix` reads them here.
@@ -325,7 +326,7 @@ def build_config(
         ini = get_ini(opt.dest)
         if cli not in (None, [], ()):
             values[key], sources[key] = _convert(opt, cli, "CLI", invocation_dir), "CLI"
-        elif key in yaml_values:
+        elif yaml_path is not None and key in yaml_values:
             values[key] = _convert(opt, yaml_values[key], str(yaml_path), yaml_path.parent)
             sources[key] = str(yaml_path)
         elif ini not in (None, "", [], ()):
@@ -348,7 +349,7 @@ def build_config(
 MIN_CTX = 16
 
 
-def corpus_chunk_problem(where: str, n_tokens: int, n_ctx: int,
+def corpus_chunk_problem(where: str | Path, n_tokens: int, n_ctx: int,
                          chunks: int | None) -> ConfigError | None:
     """The error for a corpus too short for the chunks asked, or None when it is long enough.
 

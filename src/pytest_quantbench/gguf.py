@@ -22,10 +22,11 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .qtypes import TYPES_BY_ID, GGMLType
 
@@ -483,7 +484,8 @@ def _parse(p: Path, mm, file_size: int, max_items: int | None) -> GGUFHeader:
         try:
             n_bytes = tensor_nbytes(t, shape)
         except ValueError as e:
-            raise GGUFError(f"{p}: tensor {name!r} shape {list(shape)} type {t.name}: {e}; corrupt header; {_FIX_HINT}") from None
+            raise GGUFError(f"{p}: tensor {name!r} shape {list(shape)} type {t.name}: {e}; "
+                            f"corrupt header; {_FIX_HINT}") from None
         if offset % alignment:
             raise GGUFError(
                 f"{p}: tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}; "

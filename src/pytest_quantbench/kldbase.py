@@ -28,7 +28,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -147,13 +147,13 @@ def encode_logits(
     inv = np.zeros_like(scale)
     inv[nz] = _F32(1) / scale[nz]
     for blk in row_blocks(n_rows, n_vocab):
-        l = logits[blk]
-        d = l - mn[blk, None]                                  # f32(l_i − mn)
+        rows = logits[blk]
+        d = rows - mn[blk, None]                               # f32(l_i − mn)
         if fma:
             v = np.rint(inv[blk, None].astype(_F64) * d)       # exact product, one rounding
         else:
             v = np.rint(inv[blk, None] * d)                    # f32 product, then RNE
-        keep = (l > mn[blk, None]) & nz[blk, None]
+        keep = (rows > mn[blk, None]) & nz[blk, None]
         q[blk] = np.where(keep, v, 0).astype(np.uint16)
     return EncodedRows(scale=scale, min_log_prob=min_log_prob, q=q, max_logit=mx, log_sum_exp=lse)
 
@@ -265,10 +265,10 @@ class KLDBaseWriter:
         self.fma = fma
         self.log_prob_range = log_prob_range
         self.chunks_written = 0
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self._tmp: str | None = None
 
-    def __enter__(self) -> "KLDBaseWriter":
+    def __enter__(self) -> KLDBaseWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".tmp",
@@ -347,6 +347,7 @@ class KLDBaseWriter:
                 f"{self.path}: only {self.chunks_written} of {self.n_chunk} chunks were written; "
                 "the file was not created"
             )
+        assert self._fh is not None and self._tmp is not None  # set by __enter__
         try:
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -464,10 +465,11 @@ class KLDBaseFile:
     def close(self) -> None:
         """Drop this reader's memory maps; the mapping is released once no view handed out
         earlier is alive (numpy memmaps cannot be closed under live views)."""
-        self.tokens = None
-        self._records = None
+        # a closed reader is not read again: None drops the maps without an Optional type
+        self.tokens = None  # type: ignore[assignment]
+        self._records = None  # type: ignore[assignment]
 
-    def __enter__(self) -> "KLDBaseFile":
+    def __enter__(self) -> KLDBaseFile:
         return self
 
     def __exit__(self, *exc) -> None:

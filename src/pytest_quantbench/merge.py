@@ -101,9 +101,9 @@ def merge(sources: Sequence[Path], output: Path) -> list[Path]:
             seen.setdefault(item_key, (numbers, store, text, run))
     run_key, record = _agreed_run(latest)
     _write_store(stores, target)
-    rows = [stored_row(record, json.loads(text)) for _n, _s, text, run in seen.values()
-            if run == run_key]
-    return [target, *write_run_tables(rows, output, record)]
+    table = [stored_row(record, json.loads(text)) for _n, _s, text, run in seen.values()
+             if run == run_key]
+    return [target, *write_run_tables(table, output, record)]
 
 
 def _agreed_run(latest: dict[Path, tuple[str, dict]]) -> tuple[str, dict]:

@@ -8,7 +8,7 @@ tensors in natural order, each with its qtypes sorted.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .config import ConfigError
 from .measure import WorkUnit
@@ -68,16 +68,16 @@ def _whole_units(session: QuantbenchSession, warn: Callable[[str], None]) -> lis
     units = whole_units(config.variant, config.recipe, session.model_header,
                         lambda p: inputs.sha256_file(p, session.cache_dir), warn)
     given = [*config.variant, *config.recipe]
-    session.whole_paths = {(u.name, u.qtype): p for u, p in zip(units, given)}
+    session.whole_paths = {(u.name, u.qtype): p for u, p in zip(units, given, strict=True)}
     return units
 
 
 def _selected_tensors(session: QuantbenchSession, eligible: list[str],
                       warn: Callable[[str], None]) -> tuple[str, ...]:
     """The tensors the selection rules (CLI, YAML/ini, tensors file, or the default) select."""
-    from .selection import parse_rules, select_tensors
+    from .selection import Rule, parse_rules, select_tensors
 
-    rules = []
+    rules: list[Rule] = []
     by_source: dict[str, list[str]] = {}
     for text, source in session.config.rule_lines():
         by_source.setdefault(source, []).append(text)

@@ -41,7 +41,7 @@ DPI = 100
 def _finite(row: Row, key: str) -> float | None:
     """``row[key]`` as a finite float, else None (absent, empty, NaN, text)."""
     try:
-        v = float(row.get(key))
+        v = float(row.get(key, ""))
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
@@ -65,7 +65,7 @@ def heatmap_grid(rows: Iterable[Row], qtype: str):
     """
     import numpy as np
 
-    cells: dict[tuple[str, str], float] = {}
+    cells: dict[tuple[str, str], float | None] = {}
     for row in rows:
         if row.get("qtype") != qtype or not _single(row):
             continue
@@ -75,9 +75,9 @@ def heatmap_grid(rows: Iterable[Row], qtype: str):
     layers = sorted({k[0] for k in cells}, key=lambda s: (s != "other", natural_key(s)))
     kinds = sorted({k[1] for k in cells}, key=natural_key)
     grid = np.full((len(layers), len(kinds)), np.nan)
-    for (layer, kind), value in cells.items():
+    for (label, kind), value in cells.items():
         if value is not None:
-            grid[layers.index(layer), kinds.index(kind)] = value
+            grid[layers.index(label), kinds.index(kind)] = value
     return layers, kinds, grid
 
 
@@ -165,11 +165,12 @@ def kld_vs_bpw_figure(rows: Sequence[Row], bpw_of: Callable[[Row], float | None]
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red",
             marker="o", markerfacecolor="none", markersize=9, label="Pareto front")
-    for (x, y), label in zip(points, labels):
+    for (x, y), label in zip(points, labels, strict=True):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    files = [(bpw_of(r), _kld(r), str(r.get("qtype"))) for r in rows
-             if r.get("tensor") in ("variant", "recipe")]
-    files = [(x, y, label) for x, y, label in files if x is not None and y is not None and y > 0]
+    candidates = [(bpw_of(r), _kld(r), str(r.get("qtype"))) for r in rows
+                  if r.get("tensor") in ("variant", "recipe")]
+    files = [(x, y, label) for x, y, label in candidates
+             if x is not None and y is not None and y > 0]
     if files:
         ax.scatter([f[0] for f in files], [f[1] for f in files], marker="^", color="tab:green",
                    s=40, label="variant / recipe file", zorder=3)

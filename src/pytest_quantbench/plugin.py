@@ -17,11 +17,14 @@ import re
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
 from .config import OPTIONS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .storewriter import StoreWriter
 
 SESSION_KEY = pytest.StashKey["Any"]()
 SWEPT_KEY = pytest.StashKey["list"]()
@@ -55,7 +58,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             kwargs["metavar"] = opt.kind.upper() if opt.kind != "path" else "PATH"
         group.addoption(opt.flag, **kwargs)
-        ini_type = "linelist" if opt.kind in ("list", "groups", "paths") else "string"
+        ini_type: Literal["linelist", "string"] = (
+            "linelist" if opt.kind in ("list", "groups", "paths") else "string")
         parser.addini(opt.dest, opt.help, type=ini_type, default=None)
     group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
                     help="YAML file of quantbench settings (default: quantbench.yaml in the "
@@ -143,7 +147,7 @@ def pytest_configure(config: pytest.Config) -> None:
         session.units = _shard_units(config, session)
         if not hasattr(config, "workerinput"):
             _check_separate_path_args(config)
-        session.thresholds  # a bad thresholds file is a usage error now, not an item failure
+        _ = session.thresholds  # a bad thresholds file is a usage error now, not an item failure
         session.validate_inputs()
         if not hasattr(config, "workerinput"):  # not in workers: a baseline being written by
             from .diskspace import check_cache_space  # one of them takes space already
@@ -337,8 +341,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from .prefix import layer_major, start_layer
 
     slots = [i for i, item in enumerate(items) if isinstance(item, QuantbenchItem)]
-    ordered = layer_major([items[i] for i in slots], lambda item: start_layer(item.unit.tensors))
-    for i, item in zip(slots, ordered):
+    ordered = layer_major([item for item in items if isinstance(item, QuantbenchItem)],
+                          lambda item: start_layer(item.unit.tensors))
+    for i, item in zip(slots, ordered, strict=True):
         items[i] = item
 
 
@@ -408,6 +413,7 @@ class QuantbenchItem(pytest.Item):
 
     def runtest(self) -> None:
         qb = self._session()
+        assert self.measured is not None  # runtest follows a setup that measured
         measured = {**self.row, **self.measured}  # the row has the chunk-level ±
         messages = [v.message for v in qb.thresholds.check(self.unit.name, self.unit.qtype,
                                                            measured)]
@@ -475,7 +481,7 @@ class ResultCollector:
         self.started = started  # the run's start (Unix time): what was computed in this run
         self._flushed_at = time.monotonic()  # tables are rewritten mid-run from this on
         self.flush_error: str | None = None  # the last mid-run rewrite's error, if it failed
-        self._writer = None
+        self._writer: StoreWriter | None = None
         self._refused: dict[str, str] = {}  # nodeid -> why its row was not stored
 
     @property
@@ -528,7 +534,7 @@ class ResultCollector:
                 if report.failed and "reason" not in row:
                     row["reason"] = failure_message(report)
                 self.rows[report.nodeid + suffix] = row
-                outcome = {k: row[k] for k in ("status", "nodeid") if k in row}
+                outcome: dict[str, Any] = {k: row[k] for k in ("status", "nodeid") if k in row}
                 if "reason" in row and "reason" not in props:
                     outcome["reason"] = row["reason"]
                 try:

@@ -15,13 +15,17 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from filelock import FileLock
 
 from .config import PREFIX_REUSE_MODES as MODES
 from .hidden import load_hidden
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine.swap import SwapModel
+    from .engine.tail import TailModel
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
 T = TypeVar("T")
@@ -69,7 +73,7 @@ def layer_major(units: Sequence[T], layer_of: Callable[[T], int | None]) -> list
     """``units`` ordered so consecutive units share a tail: full-model units first, then by start
     layer ascending; the order within a layer is kept (a stable sort, so every xdist worker that
     collects the same units gets the same order)."""
-    return sorted(units, key=lambda u: -1 if layer_of(u) is None else layer_of(u))
+    return sorted(units, key=lambda u: -1 if (layer := layer_of(u)) is None else layer)
 
 
 def tail_gguf_path(cache_dir: Path, model_sha256: str, layer: int) -> Path:
@@ -133,7 +137,7 @@ class TailPool:
         self.cache_dir, self.identity, self.model_sha256 = Path(cache_dir), identity, model_sha256
         self.tokens, self.capacity = tokens, max(1, capacity)
         self.off_reason: str | None = None
-        self._tails: OrderedDict[int, object] = OrderedDict()
+        self._tails: OrderedDict[int, TailModel] = OrderedDict()
         self._full_logits: np.ndarray | None = None
 
     def _check_chunks(self) -> range:
@@ -301,7 +305,7 @@ class PrefixReuse:
             list (all of them: every xdist worker plans the same, so all want the same layers).
     """
 
-    def __init__(self, inputs, swap_model: Callable[[], object],
+    def __init__(self, inputs, swap_model: Callable[[], SwapModel | None],
                  units: Callable[[], Sequence]) -> None:
         self.inputs = inputs
         self._swap_model = swap_model
@@ -368,8 +372,9 @@ class PrefixReuse:
         n_embd = self.inputs.model_header.n_embd
         missing = set(layers) - cached_layers(cache_dir, identity, layers, tokens, n_embd)
         if missing:
+            n_chunk, n_ctx = tokens.shape
             check_free_space(cache_dir, {
-                "hidden states": hidden_bytes(len(missing), *tokens.shape, n_embd),
+                "hidden states": hidden_bytes(len(missing), n_chunk, n_ctx, n_embd),
                 "baseline": 0 if Path(base_path).exists() else self._base_bytes()})
 
     def baseline(self, base_path: Path):
@@ -389,7 +394,9 @@ class PrefixReuse:
         """The worker's :class:`TailPool` over the swap model (made on first use)."""
         if self._pool is None:
             ins = self.inputs
-            self._pool = TailPool(self._swap_model().model, ins.eval_settings, ins.cache_dir,
+            swap = self._swap_model()
+            assert swap is not None  # active only with the in-process engine (its model loaded)
+            self._pool = TailPool(swap.model, ins.eval_settings, ins.cache_dir,
                                   ins.run_identity, ins.model_sha256, ins.chunk_tokens)
         return self._pool
 

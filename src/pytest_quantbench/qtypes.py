@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence, Union
+from typing import Literal
 
 __all__ = [
     "GGMLType",
@@ -540,7 +541,7 @@ def qtype_label(qtype: QType) -> str:
     return qtype.name if qtype.kind == "type" else qtype.name.lower()
 
 
-def parse_qtype_list(text_or_list: Union[str, Iterable[str]]) -> tuple[QType, ...]:
+def parse_qtype_list(text_or_list: str | Iterable[str]) -> tuple[QType, ...]:
     """Parse ``"q4_K, iq4_ks q8_0"`` (or a list of such strings) into QTypes.
 
     Items are separated by commas and/or whitespace.  Order is kept and
@@ -637,19 +638,19 @@ def predict_written_type(
             f"row length ne0 = {ne0}{what} is not divisible by {t.block_size}, the block "
             f"size of {t.name}: llama-quantize does not check this and the quantizer asserts"
         )
-    if t.is_interleaved and t.base is not None:
+    if t.is_interleaved and (base := t.base) is not None:
         if tensor_name == "token_embd.weight":
             reasons.append(
                 f"token_embd.weight cannot be row-interleaved: llama-quantize writes "
                 f"{t.base} instead of {t.name}"
             )
-            t = TYPES_BY_NAME[t.base]
+            t = TYPES_BY_NAME[base]
         elif ne1 % t.interleave:
             reasons.append(
                 f"row count ne1 = {ne1}{what} is not divisible by {t.interleave}, required for "
                 f"{t.name}: llama-quantize silently writes {t.base}"
             )
-            t = TYPES_BY_NAME[t.base]
+            t = TYPES_BY_NAME[base]
         if ne0 % t.block_size:  # iq1_s_r4 / iq1_m_r4 (32-block) -> iq1_s / iq1_m (256-block)
             raise UnsupportedShapeError(
                 f"{reasons[-1]}, but row length ne0 = {ne0} is not divisible by {t.block_size}, "

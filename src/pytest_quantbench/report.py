@@ -204,6 +204,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
                 continue
         if fd < 0:  # pragma: no cover - 100 random collisions
             raise FileExistsError(f"no free temporary name next to {target}")
+        assert tmp is not None  # the loop broke with tmp created
         try:
             view = memoryview(data)
             while view:
@@ -619,7 +620,7 @@ def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld"
     lines = []
     for line in table:
         cells = [line[0].rjust(widths[0])]
-        cells += [cell.ljust(width) for cell, width in zip(line[1:], widths[1:])]
+        cells += [cell.ljust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells).rstrip())
     return lines
 

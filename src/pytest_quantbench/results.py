@@ -8,9 +8,9 @@ freshly measured item at once, so an interrupted run loses only the items in fli
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import cached_property
-from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 from .measure import ItemSkip, WorkUnit
 
@@ -89,6 +89,7 @@ class RunResults:
         stats = measure(unit, row)
         facts = {k: row[k] for k in _FACTS if k in row}
         if row.get("stopped_early"):  # never reused for, nor listed by, a full-chunk run
+            assert early_key is not None  # only a run with early-stop limits stops early
             key, run = early_key, early_store_run(run)
         self.store.put(key, run, {"tensor": unit.name, "qtype": unit.qtype,
                                   "facts": facts, "stats": stats.as_dict()})

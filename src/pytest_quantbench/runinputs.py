@@ -170,9 +170,10 @@ class RunInputs:
         from .baseline import RunIdentity
 
         if self.user_base is not None:
+            assert self.config.kld_base is not None  # the user base is read from it
             corpus_hash = inputs.sha256_file(self.config.kld_base, self.cache_dir)
         elif self.config.corpus is not None:
-            self.corpus_text  # validates the file (missing, directory, not UTF-8, empty) first
+            _ = self.corpus_text  # validates the file (missing, directory, not UTF-8, empty) first
             corpus_hash = inputs.sha256_file(self.config.corpus, self.cache_dir)
         else:  # the sha256 of the default text written to a file, as `sha256sum` shows it
             corpus_hash = inputs.sha256_text(inputs.default_corpus_text())
@@ -192,9 +193,9 @@ class RunInputs:
 
         Raises ConfigError, EngineError, KLDBaseFormatError or ValueError with the fix.
         """
-        self.chunk_tokens
+        _ = self.chunk_tokens
         if self.imatrix_source not in (None, "auto"):
-            self.imatrix  # wrong format or another model's: a usage error before any item
+            _ = self.imatrix  # wrong format or another model's: a usage error before any item
         if self.user_base is not None:
             from .baseline import check_user_baseline
 
@@ -273,7 +274,8 @@ class RunInputs:
                         "one; pass --quantbench-imatrix FILE to use yours, or =none to skip such "
                         f"items ({cached})"]
             return [f"quantbench imatrix: auto (computed from the corpus chunks {cached})"]
-        return [f"quantbench imatrix: {source} (sha256 {self.imatrix_identity[:12]})"]
+        sha = self.imatrix_identity or ""  # a file is the source here: its sha256
+        return [f"quantbench imatrix: {source} (sha256 {sha[:12]})"]
 
     # ---- importance matrix ----------------------------------------------------------
     @property
@@ -298,7 +300,7 @@ class RunInputs:
             return None
         if source == "auto":
             return f"auto:{self._auto_imatrix_key}"
-        return inputs.sha256_file(source, self.cache_dir)
+        return inputs.sha256_file(Path(source), self.cache_dir)
 
     @property
     def _auto_imatrix_key(self) -> str:

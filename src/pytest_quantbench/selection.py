@@ -370,9 +370,9 @@ def select_tensors(
             selected.append(name)
             rule_for[name] = rule
 
-    unmatched = tuple(r for r, m in zip(applied, matched_any) if not m)
+    unmatched = tuple(r for r, m in zip(applied, matched_any, strict=True) if not m)
     shadowed = tuple(
-        r for r, m, d in zip(applied, matched_any, decided_any) if m and not d
+        r for r, m, d in zip(applied, matched_any, decided_any, strict=True) if m and not d
     )
     if not selected:
         if not names:

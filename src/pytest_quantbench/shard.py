@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from .config import ConfigError
 
@@ -114,9 +114,14 @@ def select_shard(units: Sequence[T], shard: Shard, cost: Callable[[T], float],
                  ident: Callable[[T], str]) -> list[T]:
     """The units of ``shard``, in their planned order (see :func:`assign_shards`)."""
     shares = assign_shards([ident(u) for u in units], [cost(u) for u in units], shard.count)
-    return [u for u, s in zip(units, shares) if s == shard.index - 1]
+    return [u for u, s in zip(units, shares, strict=True) if s == shard.index - 1]
 
 
-def unit_cost(header, chunks: int) -> Callable[[object], float]:
+class _Unit(Protocol):
+    @property
+    def tensors(self) -> Sequence[str]: ...
+
+
+def unit_cost(header, chunks: int) -> Callable[[_Unit], float]:
     """Cost of a work unit: elements of its tensors (GGUF header) × chunks."""
     return lambda unit: float(sum(header.tensor(t).n_elements for t in unit.tensors) * chunks)

@@ -50,7 +50,7 @@ class HandoffStore:
         """Keep a measured row until its report leaves (:meth:`take`)."""
         self.pending[key] = (run, row)
 
-    def take(self, tensor: str, qtype: str) -> tuple[str, str, dict[str, Any]] | None:
+    def take(self, tensor: str | None, qtype: str | None) -> tuple[str, str, dict[str, Any]] | None:
         """(item key, run key, row) of the row measured for (``tensor``, ``qtype``), removed; None
         when none is pending. Its key is the item key or, for a result that stopped early, the
         early-stop key (:func:`~pytest_quantbench.earlystop.early_item_key`)."""
@@ -64,7 +64,7 @@ class HandoffStore:
         self.pending.clear()
 
 
-def handoff(session, tensor: str, qtype: str) -> dict[str, Any] | None:
+def handoff(session, tensor: str | None, qtype: str | None) -> dict[str, Any] | None:
     """The payload of the row measured for (``tensor``, ``qtype``) (an item's unit name and
     qtype, or a fixture measurement's) for the controller, or None (reused, not measured).
 

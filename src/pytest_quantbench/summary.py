@@ -33,12 +33,12 @@ def _cell(value: Any) -> str:
 
 def _num(row: Row, key: str, places: int) -> str:
     try:
-        value = float(row.get(key))
+        value = float(row.get(key, ""))
     except (TypeError, ValueError):
         return "n/a"
     if not math.isfinite(value):
         return "n/a"
-    err = row.get(key + "_err")
+    err = row.get(key + "_err", "")
     try:
         return f"{value:.{places}f} ± {float(err):.{places}f}"
     except (TypeError, ValueError):

@@ -82,7 +82,7 @@ def check_compatible(base, other, what: str) -> None:
     a = base.metadata.get("tokenizer.ggml.tokens")
     b = other.metadata.get("tokenizer.ggml.tokens")
     if a is not None and b is not None and tuple(a) != tuple(b):
-        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
         raise VariantError(f"{what}: token {i} is {b[i]!r}, the baseline's is {a[i]!r} "
                            "(another tokenizer)")
     mine = {t.name: t for t in base.tensors}
@@ -142,7 +142,8 @@ def whole_units(variants: Iterable[Path], recipes: Iterable[Path], base_header,
     from .measure import WorkUnit
     from .recipes import apply_recipe, read_recipe, written_types
 
-    units, seen = [], {}
+    units: list[WorkUnit] = []
+    seen: dict[tuple[str, str], Path] = {}
     for kind, paths in ((VARIANT, variants), (RECIPE, recipes)):
         for path in paths:
             path = Path(path)
@@ -284,7 +285,7 @@ def measure_whole(unit, path: Path, row: dict[str, Any], *, inputs, planner, eng
     from .gguf import read_model_header
     from .measure import ItemSkip, WorkUnit, evaluate, measure_inplace
     from .metrics import KLDAccumulator
-    from .qtypes import TYPES_BY_NAME
+    from .qtypes import TYPES_BY_NAME, GGMLType
 
     started = time.perf_counter()
     if unit.name == VARIANT:
@@ -313,7 +314,7 @@ def measure_whole(unit, path: Path, row: dict[str, Any], *, inputs, planner, eng
     if note:
         row["engine_note"] = note
     base = baseline.file
-    first_of_type = {}
+    first_of_type: dict[str, tuple[str, GGMLType]] = {}
     for name, wtype in written.items():
         first_of_type.setdefault(wtype.name, (name, wtype))
     probes = [engines.check_kernel(name, wtype, base) for name, wtype in first_of_type.values()]

@@ -254,16 +254,26 @@ def mapped_library(pattern: str) -> str:
     return ""
 
 
-_loaded: dict[Path, ctypes.CDLL] = {}
+class EngineLibrary(ctypes.CDLL):
+    """The loaded ``libllama``: a ``ctypes.CDLL`` that also carries what :func:`load_library`
+    attaches (its log tail, its resolved path, and the C log callback kept alive with it)."""
+
+    log_tail: LogTail
+    quantbench_path: Path
+    _log_callback: object
 
 
-def load_library(path: Path | None = None) -> ctypes.CDLL:
+_loaded: dict[Path, EngineLibrary] = {}
+
+
+def load_library(path: Path | None = None) -> EngineLibrary:
     """Load ``libllama`` once per process, declare signatures, and route its log into a tail.
 
     Args:
         path: the library file; ``None`` → :func:`default_library_path`.
     Returns:
-        the ``ctypes.CDLL`` with ``argtypes``/``restype`` set and attribute ``log_tail`` (LogTail).
+        the :class:`EngineLibrary` (a ``ctypes.CDLL``) with ``argtypes``/``restype`` set and
+        attributes ``log_tail`` (LogTail) and ``quantbench_path``.
     Raises:
         EngineLibraryError: missing file, failed dlopen, or a missing symbol (named).
     """
@@ -277,7 +287,7 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
             "of ik_llama.cpp, or unset IK_LLAMA_CPP_LIB_PATH to use the wheel's"
         )
     try:
-        lib = ctypes.CDLL(str(path))
+        lib = EngineLibrary(str(path))
     except OSError as exc:
         raise EngineLibraryError(f"cannot load engine library {path}: {exc}") from None
     for name, (argtypes, restype) in _SIGNATURES.items():

@@ -23,15 +23,16 @@ import ast
 import ctypes
 import operator
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import numpy as np
 
 from . import bindings
 from .llama import EngineError
 
-_CTYPES = {
+_CTYPES: dict[str, type[ctypes._SimpleCData[Any]]] = {
     "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64, "int32_t": ctypes.c_int32,
     "uint32_t": ctypes.c_uint32, "int16_t": ctypes.c_int16, "uint16_t": ctypes.c_uint16,
     "int8_t": ctypes.c_int8, "uint8_t": ctypes.c_uint8, "size_t": ctypes.c_size_t,
@@ -106,7 +107,7 @@ class GgmlHeader:
             raise EngineError(f"{self.path}: struct ggml_tensor lacks {sorted(missing)}")
 
     def _enum(self, text: str, name: str) -> dict[str, int]:
-        m = re.search(r"enum\s+%s\s*\{(.*?)\}" % re.escape(name), text, re.S)
+        m = re.search(r"enum\s+" + re.escape(name) + r"\s*\{(.*?)\}", text, re.S)
         if m is None:
             raise KeyError(f"enum {name}")
         out: dict[str, int] = {}
@@ -124,7 +125,7 @@ class GgmlHeader:
         return out
 
     def _struct(self, text: str, name: str) -> type[ctypes.Structure]:
-        m = re.search(r"struct\s+%s\s*\{(.*?)\}\s*;" % re.escape(name), text, re.S)
+        m = re.search(r"struct\s+" + re.escape(name) + r"\s*\{(.*?)\}\s*;", text, re.S)
         if m is None:
             raise KeyError(f"struct {name}")
         fields = []
@@ -136,6 +137,7 @@ class GgmlHeader:
             if d is None:
                 raise ValueError(f"struct {name} field {decl!r}")
             ctype_text, fname, dim = d.group(1), d.group(2), d.group(3)
+            ctype: type[ctypes._SimpleCData[Any]]
             if "*" in ctype_text:
                 ctype = ctypes.c_void_p
             elif ctype_text.startswith("enum "):
@@ -145,9 +147,7 @@ class GgmlHeader:
                 if base not in _CTYPES:
                     raise ValueError(f"struct {name} field {decl!r} (type {base})")
                 ctype = _CTYPES[base]
-            if dim is not None:
-                ctype = ctype * _eval_int(dim, self.defines)
-            fields.append((fname, ctype))
+            fields.append((fname, ctype if dim is None else ctype * _eval_int(dim, self.defines)))
         return type(f"{name}_from_header", (ctypes.Structure,), {"_fields_": fields})
 
 
@@ -177,7 +177,7 @@ def _traits_match_header(header: Path) -> bool:
         return False
     body = text[text.rfind("typedef struct {", 0, end):end]
     names = re.findall(r"\b(\w+)\s*;", re.sub(r"//[^\n]*", "", body))
-    return names == [name for name, _ in TypeTraits._fields_]
+    return names == [field[0] for field in TypeTraits._fields_]
 
 
 def quantize_chunk_arity(header: Path) -> int:
@@ -271,15 +271,16 @@ class Ggml:
         except KeyError as exc:
             raise EngineError(f"{h.path} does not declare {exc}") from None
         self.arity = quantize_chunk_arity(header_path)
-        argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        quantize_args: list[type[ctypes._SimpleCData[Any]]] = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_int64, ctypes.c_void_p]
         if self.arity == 8:
-            argtypes.append(ctypes.c_void_p)
+            quantize_args.append(ctypes.c_void_p)
         elif self.arity != 7:
             raise EngineError(f"ggml_quantize_chunk has {self.arity} parameters in "
                               f"{libllama_path}'s ggml.h; this plugin knows 7 "
                               "(ik-llama-cpp-python 0.1.5) and 8 (newer ik)")
-        lib.ggml_quantize_chunk.argtypes = argtypes
+        lib.ggml_quantize_chunk.argtypes = quantize_args
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
         self._user_data = (ctypes.c_bool * 2)(False, False)  # llama-quantize passes {false,false}
         self.has_traits = _traits_match_header(header_path)
@@ -300,7 +301,8 @@ class Ggml:
 
     def host_array(self, address: int, nbytes: int) -> np.ndarray:
         """uint8 (nbytes,) view of host memory at ``address`` (no copy)."""
-        return np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=np.uint8)
+        return np.frombuffer(memoryview((ctypes.c_char * nbytes).from_address(address)),
+                             dtype=np.uint8)
 
     def read(self, ptr: int, dtype) -> np.ndarray:
         """A tensor's elements as an ndarray of shape (ne3, ne2, ne1, ne0) (a copy), from host

@@ -10,9 +10,9 @@ as separate sequences (EvalSettings.n_seq), as llama-perplexity's base run does 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -149,7 +149,7 @@ class LlamaModel:
         if self._ctx:
             self.lib.llama_synchronize(self._ctx)
 
-    def __enter__(self) -> "LlamaModel":
+    def __enter__(self) -> LlamaModel:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,7 +183,7 @@ class LlamaModel:
         n = self.lib.llama_tokenize(self._model, data, len(data), buf, n_max, True, False)
         if n < 0:
             raise EngineError(f"tokenization failed ({n}) for {len(data)} bytes of text")
-        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+        return np.frombuffer(memoryview(buf), dtype=np.int32, count=n).copy()
 
     def eval_chunk(self, tokens: np.ndarray) -> np.ndarray:
         """Evaluate one chunk and return the logits of its scored positions.

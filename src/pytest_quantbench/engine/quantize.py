@@ -85,6 +85,7 @@ def _run(cmd: list[str], what: str, on_line: Callable[[str], None] | None = None
         lines = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               errors="replace") as proc:
+            assert proc.stdout is not None  # stdout=PIPE
             for line in proc.stdout:
                 lines.append(line)
                 on_line(line)

@@ -97,8 +97,8 @@ class HiddenCapture:
                                   f"{list(t.ne)}, expected f32 ({self.n_embd}, n_tokens)")
             n_tokens = int(t.ne[1])
             rows = np.lib.stride_tricks.as_strided(
-                np.frombuffer((ctypes.c_char * (int(t.nb[1]) * n_tokens)).from_address(t.data),
-                              dtype=np.float32),
+                np.frombuffer(memoryview((ctypes.c_char * (int(t.nb[1]) * n_tokens))
+                                         .from_address(t.data)), dtype=np.float32),
                 shape=(n_tokens, self.n_embd), strides=(int(t.nb[1]), int(t.nb[0])))
             self._rows[layer].append(rows.copy())
         except Exception as exc:  # noqa: BLE001 (a ctypes callback must not raise)

@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..cachefiles import cache_notice
 from .formats import ImatrixError, load_imatrix

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from ..engine.ggml import Ggml
 from .formats import (
@@ -102,7 +103,7 @@ class _Collector:
             return False
         return self._weight_name(t) is not None
 
-    def _read(self, ptr: int, dtype: np.dtype) -> np.ndarray:
+    def _read(self, ptr: int, dtype: npt.DTypeLike) -> np.ndarray:
         """A tensor's elements as an ndarray of shape (ne3, ne2, ne1, ne0) (a copy)."""
         return self.api.read(ptr, dtype)
 
