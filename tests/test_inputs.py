@@ -17,13 +17,13 @@ from pytest_quantbench import inputs
 def hashing(monkeypatch):
     """Count full content hashes (the memo's misses)."""
     calls = []
-    real = inputs._content_sha256
+    real = inputs.content_sha256
 
     def counted(path):
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(inputs, "_content_sha256", counted)
+    monkeypatch.setattr(inputs, "content_sha256", counted)
     return calls
 
 

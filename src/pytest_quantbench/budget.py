@@ -165,13 +165,9 @@ def _greedy_fill(choices, chosen: list[int], capacity: int) -> list[int]:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
+    from .inputs import content_sha256
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return content_sha256(path)
 
 
 def load_results(paths: Iterable[str | os.PathLike[str]]):

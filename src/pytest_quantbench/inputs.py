@@ -208,7 +208,7 @@ def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
                 and entry.get("edges") == edge_digest(path, stat.st_size)):
             return entry["sha256"]
     hashed_at = time.time_ns()
-    value = _content_sha256(path)
+    value = content_sha256(path)
     if memo_path is not None and file_key(path.stat()) == key:  # unchanged while hashed
         entry = {"sha256": value, "path": str(path.resolve()), "hashed_at_ns": hashed_at,
                  "edges": edge_digest(path, stat.st_size)}
@@ -220,7 +220,9 @@ def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
     return value
 
 
-def _content_sha256(path: Path) -> str:
+def content_sha256(path: Path) -> str:
+    """sha256 hex digest of the file at ``path``, read in 4 MiB blocks (no memo). Raises
+    OSError."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):

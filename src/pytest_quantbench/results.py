@@ -22,8 +22,8 @@ _FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_no
           "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
           "chunks_used", "stopped_early", "early_verdict",
           "file_size", "bpw", "types",  # whole-file items (variants.file_facts)
-          "eval_path", "prefix_note",
-          "device")  # which device measured it (engine.devices): a merged table keeps it  # prefix reuse: facts of the path, never part of a key
+          "eval_path", "prefix_note",  # prefix reuse: facts of the path, never part of a key
+          "device")  # which device measured it (engine.devices): a merged table keeps it
 
 
 class RunResults:
