@@ -1,6 +1,6 @@
 """Build a tiny synthetic llama GGUF that the wheel's ik_llama.cpp engine loads.
 
-Used by the tests instead of downloaded weights (pytest-conventions §11).  The
+Used by the tests instead of downloaded weights (a clone has no weights to download).  The
 model is random but well formed: an SPM ("llama") vocabulary with byte
 tokens, untied ``output.weight``, widths that are multiples of 256 so every
 256-block ik type can be written without fallback, and rows of the 2-D

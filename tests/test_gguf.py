@@ -353,7 +353,7 @@ def test_default_model_header() -> None:
 
     v = h.tensor("blk.0.attn_v.weight")
     assert v.shape == (576, 192)
-    # fallbacks on its 576-wide rows (spec §5.4/§5.6)
+    # fallbacks on its 576-wide rows (docs/llama-quantize.md#fallbacks, #type-table)
     expect = {"q4_K": "q5_0", "q5_K": "q6_0", "q6_K": "q8_0", "iq4_ks": "iq4_nl", "iq4_k": "q5_0",
               "iq5_ks": "q5_0", "iq6_k": "q8_0", "q2_K": "iq4_nl", "q4_k_r4": "q5_0", "q8_0": "q8_0"}
     for req, written in expect.items():

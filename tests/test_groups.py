@@ -1,7 +1,7 @@
 """Grouped tensors, presets applied per tensor, and types this engine build cannot evaluate.
 
-Suite semantics: docs/gguf-tool-suite-formats.md §5 (groups); presets: llama-perplexity-spec
-§5.1 and §5.7.
+Suite semantics: docs/suite-formats.md#groups (groups); presets:
+docs/llama-quantize.md#presets-and-types, #type-names.
 """
 
 from __future__ import annotations

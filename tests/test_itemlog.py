@@ -1,4 +1,5 @@
-"""Tests for pytest_quantbench.itemlog: suite-style per-item logs (suite formats §6–§7)."""
+"""Tests for pytest_quantbench.itemlog: suite-style per-item logs
+(docs/suite-formats.md#resume – #csv-layout)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ HEADER = (
     "quantbench: n_ctx = 128\n"
 )
 
-# ------------------------------------------------ the collector's reading rules (§7)
+# ------------------------------------------------ the collector's reading rules
+# (docs/suite-formats.md#value-extraction)
 
 SAME_TOP_P_ERE = r".*Same top p[[:space:]]*:[[:space:]]*([0-9]+(\.[0-9]+)?).*"
 NUM = r"([-+]?[0-9]+(?:\.[0-9]+)?)"
@@ -179,7 +181,8 @@ def test_collector_reads_the_printed_numbers(tmp_path):
     assert collector_kld(text) == "0.006878"
     assert collector_regex(text, SAME_TOP_P_ERE) == "94.444"
     assert "Final" not in text  # a KLD run prints no Final estimate; PPL comes from rule 2
-    # The suite's "is this log complete" check (§6) finds its marker.
+    # The suite's "is this log complete" check (docs/suite-formats.md#log-complete) finds its
+    # marker.
     assert "KL divergence statistics" in text
 
 

@@ -1,6 +1,7 @@
-"""Tests of pytest_quantbench.kldbase: row encoding/decoding (spec §2, §4), the base
-file layout, the atomic writer, the validating reader, and fidelity against the
-llama-perplexity reference base file in ../shared (skipped when it is absent)."""
+"""Tests of pytest_quantbench.kldbase: row encoding/decoding
+(docs/llama-perplexity.md#base-file, #bit-exactness), the base file layout, the atomic writer, the
+validating reader, and fidelity against the llama-perplexity reference base file in ../shared
+(skipped when it is absent)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ FIXTURE = SHARED / "fixtures" / "llama-perplexity" / "smollm2-bf16.c128.chunks4.
 
 
 def ref_encode_row(l: np.ndarray, fma: bool = False, R: float = 24.0):
-    """Scalar transcription of the C writer's log_softmax (spec §2)."""
+    """Scalar transcription of the C writer's log_softmax (docs/llama-perplexity.md#base-file)."""
     mx = l[0]
     mn = l[0]
     for v in l[1:]:

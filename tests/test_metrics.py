@@ -38,7 +38,7 @@ def c_expf(x) -> F32:
 
 
 def ref_token(l: np.ndarray, lp: np.ndarray, t: int):
-    """One token, scalar loops, exactly as the C code (spec §3.2)."""
+    """One token, scalar loops, exactly as the C code (docs/llama-perplexity.md#kld-token)."""
     mx = l[0]
     imax = 0
     for i in range(1, len(l)):
@@ -90,7 +90,7 @@ def test_row_max_lse_first_index_of_ties_and_ordered_sum():
 
 
 # ---------------------------------------------------------------------------
-# MU / COV / PCT / MED (spec §3.3)
+# MU / COV / PCT / MED (docs/llama-perplexity.md#stat-functions)
 # ---------------------------------------------------------------------------
 
 def test_mu_empty_is_zero():
@@ -183,7 +183,7 @@ def test_med_is_not_pct_half():
 
 
 # ---------------------------------------------------------------------------
-# PPLAccumulator (spec §1.4/§1.5)
+# PPLAccumulator (docs/llama-perplexity.md#ppl, #ppl-output)
 # ---------------------------------------------------------------------------
 
 def test_ppl_accumulator_values_and_lines():
@@ -212,7 +212,7 @@ def test_ppl_accumulator_zero_variance_and_errors():
 
 
 # ---------------------------------------------------------------------------
-# per-token quantities (spec §3.2)
+# per-token quantities (docs/llama-perplexity.md#kld-token)
 # ---------------------------------------------------------------------------
 
 def test_two_token_vocab_by_hand():
@@ -300,7 +300,7 @@ def test_bad_shapes_and_targets():
 
 
 # ---------------------------------------------------------------------------
-# KLDAccumulator / KLDStats (spec §3.4/§3.5)
+# KLDAccumulator / KLDStats (docs/llama-perplexity.md#statistics, #kld-output)
 # ---------------------------------------------------------------------------
 
 def _random_chunk(rng, S=40, V=30):

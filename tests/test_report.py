@@ -1,4 +1,5 @@
-"""Tests for pytest_quantbench.report (suite formats §7; spec §3.5)."""
+"""Tests for pytest_quantbench.report (docs/suite-formats.md#csv-layout;
+docs/llama-perplexity.md#kld-output)."""
 
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ def test_suite_tables_read_back_with_pandas_as_quant_assign_does(tmp_path):
     assert df.set_index("QTYPE").loc["q4_0", "token_embd.weight"] == 404
 
 
-# ------------------------------------------- extra metrics, percent mode (§7)
+# ------------------------------------------- extra metrics, percent mode
+# (docs/suite-formats.md#percent-mode)
 
 
 def test_metric_keys_are_the_kldstats_fields():

@@ -1,4 +1,5 @@
-"""Tests for pytest_quantbench.selection (suite formats §3, §7; spec §5.2)."""
+"""Tests for pytest_quantbench.selection (docs/suite-formats.md#selection, #csv-layout;
+docs/llama-quantize.md#custom-q)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn
 
 
 def qwen3_like(n_layers: int = 12) -> list[str]:
-    """Eligible tensors of a small Qwen3-like model (suite formats §10)."""
+    """Eligible tensors of a small Qwen3-like model (docs/suite-formats.md#reference-model)."""
     names = ["token_embd.weight"]
     for layer in range(n_layers):
         names += [f"blk.{layer}.{kind}.weight" for kind in KINDS]

@@ -1,4 +1,4 @@
-"""Tests for pytest_quantbench.thresholds (metrics: llama-perplexity spec §3.4)."""
+"""Tests for pytest_quantbench.thresholds (metrics: docs/llama-perplexity.md#statistics)."""
 
 from __future__ import annotations
 

@@ -249,7 +249,8 @@ def write_baseline(model, tokens: np.ndarray, path: Path,
     (n_chunk, n_ctx), decoded ``model.settings.n_seq`` chunks at a time (the layout every variant
     is evaluated with). The file is written atomically by :class:`KLDBaseWriter`; beside it,
     :func:`sidecar_path` records the base run's ``Final estimate`` line (PPL from the raw logits,
-    as llama-perplexity prints it when writing a base file, spec §1.5/§2) and the seconds taken.
+    as llama-perplexity prints it when writing a base file,
+    docs/llama-perplexity.md#ppl-output, #base-file) and the seconds taken.
     ``on_decode(first_chunk)`` runs after each decode (prefix reuse captures hidden states there:
     :class:`pytest_quantbench.hidden.HiddenWriter`).
     """

@@ -1,10 +1,10 @@
 """One suite-style log file per item (``--quantbench-logs DIR``).
 
 The files are named and laid out like the bash suite's per-tensor logs
-(``docs/gguf-tool-suite-formats.md`` §6 "Files written" and "Log headers"),
-so that the suite's collector ``collect_ppl_results.sh`` (§7 "Value
-extraction") reads the same numbers from them as from a real
-``llama-perplexity --kl-divergence`` log. Layout of a file::
+(``docs/suite-formats.md#log-files`` and ``docs/suite-formats.md#log-header``),
+so that the suite's collector ``collect_ppl_results.sh`` (docs/suite-formats.md#value-extraction)
+reads the same numbers from them as from a real ``llama-perplexity --kl-divergence`` log. Layout of
+a file::
 
     === Command used to generate this file (recorded: <ts>) ===
     <command>
@@ -18,9 +18,10 @@ extraction") reads the same numbers from them as from a real
 where the stdout part is the per-chunk table when rows are given and the
 final statistics block, byte-for-byte as the tool prints them
 (:func:`pytest_quantbench.metrics.format_kld_output`,
-:meth:`~pytest_quantbench.metrics.KLDStats.format_block`; spec §3.5). A
+:meth:`~pytest_quantbench.metrics.KLDStats.format_block`; docs/llama-perplexity.md#kld-output). A
 ``--kl-divergence`` run prints no ``Final estimate`` line, so none is
-written: the collector reads PPL from ``Mean PPL(Q)`` (§7 PPL rule 2).
+written: the collector reads PPL from ``Mean PPL(Q)`` (docs/suite-formats.md#value-extraction, PPL
+rule 2).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def _check_chunks(chunks: Any) -> int:
 
 def log_file_name(unit_name: str, qtype: str, chunks: int) -> str:
     """The suite's log file name of one item:
-    ``bench_ppl_kld_result.<unit_name>.<qtype>.<chunks>.txt`` (suite formats §6
-    "Files written"), e.g. ``bench_ppl_kld_result.blk.3.attn_output.weight.q4_1.4.txt``
-    or, for a group, ``bench_ppl_kld_result.group0.q4_1.4.txt``.
+    ``bench_ppl_kld_result.<unit_name>.<qtype>.<chunks>.txt`` (docs/suite-formats.md#log-files),
+    e.g. ``bench_ppl_kld_result.blk.3.attn_output.weight.q4_1.4.txt`` or, for a group,
+    ``bench_ppl_kld_result.group0.q4_1.4.txt``.
 
     Inputs: ``unit_name``, the tensor name or group name (``group<N>``);
     ``qtype``, as in the CSV rows; ``chunks``, the number of evaluated chunks
@@ -87,7 +88,7 @@ def format_item_log(
     chunk_rows: Sequence[str] | None = None,
     recorded: datetime | None = None,
 ) -> str:
-    """The text of one item's log (layout: module docstring; suite formats §6).
+    """The text of one item's log (layout: module docstring; docs/suite-formats.md#log-files).
 
     Inputs: ``unit_name``/``qtype``/``chunks`` as :func:`log_file_name`;
     ``stats``, the item's :class:`~pytest_quantbench.metrics.KLDStats`;
@@ -149,7 +150,7 @@ def write_item_log(
 
     The text is :func:`format_item_log` (same arguments), written UTF-8 and
     atomically (:func:`pytest_quantbench.report.atomic_write_text`: a reader
-    never sees a partial file, which the suite would count as done, §6);
+    never sees a partial file, which the suite would count as done, docs/suite-formats.md#resume);
     ``logs_dir`` is created if missing and an existing file is replaced.
     Output: the path written. Raises :class:`ValueError` as
     :func:`format_item_log`, :class:`OSError` naming the file when it cannot

@@ -1,7 +1,7 @@
 """llama-perplexity's ``--kl-divergence-base`` file format (ik variant, R = 24), in numpy.
 
-Spec: ``/work/shared/docs/llama-perplexity-spec.md`` §2 (layout, row encoding,
-decoding) and §4 (bit-exactness, FMA contraction).
+Format: ``docs/llama-perplexity.md#base-file`` (layout, row encoding,
+decoding) and ``docs/llama-perplexity.md#bit-exactness`` (FMA contraction).
 
 Layout (little-endian, packed)::
 
@@ -69,7 +69,7 @@ class KLDBaseFormatError(ValueError):
 
 
 class EncodedRows(NamedTuple):
-    """One block of encoded rows (spec §2 "Encoding one row").
+    """One block of encoded rows (docs/llama-perplexity.md#base-encoding).
 
     ``scale``, ``min_log_prob``: float32 (S,); ``q``: uint16 (S, V).
     ``max_logit`` and ``log_sum_exp``: float32 (S,), the row's ``mx`` and ``lse``
@@ -92,17 +92,20 @@ class ChunkRecords(NamedTuple):
 
 
 def n_scored(n_ctx: int) -> int:
-    """Scored positions per chunk, ``S = C − 1 − C//2`` (spec §1.3)."""
+    """Scored positions per chunk, ``S = C − 1 − C//2``
+    (docs/llama-perplexity.md#scored-positions)."""
     return n_ctx - 1 - n_ctx // 2
 
 
 def record_words(n_vocab: int) -> int:
-    """uint16 words per record, ``nv = 2·floor((V+1)/2) + 4`` (spec §2)."""
+    """uint16 words per record, ``nv = 2·floor((V+1)/2) + 4``
+    (docs/llama-perplexity.md#base-file)."""
     return 2 * ((n_vocab + 1) // 2) + 4
 
 
 def expected_file_size(n_ctx: int, n_vocab: int, n_chunk: int) -> int:
-    """Exact file size in bytes, ``20 + 4·n_chunk·C + n_chunk·S·2·nv`` (spec §2)."""
+    """Exact file size in bytes, ``20 + 4·n_chunk·C + n_chunk·S·2·nv``
+    (docs/llama-perplexity.md#base-file)."""
     return HEADER_SIZE + 4 * n_chunk * n_ctx + n_chunk * n_scored(n_ctx) * 2 * record_words(n_vocab)
 
 
@@ -120,7 +123,8 @@ def encode_logits(
     log_prob_range: float = LOG_PROB_RANGE,
     chunk: int | None = None,
 ) -> EncodedRows:
-    """Encode float32 logits rows exactly as llama-perplexity's base writer (spec §2).
+    """Encode float32 logits rows exactly as llama-perplexity's base writer
+    (docs/llama-perplexity.md#base-file).
 
     ``logits``: float32 (S, V) (other float dtypes are cast to float32 first).
     Per row, all in float32 where C is::
@@ -131,8 +135,8 @@ def encode_logits(
         q_i = RNE(f32(f32(1/scale)·f32(l_i − mn))) if l_i > mn else 0   (0 if scale == 0)
 
     ``fma=True`` emulates an FMA-contracted build: ``q_i = RNE(inv·f32(l_i − mn))``
-    from the exact product (spec §4).  ``log_prob_range`` is R (24 in ik, 16 in ML).
-    Raises ``ValueError`` for a non-2-D array or NaN/inf (``chunk`` labels the
+    from the exact product (docs/llama-perplexity.md#fma).  ``log_prob_range`` is R (24 in ik, 16 in
+    ML). Raises ``ValueError`` for a non-2-D array or NaN/inf (``chunk`` labels the
     message).  Returns :class:`EncodedRows`.
     """
     logits = _as_logits(logits)
@@ -167,8 +171,8 @@ def decode_rows(
     ``scale``, ``min_log_prob``: float32 (S,); ``q``: uint16 (S, V).  Every logit
     that was ≤ mn decodes to ``min_log_prob``.  ``fma=True`` emulates an
     FMA-contracted reader: ``f32(float64(scale)·q_i + float64(min_log_prob))``
-    (spec §4).  ``out``: a float32 (S, V) array to decode into and return (a chunk loop reuses
-    one instead of faulting in a fresh one per chunk); a new array when None.
+    (docs/llama-perplexity.md#fma).  ``out``: a float32 (S, V) array to decode into and return (a
+    chunk loop reuses one instead of faulting in a fresh one per chunk); a new array when None.
     Raises ``ValueError`` on inconsistent shapes or an ``out`` of another shape or dtype.
     """
     scale = np.asarray(scale, dtype=_F32).reshape(-1)
@@ -199,7 +203,8 @@ def decode_rows(
 def base_nll(
     logits: np.ndarray, targets: np.ndarray, *, encoded: EncodedRows | None = None
 ) -> np.ndarray:
-    """Per-token NLL of a base-writing run: ``f32(f32(mx + lse) − l_t)`` (spec §2).
+    """Per-token NLL of a base-writing run: ``f32(f32(mx + lse) − l_t)``
+    (docs/llama-perplexity.md#base-file).
 
     ``logits``: float32 (S, V); ``targets``: int (S,).  Pass the
     :class:`EncodedRows` of the same logits as ``encoded`` to reuse its ``mx`` and
@@ -375,7 +380,7 @@ class KLDBaseWriter:
 
 
 class KLDBaseFile:
-    """Memory-mapped reader of a KLD base file (spec §2).
+    """Memory-mapped reader of a KLD base file (docs/llama-perplexity.md#base-file).
 
     Attributes: ``path``, ``n_ctx``, ``n_vocab``, ``n_chunk``, ``first`` (= n_ctx//2),
     ``n_scored`` (S = C − 1 − C//2), ``tokens`` (read-only int32 (n_chunk, n_ctx)),

@@ -1,20 +1,20 @@
 """llama-perplexity's statistics, reimplemented in pure numpy.
 
-Everything here follows ``/work/shared/docs/llama-perplexity-spec.md`` (the *spec*):
+Everything here follows ``docs/llama-perplexity.md``:
 
-* §1.4 -- the per-token NLL and the PPL of a plain (or base-writing) run
+* docs/llama-perplexity.md#ppl -- the per-token NLL and the PPL of a plain (or base-writing) run
   (:class:`PPLAccumulator`);
-* §3.2 -- the per-token quantities of a ``--kl-divergence`` run
+* docs/llama-perplexity.md#kld-token -- the per-token quantities of a ``--kl-divergence`` run
   (:func:`kld_token_stats`) and their float64 accumulators
   (:class:`KLDAccumulator`);
-* §3.3 -- the statistical helpers MU, COV, PCT and MED
+* docs/llama-perplexity.md#stat-functions -- the statistical helpers MU, COV, PCT and MED
   (:func:`mean_and_uncertainty`, :func:`covariance`, :func:`percentile`,
   :func:`median`);
-* §3.4/§3.5 -- every statistic of the final block, its ± and the exact printed
-  text (:class:`KLDStats`, :data:`FIELDS`, :data:`TABLE_HEADER`).
+* docs/llama-perplexity.md#statistics, #kld-output -- every statistic of the final block, its ± and
+  the exact printed text (:class:`KLDStats`, :data:`FIELDS`, :data:`TABLE_HEADER`).
 
-Bit-exactness (spec §4): values are kept in float32 wherever the C code uses
-``float``; C ``expf`` is emulated as ``f32(exp(float64(x)))``; every sum the C code
+Bit-exactness (docs/llama-perplexity.md#bit-exactness): values are kept in float32 wherever the C
+code uses ``float``; C ``expf`` is emulated as ``f32(exp(float64(x)))``; every sum the C code
 does sequentially in float64 (sum of exp terms, KLD terms, the accumulators) is
 done sequentially in index/token order here too, with ``np.cumsum`` (never the
 pairwise ``np.sum``).  The only Python loops are over row *blocks* (to bound
@@ -67,10 +67,11 @@ __all__ = [
     "MED",
 ]
 
-#: Base log-probs at or below this value are left out of the KLD sum (spec §3.2).
+#: Base log-probs at or below this value are left out of the KLD sum
+#: (docs/llama-perplexity.md#kld-token).
 KLD_LOG_PROB_CUTOFF = np.float32(-16.0)
 
-#: The float32 percentile fractions llama-perplexity uses (spec §3.3).
+#: The float32 percentile fractions llama-perplexity uses (docs/llama-perplexity.md#stat-functions).
 PERCENTILE_FRACTIONS = {
     "p99_9": np.float32(0.999),
     "p99": np.float32(0.99),
@@ -84,7 +85,8 @@ PERCENTILE_FRACTIONS = {
     "p0_1": np.float32(0.001),
 }
 
-#: The per-chunk table header of a KLD run (spec §3.5), without its newline.
+#: The per-chunk table header of a KLD run (docs/llama-perplexity.md#kld-output), without its
+#: newline.
 TABLE_HEADER = (
     "chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence"
     "              \u0394p RMS            Same top p"
@@ -98,11 +100,11 @@ _F64 = np.float64
 
 
 # ---------------------------------------------------------------------------
-# float32 / C emulation primitives (spec §4)
+# float32 / C emulation primitives (docs/llama-perplexity.md#bit-exactness)
 # ---------------------------------------------------------------------------
 
 def expf(x: np.ndarray) -> np.ndarray:
-    """C ``expf`` emulated as ``f32(exp(float64(x)))`` (spec §4).
+    """C ``expf`` emulated as ``f32(exp(float64(x)))`` (docs/llama-perplexity.md#bit-exactness).
 
     ``x``: any float array (float32 expected).  Returns float32 of the same shape.
     Matches glibc ``expf`` except for rare 1-ulp cases that never reach printed
@@ -214,7 +216,7 @@ def row_max_lse(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     * ``imax`` int64 (S,) -- first index of the maximum (C's strict ``>`` scan);
     * ``mx`` float32 (S,) -- ``l[imax]``;
     * ``lse`` float32 (S,) -- ``f32(ln Σ_i float64(expf(f32(l_i − mx))))`` with the
-      sum sequential in index order (spec §1.4, §2, §3.2).
+      sum sequential in index order (docs/llama-perplexity.md#ppl, #base-file, #kld-token).
     """
     logits = np.asarray(logits)
     n_rows, n_vocab = logits.shape
@@ -232,7 +234,7 @@ def row_max_lse(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 # ---------------------------------------------------------------------------
-# §3.3 statistical functions
+# statistical functions (docs/llama-perplexity.md#stat-functions)
 # ---------------------------------------------------------------------------
 
 _NEG_NAN = -math.nan  # x86's "default NaN" (sign bit set) prints as "-nan" in C
@@ -270,7 +272,8 @@ def _cmul(a: float, b: float) -> float:
 
 
 def mean_and_uncertainty(s: float, s2: float, n: int) -> tuple[float, float]:
-    """MU(s, s2, n) → (μ, σ) of spec §3.3 (llama-perplexity's ``mean_and_uncertainty``).
+    """MU(s, s2, n) → (μ, σ) of docs/llama-perplexity.md#stat-functions (llama-perplexity's
+    ``mean_and_uncertainty``).
 
     ``s``/``s2``: float64 sums of the values and of their squares; ``n``: count.
     n < 1 → (0, 0).  Otherwise μ = s/n, v = s2/n − μ², and σ = sqrt(v/(n−1)) — the
@@ -286,7 +289,8 @@ def mean_and_uncertainty(s: float, s2: float, n: int) -> tuple[float, float]:
 
 
 def covariance(a: float, b: float, ab: float, n: int) -> float:
-    """COV(a, b, ab, n) of spec §3.3: 0 if n < 10, else ``(ab/n − (a/n)(b/n))/(n−1)``.
+    """COV(a, b, ab, n) of docs/llama-perplexity.md#stat-functions: 0 if n < 10, else
+    ``(ab/n − (a/n)(b/n))/(n−1)``.
 
     ``a``, ``b``, ``ab``: float64 sums of x, y and x·y; ``n``: count.  Python float.
     """
@@ -313,14 +317,15 @@ def _round_f32_exact(x: Fraction) -> np.float32:
 
 
 def percentile(x_sorted: np.ndarray, fraction: float, *, fma: bool = False) -> np.float32:
-    """PCT(x, f) of spec §3.3, float32 throughout, on ``x_sorted`` (float32, ascending).
+    """PCT(x, f) of docs/llama-perplexity.md#stat-functions, float32 throughout, on ``x_sorted``
+    (float32, ascending).
 
     ``fraction`` is converted to a float32 literal first (llama uses ``0.999f`` …).
     f ≤ 0 → x[0]; f ≥ 1 → x[last]; otherwise ``p = f32(f·f32(len−1))``, ``k = floor(p)``,
     ``r = f32(p − k)`` and the result is ``f32(f32((1−r)·x[k]) + f32(r·x[min(k+1, last)]))``.
 
-    ``fma=True`` emulates a build that contracts the interpolation (spec §4 "possibly
-    in PCT's interpolation") the way GCC does for ``a*b + c*d``: the first product is
+    ``fma=True`` emulates a build that contracts the interpolation (docs/llama-perplexity.md#fma
+    "possibly in PCT's interpolation") the way GCC does for ``a*b + c*d``: the first product is
     fused, i.e. ``fma(f32(1−r), x[k], f32(r·x[k+1]))`` with a single rounding.
 
     Raises ``ValueError`` on an empty array.  Returns a numpy float32.
@@ -348,7 +353,8 @@ def percentile(x_sorted: np.ndarray, fraction: float, *, fma: bool = False) -> n
 
 
 def median(x_sorted: np.ndarray) -> np.float32:
-    """MED(x) of spec §3.3 on ``x_sorted`` (float32, ascending) — *not* PCT(0.5).
+    """MED(x) of docs/llama-perplexity.md#stat-functions on ``x_sorted`` (float32, ascending) —
+    *not* PCT(0.5).
 
     Even length: ``f32(0.5·f32(x[n/2] + x[n/2−1]))``; odd length: ``x[n/2]``.
     Raises ``ValueError`` on an empty array.  Returns a numpy float32.
@@ -369,11 +375,12 @@ MED = median
 
 
 # ---------------------------------------------------------------------------
-# §1.4: plain / base run PPL
+# plain / base run PPL (docs/llama-perplexity.md#ppl)
 # ---------------------------------------------------------------------------
 
 class PPLAccumulator:
-    """PPL of a plain or base-writing llama-perplexity run (spec §1.4, §1.5).
+    """PPL of a plain or base-writing llama-perplexity run
+    (docs/llama-perplexity.md#ppl, #ppl-output).
 
     Feed one chunk's per-token NLL values (natural-log units, any float dtype,
     shape (S,)) per :meth:`add` call.  For a run that writes a base file the
@@ -406,7 +413,7 @@ class PPLAccumulator:
         self.n_chunks += 1
 
     def ppl(self) -> tuple[float, float]:
-        """(PPL, ±) with PPL = exp(m), ± = PPL·sqrt(var/(count−1)) (spec §1.4).
+        """(PPL, ±) with PPL = exp(m), ± = PPL·sqrt(var/(count−1)) (docs/llama-perplexity.md#ppl).
 
         m = nll/count, var = nll2/count − m².  ± is ``nan`` when var ≤ 0 (the tool
         then prints ``Unexpected negative standard deviation of log(prob)``) or
@@ -422,11 +429,12 @@ class PPLAccumulator:
         return ppl, math.nan
 
     def progress_entry(self) -> str:
-        """The cumulative progress entry ``[%d]%.4lf,`` after the last added chunk (spec §1.5)."""
+        """The cumulative progress entry ``[%d]%.4lf,`` after the last added chunk
+        (docs/llama-perplexity.md#ppl-output)."""
         return "[%d]%.4f," % (self.n_chunks, _cexp(self.nll / self.count))
 
     def final_line(self, n_ctx: int, *, style: str = "ik") -> str:
-        """The ``Final estimate`` line (no newline), spec §1.5.
+        """The ``Final estimate`` line (no newline), docs/llama-perplexity.md#ppl-output.
 
         ``style="ik"``: ``Final estimate: PPL over %d chunks for n_ctx=%d = %.4lf +/- %.5lf``;
         ``style="ml"``: ``Final estimate: PPL = %.4lf +/- %.5lf``.  With var ≤ 0 it is
@@ -444,11 +452,12 @@ class PPLAccumulator:
 
 
 # ---------------------------------------------------------------------------
-# §3.2: per-token quantities of a KLD run
+# per-token quantities of a KLD run (docs/llama-perplexity.md#kld-token)
 # ---------------------------------------------------------------------------
 
 class TokenStats(NamedTuple):
-    """Per-token quantities of one chunk of a KLD run (spec §3.2); all arrays (S,)."""
+    """Per-token quantities of one chunk of a KLD run (docs/llama-perplexity.md#kld-token); all
+    arrays (S,)."""
 
     nll: np.ndarray        #: float32, f32(A − l_t), nats
     nll_base: np.ndarray   #: float32, −lp_t, nats
@@ -464,7 +473,8 @@ def kld_token_stats(
     *,
     chunk: int | None = None,
 ) -> TokenStats:
-    """Per-token quantities of spec §3.2, vectorised over the whole (S, V) block.
+    """Per-token quantities of docs/llama-perplexity.md#kld-token, vectorised over the whole (S, V)
+    block.
 
     ``logits``: float32 (S, V) of the model under test (Q) at the scored positions;
     ``base_logprobs``: float32 (S, V) decoded base log-probs (see
@@ -516,7 +526,7 @@ def kld_token_stats(
 
 
 # ---------------------------------------------------------------------------
-# §3.4: statistics
+# statistics (docs/llama-perplexity.md#statistics)
 # ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -588,12 +598,13 @@ def _fmt(spec: str, x: float) -> str:
 
 @dataclass(frozen=True)
 class KLDStats:
-    """All statistics of llama-perplexity's KLD block (spec §3.4), as Python floats.
+    """All statistics of llama-perplexity's KLD block (docs/llama-perplexity.md#statistics), as
+    Python floats.
 
     PPL fields are perplexities; ``ln_ratio*`` and ``*kld*`` are nats;
     ``cor_ln_ppl`` and every ``*dp*`` / ``same_top_p*`` field are **percent**, as
     printed (Δp = p_Q(target) − p_base(target), signed).  ``*_err`` is the ± of the
-    field it suffixes.  ``n_tokens`` is the count n.  Formulas: spec §3.4 table.
+    field it suffixes.  ``n_tokens`` is the count n.  Formulas: docs/llama-perplexity.md#statistics.
     Values can be NaN/inf exactly where C's would be (e.g. ``rms_dp_err`` when
     every Δp is 0).
     """
@@ -651,7 +662,8 @@ class KLDStats:
         }
 
     def format_block(self) -> str:
-        """The final statistics block, byte-for-byte as llama-perplexity prints it (spec §3.5).
+        """The final statistics block, byte-for-byte as llama-perplexity prints it
+        (docs/llama-perplexity.md#kld-output).
 
         From ``====== Perplexity statistics ======`` through the ``Same top p`` line,
         each line ending in ``\\n`` (blank separator lines included).  The tool prints
@@ -709,7 +721,8 @@ def format_kld_output(rows: list[str], stats: KLDStats | None) -> str:
     """The whole stdout of an ik KLD run: table (header once) and, if n ≥ 100, the block.
 
     ``rows``: the strings from :meth:`KLDAccumulator.chunk_row` (no newlines).
-    Layout (spec §3.5): ``\\n``, header, rows, one ``\\n``, then the block.
+    Layout (docs/llama-perplexity.md#kld-output): ``\\n``, header, rows, one ``\\n``, then the
+    block.
     """
     out = "\n" + TABLE_HEADER + "\n" + "".join(r + "\n" for r in rows) + "\n"
     if stats is not None and stats.n_tokens >= 100:
@@ -736,9 +749,10 @@ def chunk_mean_errors(chunk_means: np.ndarray) -> float:
     ``std(chunk_means, ddof=1) / sqrt(k)`` as a Python float; NaN when k < 2.
 
     Tokens of one chunk share their context, so they are correlated and llama-perplexity's ±
-    (MU of spec §3.3, which treats every token as independent) understates the uncertainty of
-    a mean; the means of disjoint chunks are close to independent, and their spread gives an
-    honest standard error (the batch-means method; see ``docs/llama-perplexity.md#uncertainty``).
+    (MU of docs/llama-perplexity.md#stat-functions, which treats every token as independent)
+    understates the uncertainty of a mean; the means of disjoint chunks are close to independent,
+    and their spread gives an honest standard error (the batch-means method; see
+    ``docs/llama-perplexity.md#uncertainty``).
     """
     x = np.asarray(chunk_means, dtype=_F64).ravel()
     if x.size < 2:
@@ -747,7 +761,8 @@ def chunk_mean_errors(chunk_means: np.ndarray) -> float:
 
 
 class KLDAccumulator:
-    """Accumulates a ``--kl-divergence`` run chunk by chunk (spec §3.2–§3.5).
+    """Accumulates a ``--kl-divergence`` run chunk by chunk
+    (docs/llama-perplexity.md#kld-token – #kld-output).
 
     Per token it adds (float64, in token order): S_n, S_n2 (nll, f32(nll²)); S_b,
     S_b2 (nll_base, f32(nll_base²)); S_nb (f32(nll·nll_base)); S_k, S_k2 (KLD,
@@ -784,7 +799,8 @@ class KLDAccumulator:
         return ts
 
     def add_token_stats(self, ts: TokenStats) -> None:
-        """Add one chunk's precomputed per-token quantities (spec §3.2 accumulator table)."""
+        """Add one chunk's precomputed per-token quantities
+        (docs/llama-perplexity.md#kld-accumulators)."""
         nll = np.asarray(ts.nll, dtype=_F32)
         nb = np.asarray(ts.nll_base, dtype=_F32)
         kld = np.asarray(ts.kld, dtype=_F64)
@@ -874,7 +890,8 @@ class KLDAccumulator:
         return rms, rms_err, p, p_err
 
     def chunk_row(self, chunk_number: int | None = None) -> str:
-        """The cumulative per-chunk table row (spec §3.5), without the newline.
+        """The cumulative per-chunk table row (docs/llama-perplexity.md#kld-output), without the
+        newline.
 
         ``%4d`` (``chunk_number``, default: chunks added so far) then PPL(Q),
         ln ratio, mean KLD, RMS Δp (%) and same top p (%), each with its ±.
@@ -895,7 +912,8 @@ class KLDAccumulator:
         )
 
     def stats(self) -> KLDStats:
-        """Every statistic of the final block (spec §3.4) as a :class:`KLDStats`.
+        """Every statistic of the final block (docs/llama-perplexity.md#statistics) as a
+        :class:`KLDStats`.
 
         Raises ``ValueError`` if no token was accumulated.
         """

@@ -20,8 +20,8 @@ def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[
     """The sorted work units of the run: one per (selected tensor, qtype) and per (group, qtype).
 
     A tensor that belongs to a ``--quantbench-group-tensors`` group is measured only through
-    its group (suite formats §5); ``--quantbench-groups-only`` drops the single-tensor units.
-    Sets ``session.groups`` (the :class:`~pytest_quantbench.selection.Group` list).
+    its group (docs/suite-formats.md#groups); ``--quantbench-groups-only`` drops the single-tensor
+    units. Sets ``session.groups`` (the :class:`~pytest_quantbench.selection.Group` list).
 
     Args:
         session: gives the config and the baseline's GGUF header; warn: called with a message

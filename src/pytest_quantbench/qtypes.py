@@ -5,20 +5,21 @@ know "how many bytes is a row of type X", "what does llama-quantize write when
 asked for X on a tensor of this shape" or "what does the user mean by
 ``q4_k_m``" asks this module.
 
-Sources (see ``shared/docs/llama-perplexity-spec.md``):
+Sources (see ``docs/llama-quantize.md``):
 
 * type ids: ``enum ggml_type`` in the ``include/ggml.h`` shipped with the
   ik-llama-cpp-python 0.1.5 wheel.  ik-only ids differ from mainline and from
   gguf-py (e.g. ``iq4_ks`` = 144), which is why this table exists at all;
 * names, block sizes, bytes per block and row meta: ``ggml_type_name``,
   ``ggml_blck_size``, ``ggml_type_size`` and ``ggml_row_size`` of the wheel's
-  ``libggml.so`` (spec §6).  ``tests/test_qtypes.py`` cross-checks every row
+  ``libggml.so`` (docs/llama-quantize.md#ggml-api).  ``tests/test_qtypes.py`` cross-checks every row
   against the loaded library;
-* row-length fallbacks, interleaving and imatrix needs: spec §5.4-§5.6 (ik's
-  ``change_type_if_necessary`` and ``interleaved_properties``);
+* row-length fallbacks, interleaving and imatrix needs:
+  docs/llama-quantize.md#fallbacks – #type-table (ik's ``change_type_if_necessary`` and
+  ``interleaved_properties``);
 * presets: ``enum llama_ftype`` in the wheel's ``include/llama.h``, the
   "Allowed quantization types" list that the wheel's ``llama-quantize --help``
-  prints, and spec §5.7 (which names are ggml types and which are presets).
+  prints, and docs/llama-quantize.md#type-names (which names are ggml types and which are presets).
 """
 
 from __future__ import annotations
@@ -69,16 +70,17 @@ class GGMLType:
         block_size: elements per block (``ggml_blck_size``).
         type_size: bytes per block (``ggml_type_size``; for ``_rN`` types the
             per-row share).
-        row_meta: extra bytes at the start of each row (spec §5.6 "meta").
+        row_meta: extra bytes at the start of each row (docs/llama-quantize.md#type-table "meta").
         interleave: rows interleaved together (N of ``_rN``; 1 if none).
         base: the type an interleaved variant falls back to when
             ``ne1 % interleave != 0`` (ik ``interleaved_properties``), else None.
         fallback: for the 256-block types, the type llama-quantize writes when
-            ``ne0 % 256 != 0`` (spec §5.4/§5.6).  None for types with no
-            fallback (32-block types assert in the quantizer; ``*_bn`` throw).
+            ``ne0 % 256 != 0`` (docs/llama-quantize.md#fallbacks, #type-table).  None for types with
+            no fallback (32-block types assert in the quantizer; ``*_bn`` throw).
         imatrix: ``"required"`` for the A set (``ggml_quantize_requires_imatrix``:
             the quantizer asserts), ``"rule"`` for the R set (llama-quantize
-            refuses without an imatrix entry), None otherwise (spec §5.5).
+            refuses without an imatrix entry), None otherwise
+            (docs/llama-quantize.md#imatrix-needs).
         quantizable: True if llama-quantize can write it as a weight type
             (f32/f16/bf16/bf16_r16 count as targets).  Activation types
             (``q8_K*``, ``q8_1*``, ``*_x4``, ``q8_KR8``) and the integer/f64
@@ -98,7 +100,8 @@ class GGMLType:
 
     @property
     def bpw(self) -> float:
-        """Bits per weight of the blocks, without row meta (spec §5.6 "bpw")."""
+        """Bits per weight of the blocks, without row meta (docs/llama-quantize.md#type-table
+        "bpw")."""
         return 8.0 * self.type_size / self.block_size
 
     def effective_bpw(self, ne0: int) -> float:
@@ -290,7 +293,7 @@ class Preset:
         default_type: ggml name of the preset's default type (None for COPY).
             Without ``--pure`` the mixture rules still change it per tensor.
         needs_imatrix: llama-quantize refuses the preset without an imatrix
-            (spec §5.5 "preset refusal").
+            (docs/llama-quantize.md#preset-refusal).
         alias_of: for ``Q3_K``/``Q4_K``/``Q5_K``, the preset they alias.
     """
 
@@ -448,8 +451,8 @@ class QType:
         return self.name
 
 
-# Names that match a ggml type only case-insensitively but that spec §5.7 lists
-# as preset names ("q8_kv_r8: not as spelled: the ggml name is q8_KV_r8").
+# Names that match a ggml type only case-insensitively but that docs/llama-quantize.md#type-names
+# lists as preset names ("q8_kv_r8: not as spelled: the ggml name is q8_KV_r8").
 _PRESET_ONLY_LOWER = frozenset({"q8_kv_r8"})
 
 _BITNET = frozenset({"iq1_bn", "iq2_bn", "iq2_bn_r4"})
@@ -488,13 +491,13 @@ def _unknown_message(name: str, *, kind: str = "qtype") -> str:
 
 
 def resolve_qtype(name: str) -> QType:
-    """Resolve a user-given qtype name (spec §5.7).
+    """Resolve a user-given qtype name (docs/llama-quantize.md#type-names).
 
     Rules, in order:
 
     1. an exact ggml type name (case-sensitive: ``q4_K``, ``q8_KV_r8``) is that type;
     2. a case-insensitive match of a ggml weight type (``Q4_K``, ``q4_k_r4``,
-       ``IQ4_KS``) is that type, except the names spec §5.7 lists as
+       ``IQ4_KS``) is that type, except the names docs/llama-quantize.md#type-names lists as
        preset-only (``q8_kv_r8``);
     3. a case-insensitive preset name (``q4_k_m``, ``iq2_m``, ``q4_0_4_4``,
        ``q8_kv_r8``) is that preset, with its default ggml type.
@@ -515,7 +518,8 @@ def resolve_qtype(name: str) -> QType:
         if not t.quantizable:
             raise UnknownQTypeError(
                 f"{t.name!r} is a ggml {'activation' if t.name.startswith('q8') else 'storage'} "
-                f"type with no quantize path (spec §5.7); it cannot be a qtype ({_VALID_HINT})"
+                "type with no quantize path (docs/llama-quantize.md#type-names); it cannot be a "
+                f"qtype ({_VALID_HINT})"
             )
         return QType(t.name, "type", t, None)
     p = find_preset(s)
@@ -590,7 +594,7 @@ def predict_written_type(
     Returns ``(written_type, reason)``; ``reason`` is None when the written type
     is the requested one, else a human sentence naming the row length as ``ne0 = 576``
     and the row count as ``ne1 = …`` (not "cols 576 x 1536", which reads as a product,
-    llama.cpp #6614).  Applied in llama-quantize's order (spec §5.4):
+    llama.cpp #6614).  Applied in llama-quantize's order (docs/llama-quantize.md#fallbacks):
 
     1. row length: a 256-block type with ``ne0 % 256 != 0`` falls back to
        ``GGMLType.fallback`` (e.g. ``q4_K`` on a 576-wide row → ``q5_0``);
@@ -660,8 +664,8 @@ def predict_written_type(
 
 
 def needs_imatrix(t: GGMLType | QType | str) -> bool:
-    """True for the ik A ∪ R sets (spec §5.5): quantizing to ``t`` without an
-    imatrix entry for the tensor fails (assert or llama-quantize refusal).
+    """True for the ik A ∪ R sets (docs/llama-quantize.md#imatrix-needs): quantizing to ``t``
+    without an imatrix entry for the tensor fails (assert or llama-quantize refusal).
 
     For a preset, True when llama-quantize refuses the preset without an
     imatrix (e.g. ``Q2_K_S``) or its default type needs one.

@@ -12,12 +12,11 @@ Formats and where they are specified:
 * the wide tables ``kld_results.csv`` / ``ppl_results.csv`` (and
   ``topp_results.csv``, the suite's ``--regex`` table for "Same top p", and
   ``<metric>_results.csv`` for the metrics of ``--quantbench-csv-metrics``):
-  ``docs/gguf-tool-suite-formats.md`` §7 "CSV layout (interop)", including
+  ``docs/suite-formats.md#csv-layout``, including
   its percent mode and baseline row;
-* the values and their printed precision: ``docs/llama-perplexity-spec.md``
-  §3.4 (definitions) and §3.5 (``printf`` formats);
-* atomic replacement of output files: ``docs/pytest-conventions.md`` §5
-  "Atomic writes".
+* the values and their printed precision: ``docs/llama-perplexity.md#statistics`` (definitions) and
+  docs/llama-perplexity.md#kld-output (``printf`` formats);
+* atomic replacement of output files: ``docs/suite-formats.md#atomic-writes``.
 
 :func:`atomic_write_text` is the one function here that writes files; the
 other writers call it.
@@ -72,8 +71,8 @@ ITEM_KEYS: tuple[str, ...] = ("tensor", "qtype", "written_type", "status")
 RUN_IDENTITY_KEYS: tuple[str, ...] = ("model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine",
                                       "eval")
 
-#: Metric keys in llama-perplexity's order (spec §3.4/§3.5); Δp and
-#: same-top-p values are in percent.
+#: Metric keys in llama-perplexity's order (docs/llama-perplexity.md#statistics, #kld-output); Δp
+#: and same-top-p values are in percent.
 METRIC_KEYS: tuple[str, ...] = (
     "ppl_q", "ppl_q_err", "ppl_base", "ppl_base_err", "cor_ln_ppl",
     "ln_ratio", "ln_ratio_err", "ppl_ratio", "ppl_ratio_err", "ppl_diff", "ppl_diff_err",
@@ -137,8 +136,8 @@ RESULT_COLUMNS: tuple[str, ...] = (
 #: Values written where a row has no value for a boolean column.
 _RESULT_DEFAULTS: Mapping[str, Any] = {"fallback": False, "reused": False}
 
-#: Decimals llama-perplexity prints for each statistic (spec §3.5): ``%10.6lf``
-#: for the PPL and KLD blocks, ``%6.3lf`` for Δp and same top p, ``%6.2lf``
+#: Decimals llama-perplexity prints for each statistic (docs/llama-perplexity.md#kld-output):
+#: ``%10.6lf`` for the PPL and KLD blocks, ``%6.3lf`` for Δp and same top p, ``%6.2lf``
 #: for the correlation.
 PRINT_DECIMALS: Mapping[str, int] = {
     **{k: 6 for k in METRIC_KEYS if "kld" in k or k.startswith(("ppl", "ln_ratio"))},
@@ -147,10 +146,10 @@ PRINT_DECIMALS: Mapping[str, int] = {
     "n_tokens": 0,
 }
 
-#: The cell text for "not measured" (suite formats §7).
+#: The cell text for "not measured" (docs/suite-formats.md#missing-404).
 MISSING = "404"
 
-#: The cell text for "not measured" in percent mode (suite formats §7).
+#: The cell text for "not measured" in percent mode (docs/suite-formats.md#missing-404).
 MISSING_PERCENT = "404%"
 
 #: The suite-compatible wide tables: file name → metric.
@@ -179,7 +178,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     The text is written to a temporary file in the same directory, flushed
     and ``fsync``-ed, then moved over ``path`` with :func:`os.replace`, so a
     reader sees either the old file or the new one, never a partial file
-    (pytest conventions §5 "Atomic writes"). Missing parent directories are
+    (docs/suite-formats.md#atomic-writes). Missing parent directories are
     created. A new file gets the default permissions (``0o666`` less the
     umask); an existing file keeps its permissions.
 
@@ -263,7 +262,7 @@ def wide_table(
     decimals: int | None = None,
     percent_of: float | None = None,
 ) -> pandas.DataFrame:
-    """One metric as the suite's wide table (suite formats §7).
+    """One metric as the suite's wide table (docs/suite-formats.md#csv-layout).
 
     Inputs: ``rows`` (result rows; a later row for the same tensor and qtype
     replaces an earlier one); ``metric``, a row key such as ``"mean_kld"``;
@@ -282,10 +281,9 @@ def wide_table(
 
     ``percent_of``: a baseline value b; each cell then becomes the change
     against b in percent, ``"%+.2f%%" % ((v - b) / b * 100)`` (e.g.
-    ``+89.51%``), as ``collect_ppl_results.sh``'s percent mode (suite formats
-    §7), with v read back from its printed text (``decimals`` places) as the
-    collector reads it from the log; missing cells, and every cell when b is
-    0, are ``404%``.
+    ``+89.51%``), as ``collect_ppl_results.sh``'s percent mode (docs/suite-formats.md#percent-mode),
+    with v read back from its printed text (``decimals`` places) as the collector reads it from the
+    log; missing cells, and every cell when b is 0, are ``404%``.
 
     Raises :class:`ValueError` when a row lacks ``tensor`` or ``qtype``.
     """
@@ -319,7 +317,7 @@ def wide_table(
 
 def _percent_cell(value: float, baseline: float) -> str:
     """``printf "%+.2f%%"`` of the change of ``value`` against ``baseline``
-    (suite formats §7 percent mode); ``404%`` for a baseline of 0."""
+    (docs/suite-formats.md#percent-mode); ``404%`` for a baseline of 0."""
     if baseline == 0:
         return MISSING_PERCENT
     return f"{(value - baseline) / baseline * 100.0:+.2f}%"
@@ -331,7 +329,7 @@ _CSV_SPECIAL = (",", "\n", "\r", '"')
 def write_wide_csv(df: pandas.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write a :func:`wide_table` frame as the suite writes its CSVs.
 
-    Format (suite formats §7): plain comma-separated, LF line endings, no
+    Format (docs/suite-formats.md#csv-layout): plain comma-separated, LF line endings, no
     quoting, no index column, header ``QTYPE,<col1>,…``; the file is
     replaced atomically (:func:`atomic_write_text`). Output: the path.
 
@@ -492,7 +490,7 @@ def write_suite_tables(
 
     Files: ``kld_results.csv`` (mean KLD), ``ppl_results.csv`` (Mean PPL(Q)),
     ``topp_results.csv`` (same top p, percent) in the suite's wide layout
-    (:func:`wide_table`, suite formats §7); then ``<metric>_results.csv`` for
+    (:func:`wide_table`, docs/suite-formats.md#csv-layout); then ``<metric>_results.csv`` for
     each name of ``metrics`` (checked by :func:`check_csv_metrics`), same
     layout, printed with llama-perplexity's decimals for that statistic
     (:data:`PRINT_DECIMALS`: 6 for PPL/KLD fields, 3 for Δp and same top p, 2
@@ -504,13 +502,13 @@ def write_suite_tables(
     run's, taken from the first finite ``ppl_base`` of the rows (item order).
 
     * ``ppl_percent``: ``ppl_results.csv`` cells become ``%+.2f%%`` of
-      (v − b)/b·100 (suite formats §7 percent mode); ``404%`` for missing
+      (v − b)/b·100 (docs/suite-formats.md#percent-mode); ``404%`` for missing
       cells, and for every cell when b is 0 or unknown. No other table is
       converted (KLD never is).
     * ``baseline_qtype`` (e.g. ``bf16``): if it is one of the rows, that row
       gets KLD ``0`` in every column and PPL = b in every column (``+0.00%``
       in percent mode; unchanged when b is unknown), as the collector's
-      baseline row (suite formats §7).
+      baseline row (docs/suite-formats.md#baseline-row).
 
     Output: the paths in the order written. Raises :class:`OSError` when a
     file cannot be written, :class:`ValueError` for a row without
@@ -635,9 +633,10 @@ def write_group_files(groups: Sequence[Any], out_dir: str | os.PathLike[str], *,
     """Write the group mapping files of a grouped run into ``out_dir``.
 
     ``bench_ppl_kld_group_mapping.<baseline>.<chunks>.txt``: one line per group,
-    ``group<N>:<regex>[,<regex>…]``, as benchmark_each_tensor.sh writes it (suite formats §5);
-    ``groups.csv``: columns ``group,regexes,n_members,members`` (members space-separated, natural
-    order), so every group column of the tables can be traced to its tensors.
+    ``group<N>:<regex>[,<regex>…]``, as benchmark_each_tensor.sh writes it
+    (docs/suite-formats.md#groups); ``groups.csv``: columns ``group,regexes,n_members,members``
+    (members space-separated, natural order), so every group column of the tables can be traced to
+    its tensors.
 
     groups: :class:`~pytest_quantbench.selection.Group` objects. Output: the two paths.
     Raises OSError when a file cannot be written (each is replaced atomically).

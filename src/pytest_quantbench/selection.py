@@ -9,12 +9,12 @@ Formats implemented here and where they are specified:
 
 * the rule syntax ``'<regex>=<qtype>'`` / ``'<regex>=<qtype>=locked'``, its
   split on ``=``, "first matching rule decides" and unanchored matching as
-  bash's ``=~``: ``docs/gguf-tool-suite-formats.md`` §3 (and §8 for the
+  bash's ``=~``: ``docs/suite-formats.md#selection`` (and docs/suite-formats.md#recipe for the
   recipe-style comment / blank-line handling);
 * the column order of the suite's CSVs, ``sort -Vu`` (GNU ``filevercmp``):
-  ``docs/gguf-tool-suite-formats.md`` §7;
+  ``docs/suite-formats.md#column-order``;
 * the set of tensors ``llama-quantize`` can change:
-  ``docs/llama-perplexity-spec.md`` §5.2 "Eligible tensors only".
+  ``docs/llama-quantize.md#custom-q-eligible``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def compile_regex(regex: str) -> re.Pattern[str]:
 
     Input: the regex text as written in a rule. Output: the compiled pattern,
     to be used with ``pattern.search(name)`` (unanchored, like bash ``=~``;
-    suite formats §3). POSIX classes such as ``[[:digit:]]`` are translated to
+    docs/suite-formats.md#selection). POSIX classes such as ``[[:digit:]]`` are translated to
     their ASCII ranges first; every other construct is passed to :mod:`re`
     unchanged (ERE is, for what tensor rules use, a subset of it).
 
@@ -147,7 +147,7 @@ def parse_rules(lines: Iterable[str], source: str) -> tuple[Rule, ...]:
     (a file name, or an option name starting with ``-``).
 
     Each non-blank line not starting with ``#`` (after trimming) is split on
-    ``=`` (suite formats §3, so a regex cannot contain ``=``):
+    ``=`` (docs/suite-formats.md#selection, so a regex cannot contain ``=``):
 
     * ``regex=qtype`` and ``regex=qtype=locked`` (any non-empty third field
       means locked: never benchmarked);
@@ -273,7 +273,7 @@ def natural_key(name: str) -> tuple[object, ...]:
     Consequences for tensor names: ``blk.2.*`` < ``blk.10.*``; every
     ``blk.*`` before ``output.weight`` before ``token_embd.weight``; letters
     sort before punctuation (``attn_kv_b`` < ``attn_k_b``). This is the column
-    order of the suite's CSVs (suite formats §7: ``sort -Vu``).
+    order of the suite's CSVs (docs/suite-formats.md#column-order: ``sort -Vu``).
     """
     if not name:
         return (0, (), (), name)
@@ -322,7 +322,7 @@ def select_tensors(
     ``rules`` is empty (default :data:`DEFAULT_REGEX`: attention weights of
     every layer).
 
-    Semantics (suite formats §3): for each tensor the *first* rule whose
+    Semantics (docs/suite-formats.md#selection): for each tensor the *first* rule whose
     regex matches (``pattern.search``, unanchored) decides; a locked rule
     means "never benchmark"; a tensor matched by no rule is not selected.
 
@@ -419,7 +419,7 @@ class Group:
 def select_groups(
     group_args: Sequence[str], tensor_names: Iterable[str], *, warn=lambda msg: None
 ) -> tuple[Group, ...]:
-    """The tensor groups of the run (suite formats §5).
+    """The tensor groups of the run (docs/suite-formats.md#groups).
 
     Inputs: ``group_args``, one string per group, each a comma-separated list of regexes
     (a group regex cannot contain ``,``); ``tensor_names``, the eligible tensors; ``warn`` is
@@ -491,8 +491,7 @@ def is_quantizable_tensor(
     (unless ``quantize_ffn_gate_inp``), ``position_embd.weight``,
     ``token_types.weight``, ``ssm_conv1d``/``ssm_x``/``ssm_dt`` weights,
     ``attn_rel_b.weight``, or ``output.weight`` when
-    ``leave_output_tensor``. Source: llama-perplexity spec §5.2 "Eligible
-    tensors only". Raises nothing.
+    ``leave_output_tensor``. Source: docs/llama-quantize.md#custom-q-eligible. Raises nothing.
     """
     if not name.endswith("weight") or n_dims < 2:
         return False

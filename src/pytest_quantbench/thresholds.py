@@ -2,8 +2,9 @@
 
 Pure module (PyYAML only; no numpy, no engine, no pytest). The metric names
 and their meaning are those of ``llama-perplexity --kl-divergence``
-(``docs/llama-perplexity-spec.md`` §3.4 "Statistics and their ± formulas",
-labels as printed in §3.5); Δp and same-top-p are in percent there and here.
+(``docs/llama-perplexity.md#statistics``,
+labels as printed in docs/llama-perplexity.md#kld-output); Δp and same-top-p are in percent there
+and here.
 
 File format (YAML, read with ``yaml.safe_load``)::
 
@@ -11,7 +12,7 @@ File format (YAML, read with ``yaml.safe_load``)::
       max_kld: 0.05
     rules:                 # optional: applied in order, later ones win per limit
       - tensor: 'attn_v'   # regex, unanchored search (as the suite's rules,
-                           #   suite formats §3); optional, default: every tensor
+                           #   docs/suite-formats.md#selection); optional, default: every tensor
         qtype: q4_0        # optional; a string or a list; any qtype name as
                            #   --quantbench-qtypes takes it (q4_k = q4_K); one
                            #   not in the run is ignored, an unknown one an error
@@ -58,8 +59,8 @@ class LimitSpec:
 
     ``key``: the YAML key. ``metric``: the row key it reads. ``err``: the row
     key of its ± (or ``None``). ``label``: how llama-perplexity labels the
-    statistic (spec §3.5). ``kind``: ``"max"`` (fails when value > limit) or
-    ``"min"`` (fails when value < limit). ``decimals``: digits printed for the
+    statistic (docs/llama-perplexity.md#kld-output). ``kind``: ``"max"`` (fails when value > limit)
+    or ``"min"`` (fails when value < limit). ``decimals``: digits printed for the
     value. ``scale``/``offset``: the checked value is
     ``(metric + offset) * scale`` (used for the PPL increase in percent).
     ``unit``: appended to the printed value. ``upper``: largest allowed limit.
@@ -450,7 +451,7 @@ def load_thresholds(
     ``q8_kv_r8``, a preset, is not ``q8_KV_r8``, a type).
 
     Output: :class:`Thresholds` (format: this module's docstring; metrics:
-    llama-perplexity spec §3.4).
+    docs/llama-perplexity.md#statistics).
 
     Raises :class:`ThresholdsError` (a ``ValueError``) whose message names
     the file, the rule and the fix, for: a missing or unreadable file; text

@@ -28,11 +28,12 @@ class TypePlanner:
     def plan_types(self, unit: WorkUnit, qtype, row: dict[str, Any]) -> dict[str, Any]:
         """The ggml type llama-quantize writes for each tensor of ``unit`` (tensor → GGMLType).
 
-        A ggml type goes through the row-length / row-count fallbacks (spec §5.4); a preset
-        through its per-tensor mixture rules (``llama-quantize --dry-run``). Records
-        ``requested_type``, ``written_type``, ``fallback`` and ``reason`` in ``row``.
-        Raises ItemSkip: a fallback type (unless --quantbench-allow-fallback), a shape the type
-        cannot hold, or a type that needs an importance matrix when none is given.
+        A ggml type goes through the row-length / row-count fallbacks
+        (docs/llama-quantize.md#fallbacks); a preset through its per-tensor mixture rules
+        (``llama-quantize --dry-run``). Records ``requested_type``, ``written_type``, ``fallback``
+        and ``reason`` in ``row``. Raises ItemSkip: a fallback type (unless
+        --quantbench-allow-fallback), a shape the type cannot hold, or a type that needs an
+        importance matrix when none is given.
         """
         from .qtypes import TYPES_BY_NAME, UnsupportedShapeError, predict_written_type
 
@@ -76,8 +77,9 @@ class TypePlanner:
 
     def _imatrix_problem(self, name: str, wtype) -> str | None:
         """Why ``name`` cannot be quantized to ``wtype`` for lack of importance-matrix data, or
-        None (spec §5.5: the A types assert in ggml_quantize_chunk for every tensor; the R types
-        are refused by llama-quantize except for token_embd and output)."""
+        None (docs/llama-quantize.md#imatrix-needs: the A types assert in ggml_quantize_chunk for
+        every tensor; the R types are refused by llama-quantize except for token_embd and
+        output)."""
         from .qtypes import needs_imatrix
 
         ins = self.inputs

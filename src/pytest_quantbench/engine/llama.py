@@ -1,10 +1,12 @@
 """A loaded model and one evaluation context: tokenize a corpus and evaluate chunks to logits.
 
-Evaluation follows llama-perplexity's KLD mode (spec §1.2–1.3, §3.1): every chunk is C tokens at
+Evaluation follows llama-perplexity's KLD mode
+(docs/llama-perplexity.md#chunks – #scored-positions, #kld-run): every chunk is C tokens at
 positions 0…C−1 with a cleared KV cache, its first token overwritten by BOS when the vocabulary adds
 BOS, and the logits of positions C/2 … C−2 are the scored rows. Flash attention is on and n_ubatch
 is min(512, C), as llama-perplexity's defaults on ik_llama.cpp. Several chunks can share one decode
-as separate sequences (EvalSettings.n_seq), as llama-perplexity's base run does (spec §1.2).
+as separate sequences (EvalSettings.n_seq), as llama-perplexity's base run does
+(docs/llama-perplexity.md#chunks).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ class EvalSettings:
     n_ctx: the chunk length C (tokens); threads: CPU threads for decode; n_gpu_layers: layers
     offloaded to a GPU build (0 on CPU); flash_attn: llama-perplexity's default on ik (True);
     n_seq: chunks decoded together as separate sequences in one call (llama-perplexity's
-    n_seq = n_batch/C of its base run, spec §1.2). With n_seq > 1 the physical batch holds all of
-    them (n_ubatch = n_seq·C), which feeds a GPU larger matrix products; with 1 (default),
-    n_ubatch = min(512, C) as llama-perplexity's KLD run. single_gpu: split mode NONE (one GPU
-    per worker, ``--quantbench-gpus``); otherwise the engine's default split over the GPUs it
-    sees.
+    n_seq = n_batch/C of its base run, docs/llama-perplexity.md#chunks). With n_seq > 1 the physical
+    batch holds all of them (n_ubatch = n_seq·C), which feeds a GPU larger matrix products; with 1
+    (default), n_ubatch = min(512, C) as llama-perplexity's KLD run. single_gpu: split mode NONE
+    (one GPU per worker, ``--quantbench-gpus``); otherwise the engine's default split over the GPUs
+    it sees.
     """
 
     n_ctx: int
@@ -65,7 +67,8 @@ class EvalSettings:
 def scored_range(n_ctx: int) -> tuple[int, int]:
     """First scored position and the number of scored positions S of a chunk of n_ctx tokens.
 
-    As llama-perplexity (spec §1.3): first = floor(C/2), S = C − 1 − floor(C/2).
+    As llama-perplexity (docs/llama-perplexity.md#scored-positions): first = floor(C/2), S = C − 1 −
+    floor(C/2).
     """
     first = n_ctx // 2
     return first, n_ctx - 1 - first
@@ -172,7 +175,8 @@ class LlamaModel:
         return buf.value.decode("utf-8", "replace")
 
     def tokenize(self, text: str) -> np.ndarray:
-        """Tokenize ``text`` as one stream, as llama-perplexity does (spec §1.1).
+        """Tokenize ``text`` as one stream, as llama-perplexity does
+        (docs/llama-perplexity.md#input).
 
         Special tokens are added (BOS once at the start if the vocabulary adds BOS), not parsed.
         Returns int32 array (N,). Raises EngineError if the engine fails.
@@ -191,7 +195,8 @@ class LlamaModel:
         Args:
             tokens: int32 (C,) with C == settings.n_ctx, the chunk's original tokens.
         Returns:
-            float32 (S, V): logits of positions first … C−2 (spec §1.3), a copy.
+            float32 (S, V): logits of positions first … C−2
+            (docs/llama-perplexity.md#scored-positions), a copy.
         Raises:
             EngineError: decode failed (with the engine's log tail).
         """
@@ -207,8 +212,8 @@ class LlamaModel:
                 loop that reuses its arrays saves the page faults of a fresh one per decode
                 (about 30 ms per 50 MB on a 2-core VM, against 5 ms for the copy itself).
         Returns:
-            float32 (k, S, V): logits of positions first … C−2 of each chunk (spec §1.3), a copy
-            (``out`` when given).
+            float32 (k, S, V): logits of positions first … C−2 of each chunk
+            (docs/llama-perplexity.md#scored-positions), a copy (``out`` when given).
         Raises:
             EngineError: decode failed (with the engine's log tail); ValueError: wrong shape of
             ``tokens`` or ``out``.

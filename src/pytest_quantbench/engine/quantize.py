@@ -1,11 +1,12 @@
 """Run ik_llama.cpp's ``llama-quantize`` to write a variant model with one tensor set changed.
 
-``--custom-q`` is the only per-tensor control of ik's llama-quantize, with pitfalls (spec §5.2):
-ggml type names are exact and case-sensitive, the rules are silently ignored under ``--pure`` and
-when the preset's default type is F16/BF16/F32, and the first matching rule wins. So a variant is
-written with preset ``Q8_0`` (a quantized default type, which keeps the rules active) and the rules
-``^<tensor>$=<type>`` for the changed tensors followed by ``.*=<baseline type>`` for all others.
-The caller must read the written types back (row-length fallbacks happen silently).
+``--custom-q`` is the only per-tensor control of ik's llama-quantize, with pitfalls
+(docs/llama-quantize.md#custom-q): ggml type names are exact and case-sensitive, the rules are
+silently ignored under ``--pure`` and when the preset's default type is F16/BF16/F32, and the first
+matching rule wins. So a variant is written with preset ``Q8_0`` (a quantized default type, which
+keeps the rules active) and the rules ``^<tensor>$=<type>`` for the changed tensors followed by
+``.*=<baseline type>`` for all others. The caller must read the written types back (row-length
+fallbacks happen silently).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def custom_q_rules(changes: dict[str, str], baseline_type: str,
     (tensor → its type in the source, for a baseline whose tensors have several types, e.g. an
     already-quantized one: llama-quantize copies a tensor whose target is its own type and never
     requantizes it), then ``baseline_type`` for the rest. Tensor names are escaped and anchored;
-    names holding ``,`` or ``=`` cannot be expressed (spec §5.2) and raise ValueError.
+    names holding ``,`` or ``=`` cannot be expressed (docs/llama-quantize.md#custom-q) and raise
+    ValueError.
     """
     rules = []
     for tensor in list(changes) + list(keep or ()):
@@ -158,8 +160,9 @@ def run_llama_quantize(
         baseline_type: ggml type name every other eligible tensor keeps (e.g. ``bf16``).
         threads: quantization threads; imatrix: legacy ``.dat`` importance matrix or None.
         requantize: pass ``--allow-requantize`` (needed when the source tensors are quantized).
-        preset: the positional ftype; must have a quantized default type (spec §5.2).
-        keep: tensor → its own type in ``source``, for the tensors of other types than
+        preset: the positional ftype; must have a quantized default type
+        (docs/llama-quantize.md#custom-q). keep: tensor → its own type in ``source``, for the
+        tensors of other types than
             ``baseline_type`` (:func:`custom_q_rules`).
         on_line: called with each log line as llama-quantize writes it (progress).
     Returns:

@@ -241,8 +241,8 @@ class SwapModel(TensorSwap):
     def dequantize(self, data: np.ndarray, type_id: int, rows: int, ne0: int, row_size: int,
                    interleave: int) -> np.ndarray | None:
         """uint8 quantized rows → float32 (rows, ne0) with the type's ``to_float`` (one row, or
-        one group of ``interleave`` rows, per call: spec §6). None when the type has no
-        ``to_float`` in this build or its traits cannot be read."""
+        one group of ``interleave`` rows, per call: docs/llama-quantize.md#ggml-api). None when the
+        type has no ``to_float`` in this build or its traits cannot be read."""
         traits = self.traits(type_id)
         to_float = self.ggml.to_float(traits) if traits is not None else None
         if to_float is None:

@@ -4,8 +4,9 @@ An importance matrix ("imatrix") holds, for each weight matrix W of a model, one
 column j of W: the mean over calibration tokens of the squared activation x_j that multiplies
 column j (llama-imatrix's ``collect_imatrix``). llama-quantize passes these ``ne0`` floats as the
 column weights of ``ggml_quantize_chunk`` (one vector per expert for 3-D tensors), and the
-very-low-bit types need them (spec §5.5: iq2_xxs / iq2_xs / iq1_s assert without one, and ik's
-llama-quantize refuses iq2_s, iq1_m, iq1_kt, iq2_kt… without an entry for the tensor).
+very-low-bit types need them (docs/llama-quantize.md#imatrix-needs: iq2_xxs / iq2_xs / iq1_s assert
+without one, and ik's llama-quantize refuses iq2_s, iq1_m, iq1_kt, iq2_kt… without an entry for the
+tensor).
 
 Modules, one role each: :mod:`.formats` (the data, reading the legacy ``.dat`` and GGUF formats,
 writing the legacy one), :mod:`.check` (binding to a model), :mod:`.collect` (computing, as

@@ -1,7 +1,7 @@
 """Importance-matrix files: the data (:class:`Imatrix`, :class:`ImatrixEntry`), reading both
 formats (:func:`load_imatrix`) and writing the legacy one (:func:`write_legacy`).
 
-Formats (spec §5.3):
+Formats (docs/llama-quantize.md#imatrix-file):
 
 * **legacy** (the only one ik's llama-quantize reads), little-endian: ``int32 n_entries``; per
   entry ``int32 len, char name[len], int32 ncall, int32 nval, float32 values[nval]``; optionally
