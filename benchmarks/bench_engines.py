@@ -26,19 +26,32 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def make_session(model: Path | None, corpus: Path | None, ctx: int, chunks: int, engine: str,
-                 cache: Path):
+def make_session(
+    model: Path | None, corpus: Path | None, ctx: int, chunks: int, engine: str, cache: Path
+):
     from pytest_quantbench.config import build_config
     from pytest_quantbench.session import QuantbenchSession
 
-    cli = {"quantbench_model": str(model) if model else None,
-           "quantbench_corpus": str(corpus) if corpus else None,
-           "quantbench_ctx": ctx, "quantbench_chunks": chunks, "quantbench_qtypes": ["q4_0"],
-           "quantbench_engine": engine, "quantbench_cache_dir": str(cache),
-           # every item is measured (no reuse from the results store), stored under the cache
-           "quantbench_rerun": True, "quantbench_output": str(cache / "results")}
-    config = build_config(cli.get, lambda _: None, invocation_dir=Path.cwd(), ini_dir=Path.cwd(),
-                          config_file=None, default_config_file=None)
+    cli = {
+        "quantbench_model": str(model) if model else None,
+        "quantbench_corpus": str(corpus) if corpus else None,
+        "quantbench_ctx": ctx,
+        "quantbench_chunks": chunks,
+        "quantbench_qtypes": ["q4_0"],
+        "quantbench_engine": engine,
+        "quantbench_cache_dir": str(cache),
+        # every item is measured (no reuse from the results store), stored under the cache
+        "quantbench_rerun": True,
+        "quantbench_output": str(cache / "results"),
+    }
+    config = build_config(
+        cli.get,
+        lambda _: None,
+        invocation_dir=Path.cwd(),
+        ini_dir=Path.cwd(),
+        config_file=None,
+        default_config_file=None,
+    )
     return QuantbenchSession(config, cache)
 
 
@@ -78,15 +91,20 @@ def compare(label: str, model, corpus, ctx: int, chunks: int, units, cache: Path
             times[engine].append(timed_item(session, unit))
     for session in sessions.values():
         session.close()
-    results = {e: (sum(w for w, _ in t) / len(t), sum(o for _, o in t) / len(t))
-               for e, t in times.items()}
+    results = {
+        e: (sum(w for w, _ in t) / len(t), sum(o for _, o in t) / len(t)) for e, t in times.items()
+    }
     (fw, fo), (iw, io) = results["file"], results["inplace"]
     print(f"{label}: {len(units)} items per engine, interleaved, n_ctx={ctx}, {chunks} chunk(s)")
     for engine, (w, o) in results.items():
-        print(f"  {engine:8s} items/min {60 / w:7.2f}   per item {w:7.3f} s   outside evaluation "
-              f"{o:7.3f} s ({100 * o / w:5.1f} % of the item)")
-    print(f"  items/min in-process / file: {fw / iw:5.2f}x;  outside-evaluation time file / "
-          f"in-process: {fo / io:6.1f}x")
+        print(
+            f"  {engine:8s} items/min {60 / w:7.2f}   per item {w:7.3f} s   outside evaluation "
+            f"{o:7.3f} s ({100 * o / w:5.1f} % of the item)"
+        )
+    print(
+        f"  items/min in-process / file: {fw / iw:5.2f}x;  outside-evaluation time file / "
+        f"in-process: {fo / io:6.1f}x"
+    )
     return results
 
 
@@ -101,7 +119,7 @@ def main() -> None:
     from synthmodel import build_synthetic_model
 
     def units(names):
-        return [WorkUnit(n, (n,), "q4_0") for n in names][:args.items]
+        return [WorkUnit(n, (n,), "q4_0") for n in names][: args.items]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -117,19 +135,42 @@ def main() -> None:
             rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
         model_gb = session.model_path.stat().st_size / 1e9
         session.close()
-        print(f"peak RSS over {args.rss_items} in-process items (default model {model_gb:.2f} GB, "
-              f"n_ctx 128, 1 chunk): after item 1 {rss[0]:.2f} GB, after item 10 {rss[9]:.2f} GB, "
-              f"after item {args.rss_items} {rss[-1]:.2f} GB")
-        compare("default model (SmolLM2-135M bf16, 270 MB)", None, None, 512, args.chunks,
-                units([f"blk.{i}.attn_q.weight" for i in range(0, 30, 4)]), cache)
+        print(
+            f"peak RSS over {args.rss_items} in-process items (default model {model_gb:.2f} GB, "
+            f"n_ctx 128, 1 chunk): after item 1 {rss[0]:.2f} GB, after item 10 {rss[9]:.2f} GB, "
+            f"after item {args.rss_items} {rss[-1]:.2f} GB"
+        )
+        compare(
+            "default model (SmolLM2-135M bf16, 270 MB)",
+            None,
+            None,
+            512,
+            args.chunks,
+            units([f"blk.{i}.attn_q.weight" for i in range(0, 30, 4)]),
+            cache,
+        )
         corpus = tmp / "corpus.txt"
         corpus.write_text("the model reads this text and predicts the next token. " * 400)
         for layers in (2, args.big_layers):
-            path = build_synthetic_model(tmp / f"synth-{layers}.gguf", n_layer=layers, n_embd=2048,
-                                         n_ff=5632, n_head=16, n_head_kv=4, n_ctx_train=512)
+            path = build_synthetic_model(
+                tmp / f"synth-{layers}.gguf",
+                n_layer=layers,
+                n_embd=2048,
+                n_ff=5632,
+                n_head=16,
+                n_head_kv=4,
+                n_ctx_train=512,
+            )
             size = path.stat().st_size / 1e9
-            compare(f"synthetic {layers} layers ({size:.2f} GB)", path, corpus, 128, 1,
-                    units([f"blk.{i}.attn_q.weight" for i in (0, 1, 0, 1)] * 2), cache)
+            compare(
+                f"synthetic {layers} layers ({size:.2f} GB)",
+                path,
+                corpus,
+                128,
+                1,
+                units([f"blk.{i}.attn_q.weight" for i in (0, 1, 0, 1)] * 2),
+                cache,
+            )
             path.unlink()
 
 

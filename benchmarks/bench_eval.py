@@ -35,8 +35,9 @@ def plain_all_logits(model, chunk: np.ndarray) -> np.ndarray:
     """Decode one chunk requesting logits at every position; return a view of them (C, V)
     float32 in the engine's own buffer, as llama-perplexity's KLD mode reads them."""
     model.decode_all_outputs(chunk)
-    return np.ctypeslib.as_array(model.lib.llama_get_logits(model._ctx),
-                                 shape=(len(chunk), model.n_vocab))
+    return np.ctypeslib.as_array(
+        model.lib.llama_get_logits(model._ctx), shape=(len(chunk), model.n_vocab)
+    )
 
 
 def ours_in_turn(model):
@@ -45,13 +46,12 @@ def ours_in_turn(model):
     from pytest_quantbench.engine.llama import scored_range
 
     n_scored = scored_range(model.settings.n_ctx)[1]
-    kept = [np.empty((model.settings.n_seq, n_scored, model.n_vocab), np.float32)
-            for _ in range(2)]
+    kept = [np.empty((model.settings.n_seq, n_scored, model.n_vocab), np.float32) for _ in range(2)]
     turn = [0]
 
     def decode(group: np.ndarray) -> np.ndarray:
         turn[0] ^= 1
-        return model.eval_chunks(group, out=kept[turn[0]][:len(group)])
+        return model.eval_chunks(group, out=kept[turn[0]][: len(group)])
 
     return decode
 
@@ -80,9 +80,11 @@ def main() -> None:
             write_baseline(model, chunks, Path(tmp) / "base.kld")  # also the warm-up
             base = KLDBaseFile(Path(tmp) / "base.kld")
             ours = ours_in_turn(model)
-            loops = {"plain": lambda c: plain_all_logits(model, c),
-                     "ours": lambda c: ours(c[np.newaxis]),
-                     "one output": lambda c: model._decode(c[np.newaxis], n_ctx - 2, 1)}
+            loops = {
+                "plain": lambda c: plain_all_logits(model, c),
+                "ours": lambda c: ours(c[np.newaxis]),
+                "one output": lambda c: model._decode(c[np.newaxis], n_ctx - 2, 1),
+            }
             for loop in loops.values():
                 loop(chunks[0])  # first use of each loop's arrays
             spent = dict.fromkeys([*loops, "ours+stats"], 0.0)
@@ -112,20 +114,26 @@ def main() -> None:
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     for i in range(0, args.chunks, n_seq):
-                        ours(chunks[i:i + n_seq])
+                        ours(chunks[i : i + n_seq])
                     spent[name] += time.perf_counter() - start
     n_tokens = args.chunks * n_ctx * args.repeats
-    print(f"default model, n_ctx={n_ctx}, {args.chunks} chunks x {args.repeats} repeats, "
-          f"{threads} threads; plain, ours and one output interleaved chunk by chunk")
+    print(
+        f"default model, n_ctx={n_ctx}, {args.chunks} chunks x {args.repeats} repeats, "
+        f"{threads} threads; plain, ours and one output interleaved chunk by chunk"
+    )
     for name, seconds in spent.items():
-        print(f"  {name:11s} {n_tokens / seconds:8.1f} tokens/s   "
-              f"{seconds / (args.chunks * args.repeats):6.3f} s/chunk")
+        print(
+            f"  {name:11s} {n_tokens / seconds:8.1f} tokens/s   "
+            f"{seconds / (args.chunks * args.repeats):6.3f} s/chunk"
+        )
     speed = {name: spent["plain"] / seconds for name, seconds in spent.items()}
-    print(f"  speed vs plain: ours {speed['ours']:.2f}x (a loop that decodes every position: at "
-          f"most {speed['one output']:.2f}x, one output's);  ours with statistics "
-          f"{speed['ours+stats']:.2f}x;  n_seq 2, 4: {speed['n_seq=2']:.2f}x, "
-          f"{speed['n_seq=4']:.2f}x (vs ours: {spent['ours'] / spent['n_seq=2']:.2f}x, "
-          f"{spent['ours'] / spent['n_seq=4']:.2f}x)")
+    print(
+        f"  speed vs plain: ours {speed['ours']:.2f}x (a loop that decodes every position: at "
+        f"most {speed['one output']:.2f}x, one output's);  ours with statistics "
+        f"{speed['ours+stats']:.2f}x;  n_seq 2, 4: {speed['n_seq=2']:.2f}x, "
+        f"{speed['n_seq=4']:.2f}x (vs ours: {spent['ours'] / spent['n_seq=2']:.2f}x, "
+        f"{spent['ours'] / spent['n_seq=4']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,16 +21,32 @@ import time
 from pathlib import Path
 
 
-def run_pytest(workdir: Path, cache: Path, args: argparse.Namespace, *extra: str
-               ) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-           f"--quantbench-cache-dir={cache}", f"--quantbench-chunks={args.chunks}",
-           f"--quantbench-qtypes={args.qtypes}", "--quantbench-tensors", args.tensors, *extra]
+def run_pytest(
+    workdir: Path, cache: Path, args: argparse.Namespace, *extra: str
+) -> tuple[float, int]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:randomly",
+        "-p",
+        "no:cacheprovider",
+        f"--quantbench-cache-dir={cache}",
+        f"--quantbench-chunks={args.chunks}",
+        f"--quantbench-qtypes={args.qtypes}",
+        "--quantbench-tensors",
+        args.tensors,
+        *extra,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"pytest failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+        sys.exit(
+            f"pytest failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+        )
     rows = (workdir / "quantbench-results" / "results.csv").read_text().splitlines()
     return wall, len(rows) - 1
 

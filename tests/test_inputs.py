@@ -105,8 +105,7 @@ def test_a_file_hashed_right_after_its_last_change_is_hashed_again(tmp_path, has
     assert len(hashing) == 2
 
 
-def test_an_entry_whose_first_or_last_mib_differs_is_not_trusted(tmp_path, hashing,
-                                                                 monkeypatch):
+def test_an_entry_whose_first_or_last_mib_differs_is_not_trusted(tmp_path, hashing, monkeypatch):
     monkeypatch.setattr(inputs, "RACY_NS", 0)
     a = tmp_path / "model.gguf"
     a.write_bytes(b"A" * 5000)

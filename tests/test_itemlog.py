@@ -22,16 +22,50 @@ VARIANT_STDOUT = FIXTURES / "variant-blk3-attn_output-q4_1.stdout.txt"
 # The figures of variant-blk3-attn_output-q4_1.stdout.txt (real llama-perplexity output:
 # SmolLM2 bf16 with blk.3.attn_output.weight at q4_1, n_ctx 128, 4 chunks of 63 tokens).
 FIXTURE_STATS = KLDStats(
-    ppl_q=13.439586, ppl_q_err=2.411612, ppl_base=13.332524, ppl_base_err=2.380710,
-    cor_ln_ppl=99.84, ln_ratio=0.007998, ln_ratio_err=0.010316,
-    ppl_ratio=1.008030, ppl_ratio_err=0.010399, ppl_diff=0.107062, ppl_diff_err=0.141018,
-    mean_kld=0.006878, mean_kld_err=0.000459, max_kld=0.038623, kld_p99_9=0.038373,
-    kld_p99=0.033807, kld_p95=0.021033, kld_p90=0.015436, median_kld=0.004661,
-    kld_p10=0.000564, kld_p5=0.000337, kld_p1=0.000031, kld_p0_1=0.000019, min_kld=0.000019,
-    mean_dp=-0.179, mean_dp_err=0.120, max_dp=10.764, dp_p99_9=9.423, dp_p99=5.096,
-    dp_p95=2.654, dp_p90=1.521, dp_p75=0.172, median_dp=-0.018, dp_p25=-0.524, dp_p10=-2.016,
-    dp_p5=-3.357, dp_p1=-6.199, dp_p0_1=-7.244, min_dp=-7.303, rms_dp=1.915, rms_dp_err=0.175,
-    same_top_p=94.444, same_top_p_err=1.446, n_tokens=252,
+    ppl_q=13.439586,
+    ppl_q_err=2.411612,
+    ppl_base=13.332524,
+    ppl_base_err=2.380710,
+    cor_ln_ppl=99.84,
+    ln_ratio=0.007998,
+    ln_ratio_err=0.010316,
+    ppl_ratio=1.008030,
+    ppl_ratio_err=0.010399,
+    ppl_diff=0.107062,
+    ppl_diff_err=0.141018,
+    mean_kld=0.006878,
+    mean_kld_err=0.000459,
+    max_kld=0.038623,
+    kld_p99_9=0.038373,
+    kld_p99=0.033807,
+    kld_p95=0.021033,
+    kld_p90=0.015436,
+    median_kld=0.004661,
+    kld_p10=0.000564,
+    kld_p5=0.000337,
+    kld_p1=0.000031,
+    kld_p0_1=0.000019,
+    min_kld=0.000019,
+    mean_dp=-0.179,
+    mean_dp_err=0.120,
+    max_dp=10.764,
+    dp_p99_9=9.423,
+    dp_p99=5.096,
+    dp_p95=2.654,
+    dp_p90=1.521,
+    dp_p75=0.172,
+    median_dp=-0.018,
+    dp_p25=-0.524,
+    dp_p10=-2.016,
+    dp_p5=-3.357,
+    dp_p1=-6.199,
+    dp_p0_1=-7.244,
+    min_dp=-7.303,
+    rms_dp=1.915,
+    rms_dp_err=0.175,
+    same_top_p=94.444,
+    same_top_p_err=1.446,
+    n_tokens=252,
 )
 FIXTURE_ROWS = [
     "   1       6.5243 ±    2.2189       0.01517 ±    0.01651       0.00495 ±    0.00072"
@@ -45,8 +79,14 @@ FIXTURE_ROWS = [
 ]
 WHEN = datetime(2026, 7, 14, 9, 30, 5, tzinfo=timezone(timedelta(hours=2)))
 COMMAND = "pytest --quantbench-qtypes=q4_1 --quantbench-ctx=128 --quantbench-chunks=4"
-FACTS = {"members": "blk.3.attn_output.weight", "requested_type": "q4_1",
-         "written_type": "q4_1", "engine": "inplace", "n_ctx": 128, "reason": None}
+FACTS = {
+    "members": "blk.3.attn_output.weight",
+    "requested_type": "q4_1",
+    "written_type": "q4_1",
+    "engine": "inplace",
+    "n_ctx": 128,
+    "reason": None,
+}
 HEADER = (
     "=== Command used to generate this file (recorded: 2026-07-14T09:30:05+02:00) ===\n"
     f"{COMMAND}\n"
@@ -144,10 +184,18 @@ def test_log_file_name_rejects_bad_input(args, message):
 
 
 def test_log_bytes_are_header_facts_then_llama_perplexity_stdout():
-    text = format_item_log("blk.3.attn_output.weight", "q4_1", 4, FIXTURE_STATS, command=COMMAND,
-                           facts=FACTS, chunk_rows=FIXTURE_ROWS, recorded=WHEN)
+    text = format_item_log(
+        "blk.3.attn_output.weight",
+        "q4_1",
+        4,
+        FIXTURE_STATS,
+        command=COMMAND,
+        facts=FACTS,
+        chunk_rows=FIXTURE_ROWS,
+        recorded=WHEN,
+    )
     assert text.startswith(HEADER)
-    stdout = text[len(HEADER):]
+    stdout = text[len(HEADER) :]
     assert stdout.startswith("\nchunk             PPL ")
     assert stdout.endswith("RMS Δp    :  1.915 ± 0.175 %\nSame top p: 94.444 ± 1.446 %\n")
     if not VARIANT_STDOUT.is_file():
@@ -156,8 +204,9 @@ def test_log_bytes_are_header_facts_then_llama_perplexity_stdout():
 
 
 def test_log_without_chunk_rows_is_the_final_block_alone():
-    text = format_item_log("group0", "q4_1", 4, FIXTURE_STATS, command="pytest", facts={},
-                           recorded=WHEN)
+    text = format_item_log(
+        "group0", "q4_1", 4, FIXTURE_STATS, command="pytest", facts={}, recorded=WHEN
+    )
     lines = text.split("\n")
     assert lines[:7] == [
         "=== Command used to generate this file (recorded: 2026-07-14T09:30:05+02:00) ===",
@@ -168,13 +217,21 @@ def test_log_without_chunk_rows_is_the_final_block_alone():
         "quantbench: chunks = 4",
         "",
     ]
-    assert text[len("\n".join(lines[:6])) + 1:] == "\n" + FIXTURE_STATS.format_block()
+    assert text[len("\n".join(lines[:6])) + 1 :] == "\n" + FIXTURE_STATS.format_block()
 
 
 def test_collector_reads_the_printed_numbers(tmp_path):
-    path = write_item_log(tmp_path / "logs", "blk.3.attn_output.weight", "q4_1", 4,
-                          FIXTURE_STATS, command=COMMAND, facts=FACTS, chunk_rows=FIXTURE_ROWS,
-                          recorded=WHEN)
+    path = write_item_log(
+        tmp_path / "logs",
+        "blk.3.attn_output.weight",
+        "q4_1",
+        4,
+        FIXTURE_STATS,
+        command=COMMAND,
+        facts=FACTS,
+        chunk_rows=FIXTURE_ROWS,
+        recorded=WHEN,
+    )
     assert path == tmp_path / "logs" / "bench_ppl_kld_result.blk.3.attn_output.weight.q4_1.4.txt"
     text = path.read_text(encoding="utf-8")
     assert collector_ppl(text) == "13.439586"
@@ -186,21 +243,36 @@ def test_collector_reads_the_printed_numbers(tmp_path):
     assert "KL divergence statistics" in text
 
 
-@pytest.mark.skipif(shutil.which("grep") is None or shutil.which("sed") is None,
-                    reason="needs grep and sed")
+@pytest.mark.skipif(
+    shutil.which("grep") is None or shutil.which("sed") is None, reason="needs grep and sed"
+)
 def test_real_grep_and_sed_read_same_top_p(tmp_path):
-    path = write_item_log(tmp_path, "blk.3.attn_output.weight", "q4_1", 4, FIXTURE_STATS,
-                          command=COMMAND, facts=FACTS, chunk_rows=FIXTURE_ROWS)
+    path = write_item_log(
+        tmp_path,
+        "blk.3.attn_output.weight",
+        "q4_1",
+        4,
+        FIXTURE_STATS,
+        command=COMMAND,
+        facts=FACTS,
+        chunk_rows=FIXTURE_ROWS,
+    )
     env = {**os.environ, "LC_ALL": "C.UTF-8"}
-    grep = subprocess.run(["grep", "-E", SAME_TOP_P_ERE, str(path)], capture_output=True,
-                          env=env, check=True)
+    grep = subprocess.run(
+        ["grep", "-E", SAME_TOP_P_ERE, str(path)], capture_output=True, env=env, check=True
+    )
     # Only the final line matches; the table header "Same top p" has no colon after it.
     assert grep.stdout == "Same top p: 94.444 ± 1.446 %\n".encode()
-    sed = subprocess.run(["sed", "-nE", f"s/{SAME_TOP_P_ERE}/\\1/p", str(path)],
-                         capture_output=True, env=env, check=True)
+    sed = subprocess.run(
+        ["sed", "-nE", f"s/{SAME_TOP_P_ERE}/\\1/p", str(path)],
+        capture_output=True,
+        env=env,
+        check=True,
+    )
     assert sed.stdout == b"94.444\n"
-    mean_kld = subprocess.run(["grep", "-E", "Mean    KLD:", str(path)], capture_output=True,
-                              env=env, check=True)
+    mean_kld = subprocess.run(
+        ["grep", "-E", "Mean    KLD:", str(path)], capture_output=True, env=env, check=True
+    )
     assert mean_kld.stdout == "Mean    KLD:   0.006878 ±   0.000459\n".encode()
 
 
@@ -210,13 +282,21 @@ def test_collector_reads_accumulated_stats_to_printed_places(tmp_path):
     rows = []
     for _ in range(2):
         base = rng.normal(size=(63, 40)).astype(np.float32)
-        base_lp = (base - np.log(np.exp(base.astype(np.float64)).sum(1, keepdims=True)))
+        base_lp = base - np.log(np.exp(base.astype(np.float64)).sum(1, keepdims=True))
         logits = (base + 0.3 * rng.normal(size=base.shape)).astype(np.float32)
         acc.add_chunk(logits, base_lp.astype(np.float32), rng.integers(0, 40, size=63))
         rows.append(acc.chunk_row())
     stats = acc.stats()
-    path = write_item_log(tmp_path, "blk.0.attn_q.weight", "q2_K", 2, stats, command="pytest",
-                          facts={"engine": "file"}, chunk_rows=rows)
+    path = write_item_log(
+        tmp_path,
+        "blk.0.attn_q.weight",
+        "q2_K",
+        2,
+        stats,
+        command="pytest",
+        facts={"engine": "file"},
+        chunk_rows=rows,
+    )
     text = path.read_text(encoding="utf-8")
     assert collector_ppl(text) == f"{stats.ppl_q:.6f}"
     assert collector_kld(text) == f"{stats.mean_kld:.6f}"

@@ -68,6 +68,7 @@ def test_sizes():
 # encoding / decoding
 # ---------------------------------------------------------------------------
 
+
 def test_encode_hand_case_and_clamp():
     l = np.array([[0.0, -1.0, -30.0]], F32)
     enc = encode_logits(l)
@@ -78,7 +79,11 @@ def test_encode_hand_case_and_clamp():
     assert enc.min_log_prob[0] == F32(F32(-24) - lse)
     inv = F32(F32(1) / scale)
     assert enc.q.dtype == np.uint16
-    assert enc.q[0].tolist() == [int(np.rint(F32(inv * F32(24)))), int(np.rint(F32(inv * F32(23)))), 0]
+    assert enc.q[0].tolist() == [
+        int(np.rint(F32(inv * F32(24)))),
+        int(np.rint(F32(inv * F32(23)))),
+        0,
+    ]
     assert enc.q[0, 0] == 65535
     # R = 16 (mainline) changes the window
     assert encode_logits(l, log_prob_range=16).scale[0] == F32(F32(16) / F32(65535))
@@ -152,7 +157,9 @@ def test_round_trip_close_to_log_softmax():
     l = (rng.standard_normal((4, 300)) * 3).astype(F32)
     enc = encode_logits(l)
     lp = decode_rows(enc.scale, enc.min_log_prob, enc.q)
-    exact = l - (l.max(1, keepdims=True) + np.log(np.exp(l - l.max(1, keepdims=True)).sum(1, keepdims=True)))
+    exact = l - (
+        l.max(1, keepdims=True) + np.log(np.exp(l - l.max(1, keepdims=True)).sum(1, keepdims=True))
+    )
     above = l > (l.max(1, keepdims=True) - 24)
     step = 24 / 65535
     assert np.all(np.abs(lp - exact)[above] <= step / 2 + 1e-5)
@@ -190,8 +197,8 @@ def test_file_layout_with_odd_vocab(tmp_path):
     raw = p.read_bytes()
     assert len(raw) == expected_file_size(C, V, NCH) == 20 + 4 * NCH * C + NCH * S * 2 * 12
     assert raw[:8] == b"_logits_" and struct.unpack("<iii", raw[8:20]) == (C, V, NCH)
-    assert np.array_equal(np.frombuffer(raw[20:20 + 4 * NCH * C], "<i4").reshape(NCH, C), tokens)
-    recs = np.frombuffer(raw[20 + 4 * NCH * C:], "<u2").reshape(NCH, S, 12)
+    assert np.array_equal(np.frombuffer(raw[20 : 20 + 4 * NCH * C], "<i4").reshape(NCH, C), tokens)
+    recs = np.frombuffer(raw[20 + 4 * NCH * C :], "<u2").reshape(NCH, S, 12)
     assert np.all(recs[:, :, 11] == 0)  # padding word
     enc = encode_logits(logits[1])
     assert np.array_equal(recs[1, :, 0:2].copy().view("<f4")[:, 0], enc.scale)
@@ -213,9 +220,11 @@ def test_reader_round_trip(tmp_path):
             assert np.array_equal(scale, enc.scale) and np.array_equal(mlp, enc.min_log_prob)
             assert q.dtype == np.uint16 and np.array_equal(q, enc.q)
             lp = f.chunk_logprobs(i)
-            assert lp.dtype == F32 and np.array_equal(lp, decode_rows(enc.scale, enc.min_log_prob, enc.q))
-            assert np.array_equal(f.targets(i), tokens[i, C // 2 + 1:])
-            assert np.array_equal(nlls[i], base_nll(logits[i], tokens[i, C // 2 + 1:]))
+            assert lp.dtype == F32 and np.array_equal(
+                lp, decode_rows(enc.scale, enc.min_log_prob, enc.q)
+            )
+            assert np.array_equal(f.targets(i), tokens[i, C // 2 + 1 :])
+            assert np.array_equal(nlls[i], base_nll(logits[i], tokens[i, C // 2 + 1 :]))
         with pytest.raises(IndexError):
             f.chunk(NCH)
 
@@ -227,7 +236,7 @@ def test_writer_accepts_full_chunk_logits(tmp_path):
     with KLDBaseWriter(tmp_path / "a.kld", C, V, tokens) as w:
         n1 = w.write_chunk(full)
     with KLDBaseWriter(tmp_path / "b.kld", C, V, tokens) as w:
-        n2 = w.write_chunk(full[C // 2:C - 1])
+        n2 = w.write_chunk(full[C // 2 : C - 1])
     assert (tmp_path / "a.kld").read_bytes() == (tmp_path / "b.kld").read_bytes()
     assert np.array_equal(n1, n2)
 
@@ -245,7 +254,7 @@ def test_write_read_gives_identical_statistics(tmp_path, fma):
         for i in range(nch):
             q_logits = (logits[i] + rng.standard_normal((s, v)).astype(F32) * 0.2).astype(F32)
             enc = encode_logits(logits[i], fma=fma)
-            t = tokens[i, c // 2 + 1:]
+            t = tokens[i, c // 2 + 1 :]
             mem.add_chunk(q_logits, decode_rows(enc.scale, enc.min_log_prob, enc.q, fma=fma), t)
             disk.add_chunk(q_logits, f.chunk_logprobs(i), f.targets(i))
             ppl.add(nlls[i])
@@ -325,7 +334,9 @@ def test_writer_rejects_bad_input(tmp_path):
 # fidelity: the llama-perplexity (ik) reference base file
 # ---------------------------------------------------------------------------
 
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"reference fixture {FIXTURE} not present")
+needs_fixture = pytest.mark.skipif(
+    not FIXTURE.is_file(), reason=f"reference fixture {FIXTURE} not present"
+)
 
 
 @needs_fixture
@@ -371,8 +382,20 @@ def test_fixture_self_kld_is_zero():
     assert st.n_tokens == 252
     assert "Mean PPL(base)                :  13.332524 ±   2.380710\n" in st.format_block()
     assert st.same_top_p == 100.0
-    for name in ("mean_kld", "max_kld", "kld_p99_9", "kld_p99", "kld_p95", "kld_p90", "median_kld",
-                 "kld_p10", "kld_p5", "kld_p1", "kld_p0_1", "min_kld"):
+    for name in (
+        "mean_kld",
+        "max_kld",
+        "kld_p99_9",
+        "kld_p99",
+        "kld_p95",
+        "kld_p90",
+        "median_kld",
+        "kld_p10",
+        "kld_p5",
+        "kld_p1",
+        "kld_p0_1",
+        "min_kld",
+    ):
         assert abs(getattr(st, name)) < 1e-4, name
     for name in ("mean_dp", "max_dp", "min_dp", "median_dp", "rms_dp"):
         assert abs(getattr(st, name)) < 0.01, name  # percent

@@ -33,6 +33,7 @@ F32 = np.float32
 # reference: literal per-token transcription of perplexity.cpp's KLD log_softmax
 # ---------------------------------------------------------------------------
 
+
 def c_expf(x) -> F32:
     return F32(math.exp(float(x)))
 
@@ -72,6 +73,7 @@ def log_softmax_f32(l: np.ndarray) -> np.ndarray:
 # primitives
 # ---------------------------------------------------------------------------
 
+
 def test_expf_is_float64_exp_rounded_to_float32():
     x = np.array([-30.5, -1.0, 0.0, 0.25, 3.0], dtype=F32)
     got = expf(x)
@@ -92,6 +94,7 @@ def test_row_max_lse_first_index_of_ties_and_ordered_sum():
 # ---------------------------------------------------------------------------
 # MU / COV / PCT / MED (docs/llama-perplexity.md#stat-functions)
 # ---------------------------------------------------------------------------
+
 
 def test_mu_empty_is_zero():
     assert mean_and_uncertainty(5.0, 7.0, 0) == (0.0, 0.0)
@@ -160,8 +163,9 @@ def test_pct_fma_is_single_rounding():
         p = F32(f * F32(len(x) - 1))
         k = int(p)
         r = F32(p - F32(k))
-        exact = (Fraction(float(F32(1) - r)) * Fraction(float(x[k]))
-                 + Fraction(float(F32(r * x[min(k + 1, len(x) - 1)]))))
+        exact = Fraction(float(F32(1) - r)) * Fraction(float(x[k])) + Fraction(
+            float(F32(r * x[min(k + 1, len(x) - 1)]))
+        )
         err = abs(Fraction(float(got)) - exact)
         for nb in (np.nextafter(got, F32(np.inf)), np.nextafter(got, F32(-np.inf))):
             assert err <= abs(Fraction(float(nb)) - exact)
@@ -178,13 +182,14 @@ def test_med_is_not_pct_half():
     big = F32(3e38)
     x = np.array([big, big], F32)
     with np.errstate(over="ignore"):
-        assert np.isinf(median(x))      # f32(x0 + x1) overflows first, as in C
+        assert np.isinf(median(x))  # f32(x0 + x1) overflows first, as in C
     assert percentile(x, 0.5) == big
 
 
 # ---------------------------------------------------------------------------
 # PPLAccumulator (docs/llama-perplexity.md#ppl, #ppl-output)
 # ---------------------------------------------------------------------------
+
 
 def test_ppl_accumulator_values_and_lines():
     acc = PPLAccumulator()
@@ -196,7 +201,8 @@ def test_ppl_accumulator_values_and_lines():
     assert ppl == pytest.approx(math.exp(3.0))
     assert err == pytest.approx(ppl * math.sqrt(vals.var() / 4))
     assert acc.final_line(128) == (
-        "Final estimate: PPL over 2 chunks for n_ctx=128 = %.4f +/- %.5f" % (ppl, err))
+        "Final estimate: PPL over 2 chunks for n_ctx=128 = %.4f +/- %.5f" % (ppl, err)
+    )
     assert acc.final_line(128, style="ml") == "Final estimate: PPL = %.4f +/- %.5f" % (ppl, err)
 
 
@@ -215,6 +221,7 @@ def test_ppl_accumulator_zero_variance_and_errors():
 # per-token quantities (docs/llama-perplexity.md#kld-token)
 # ---------------------------------------------------------------------------
 
+
 def test_two_token_vocab_by_hand():
     base = np.log(np.array([[0.75, 0.25]])).astype(F32)
     q = np.zeros((1, 2), F32)  # Q: uniform
@@ -223,8 +230,8 @@ def test_two_token_vocab_by_hand():
     assert ts.kld[0] == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
     assert ts.nll[0] == pytest.approx(math.log(2), abs=1e-6)
     assert ts.nll_base[0] == pytest.approx(math.log(4), abs=1e-6)
-    assert ts.dp[0] == pytest.approx(0.25, abs=1e-6)        # p_Q(t) - p_base(t)
-    assert bool(ts.same_top[0])                             # both argmax 0 (first of ties)
+    assert ts.dp[0] == pytest.approx(0.25, abs=1e-6)  # p_Q(t) - p_base(t)
+    assert bool(ts.same_top[0])  # both argmax 0 (first of ties)
     assert ts.nll.dtype == F32 and ts.dp.dtype == F32 and ts.kld.dtype == np.float64
 
 
@@ -284,7 +291,9 @@ def test_non_finite_logits_raise_with_chunk_and_count():
     l[3, 0] = np.inf
     acc = KLDAccumulator()
     acc.add_chunk(np.zeros((5, 4), F32), log_softmax_f32(np.zeros((5, 4), F32)), np.zeros(5, int))
-    with pytest.raises(ValueError, match=r"chunk 2: 2 of 5 scored positions have non-finite logits"):
+    with pytest.raises(
+        ValueError, match=r"chunk 2: 2 of 5 scored positions have non-finite logits"
+    ):
         acc.add_chunk(l, log_softmax_f32(np.zeros((5, 4), F32)), np.zeros(5, int))
     assert acc.n_tokens == 5 and acc.n_chunks == 1  # nothing accumulated on error
 
@@ -302,6 +311,7 @@ def test_bad_shapes_and_targets():
 # ---------------------------------------------------------------------------
 # KLDAccumulator / KLDStats (docs/llama-perplexity.md#statistics, #kld-output)
 # ---------------------------------------------------------------------------
+
 
 def _random_chunk(rng, S=40, V=30):
     lb = (rng.standard_normal((S, V)) * 3).astype(F32)
@@ -321,7 +331,7 @@ def test_identical_logits_stats():
     assert st.mean_kld == 0.0 and st.max_kld == 0.0 and st.min_kld == 0.0 and st.median_kld == 0.0
     assert st.same_top_p == 100.0 and st.same_top_p_err == 0.0
     assert st.mean_dp == 0.0 and st.max_dp == 0.0 and st.min_dp == 0.0 and st.rms_dp == 0.0
-    assert math.isnan(st.rms_dp_err)          # 0.5/0 * 0 in C: -nan
+    assert math.isnan(st.rms_dp_err)  # 0.5/0 * 0 in C: -nan
     assert st.ppl_q == st.ppl_base and st.ln_ratio == 0.0 and st.ppl_ratio == 1.0
     assert "RMS \u0394p    :  0.000 ±  -nan %" in st.format_block()
 
@@ -369,7 +379,9 @@ def test_stats_formulas():
     assert st.same_top_p == 100 * p
     assert st.same_top_p_err == pytest.approx(100 * math.sqrt(p * (1 - p) / (n - 1)))
     m2, s2 = mean_and_uncertainty(acc.s_p2, acc.s_p4, n)
-    assert st.rms_dp == 100 * math.sqrt(m2) and st.rms_dp_err == pytest.approx(100 * 0.5 * s2 / math.sqrt(m2))
+    assert st.rms_dp == 100 * math.sqrt(m2) and st.rms_dp_err == pytest.approx(
+        100 * 0.5 * s2 / math.sqrt(m2)
+    )
     d = st.as_dict()
     assert list(d) == [f.name for f in FIELDS]
     assert all(type(v) in (float, int) for v in d.values()) and type(d["n_tokens"]) is int
@@ -433,16 +445,59 @@ Minimum Δp: -7.303%
 RMS Δp    :  1.915 ± 0.175 %
 Same top p: 94.444 ± 1.446 %
 """
-REFERENCE_ROW = ("   4      13.4396 ±    2.4116       0.00800 ±    0.01032"
-                 "       0.00688 ±    0.00046     1.915 ±  0.175 %    94.444 ±  1.446 %")
+REFERENCE_ROW = (
+    "   4      13.4396 ±    2.4116       0.00800 ±    0.01032"
+    "       0.00688 ±    0.00046     1.915 ±  0.175 %    94.444 ±  1.446 %"
+)
 
 
 def test_format_block_reproduces_reference_bytes():
-    vals = [13.439586, 2.411612, 13.332524, 2.380710, 99.84, 0.007998, 0.010316, 1.008030,
-            0.010399, 0.107062, 0.141018, 0.006878, 0.000459, 0.038623, 0.038373, 0.033807,
-            0.021033, 0.015436, 0.004661, 0.000564, 0.000337, 0.000031, 0.000019, 0.000019,
-            -0.179, 0.120, 10.764, 9.423, 5.096, 2.654, 1.521, 0.172, -0.018, -0.524, -2.016,
-            -3.357, -6.199, -7.244, -7.303, 1.915, 0.175, 94.444, 1.446, 252]
+    vals = [
+        13.439586,
+        2.411612,
+        13.332524,
+        2.380710,
+        99.84,
+        0.007998,
+        0.010316,
+        1.008030,
+        0.010399,
+        0.107062,
+        0.141018,
+        0.006878,
+        0.000459,
+        0.038623,
+        0.038373,
+        0.033807,
+        0.021033,
+        0.015436,
+        0.004661,
+        0.000564,
+        0.000337,
+        0.000031,
+        0.000019,
+        0.000019,
+        -0.179,
+        0.120,
+        10.764,
+        9.423,
+        5.096,
+        2.654,
+        1.521,
+        0.172,
+        -0.018,
+        -0.524,
+        -2.016,
+        -3.357,
+        -6.199,
+        -7.244,
+        -7.303,
+        1.915,
+        0.175,
+        94.444,
+        1.446,
+        252,
+    ]
     st = KLDStats(*vals)
     block = st.format_block()
     assert block.encode("utf-8") == REFERENCE_BLOCK.encode("utf-8")

@@ -19,8 +19,13 @@ from pytest_quantbench.plots import (
 
 ROWS = [
     {"tensor": f"blk.{layer}.{kind}.weight", "qtype": "q4_0", "mean_kld": kld}
-    for layer, kind, kld in [(0, "attn_q", 0.001), (0, "attn_k", 0.01), (1, "attn_q", 0.1),
-                             (2, "attn_k", 0.05), (2, "attn_q", 0.002)]
+    for layer, kind, kld in [
+        (0, "attn_q", 0.001),
+        (0, "attn_k", 0.01),
+        (1, "attn_q", 0.1),
+        (2, "attn_k", 0.05),
+        (2, "attn_q", 0.002),
+    ]
 ] + [
     {"tensor": "token_embd.weight", "qtype": "q4_0", "mean_kld": 0.02},
     {"tensor": "blk.1.attn_k.weight", "qtype": "q4_0", "mean_kld": "", "status": "skipped"},
@@ -53,13 +58,13 @@ def test_heatmap_pixels_measured_coloured_unmeasured_grey(tmp_path):
     w, h = fig.get_size_inches() * DPI
     assert img.shape[:2] == (round(h), round(w))
     grey = np.array(NOT_MEASURED_GREY)
-    unmeasured = _pixel(fig, ax, img, 0, 2)        # blk.1.attn_k
+    unmeasured = _pixel(fig, ax, img, 0, 2)  # blk.1.attn_k
     assert np.allclose(unmeasured, grey, atol=0.02)
     low, high = _pixel(fig, ax, img, 1, 1), _pixel(fig, ax, img, 1, 2)  # 0.001 / 0.1
     for cell in (low, high):
         assert not np.allclose(cell, grey, atol=0.05)
-        assert cell.max() - cell.min() > 0.2       # a colour, not a grey
-    assert not np.allclose(low, high, atol=0.1)    # the log scale separates them
+        assert cell.max() - cell.min() > 0.2  # a colour, not a grey
+    assert not np.allclose(low, high, atol=0.1)  # the log scale separates them
     assert fig.axes[1].get_ylabel() == "mean KLD (nats, log scale)"
 
 
@@ -81,8 +86,12 @@ def test_write_plots_files_and_nothing_to_draw(tmp_path):
 
 
 def test_a_run_writes_heatmaps_unless_plots_off(pytester, qb_args):
-    args = [*qb_args, "--quantbench-qtypes=q4_0", "--quantbench-tensors",
-            r"^blk\.0\.attn_(q|v)\.weight$"]
+    args = [
+        *qb_args,
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-tensors",
+        r"^blk\.0\.attn_(q|v)\.weight$",
+    ]
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
     out = pytester.path / "quantbench-results"
     assert (out / "heatmap-q4_0.png").is_file() and not (out / "kld_vs_bpw.png").exists()
@@ -101,7 +110,8 @@ def test_recipe_and_variant_files_are_drawn_beside_the_curve():
     plain = kld_vs_bpw_figure(ROWS, bpw)
     assert len(plain.axes[0].collections) == 1
     with_file = kld_vs_bpw_figure(
-        [*ROWS, {"tensor": "recipe", "qtype": "mix", "mean_kld": 0.05, "bpw": 5.5}], bpw)
+        [*ROWS, {"tensor": "recipe", "qtype": "mix", "mean_kld": 0.05, "bpw": 5.5}], bpw
+    )
     files = with_file.axes[0].collections[1]
     assert files.get_offsets().tolist() == [[5.5, 0.05]]
     assert "mix" in [t.get_text() for t in with_file.axes[0].texts]

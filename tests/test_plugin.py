@@ -27,26 +27,35 @@ def test_plugin_stays_out_of_an_ordinary_suite(pytester):
 
 
 def test_plugin_module_imports_no_heavy_dependency():
-    code = ("import sys, pytest_quantbench.plugin, pytest_quantbench.fixture; "  # fixture: always
-            "print(sorted(m for m in ('numpy', 'pandas', 'yaml', 'ctypes', 'filelock') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, pytest_quantbench.plugin, pytest_quantbench.fixture; "  # fixture: always
+        "print(sorted(m for m in ('numpy', 'pandas', 'yaml', 'ctypes', 'filelock') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_items_measure_and_write_suite_tables(pytester, qb_args):
     result = pytester.runpytest_subprocess(
-        *qb_args, "--quantbench-qtypes=q8_0,q4_0",
-        "--quantbench-tensors", r"blk\.0\.attn_(q|v)\.weight", "--junitxml=report.xml", "-v")
+        *qb_args,
+        "--quantbench-qtypes=q8_0,q4_0",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_(q|v)\.weight",
+        "--junitxml=report.xml",
+        "-v",
+    )
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines([
-        "quantbench model: *synth-bf16.gguf (sha256 *",
-        "quantbench corpus: *corpus.txt (* tokens, sha256 *)",
-        "quantbench n_ctx=64, chunks=2, *",
-        "quantbench engine: ik-llama-cpp-python *",
-        "*blk.0.attn_q.weight?q4_0? PASSED*",
-        "*= quantbench =*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "quantbench model: *synth-bf16.gguf (sha256 *",
+            "quantbench corpus: *corpus.txt (* tokens, sha256 *)",
+            "quantbench n_ctx=64, chunks=2, *",
+            "quantbench engine: ik-llama-cpp-python *",
+            "*blk.0.attn_q.weight?q4_0? PASSED*",
+            "*= quantbench =*",
+        ]
+    )
     out = pytester.path / "quantbench-results"
     kld = read_wide(out / "kld_results.csv")
     assert list(kld.columns) == ["blk.0.attn_q.weight", "blk.0.attn_v.weight"]
@@ -68,10 +77,20 @@ def test_items_measure_and_write_suite_tables(pytester, qb_args):
 
 def test_xdist_two_workers_share_one_baseline(pytester, synth_model, synth_corpus, tmp_path):
     cache = tmp_path / "cache"
-    args = [f"--quantbench-model={synth_model}", f"--quantbench-corpus={synth_corpus}",
-            "--quantbench-ctx=64", "--quantbench-chunks=3", f"--quantbench-cache-dir={cache}",
-            "--quantbench-qtypes=q8_0 q4_0", "--quantbench-tensors", r"blk\.[01]\.attn_v",
-            "-n", "2", "-p", "no:randomly"]
+    args = [
+        f"--quantbench-model={synth_model}",
+        f"--quantbench-corpus={synth_corpus}",
+        "--quantbench-ctx=64",
+        "--quantbench-chunks=3",
+        f"--quantbench-cache-dir={cache}",
+        "--quantbench-qtypes=q8_0 q4_0",
+        "--quantbench-tensors",
+        r"blk\.[01]\.attn_v",
+        "-n",
+        "2",
+        "-p",
+        "no:randomly",
+    ]
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=4)
     baselines = list((cache / "baselines").glob("*.kld"))
@@ -87,8 +106,13 @@ def test_xdist_two_workers_share_one_baseline(pytester, synth_model, synth_corpu
 def test_failing_threshold_is_a_failure_with_value_limit_and_rule(pytester, qb_args):
     pytester.makefile(".yaml", thresholds="rules:\n  - tensor: attn_v\n    max_kld: 1.0e-9\n")
     result = pytester.runpytest_subprocess(
-        *qb_args, "--quantbench-qtypes=q4_0", "--quantbench-tensors", r"blk\.1\.attn_(q|v)",
-        "--quantbench-thresholds=thresholds.yaml", "--junitxml=report.xml")
+        *qb_args,
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-tensors",
+        r"blk\.1\.attn_(q|v)",
+        "--quantbench-thresholds=thresholds.yaml",
+        "--junitxml=report.xml",
+    )
     result.assert_outcomes(passed=1, failed=1)
     assert result.ret == 1
     result.stdout.re_match_lines([r".*mean KLD [0-9.e-]+ ± [0-9.e-]+ > max_kld 1e-09 .*attn_v.*"])
@@ -104,58 +128,86 @@ def test_cli_beats_yaml_beats_ini(pytester, qb_args):
     no_ctx = without(qb_args, "--quantbench-ctx")
     ids = pytester.runpytest_subprocess("--collect-only", *no_ctx)
     # qtypes: YAML beats ini; n_ctx: ini used where neither CLI nor YAML set it
-    ids.stdout.fnmatch_lines(["quantbench n_ctx=32, *", "*<QuantbenchItem blk.0.attn_k.weight[[]q5_0[]]>"])
+    ids.stdout.fnmatch_lines(
+        ["quantbench n_ctx=32, *", "*<QuantbenchItem blk.0.attn_k.weight[[]q5_0[]]>"]
+    )
     cli = pytester.runpytest_subprocess("--collect-only", *qb_args, "--quantbench-qtypes=q4_1")
-    cli.stdout.fnmatch_lines(["quantbench n_ctx=64, *", "*<QuantbenchItem blk.0.attn_k.weight[[]q4_1[]]>"])
+    cli.stdout.fnmatch_lines(
+        ["quantbench n_ctx=64, *", "*<QuantbenchItem blk.0.attn_k.weight[[]q4_1[]]>"]
+    )
 
 
 def test_items_are_filterable_and_sorted(pytester, qb_args):
-    result = pytester.runpytest_subprocess("--collect-only", "-q", *qb_args,
-                                           "--quantbench-qtypes=q8_0,q4_0", "-m",
-                                           "quantbench(layer=1) and quantbench(qtype='q4_0')")
-    result.stdout.fnmatch_lines([
-        "quantbench::blk.1.attn_k.weight[[]q4_0[]]",
-        "quantbench::blk.1.attn_output.weight[[]q4_0[]]",
-        "quantbench::blk.1.attn_q.weight[[]q4_0[]]",
-        "quantbench::blk.1.attn_v.weight[[]q4_0[]]",
-        "4/16 tests collected (12 deselected)*",
-    ])
+    result = pytester.runpytest_subprocess(
+        "--collect-only",
+        "-q",
+        *qb_args,
+        "--quantbench-qtypes=q8_0,q4_0",
+        "-m",
+        "quantbench(layer=1) and quantbench(qtype='q4_0')",
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "quantbench::blk.1.attn_k.weight[[]q4_0[]]",
+            "quantbench::blk.1.attn_output.weight[[]q4_0[]]",
+            "quantbench::blk.1.attn_q.weight[[]q4_0[]]",
+            "quantbench::blk.1.attn_v.weight[[]q4_0[]]",
+            "4/16 tests collected (12 deselected)*",
+        ]
+    )
 
 
 def test_kld_base_file_from_a_previous_run_gives_the_same_numbers(pytester, qb_args, tmp_path):
     """Our cached baseline is a llama-perplexity base file: given back as --quantbench-kld-base
     (no corpus needed), it reproduces the statistics of the run that wrote it."""
-    args, first, base_file = measure_with_own_cache(pytester, qb_args, tmp_path / "cache",
-                                                    r"blk\.1\.attn_q")
-    reuse = without(args, "--quantbench-corpus", "--quantbench-ctx", "--quantbench-chunks",
-                    "--quantbench-cache")
-    result = pytester.runpytest_subprocess(*reuse, f"--quantbench-kld-base={base_file}",
-                                           f"--quantbench-cache-dir={tmp_path / 'other'}")
+    args, first, base_file = measure_with_own_cache(
+        pytester, qb_args, tmp_path / "cache", r"blk\.1\.attn_q"
+    )
+    reuse = without(
+        args, "--quantbench-corpus", "--quantbench-ctx", "--quantbench-chunks", "--quantbench-cache"
+    )
+    result = pytester.runpytest_subprocess(
+        *reuse, f"--quantbench-kld-base={base_file}", f"--quantbench-cache-dir={tmp_path / 'other'}"
+    )
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"quantbench corpus: kld-base {base_file} (n_ctx, chunks and "
-                                 "tokens come from the base file; all 2 chunks)",
-                                 "quantbench n_ctx=64, chunks=2, *"])
+    result.stdout.fnmatch_lines(
+        [
+            f"quantbench corpus: kld-base {base_file} (n_ctx, chunks and "
+            "tokens come from the base file; all 2 chunks)",
+            "quantbench n_ctx=64, chunks=2, *",
+        ]
+    )
     second = results(pytester).iloc[0]
     for key in ("mean_kld", "ppl_q", "ppl_base", "same_top_p", "rms_dp"):
         assert second[key] == first[key], key
 
 
 def test_split_model_is_measured_by_both_engines_and_a_missing_shard_is_named(
-        pytester, synth_corpus, tmp_path):
+    pytester, synth_corpus, tmp_path
+):
     pytest.importorskip("gguf")
     from synthmodel import build_synthetic_model
 
     (tmp_path / "split").mkdir()
     first = build_synthetic_model(tmp_path / "split" / "synth.gguf", split_max_tensors=8)
     assert first.name == "synth-00001-of-00003.gguf"
-    args = [f"--quantbench-model={first}", f"--quantbench-corpus={synth_corpus}",
-            "--quantbench-ctx=64", "--quantbench-chunks=2", "--quantbench-qtypes=q4_0",
-            f"--quantbench-cache-dir={tmp_path / 'cache'}", "-p", "no:randomly",
-            "--quantbench-tensors", r"blk\.1\.attn_v"]
+    args = [
+        f"--quantbench-model={first}",
+        f"--quantbench-corpus={synth_corpus}",
+        "--quantbench-ctx=64",
+        "--quantbench-chunks=2",
+        "--quantbench-qtypes=q4_0",
+        f"--quantbench-cache-dir={tmp_path / 'cache'}",
+        "-p",
+        "no:randomly",
+        "--quantbench-tensors",
+        r"blk\.1\.attn_v",
+    ]
     kld = []
     for engine in ("inplace", "file"):
-        pytester.runpytest_subprocess(*args, f"--quantbench-engine={engine}",
-                                      "--quantbench-rerun").assert_outcomes(passed=1)
+        pytester.runpytest_subprocess(
+            *args, f"--quantbench-engine={engine}", "--quantbench-rerun"
+        ).assert_outcomes(passed=1)
         row = results(pytester).iloc[0]
         assert row["engine_mode"] == engine
         kld.append(row["mean_kld"])
@@ -168,7 +220,7 @@ def test_split_model_is_measured_by_both_engines_and_a_missing_shard_is_named(
 
 def test_a_threshold_on_an_unmeasured_metric_is_an_item_error(pytester, qb_args):
     """A limit that cannot be checked means a broken setup: an error, not a pass or a failure."""
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 from pytest_quantbench.session import QuantbenchSession
 
 _measure = QuantbenchSession.measure
@@ -179,15 +231,23 @@ def without_kld(self, unit, row):
     return stats
 
 QuantbenchSession.measure = without_kld
-''')
+""")
     limits = pytester.path / "limits.yaml"
     limits.write_text("defaults:\n  max_kld: 0.01\n")
-    result = pytester.runpytest_subprocess(*qb_args, "--quantbench-qtypes=q8_0",
-                                           "--quantbench-tensors", r"^blk\.0\.attn_v\.weight$",
-                                           f"--quantbench-thresholds={limits}")
+    result = pytester.runpytest_subprocess(
+        *qb_args,
+        "--quantbench-qtypes=q8_0",
+        "--quantbench-tensors",
+        r"^blk\.0\.attn_v\.weight$",
+        f"--quantbench-thresholds={limits}",
+    )
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*ValueError: mean KLD is not a finite number (nan), so max_kld "
-                                 "0.01 cannot be checked (defaults in *limits.yaml)"])
+    result.stdout.fnmatch_lines(
+        [
+            "*ValueError: mean KLD is not a finite number (nan), so max_kld "
+            "0.01 cannot be checked (defaults in *limits.yaml)"
+        ]
+    )
 
 
 def test_collect_step_outputs_through_a_run(pytester, qb_args):
@@ -196,12 +256,18 @@ def test_collect_step_outputs_through_a_run(pytester, qb_args):
     run's baseline PPL, and each extra metric has its own table."""
     import re
 
-    args = [*qb_args, "--quantbench-qtypes=q4_0,bf16", "--quantbench-tensors",
-            r"^blk\.0\.attn_v\.weight$", "--quantbench-logs=logs", "--quantbench-ppl-percent",
-            "--quantbench-csv-metrics=kld_p99,rms_dp"]
+    args = [
+        *qb_args,
+        "--quantbench-qtypes=q4_0,bf16",
+        "--quantbench-tensors",
+        r"^blk\.0\.attn_v\.weight$",
+        "--quantbench-logs=logs",
+        "--quantbench-ppl-percent",
+        "--quantbench-csv-metrics=kld_p99,rms_dp",
+    ]
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
     row = results(pytester).set_index("qtype").loc["q4_0"]
-    log = (pytester.path / "logs" / "bench_ppl_kld_result.blk.0.attn_v.weight.q4_0.2.txt")
+    log = pytester.path / "logs" / "bench_ppl_kld_result.blk.0.attn_v.weight.q4_0.2.txt"
     text = log.read_text(encoding="utf-8")
     top_p = re.search(r".*Same top p\s*:\s*([0-9]+(\.[0-9]+)?).*", text).group(1)
     assert top_p == f"{row['same_top_p']:.3f}"
@@ -212,7 +278,11 @@ def test_collect_step_outputs_through_a_run(pytester, qb_args):
     assert ppl.loc["q4_0", "blk.0.attn_v.weight"] == f"{expected:+.2f}%"
     assert ppl.loc["bf16", "blk.0.attn_v.weight"] == "+0.00%"  # the baseline row, as collected
     assert read_wide(out / "kld_results.csv").loc["bf16", "blk.0.attn_v.weight"] == "0"
-    assert (read_wide(out / "kld_p99_results.csv").loc["q4_0", "blk.0.attn_v.weight"]
-            == f"{row['kld_p99']:.6f}")
-    assert (read_wide(out / "rms_dp_results.csv").loc["q4_0", "blk.0.attn_v.weight"]
-            == f"{row['rms_dp']:.3f}")
+    assert (
+        read_wide(out / "kld_p99_results.csv").loc["q4_0", "blk.0.attn_v.weight"]
+        == f"{row['kld_p99']:.6f}"
+    )
+    assert (
+        read_wide(out / "rms_dp_results.csv").loc["q4_0", "blk.0.attn_v.weight"]
+        == f"{row['rms_dp']:.3f}"
+    )

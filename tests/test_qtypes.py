@@ -80,7 +80,11 @@ def test_table_matches_libggml(libggml, t: GGMLType) -> None:
     assert libggml.ggml_type_size(t.type_id) == t.type_size
     for k in (1, 2, 3, 8, 16):
         ne0 = k * t.block_size
-        assert libggml.ggml_row_size(t.type_id, ne0) == t.row_meta + k * t.type_size == row_size(t, ne0)
+        assert (
+            libggml.ggml_row_size(t.type_id, ne0)
+            == t.row_meta + k * t.type_size
+            == row_size(t, ne0)
+        )
     assert libggml.ggml_quantize_requires_imatrix(t.type_id) == (t.imatrix == "required")
 
 
@@ -117,7 +121,10 @@ def test_every_ggml_h_enum_entry_is_in_the_table() -> None:
 @needs_wheel
 def test_presets_match_llama_h() -> None:
     text = _include_file("llama.h").read_text()
-    ftypes = {m.group(1): int(m.group(2)) for m in re.finditer(r"LLAMA_FTYPE_(?:MOSTLY_|ALL_)(\w+)\s*=\s*(\d+)", text)}
+    ftypes = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"LLAMA_FTYPE_(?:MOSTLY_|ALL_)(\w+)\s*=\s*(\d+)", text)
+    }
     for p in PRESETS:
         if p.ftype is None:
             continue
@@ -170,7 +177,13 @@ def test_table_invariants() -> None:
 
 def test_table_spot_values() -> None:
     t = TYPES_BY_NAME["iq4_ks"]
-    assert (t.type_id, t.block_size, t.type_size, t.row_meta, t.fallback) == (144, 256, 136, 4, "iq4_nl")
+    assert (t.type_id, t.block_size, t.type_size, t.row_meta, t.fallback) == (
+        144,
+        256,
+        136,
+        4,
+        "iq4_nl",
+    )
     assert t.row_size(256) == 140
     assert row_size("q8_KV", 4096) == 8 + 4096
     assert TYPES_BY_NAME["q4_K"].bpw == 4.5
@@ -197,10 +210,23 @@ ALL_80 = (
 ).split()
 
 PRESET_ONLY = {
-    "iq2_m": "iq2_s", "iq2_m_r4": "iq2_s_r4", "iq3_xs": "iq3_s", "iq3_m": "iq3_s",
-    "iq3_kl": "iq3_k", "q2_k_s": "q2_K", "q3_k_s": "q3_K", "q3_k_m": "q3_K", "q3_k_l": "q3_K",
-    "q4_k_s": "q4_K", "q4_k_m": "q4_K", "q5_k_s": "q5_K", "q5_k_m": "q5_K",
-    "q4_0_4_4": "q4_0_4x4", "q4_0_4_8": "q4_0_4x8", "q4_0_8_8": "q4_0_8x8", "q8_kv_r8": "q8_KV_r8",
+    "iq2_m": "iq2_s",
+    "iq2_m_r4": "iq2_s_r4",
+    "iq3_xs": "iq3_s",
+    "iq3_m": "iq3_s",
+    "iq3_kl": "iq3_k",
+    "q2_k_s": "q2_K",
+    "q3_k_s": "q3_K",
+    "q3_k_m": "q3_K",
+    "q3_k_l": "q3_K",
+    "q4_k_s": "q4_K",
+    "q4_k_m": "q4_K",
+    "q5_k_s": "q5_K",
+    "q5_k_m": "q5_K",
+    "q4_0_4_4": "q4_0_4x4",
+    "q4_0_4_8": "q4_0_4x8",
+    "q4_0_8_8": "q4_0_8x8",
+    "q8_kv_r8": "q8_KV_r8",
 }
 
 
@@ -315,7 +341,9 @@ def test_predict_written_type(req: str, ne0: int, ne1: int, written: str) -> Non
 
 
 def test_predict_reason_text() -> None:
-    t, reason = predict_written_type(TYPES_BY_NAME["q4_K"], 576, 192, tensor_name="blk.0.attn_v.weight")
+    t, reason = predict_written_type(
+        TYPES_BY_NAME["q4_K"], 576, 192, tensor_name="blk.0.attn_v.weight"
+    )
     assert t.name == "q5_0"
     for part in ("576", "256", "q4_K", "q5_0", "blk.0.attn_v.weight"):
         assert part in reason
@@ -342,8 +370,20 @@ def test_predict_unsupported() -> None:
 
 
 def test_needs_imatrix() -> None:
-    yes = ["iq2_xxs", "iq2_xs", "iq1_s", "iq2_s", "iq1_m", "iq1_kt", "iq2_kt",
-           "iq2_xxs_r4", "iq2_xs_r4", "iq2_s_r4", "iq1_s_r4", "iq1_m_r4"]
+    yes = [
+        "iq2_xxs",
+        "iq2_xs",
+        "iq1_s",
+        "iq2_s",
+        "iq1_m",
+        "iq1_kt",
+        "iq2_kt",
+        "iq2_xxs_r4",
+        "iq2_xs_r4",
+        "iq2_s_r4",
+        "iq1_s_r4",
+        "iq1_m_r4",
+    ]
     for n in yes:
         assert needs_imatrix(TYPES_BY_NAME[n]), n
     assert {t.name for t in GGML_TYPES if needs_imatrix(t)} == set(yes)

@@ -37,27 +37,41 @@ never_matches=q5_0
 .*=bf16
 """
 
-TENSORS = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.1.attn_q.weight",
-           "blk.0.ffn_down.weight", "blk.0.ffn_up.weight", "token_embd.weight"]
+TENSORS = [
+    "blk.0.attn_q.weight",
+    "blk.0.attn_k.weight",
+    "blk.1.attn_q.weight",
+    "blk.0.ffn_down.weight",
+    "blk.0.ffn_up.weight",
+    "token_embd.weight",
+]
 
 
 def test_first_match_wins_comments_and_user_spelling():
     recipe = parse_recipe(RECIPE.splitlines(), "mix.recipe")
     warnings: list[str] = []
     got = {t: q.name for t, q in apply_recipe(recipe, TENSORS, warn=warnings.append).items()}
-    assert got == {"blk.0.attn_q.weight": "q8_0", "blk.0.attn_k.weight": "q4_K",
-                   "blk.1.attn_q.weight": "q4_K", "blk.0.ffn_down.weight": "iq4_ks",
-                   "blk.0.ffn_up.weight": "q6_K", "token_embd.weight": "bf16"}
+    assert got == {
+        "blk.0.attn_q.weight": "q8_0",
+        "blk.0.attn_k.weight": "q4_K",
+        "blk.1.attn_q.weight": "q4_K",
+        "blk.0.ffn_down.weight": "iq4_ks",
+        "blk.0.ffn_up.weight": "q6_K",
+        "token_embd.weight": "bf16",
+    }
     assert recipe.name == "mix"
     assert len(warnings) == 1 and "never_matches=q5_0" in warnings[0] and "line 9" in warnings[0]
 
 
-@pytest.mark.parametrize("line, says", [
-    ("attn_q=iq2-kt", "iq2_kt"),          # unknown qtype: the closest valid name
-    ("attn_q=q4_k_m", "preset"),          # a preset is not one type
-    ("attn_q", "not 'regex=qtype'"),
-    ("(attn=q4_0", "invalid regex"),
-])
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ("attn_q=iq2-kt", "iq2_kt"),  # unknown qtype: the closest valid name
+        ("attn_q=q4_k_m", "preset"),  # a preset is not one type
+        ("attn_q", "not 'regex=qtype'"),
+        ("(attn=q4_0", "invalid regex"),
+    ],
+)
 def test_bad_lines_name_the_line(line, says):
     with pytest.raises(RecipeError) as err:
         parse_recipe(["# header", line], "bad.recipe")
@@ -70,8 +84,11 @@ def test_read_recipe_missing_file(tmp_path):
 
 
 def test_format_recipe_reads_back():
-    assignment = {"blk.10.attn_q.weight": "q4_0", "blk.2.attn_q.weight": "q8_0",
-                  "output_norm.weight": "f32"}
+    assignment = {
+        "blk.10.attn_q.weight": "q4_0",
+        "blk.2.attn_q.weight": "q8_0",
+        "output_norm.weight": "f32",
+    }
     text = format_recipe(assignment, ["budget: 1GiB"])
     assert text.startswith("# budget: 1GiB\n")
     back = apply_recipe(parse_recipe(text.splitlines(), "x.recipe"), list(assignment))
@@ -80,8 +97,10 @@ def test_format_recipe_reads_back():
     assert apply_recipe(parse_recipe(text.splitlines(), "x"), ["blk.1.attn_q.weight"]) == {}
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("4bpw", 500), ("1000", 1000), ("1KiB", 1024), ("2.5kb", 2500), ("1GiB", 2**30)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("4bpw", 500), ("1000", 1000), ("1KiB", 1024), ("2.5kb", 2500), ("1GiB", 2**30)],
+)
 def test_parse_budget(text, expected):
     assert parse_budget(text, 1000) == expected
 
@@ -145,10 +164,27 @@ def _fake_results(header, path: Path) -> Path:
     names = [t.name for t in header.tensors if is_quantizable_tensor(t.name, t.n_dims)]
     for i, name in enumerate(names):
         for q, k in zip(QTYPES, (0.02, 0.006, 0.0002), strict=True):
-            rows.append({"tensor": name, "qtype": q, "written_type": q, "status": "passed",
-                         "model_sha256": "ab" * 32, "mean_kld": k * (i + 1), "members": name})
-    rows.append({"tensor": "group0", "qtype": "q4_0", "status": "passed", "mean_kld": 1.0,
-                 "members": ",".join(names), "model_sha256": "ab" * 32})
+            rows.append(
+                {
+                    "tensor": name,
+                    "qtype": q,
+                    "written_type": q,
+                    "status": "passed",
+                    "model_sha256": "ab" * 32,
+                    "mean_kld": k * (i + 1),
+                    "members": name,
+                }
+            )
+    rows.append(
+        {
+            "tensor": "group0",
+            "qtype": "q4_0",
+            "status": "passed",
+            "mean_kld": 1.0,
+            "members": ",".join(names),
+            "model_sha256": "ab" * 32,
+        }
+    )
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
 
@@ -177,8 +213,9 @@ def test_infeasible_budget_is_exit_4_naming_smallest_size(synth_model, tmp_path,
 
     results = _fake_results(read_model_header(synth_model), tmp_path / "results.csv")
     out = tmp_path / "x.recipe"
-    rc = main(["recipe", str(results), "--model", str(synth_model), "--budget", "1bpw",
-               "-o", str(out)])
+    rc = main(
+        ["recipe", str(results), "--model", str(synth_model), "--budget", "1bpw", "-o", str(out)]
+    )
     err = capsys.readouterr().err
     assert rc == 4 and "smallest feasible size" in err and "bpw" in err
     assert not out.exists()
@@ -195,8 +232,23 @@ def test_predicted_size_equals_llama_quantize_file(synth_model, tmp_path):
     header = read_model_header(synth_model)
     results = _fake_results(header, tmp_path / "results.csv")
     out = tmp_path / "mix.recipe"
-    assert main(["recipe", str(results), "--model", str(synth_model), "--budget", "5.5bpw",
-                 "--fixed", "token_embd=q8_0", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "recipe",
+                str(results),
+                "--model",
+                str(synth_model),
+                "--budget",
+                "5.5bpw",
+                "--fixed",
+                "token_embd=q8_0",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     predicted = int(text.split("predicted size: ")[1].split(" bytes")[0])
     assert "budget: 5.5bpw" in text and "input sha256" in text

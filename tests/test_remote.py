@@ -16,7 +16,10 @@ def _hosts(root: Path) -> list[str]:
     args = []
     for name in ("hostA", "hostB"):
         (root / name).mkdir(exist_ok=True)
-        args += ["--tx", f"popen//chdir={root / name}//env:QUANTBENCH_CACHE_DIR={root / name}/cache"]
+        args += [
+            "--tx",
+            f"popen//chdir={root / name}//env:QUANTBENCH_CACHE_DIR={root / name}/cache",
+        ]
     return [*args, "--dist=load"]
 
 
@@ -24,12 +27,17 @@ def _hosts(root: Path) -> list[str]:
 def two_host_args(pytester, qb_args, monkeypatch):
     """Options of a run over two simulated hosts; the controller has a cache of its own."""
     monkeypatch.setenv("QUANTBENCH_CACHE_DIR", str(pytester.path / "controller-cache"))
-    return [*without(qb_args, "--quantbench-cache-dir"), "--quantbench-qtypes=q4_0",
-            "--quantbench-tensors", r"blk\.[01]\.(attn_[qkv]|ffn_up)"]
+    return [
+        *without(qb_args, "--quantbench-cache-dir"),
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-tensors",
+        r"blk\.[01]\.(attn_[qkv]|ffn_up)",
+    ]
 
 
 def test_two_hosts_give_the_single_run_tables_and_only_the_controller_stores(
-        pytester, two_host_args):
+    pytester, two_host_args
+):
     root = pytester.path
     single = pytester.runpytest_subprocess(*two_host_args, "--quantbench-output=single")
     single.assert_outcomes(passed=8)
@@ -41,7 +49,9 @@ def test_two_hosts_give_the_single_run_tables_and_only_the_controller_stores(
         assert list((root / host).rglob("results-store.sqlite*")) == []
         assert len(list((root / host / "cache" / "baselines").glob("*.kld"))) == 1
     assert not (root / "controller-cache" / "baselines").exists()  # the controller measures nothing
-    again = pytester.runpytest_subprocess(*two_host_args, *_hosts(root), "--quantbench-output=multi")
+    again = pytester.runpytest_subprocess(
+        *two_host_args, *_hosts(root), "--quantbench-output=multi"
+    )
     again.assert_outcomes(passed=8)  # the controller hands the stored rows to the workers
     again.stdout.fnmatch_lines(["8 item(s) reused from the results store*"])
 
@@ -94,8 +104,10 @@ def test_fault_files_are_kept_only_by_workers_on_this_machine(tmp_path):
     from pytest_quantbench.faults import WORKERINPUT_KEY, CrashReporter
 
     reporter = CrashReporter(SimpleNamespace(cache_dir=tmp_path, units=[]))
-    nodes = {spec: SimpleNamespace(gateway=SimpleNamespace(spec=execnet.XSpec(spec)), workerinput={})
-             for spec in ("ssh=gpu1//python=/venv/bin/python", f"popen//chdir={tmp_path}")}
+    nodes = {
+        spec: SimpleNamespace(gateway=SimpleNamespace(spec=execnet.XSpec(spec)), workerinput={})
+        for spec in ("ssh=gpu1//python=/venv/bin/python", f"popen//chdir={tmp_path}")
+    }
     for node in nodes.values():
         reporter.pytest_configure_node(node)
     assert [WORKERINPUT_KEY in n.workerinput for n in nodes.values()] == [False, True]
@@ -130,19 +142,22 @@ def ssh_host(tmp_path_factory):
         Path("/run/sshd").mkdir(mode=0o755)  # sshd's privilege separation directory
     d = tmp_path_factory.mktemp("sshd")
     for key in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
-                       check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
+        )
     (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
     port = _free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n"
         f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nStrictModes no\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        "PermitRootLogin prohibit-password\n")
+        "PermitRootLogin prohibit-password\n"
+    )
     (d / "ssh_config").write_text(
         f"Host qbhost\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
         f"  IdentityFile {d}/user_key\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
-        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
+        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
+    )
     with open(d / "sshd.log", "w") as log:  # the child keeps its own descriptor
         sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
     try:
@@ -169,16 +184,22 @@ def test_an_ssh_host_gives_the_single_run_tables(pytester, two_host_args, ssh_ho
     config, host = ssh_host
     root = pytester.path
     wrapper = root / "remote-python"
-    wrapper.write_text(f"#!/bin/sh\nexport PYTHONPATH={os.environ.get('PYTHONPATH', '')}\n"
-                       f"exec {sys.executable} \"$@\"\n")
+    wrapper.write_text(
+        f"#!/bin/sh\nexport PYTHONPATH={os.environ.get('PYTHONPATH', '')}\n"
+        f'exec {sys.executable} "$@"\n'
+    )
     wrapper.chmod(0o755)
     (root / "sshhost").mkdir()
-    spec = (f"ssh={host}//ssh_config={config}//python={wrapper}//chdir={root / 'sshhost'}"
-            f"//env:QUANTBENCH_CACHE_DIR={root / 'sshhost'}/cache")
-    pytester.runpytest_subprocess(*two_host_args, "--quantbench-output=single") \
-        .assert_outcomes(passed=8)
-    run = pytester.runpytest_subprocess(*two_host_args, "--tx", spec, "--tx", spec,
-                                        "--dist=load", "--quantbench-output=multi")
+    spec = (
+        f"ssh={host}//ssh_config={config}//python={wrapper}//chdir={root / 'sshhost'}"
+        f"//env:QUANTBENCH_CACHE_DIR={root / 'sshhost'}/cache"
+    )
+    pytester.runpytest_subprocess(*two_host_args, "--quantbench-output=single").assert_outcomes(
+        passed=8
+    )
+    run = pytester.runpytest_subprocess(
+        *two_host_args, "--tx", spec, "--tx", spec, "--dist=load", "--quantbench-output=multi"
+    )
     run.assert_outcomes(passed=8)
     assert _tables(root / "multi") == _tables(root / "single")
     assert list((root / "sshhost").rglob("results-store.sqlite*")) == []

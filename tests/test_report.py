@@ -27,18 +27,37 @@ from pytest_quantbench.report import (
 
 def row(tensor, qtype, status="passed", written=None, **metrics):
     written_type = qtype if written is None else written
-    return {"tensor": tensor, "qtype": qtype, "written_type": written_type, "status": status,
-            **metrics}
+    return {
+        "tensor": tensor,
+        "qtype": qtype,
+        "written_type": written_type,
+        "status": status,
+        **metrics,
+    }
 
 
 ROWS = [
-    row("blk.10.attn_q.weight", "q4_0", mean_kld=0.0123456789, mean_kld_err=0.000456,
-        ppl_q=7.3125, ppl_ratio=1.0312, ppl_ratio_err=0.0041, same_top_p=93.4567,
-        same_top_p_err=0.1234),
-    row("blk.2.attn_q.weight", "q4_0", status="failed", mean_kld=0.2, ppl_q=8.0,
-        ppl_ratio=1.1, same_top_p=88.0),
-    row("blk.0.attn_q.weight", "iq2_k", mean_kld=0.5, ppl_q=9.25, ppl_ratio=1.28,
-        same_top_p=80.0),
+    row(
+        "blk.10.attn_q.weight",
+        "q4_0",
+        mean_kld=0.0123456789,
+        mean_kld_err=0.000456,
+        ppl_q=7.3125,
+        ppl_ratio=1.0312,
+        ppl_ratio_err=0.0041,
+        same_top_p=93.4567,
+        same_top_p_err=0.1234,
+    ),
+    row(
+        "blk.2.attn_q.weight",
+        "q4_0",
+        status="failed",
+        mean_kld=0.2,
+        ppl_q=8.0,
+        ppl_ratio=1.1,
+        same_top_p=88.0,
+    ),
+    row("blk.0.attn_q.weight", "iq2_k", mean_kld=0.5, ppl_q=9.25, ppl_ratio=1.28, same_top_p=80.0),
     row("token_embd.weight", "iq2_k", status="error", written="", reason="engine crashed, rc=-11"),
 ]
 
@@ -118,19 +137,18 @@ def test_suite_tables(tmp_path):
     out = tmp_path / "reports" / "run1"
     paths = write_suite_tables(ROWS, out, qtypes=["q8_0"])
     assert [p.name for p in paths] == [
-        "kld_results.csv", "ppl_results.csv", "topp_results.csv", "results.csv"
+        "kld_results.csv",
+        "ppl_results.csv",
+        "topp_results.csv",
+        "results.csv",
     ]
     header = KLD_CSV.split(b"\n")[0] + b"\n"
     assert (out / "kld_results.csv").read_bytes() == KLD_CSV + b"q8_0,404,404,404,404\n"
     assert (out / "ppl_results.csv").read_bytes() == header + (
-        b"iq2_k,9.250000,404,404,404\n"
-        b"q4_0,404,8.000000,7.312500,404\n"
-        b"q8_0,404,404,404,404\n"
+        b"iq2_k,9.250000,404,404,404\nq4_0,404,8.000000,7.312500,404\nq8_0,404,404,404,404\n"
     )
     assert (out / "topp_results.csv").read_bytes() == header + (
-        b"iq2_k,80.000,404,404,404\n"
-        b"q4_0,404,88.000,93.457,404\n"
-        b"q8_0,404,404,404,404\n"
+        b"iq2_k,80.000,404,404,404\nq4_0,404,88.000,93.457,404\nq8_0,404,404,404,404\n"
     )
     assert sorted(os.listdir(out)) == sorted(p.name for p in paths)  # no temp files
 
@@ -159,7 +177,9 @@ def test_metric_keys_are_the_kldstats_fields():
 
 def test_check_csv_metrics_keeps_order_drops_duplicates_and_suite_tables():
     assert check_csv_metrics(["kld_p99", "rms_dp", "mean_kld", "kld_p99", "ppl_q_err"]) == (
-        "kld_p99", "rms_dp", "ppl_q_err"
+        "kld_p99",
+        "rms_dp",
+        "ppl_q_err",
     )
     assert check_csv_metrics([]) == ()
     every = check_csv_metrics(["n_tokens", "all"])
@@ -178,16 +198,32 @@ def test_check_csv_metrics_unknown_name_lists_the_valid_ones():
 
 def test_extra_metric_tables_use_llama_perplexity_decimals(tmp_path):
     rows = [
-        row("blk.10.attn_q.weight", "q4_0", mean_kld=0.1, kld_p99=0.0338074, cor_ln_ppl=99.8449,
-            n_tokens=252, rms_dp_err=0.17549),
+        row(
+            "blk.10.attn_q.weight",
+            "q4_0",
+            mean_kld=0.1,
+            kld_p99=0.0338074,
+            cor_ln_ppl=99.8449,
+            n_tokens=252,
+            rms_dp_err=0.17549,
+        ),
         row("blk.2.attn_q.weight", "q4_0", kld_p99=float("nan")),
     ]
-    paths = write_suite_tables(rows, tmp_path, qtypes=["q8_0"],
-                               metrics=["kld_p99", "cor_ln_ppl", "mean_kld", "n_tokens",
-                                        "rms_dp_err"])
+    paths = write_suite_tables(
+        rows,
+        tmp_path,
+        qtypes=["q8_0"],
+        metrics=["kld_p99", "cor_ln_ppl", "mean_kld", "n_tokens", "rms_dp_err"],
+    )
     assert [p.name for p in paths] == [
-        "kld_results.csv", "ppl_results.csv", "topp_results.csv", "kld_p99_results.csv",
-        "cor_ln_ppl_results.csv", "n_tokens_results.csv", "rms_dp_err_results.csv", "results.csv",
+        "kld_results.csv",
+        "ppl_results.csv",
+        "topp_results.csv",
+        "kld_p99_results.csv",
+        "cor_ln_ppl_results.csv",
+        "n_tokens_results.csv",
+        "rms_dp_err_results.csv",
+        "results.csv",
     ]
     header = b"QTYPE,blk.2.attn_q.weight,blk.10.attn_q.weight\n"
     assert (tmp_path / "kld_p99_results.csv").read_bytes() == header + (
@@ -218,17 +254,17 @@ def test_ppl_percent_against_given_baseline(tmp_path):
     write_suite_tables(ROWS, tmp_path, qtypes=["q8_0"], ppl_percent=True, baseline_ppl=8.0)
     # (7.3125-8)/8 = -8.59375 %; 9.25 gives exactly +15.625 %, printed as C does (+15.62).
     assert (tmp_path / "ppl_results.csv").read_bytes() == PPL_HEADER + (
-        b"iq2_k,+15.62%,404%,404%,404%\n"
-        b"q4_0,404%,+0.00%,-8.59%,404%\n"
-        b"q8_0,404%,404%,404%,404%\n"
+        b"iq2_k,+15.62%,404%,404%,404%\nq4_0,404%,+0.00%,-8.59%,404%\nq8_0,404%,404%,404%,404%\n"
     )
     # KLD is never converted.
     assert (tmp_path / "kld_results.csv").read_bytes() == KLD_CSV + b"q8_0,404,404,404,404\n"
 
 
 def test_ppl_percent_uses_printed_value_and_rows_baseline_by_default(tmp_path):
-    rows = [row("a", "q4_0", ppl_q=0.0010004999, ppl_base=0.001),
-            row("b", "q4_0", ppl_q=0.0009, ppl_base=0.001)]
+    rows = [
+        row("a", "q4_0", ppl_q=0.0010004999, ppl_base=0.001),
+        row("b", "q4_0", ppl_q=0.0009, ppl_base=0.001),
+    ]
     write_suite_tables(rows, tmp_path, ppl_percent=True)
     # a is read as printed, 0.001000 (+0.00 %), as the collector reads the log; the
     # unrounded value would give +0.05 %.
@@ -239,8 +275,7 @@ def test_ppl_percent_uses_printed_value_and_rows_baseline_by_default(tmp_path):
 def test_ppl_percent_without_usable_baseline_is_404_percent(tmp_path, baseline, rows):
     write_suite_tables(rows, tmp_path, ppl_percent=True, baseline_ppl=baseline)
     assert (tmp_path / "ppl_results.csv").read_bytes() == PPL_HEADER + (
-        b"iq2_k,404%,404%,404%,404%\n"
-        b"q4_0,404%,404%,404%,404%\n"
+        b"iq2_k,404%,404%,404%,404%\nq4_0,404%,404%,404%,404%\n"
     )
 
 
@@ -253,8 +288,9 @@ def test_bad_baseline_ppl(tmp_path, baseline):
 
 def test_baseline_row_gets_baseline_ppl_and_zero_kld(tmp_path):
     rows = [*ROWS, row("blk.0.attn_q.weight", "bf16", mean_kld=0.0000004, ppl_q=8.0000001)]
-    write_suite_tables(rows, tmp_path, qtypes=["bf16", "q8_0"], baseline_qtype="bf16",
-                       baseline_ppl=8.0)
+    write_suite_tables(
+        rows, tmp_path, qtypes=["bf16", "q8_0"], baseline_qtype="bf16", baseline_ppl=8.0
+    )
     assert (tmp_path / "kld_results.csv").read_bytes() == PPL_HEADER + (
         b"bf16,0,0,0,0\n"
         b"iq2_k,0.500000,404,404,404\n"
@@ -282,12 +318,17 @@ def test_baseline_ppl_option_is_a_finite_float():
     assert _convert(opt, "8.125", "CLI", Path(".")) == 8.125
     assert _convert(opt, 8, "ini", Path(".")) == 8.0
     for bad in ("nan", "x", "-1", True):
-        with pytest.raises(ConfigError, match=r"--quantbench-baseline-ppl \(from CLI\): .* is "
-                                              r"not a finite number >= 0"):
+        with pytest.raises(
+            ConfigError,
+            match=r"--quantbench-baseline-ppl \(from CLI\): .* is "
+            r"not a finite number >= 0",
+        ):
             _convert(opt, bad, "CLI", Path("."))
     metrics = BY_DEST["quantbench_csv_metrics"]
     assert _convert(metrics, ["kld_p99,rms_dp", "n_tokens"], "CLI", Path(".")) == (
-        "kld_p99", "rms_dp", "n_tokens"
+        "kld_p99",
+        "rms_dp",
+        "n_tokens",
     )
 
 
@@ -296,8 +337,15 @@ def test_baseline_ppl_option_is_a_finite_float():
 
 def test_results_csv_columns_and_full_precision(tmp_path):
     rows = [
-        {**ROWS[0], "model_sha256": "ab" * 32, "n_ctx": 512, "chunks": 4, "engine": "ik@abc",
-         "nodeid": "tests/q.py::x[blk.10.attn_q.weight-q4_0]", "zz_extra": "e"},
+        {
+            **ROWS[0],
+            "model_sha256": "ab" * 32,
+            "n_ctx": 512,
+            "chunks": 4,
+            "engine": "ik@abc",
+            "nodeid": "tests/q.py::x[blk.10.attn_q.weight-q4_0]",
+            "zz_extra": "e",
+        },
         ROWS[3],
         ROWS[1],
     ]
@@ -308,7 +356,9 @@ def test_results_csv_columns_and_full_precision(tmp_path):
     assert list(records[0]) == list(report.RESULT_COLUMNS)  # zz_extra is not a column
     assert records[0]["fallback"] == "False" and records[0]["reused"] == "False"
     assert [r["tensor"] for r in records] == [
-        "blk.2.attn_q.weight", "blk.10.attn_q.weight", "token_embd.weight"
+        "blk.2.attn_q.weight",
+        "blk.10.attn_q.weight",
+        "token_embd.weight",
     ]
     r10 = records[1]
     assert r10["mean_kld"] == "0.0123456789"
@@ -321,12 +371,19 @@ def test_results_csv_columns_and_full_precision(tmp_path):
 
 def test_comparison_columns_fixed_then_a_fail_rules_metric():
     assert comparison_columns(["mean_kld", "kld_p99", "mean_kld"]) == (
-        "ref_mean_kld", "delta_mean_kld", "ref_kld_p99", "delta_kld_p99")
+        "ref_mean_kld",
+        "delta_mean_kld",
+        "ref_kld_p99",
+        "delta_kld_p99",
+    )
     row = {"tensor": "t", "ref_kld_p99": 1.0, "delta_kld_p99": 0.5, "ref_mean_kld": 0.1}
     columns = tidy_columns([row])
     fixed = list(comparison_columns())
-    assert columns[columns.index(fixed[0]):][:len(fixed) + 2] == [
-        *fixed, "ref_kld_p99", "delta_kld_p99"]
+    assert columns[columns.index(fixed[0]) :][: len(fixed) + 2] == [
+        *fixed,
+        "ref_kld_p99",
+        "delta_kld_p99",
+    ]
     assert "ref_kld_p99" not in tidy_columns([])
 
 
@@ -339,8 +396,9 @@ def test_tidy_columns_are_stable_without_extra_keys():
 def test_results_csv_header_is_the_fixed_list_whatever_the_rows_hold(tmp_path):
     """Issue 11 item 6: keys that only some runs have (fallback, reused) do not move columns."""
     report.write_tidy_csv([ROWS[3]], tmp_path / "a.csv")
-    report.write_tidy_csv([{**ROWS[0], "fallback": True, "reused": True, "zz": 1}],
-                          tmp_path / "b.csv")
+    report.write_tidy_csv(
+        [{**ROWS[0], "fallback": True, "reused": True, "zz": 1}], tmp_path / "b.csv"
+    )
     headers = [(tmp_path / n).read_text().splitlines()[0] for n in ("a.csv", "b.csv")]
     assert headers[0] == headers[1] == ",".join(report.RESULT_COLUMNS)
     assert len(set(report.RESULT_COLUMNS)) == len(report.RESULT_COLUMNS)
@@ -349,8 +407,9 @@ def test_results_csv_header_is_the_fixed_list_whatever_the_rows_hold(tmp_path):
 
 def test_tidy_numpy_values_are_plain_numbers(tmp_path):
     np = pytest.importorskip("numpy")
-    rows = [row("a", "q", mean_kld=np.float64(0.1), n_tokens=np.int64(2048),
-                max_kld=np.float32(0.1))]
+    rows = [
+        row("a", "q", mean_kld=np.float64(0.1), n_tokens=np.int64(2048), max_kld=np.float32(0.1))
+    ]
     report.write_tidy_csv(rows, tmp_path / "r.csv")
     (record,) = csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text()))
     assert record["mean_kld"] == "0.1"
@@ -425,7 +484,9 @@ def test_suite_tables_failure_names_the_file(tmp_path):
 
 def test_worst_items_by_kld_skips_unmeasured():
     assert [r["tensor"] for r in worst_items(ROWS, 10)] == [
-        "blk.0.attn_q.weight", "blk.2.attn_q.weight", "blk.10.attn_q.weight"
+        "blk.0.attn_q.weight",
+        "blk.2.attn_q.weight",
+        "blk.10.attn_q.weight",
     ]
     assert [r["tensor"] for r in worst_items(ROWS, 1)] == ["blk.0.attn_q.weight"]
     assert worst_items(ROWS, 0) == []
@@ -455,11 +516,12 @@ def test_format_summary_lines():
 
 
 def test_format_summary_marks_failed_errored_and_impure_rows():
-    rows = [row("blk.0.attn_q.weight", "q4_0", "failed", mean_kld=0.3),
-            row("blk.1.attn_q.weight", "q4_K", "passed", written="q5_0", mean_kld=0.2,
-                fallback=True),
-            row("blk.2.attn_q.weight", "q4_0", "error", mean_kld=0.1),
-            row("blk.3.attn_q.weight", "q4_0", "passed", mean_kld=0.05)]
+    rows = [
+        row("blk.0.attn_q.weight", "q4_0", "failed", mean_kld=0.3),
+        row("blk.1.attn_q.weight", "q4_K", "passed", written="q5_0", mean_kld=0.2, fallback=True),
+        row("blk.2.attn_q.weight", "q4_0", "error", mean_kld=0.1),
+        row("blk.3.attn_q.weight", "q4_0", "passed", mean_kld=0.05),
+    ]
     lines = format_summary(rows, 10)
     assert lines[1].endswith("FAIL") and "blk.0" in lines[1]
     assert "q5_0 (impure)" in lines[2] and not lines[2].endswith(("FAIL", "ERROR"))

@@ -27,13 +27,22 @@ def pytest_sessionstart(session):
 
 
 def _header(pytester) -> list[str]:
-    return (pytester.path / "quantbench-results" / "results.csv").read_text().splitlines()[0] \
+    return (
+        (pytester.path / "quantbench-results" / "results.csv")
+        .read_text()
+        .splitlines()[0]
         .split(",")
+    )
 
 
 def test_results_csv_has_the_same_documented_columns_in_every_run(pytester, qb_args):
-    args = [*qb_args, "--quantbench-qtypes=q8_0", "--quantbench-tensors", r"blk\.0\.attn_q",
-            "--junitxml=report.xml"]
+    args = [
+        *qb_args,
+        "--quantbench-qtypes=q8_0",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_q",
+        "--junitxml=report.xml",
+    ]
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
     first = _header(pytester)
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)  # reused: adds "reused"
@@ -50,27 +59,45 @@ def test_under_xdist_a_failure_keeps_its_own_reason_and_numpy_values_travel(pyte
     pytester.makeconftest(NUMPY_ROW_CONFTEST)
     pytester.makefile(".yaml", thresholds=ATTN_V_FAILS)
     result = pytester.runpytest_subprocess(
-        *qb_args, "--quantbench-qtypes=q8_0", "--quantbench-tensors", r"blk\.0\.attn_(q|v)",
-        "--quantbench-thresholds=thresholds.yaml", "-n", "2", "--junitxml=report.xml")
+        *qb_args,
+        "--quantbench-qtypes=q8_0",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_(q|v)",
+        "--quantbench-thresholds=thresholds.yaml",
+        "-n",
+        "2",
+        "--junitxml=report.xml",
+    )
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     result.assert_outcomes(passed=1, failed=1)
     tidy = results(pytester).set_index("tensor")
     reason = tidy.loc["blk.0.attn_v.weight", "reason"]
     assert reason.startswith("mean KLD ") and "> max_kld 1e-12 (rule 1 (tensor='attn_v')" in reason
     assert "[gw" not in reason and "thresholds.yaml)" in reason  # whole: the rule's file too
-    values = [p.get("value") for p in ET.parse(pytester.path / "report.xml").getroot()
-              .iter("property") if p.get("name") == "zz_numpy"]
+    values = [
+        p.get("value")
+        for p in ET.parse(pytester.path / "report.xml").getroot().iter("property")
+        if p.get("name") == "zz_numpy"
+    ]
     assert values == ["0.25", "0.25"]
 
 
 def test_summary_marks_a_regressed_item_fail(pytester, qb_args):
     pytester.makefile(".yaml", thresholds=ATTN_V_FAILS)
     result = pytester.runpytest_subprocess(
-        *qb_args, "--quantbench-qtypes=q8_0", "--quantbench-tensors", r"blk\.0\.attn_(q|v)",
-        "--quantbench-thresholds=thresholds.yaml")
+        *qb_args,
+        "--quantbench-qtypes=q8_0",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_(q|v)",
+        "--quantbench-thresholds=thresholds.yaml",
+    )
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.re_match_lines([r"^ +1  blk\.0\.attn_v\.weight  q8_0 .* %  FAIL$",
-                                  r"^ +2  blk\.0\.attn_q\.weight  q8_0 .* %$"])
+    result.stdout.re_match_lines(
+        [
+            r"^ +1  blk\.0\.attn_v\.weight  q8_0 .* %  FAIL$",
+            r"^ +2  blk\.0\.attn_q\.weight  q8_0 .* %$",
+        ]
+    )
 
 
 def test_fallback_items_are_flagged_impure(pytester, tmp_path, synth_corpus):
@@ -78,16 +105,29 @@ def test_fallback_items_are_flagged_impure(pytester, tmp_path, synth_corpus):
     impure in the summary and has fallback True in results.csv."""
     from synthmodel import build_synthetic_model
 
-    model = build_synthetic_model(tmp_path / "narrow.gguf", n_layer=1, n_embd=64, n_ff=128,
-                                  n_head=2, n_head_kv=1)
+    model = build_synthetic_model(
+        tmp_path / "narrow.gguf", n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=1
+    )
     result = pytester.runpytest_subprocess(
-        f"--quantbench-model={model}", f"--quantbench-corpus={synth_corpus}",
-        "--quantbench-ctx=64", "--quantbench-chunks=1", f"--quantbench-cache-dir={tmp_path}",
-        "--quantbench-qtypes=q4_K", "--quantbench-tensors", r"blk\.0\.attn_q",
-        "--quantbench-allow-fallback", "-p", "no:randomly")
+        f"--quantbench-model={model}",
+        f"--quantbench-corpus={synth_corpus}",
+        "--quantbench-ctx=64",
+        "--quantbench-chunks=1",
+        f"--quantbench-cache-dir={tmp_path}",
+        "--quantbench-qtypes=q4_K",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_q",
+        "--quantbench-allow-fallback",
+        "-p",
+        "no:randomly",
+    )
     result.assert_outcomes(passed=1)
-    result.stdout.re_match_lines([r"^ +1  blk\.0\.attn_q\.weight  q4_K +q5_0 \(impure\) .*",
-                                  r".*1 item\(s\) measured under a fallback type \(impure.*"])
+    result.stdout.re_match_lines(
+        [
+            r"^ +1  blk\.0\.attn_q\.weight  q4_K +q5_0 \(impure\) .*",
+            r".*1 item\(s\) measured under a fallback type \(impure.*",
+        ]
+    )
     assert results(pytester)["fallback"].tolist() == [True]
 
 
@@ -131,8 +171,14 @@ def test_tables_are_rewritten_while_results_arrive(pytester, qb_args):
 def test_junit_testcases_carry_the_row_as_properties_in_both_families(pytester, qb_args, family):
     """README: the properties are there with pytest's default junit_family (xunit2) too."""
     pytester.runpytest_subprocess(
-        *qb_args, "--quantbench-qtypes=q8_0", "--quantbench-tensors", r"blk\.0\.attn_q",
-        "-o", f"junit_family={family}", "--junitxml=report.xml").assert_outcomes(passed=1)
+        *qb_args,
+        "--quantbench-qtypes=q8_0",
+        "--quantbench-tensors",
+        r"blk\.0\.attn_q",
+        "-o",
+        f"junit_family={family}",
+        "--junitxml=report.xml",
+    ).assert_outcomes(passed=1)
     (case,) = ET.parse(pytester.path / "report.xml").getroot().iter("testcase")
     props = {p.get("name"): p.get("value") for p in case.iter("property")}
     assert props["qtype"] == "q8_0" and float(props["mean_kld"]) < 1e-3
@@ -148,9 +194,18 @@ def test_builtin_turns_every_numpy_scalar_into_its_builtin():
     class Kind(enum.IntEnum):
         A = 3
 
-    cases = [(np.float64(0.25), 0.25), (np.float32(0.5), 0.5), (np.int64(7), 7),
-             (np.bool_(True), True), (np.array(1.5), 1.5), (Kind.A, 3), (None, None),
-             ("s", "s"), (np.str_("t"), "t"), (np.zeros(2), "[0. 0.]")]
+    cases = [
+        (np.float64(0.25), 0.25),
+        (np.float32(0.5), 0.5),
+        (np.int64(7), 7),
+        (np.bool_(True), True),
+        (np.array(1.5), 1.5),
+        (Kind.A, 3),
+        (None, None),
+        ("s", "s"),
+        (np.str_("t"), "t"),
+        (np.zeros(2), "[0. 0.]"),
+    ]
     for value, want in cases:
         got = _builtin(value)
         assert got == want and type(got) is type(want), (value, got)

@@ -54,15 +54,31 @@ def test_the_source_checks_see_the_whole_package():
 
 # ---- source checks --------------------------------------------------------------------------
 
-BANNED_CALLS = {"eval", "exec", "compile", "os.system", "os.popen", "pickle.load", "pickle.loads",
-                "marshal.loads", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all",
-                "builtins.eval", "__import__"}
+BANNED_CALLS = {
+    "eval",
+    "exec",
+    "compile",
+    "os.system",
+    "os.popen",
+    "pickle.load",
+    "pickle.loads",
+    "marshal.loads",
+    "yaml.unsafe_load",
+    "yaml.full_load",
+    "yaml.load_all",
+    "builtins.eval",
+    "__import__",
+}
 
 
 def code_execution_calls(paths) -> list[str]:
     """Calls that run or load code from data (eval, exec, os.system, pickle, unsafe YAML…)."""
-    return [f"{_where(p, call)} {name}()" for p in paths for name, call in _calls(p)
-            if name in BANNED_CALLS]
+    return [
+        f"{_where(p, call)} {name}()"
+        for p in paths
+        for name, call in _calls(p)
+        if name in BANNED_CALLS
+    ]
 
 
 def shell_calls(paths) -> list[str]:
@@ -71,8 +87,9 @@ def shell_calls(paths) -> list[str]:
     for path in paths:
         for name, call in _calls(path):
             for kw in call.keywords:
-                if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant)
-                                              and kw.value.value is False):
+                if kw.arg == "shell" and not (
+                    isinstance(kw.value, ast.Constant) and kw.value.value is False
+                ):
                     found.append(f"{_where(path, call)} {name}(shell=...)")
             if name.startswith("subprocess.") and call.args:
                 if isinstance(call.args[0], (ast.Constant, ast.JoinedStr, ast.BinOp)):
@@ -95,15 +112,21 @@ def unsafe_yaml_loads(paths) -> list[str]:
 
 def test_the_source_checks_find_what_they_look_for(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import os, subprocess, yaml\n"
-                   "eval(x)\nos.system('ls')\nsubprocess.run('ls -l', shell=True)\n"
-                   "subprocess.Popen(f'ls {x}')\nyaml.load(text)\n"
-                   "yaml.load(text, Loader=yaml.Loader)\nmodel.eval_chunk(x)  # eval( in a name\n")
+    bad.write_text(
+        "import os, subprocess, yaml\n"
+        "eval(x)\nos.system('ls')\nsubprocess.run('ls -l', shell=True)\n"
+        "subprocess.Popen(f'ls {x}')\nyaml.load(text)\n"
+        "yaml.load(text, Loader=yaml.Loader)\nmodel.eval_chunk(x)  # eval( in a name\n"
+    )
     assert [line.split(" ", 1)[1] for line in code_execution_calls([bad])] == [
-        "eval()", "os.system()"]
+        "eval()",
+        "os.system()",
+    ]
     assert [line.split(" ", 1)[1] for line in shell_calls([bad])] == [
-        "subprocess.run(shell=...)", "subprocess.run() with a string command",
-        "subprocess.Popen() with a string command"]
+        "subprocess.run(shell=...)",
+        "subprocess.run() with a string command",
+        "subprocess.Popen() with a string command",
+    ]
     assert len(unsafe_yaml_loads([bad])) == 2
 
 
@@ -126,6 +149,7 @@ def test_yaml_is_read_with_safe_loaders_only():
 
 # ---- regexes are data -----------------------------------------------------------------------
 
+
 def test_regexes_are_compiled_not_evaluated(tmp_path, monkeypatch):
     """Rule, group and threshold regexes that would create a file if run as Python do not."""
     from pytest_quantbench.selection import parse_rules, select_groups, select_tensors
@@ -142,12 +166,13 @@ def test_regexes_are_compiled_not_evaluated(tmp_path, monkeypatch):
     assert select_tensors(["open'PWNED','w'"], rules).tensors == ("open'PWNED','w'",)
     groups = select_groups([r"__import__\('os'\)|attn_q"], names)
     assert [g.members for g in groups] == [("blk.0.attn_q.weight",)]
-    (tmp_path / "limits.yaml").write_text(f"rules:\n  - tensor: \"{code}\"\n    max_kld: 1\n")
+    (tmp_path / "limits.yaml").write_text(f'rules:\n  - tensor: "{code}"\n    max_kld: 1\n')
     load_thresholds(tmp_path / "limits.yaml")
     assert not (tmp_path / "PWNED").exists()
 
 
 # ---- YAML is data ---------------------------------------------------------------------------
+
 
 def test_python_tags_in_the_config_file_are_refused(tmp_path, monkeypatch):
     from pytest_quantbench.config import ConfigError, load_yaml
@@ -162,7 +187,8 @@ def test_python_tags_in_the_config_file_are_refused(tmp_path, monkeypatch):
         "'tag:yaml.org,2002:python/object/apply:os.system'\n"
         '  in "<unicode string>", line 1, column 9:\n'
         "    qtypes: !!python/object/apply:os.system  ... \n"
-        "            ^")
+        "            ^"
+    )
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -171,20 +197,32 @@ def test_python_tags_in_the_thresholds_file_are_refused(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "limits.yaml"
-    path.write_text('rules:\n  - tensor: attn_v\n'
-                    '    max_kld: !!python/object/apply:os.system ["touch PWNED"]\n')
+    path.write_text(
+        'rules:\n  - tensor: attn_v\n    max_kld: !!python/object/apply:os.system ["touch PWNED"]\n'
+    )
     with pytest.raises(ThresholdsError) as info:
         load_thresholds(path)
     assert str(info.value) == (
         f"thresholds file {path} is not valid YAML: could not determine a constructor for the tag "
-        "'tag:yaml.org,2002:python/object/apply:os.system' at line 3, column 14; fix the syntax")
+        "'tag:yaml.org,2002:python/object/apply:os.system' at line 3, column 14; fix the syntax"
+    )
     assert not (tmp_path / "PWNED").exists()
 
 
 # ---- paths are resolved where they were written ---------------------------------------------
 
-PATH_KEYS = ("model", "corpus", "tensors_file", "imatrix", "output", "thresholds", "cache_dir",
-             "kld_base", "engine_lib", "logs")
+PATH_KEYS = (
+    "model",
+    "corpus",
+    "tensors_file",
+    "imatrix",
+    "output",
+    "thresholds",
+    "cache_dir",
+    "kld_base",
+    "engine_lib",
+    "logs",
+)
 
 
 def _build(tmp_path, *, cli=None, ini=None, config_file=None):
@@ -192,9 +230,14 @@ def _build(tmp_path, *, cli=None, ini=None, config_file=None):
 
     cli = {f"quantbench_{k}": v for k, v in (cli or {}).items()}
     ini = {f"quantbench_{k}": v for k, v in (ini or {}).items()}
-    return build_config(cli.get, ini.get, invocation_dir=tmp_path / "cwd",
-                        ini_dir=tmp_path / "inidir", config_file=config_file,
-                        default_config_file=None)
+    return build_config(
+        cli.get,
+        ini.get,
+        invocation_dir=tmp_path / "cwd",
+        ini_dir=tmp_path / "inidir",
+        config_file=config_file,
+        default_config_file=None,
+    )
 
 
 def test_paths_in_a_config_file_are_relative_to_that_file(tmp_path):
@@ -203,13 +246,17 @@ def test_paths_in_a_config_file_are_relative_to_that_file(tmp_path):
     config_file = sub / "quantbench.yaml"
     config_file.write_text("qtypes: q4_0\n" + "".join(f"{k}: data/{k}.x\n" for k in PATH_KEYS))
     config = _build(tmp_path, config_file=config_file)
-    assert {k: getattr(config, k) for k in PATH_KEYS} == {k: sub / "data" / f"{k}.x"
-                                                           for k in PATH_KEYS}
+    assert {k: getattr(config, k) for k in PATH_KEYS} == {
+        k: sub / "data" / f"{k}.x" for k in PATH_KEYS
+    }
 
 
 def test_ini_paths_are_relative_to_the_ini_file_and_cli_paths_to_the_invocation(tmp_path):
-    config = _build(tmp_path, cli={"qtypes": ["q4_0"], "model": "m.gguf"},
-                    ini={"corpus": "text/wiki.raw", "thresholds": "/abs/limits.yaml"})
+    config = _build(
+        tmp_path,
+        cli={"qtypes": ["q4_0"], "model": "m.gguf"},
+        ini={"corpus": "text/wiki.raw", "thresholds": "/abs/limits.yaml"},
+    )
     assert config.model == tmp_path / "cwd" / "m.gguf"
     assert config.corpus == tmp_path / "inidir" / "text" / "wiki.raw"
     assert config.thresholds == Path("/abs/limits.yaml")
@@ -224,11 +271,14 @@ def test_a_config_files_thresholds_are_found_beside_it_not_in_the_working_dir(py
     (configs / "quantbench.yaml").write_text("qtypes: q4_0\nthresholds: limits.yaml\n")
     result = pytester.runpytest_subprocess(*qb_args, "--quantbench-config=configs/quantbench.yaml")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert f"ERROR: rule 1 (tensor='attn_v') in {configs / 'limits.yaml'}: unknown key " \
-           "'max_kdl'; did you mean 'max_kld'?" in result.stderr.str()
+    assert (
+        f"ERROR: rule 1 (tensor='attn_v') in {configs / 'limits.yaml'}: unknown key "
+        "'max_kdl'; did you mean 'max_kld'?" in result.stderr.str()
+    )
 
 
 # ---- child processes get argument lists -----------------------------------------------------
+
 
 def test_shell_syntax_in_a_model_path_is_just_a_file_name(synth_model, tmp_path, monkeypatch):
     """llama-quantize runs on a model whose path is full of shell syntax: it reads that file and
@@ -246,7 +296,8 @@ def test_shell_syntax_in_a_model_path_is_just_a_file_name(synth_model, tmp_path,
     source = weird / "model 'x' \"y\" > PWNED4.gguf"
     shutil.copyfile(synth_model, source)
     dest = weird / "out; touch PWNED5.gguf"
-    run_llama_quantize(source, dest, {"blk.0.attn_q.weight": "q4_0"}, baseline_type="bf16",
-                       threads=1)
+    run_llama_quantize(
+        source, dest, {"blk.0.attn_q.weight": "q4_0"}, baseline_type="bf16", threads=1
+    )
     assert read_model_header(dest).tensor("blk.0.attn_q.weight").type_name == "q4_0"
     assert sorted(p.name for p in tmp_path.rglob("PWNED*")) == []

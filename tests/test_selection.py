@@ -240,7 +240,10 @@ def test_first_matching_rule_decides_and_locked_is_never_selected():
 
 def test_selection_is_sorted_naturally_and_deduplicated():
     names = [
-        "blk.10.attn_q.weight", "token_embd.weight", "blk.2.attn_q.weight", "blk.2.attn_q.weight"
+        "blk.10.attn_q.weight",
+        "token_embd.weight",
+        "blk.2.attn_q.weight",
+        "blk.2.attn_q.weight",
     ]
     sel = select_tensors(names, parse_rules([".*=q4_0"], "x"))
     assert sel.tensors == ("blk.2.attn_q.weight", "blk.10.attn_q.weight", "token_embd.weight")

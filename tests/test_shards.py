@@ -29,10 +29,14 @@ def test_parse_shard_forms_and_scheduler_environments():
     assert str(parse_shard("auto", env=slurm)) == "2/3"
     k8s = {"JOB_COMPLETION_INDEX": "0", "QUANTBENCH_SHARD_COUNT": "4"}
     assert str(parse_shard("auto", env=k8s)) == "1/4"
-    for bad, env, says in (("0/3", {}, "1 <= I <= N"), ("4/3", {}, "1 <= I <= N"),
-                           ("2", {}, "I/N"), ("auto", {}, "no scheduler index"),
-                           ("auto", {"JOB_COMPLETION_INDEX": "1"}, "QUANTBENCH_SHARD_COUNT"),
-                           ("auto", {**k8s, "JOB_COMPLETION_INDEX": "4"}, "outside 0..3")):
+    for bad, env, says in (
+        ("0/3", {}, "1 <= I <= N"),
+        ("4/3", {}, "1 <= I <= N"),
+        ("2", {}, "I/N"),
+        ("auto", {}, "no scheduler index"),
+        ("auto", {"JOB_COMPLETION_INDEX": "1"}, "QUANTBENCH_SHARD_COUNT"),
+        ("auto", {**k8s, "JOB_COMPLETION_INDEX": "4"}, "outside 0..3"),
+    ):
         with pytest.raises(ConfigError, match=says):
             parse_shard(bad, env=env)
 
@@ -46,12 +50,16 @@ def test_assign_shards_is_a_balanced_partition_independent_of_order():
     assert max(loads) - min(loads) <= max(costs)  # the LPT bound
     shuffled = list(reversed(range(40)))  # same items in another order: same shares
     again = assign_shards([ids[i] for i in shuffled], [costs[i] for i in shuffled], 3)
-    assert {ids[i]: s for i, s in zip(shuffled, again, strict=True)} == dict(zip(ids, shares, strict=True))
+    assert {ids[i]: s for i, s in zip(shuffled, again, strict=True)} == dict(
+        zip(ids, shares, strict=True)
+    )
 
 
 def _collected(pytester, args) -> list[str]:
     result = pytester.runpytest_subprocess("--collect-only", "-q", *args)
-    return [line.split("::", 1)[1] for line in result.stdout.lines if line.startswith("quantbench::")]
+    return [
+        line.split("::", 1)[1] for line in result.stdout.lines if line.startswith("quantbench::")
+    ]
 
 
 def _tables(out: Path) -> dict[str, str]:
@@ -64,8 +72,10 @@ def _tables(out: Path) -> dict[str, str]:
 
 def _store_rows(out: Path) -> dict[str, tuple[str, float]]:
     with sqlite3.connect(out / "results-store.sqlite") as conn:
-        return {k: (t, at) for k, t, at in
-                conn.execute("SELECT item_key, row_json, stored_at FROM results")}
+        return {
+            k: (t, at)
+            for k, t, at in conn.execute("SELECT item_key, row_json, stored_at FROM results")
+        }
 
 
 def test_three_shards_cover_every_item_once_and_merge_to_the_single_run(pytester, qb_args):
@@ -73,26 +83,45 @@ def test_three_shards_cover_every_item_once_and_merge_to_the_single_run(pytester
     everything = _collected(pytester, args)
     assert len(everything) == 14
     shards = [_collected(pytester, [*args, f"--quantbench-shard={i}/3"]) for i in (1, 2, 3)]
-    assert sorted(i for shard in shards for i in shard) == sorted(everything)  # each item in exactly one shard
+    assert sorted(i for shard in shards for i in shard) == sorted(
+        everything
+    )  # each item in exactly one shard
     assert all(shards)
     assert _collected(pytester, [*args, "--quantbench-shard=2/3"]) == shards[1]  # rerun
     pytester.runpytest_subprocess(*args, "--quantbench-output=single").assert_outcomes(passed=14)
     for i, n in ((1, "0"), (2, "2"), (3, "0")):  # shard 2 under xdist: the same share
-        run = pytester.runpytest_subprocess(*args, f"--quantbench-shard={i}/3",
-                                            f"--quantbench-output=shard{i}", "-n", n)
+        run = pytester.runpytest_subprocess(
+            *args, f"--quantbench-shard={i}/3", f"--quantbench-output=shard{i}", "-n", n
+        )
         run.assert_outcomes(passed=len(shards[i - 1]))
         tidy = pd.read_csv(pytester.path / f"shard{i}" / "results.csv")
-        assert sorted(f"{t}[{q}]" for t, q in zip(tidy["tensor"], tidy["qtype"], strict=True)) == \
-            sorted(shards[i - 1])
-    done = subprocess.run([sys.executable, "-m", "pytest_quantbench", "merge", "shard1", "shard2",
-                           "shard3", "--output", "merged"], check=False, cwd=pytester.path,
-                          capture_output=True, text=True)
+        assert sorted(
+            f"{t}[{q}]" for t, q in zip(tidy["tensor"], tidy["qtype"], strict=True)
+        ) == sorted(shards[i - 1])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest_quantbench",
+            "merge",
+            "shard1",
+            "shard2",
+            "shard3",
+            "--output",
+            "merged",
+        ],
+        check=False,
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert _tables(pytester.path / "merged") == _tables(pytester.path / "single")
     before = _store_rows(pytester.path / "merged")
     assert len(before) == 14
-    rerun = pytester.runpytest_subprocess(*args, "--quantbench-shard=1/3",
-                                          "--quantbench-output=merged")
+    rerun = pytester.runpytest_subprocess(
+        *args, "--quantbench-shard=1/3", "--quantbench-output=merged"
+    )
     rerun.assert_outcomes(passed=len(shards[0]))
     rerun.stdout.fnmatch_lines([f"{len(shards[0])} item(s) reused from the results store*"])
     assert _store_rows(pytester.path / "merged") == before  # nothing measured, nothing rewritten
@@ -114,8 +143,10 @@ def test_merge_refuses_conflicting_rows_and_other_settings(pytester, qb_args):
     assert f"{row['tensor']}[q4_0]" in said and str(root / "a") in said and str(root / "b") in said
     assert not (root / "m1" / "results.csv").exists()
     assert not (root / "m1" / "results-store.sqlite").exists()
-    other = without(args, "--quantbench-chunks") + ["--quantbench-chunks=1",
-                                                    "--quantbench-output=c"]
+    other = without(args, "--quantbench-chunks") + [
+        "--quantbench-chunks=1",
+        "--quantbench-output=c",
+    ]
     pytester.runpytest_subprocess(*other).assert_outcomes(passed=2)
     with pytest.raises(MergeError, match=r"other settings \(differing: identity \(chunks\)"):
         merge([root / "a", root / "c"], root / "m2")

@@ -15,14 +15,14 @@ from pytest_quantbench.store import STORE_FILE, ResultsStore, StoreError, item_k
 from runhelpers import read_wide, results
 
 # A conftest that makes every measurement fail: a run that passes under it measured nothing.
-NO_MEASURING = '''
+NO_MEASURING = """
 from pytest_quantbench.session import QuantbenchSession
 
 def refuse(self, unit, row):
     raise RuntimeError("measured " + unit.id)
 
 QuantbenchSession._measure = refuse
-'''
+"""
 
 
 def test_store_round_trip_keeps_non_finite_numbers(tmp_path):
@@ -68,14 +68,20 @@ def test_workers_opening_a_new_store_at_once_all_write(tmp_path):
 def test_an_unwritable_store_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(StoreError, match="results store .*: cannot open it .*check that the "
-                                         "output directory is writable"):
+    with pytest.raises(
+        StoreError,
+        match="results store .*: cannot open it .*check that the output directory is writable",
+    ):
         ResultsStore(blocker / STORE_FILE).get("k")
 
 
 def _args(qb_args, qtypes="q4_0,q8_0"):
-    return [*qb_args, f"--quantbench-qtypes={qtypes}", "--quantbench-tensors",
-            r"^blk\.0\.attn_(q|v)\.weight$"]
+    return [
+        *qb_args,
+        f"--quantbench-qtypes={qtypes}",
+        "--quantbench-tensors",
+        r"^blk\.0\.attn_(q|v)\.weight$",
+    ]
 
 
 def test_a_second_run_measures_nothing_and_rerun_measures_again(pytester, qb_args):
@@ -94,8 +100,12 @@ def test_a_second_run_measures_nothing_and_rerun_measures_again(pytester, qb_arg
 
 
 def test_reused_items_are_judged_by_the_current_thresholds(pytester, qb_args):
-    args = [*qb_args, "--quantbench-qtypes=q4_0", "--quantbench-tensors",
-            r"^blk\.0\.attn_v\.weight$"]
+    args = [
+        *qb_args,
+        "--quantbench-qtypes=q4_0",
+        "--quantbench-tensors",
+        r"^blk\.0\.attn_v\.weight$",
+    ]
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
     assert results(pytester).iloc[0]["mean_kld"] > 1e-4
     pytester.makeconftest(NO_MEASURING)
@@ -120,41 +130,50 @@ def test_tables_hold_every_stored_result_of_the_same_settings(pytester, qb_args)
     pytester.runpytest_subprocess(*args, "--quantbench-chunks=3").assert_outcomes(errors=2)
 
 
-def test_a_stored_fallback_result_is_skipped_without_allow_fallback(pytester, qb_args,
-                                                                    tmp_path):
+def test_a_stored_fallback_result_is_skipped_without_allow_fallback(pytester, qb_args, tmp_path):
     from synthmodel import build_synthetic_model
 
     model = build_synthetic_model(tmp_path / "synth-192.gguf", n_embd=192, n_ff=384)
-    args = [*[a for a in qb_args if not a.startswith("--quantbench-model=")],
-            f"--quantbench-model={model}", "--quantbench-qtypes=q4_K", "--quantbench-tensors",
-            r"^blk\.0\.attn_q\.weight$"]
+    args = [
+        *[a for a in qb_args if not a.startswith("--quantbench-model=")],
+        f"--quantbench-model={model}",
+        "--quantbench-qtypes=q4_K",
+        "--quantbench-tensors",
+        r"^blk\.0\.attn_q\.weight$",
+    ]
     pytester.runpytest_subprocess(*args, "--quantbench-allow-fallback").assert_outcomes(passed=1)
     assert results(pytester).iloc[0]["written_type"] == "q5_0"
     pytester.makeconftest(NO_MEASURING)
     result = pytester.runpytest_subprocess(*args, "-rs")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*llama-quantize writes q5_0 instead of q4_K for "
-                                 "blk.0.attn_q.weight*"])
+    result.stdout.fnmatch_lines(
+        ["*llama-quantize writes q5_0 instead of q4_K for blk.0.attn_q.weight*"]
+    )
 
 
 def test_two_runs_at_once_store_every_result_exactly_once(pytester, qb_args):
     out = pytester.path / "shared-out"
     args = [*_args(qb_args), f"--quantbench-output={out}"]
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args]
-    procs = [subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     with sqlite3.connect(out / STORE_FILE) as conn:
         keys = conn.execute("SELECT tensor, qtype FROM results").fetchall()
-    assert sorted(keys) == sorted({(t, q) for t in ("blk.0.attn_q.weight", "blk.0.attn_v.weight")
-                                   for q in ("q4_0", "q8_0")})
+    assert sorted(keys) == sorted(
+        {(t, q) for t in ("blk.0.attn_q.weight", "blk.0.attn_v.weight") for q in ("q4_0", "q8_0")}
+    )
 
 
 def test_an_interrupted_run_keeps_what_it_measured(pytester, qb_args):
     """Ctrl-C during the third item: the first two are in the store and in complete CSVs; the
     next run measures only the rest."""
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 from pytest_quantbench.session import QuantbenchSession
 
 _measure = QuantbenchSession._measure
@@ -165,7 +184,7 @@ def interrupted(self, unit, row):
     return _measure(self, unit, row)
 
 QuantbenchSession._measure = interrupted
-''')
+""")
     result = pytester.runpytest_subprocess(*_args(qb_args))
     assert result.ret == pytest.ExitCode.INTERRUPTED
     kld = read_wide(pytester.path / "quantbench-results" / "kld_results.csv")
@@ -182,7 +201,7 @@ def test_sigterm_keeps_what_was_measured_and_rewrites_complete_tables(pytester, 
     import time
 
     started = pytester.path / "third-item-started"
-    pytester.makeconftest(f'''
+    pytester.makeconftest(f"""
 import time
 from pytest_quantbench.session import QuantbenchSession
 
@@ -195,10 +214,11 @@ def slow(self, unit, row):
     return _measure(self, unit, row)
 
 QuantbenchSession._measure = slow
-''')
+""")
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *_args(qb_args)]
-    proc = subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 120
     while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)

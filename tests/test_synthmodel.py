@@ -146,7 +146,9 @@ def test_written_types_match_predictions(tmp_path: Path) -> None:
             assert written.type_name == t.type_name
             continue
         requested = next(typ for rx, typ in rules if re.search(rx, t.name))
-        predicted, reason = predict_written_type(requested, t.shape[0], t.shape[1], tensor_name=t.name)
+        predicted, reason = predict_written_type(
+            requested, t.shape[0], t.shape[1], tensor_name=t.name
+        )
         assert written.type_name == predicted.name, (t.name, requested, reason)
         checked += 1
     assert checked == 16
@@ -190,11 +192,16 @@ def test_engine_loads_and_decodes(synth: Path, tmp_path: Path) -> None:
     run_quantize(synth, out, r"blk\.0\.attn_v\.weight=iq4_ks,.*=bf16")
     proc = subprocess.run(
         [sys.executable, "-c", _DECODE, str(synth), str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert proc.returncode == 0 and line, f"decode failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    res = json.loads(line[len("RESULT "):])
+    assert proc.returncode == 0 and line, (
+        f"decode failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    )
+    res = json.loads(line[len("RESULT ") :])
     tokens, _, _ = synthetic_vocab(384)
     base, quant = res[str(synth)], res[str(out)]
     for r in (base, quant):

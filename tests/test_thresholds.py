@@ -114,8 +114,13 @@ def test_kld_violation_message(write):
     (v,) = th.check(
         "blk.3.attn_v.weight",
         "q4_0",
-        {"mean_kld": 0.0123451, "mean_kld_err": 0.000456, "kld_p99": 0.05,
-         "ppl_ratio": 1.0, "same_top_p": 99.0},
+        {
+            "mean_kld": 0.0123451,
+            "mean_kld_err": 0.000456,
+            "kld_p99": 0.05,
+            "ppl_ratio": 1.0,
+            "same_top_p": 99.0,
+        },
     )
     assert v.message == (
         "mean KLD 0.012345 ± 0.000456 > max_kld 0.01 "
@@ -137,8 +142,13 @@ def test_ratio_pct_top_p_and_percentile_messages(write):
         """
     )
     th = load_thresholds(path)
-    row = {"ppl_ratio": 1.0312, "ppl_ratio_err": 0.0041, "same_top_p": 93.4567,
-           "same_top_p_err": 0.1234, "kld_p99": 0.1234567}
+    row = {
+        "ppl_ratio": 1.0312,
+        "ppl_ratio_err": 0.0041,
+        "same_top_p": 93.4567,
+        "same_top_p_err": 0.1234,
+        "kld_p99": 0.1234567,
+    }
     assert [v.message for v in th.check("blk.0.ffn_up.weight", "q4_0", row)] == [
         "99.0% KLD 0.123457 > max_kld_p99 0.1 (rule 1 (every item) in thresholds.yaml)",
         "PPL(Q)/PPL(base) 1.0312 ± 0.0041 > max_ppl_ratio 1.02 "
@@ -162,10 +172,16 @@ def test_unmeasured_metric_is_reported_not_passed(write):
     th = load_thresholds(write("defaults: {max_kld: 0.01, max_ppl_ratio: 1.1}\n"))
     violations = th.check("t", "q", {"ppl_ratio": float("nan")})
     assert [(v.measured, v.message) for v in violations] == [
-        (False, "mean KLD is not measured, so max_kld 0.01 cannot be checked "
-                "(defaults in thresholds.yaml)"),
-        (False, "PPL(Q)/PPL(base) is not a finite number (nan), so max_ppl_ratio 1.1 "
-                "cannot be checked (defaults in thresholds.yaml)"),
+        (
+            False,
+            "mean KLD is not measured, so max_kld 0.01 cannot be checked "
+            "(defaults in thresholds.yaml)",
+        ),
+        (
+            False,
+            "PPL(Q)/PPL(base) is not a finite number (nan), so max_ppl_ratio 1.1 "
+            "cannot be checked (defaults in thresholds.yaml)",
+        ),
     ]
 
 
@@ -231,9 +247,7 @@ def test_unknown_key_in_rule_suggests_closest(write):
 def test_unknown_key_without_close_match(write):
     path = write("defaults:\n  zzz: 1\n")
     assert error_of(path) == (
-        "defaults in thresholds.yaml: unknown key 'zzz' (allowed: "
-        + ", ".join(LIMIT_SPECS)
-        + ")"
+        "defaults in thresholds.yaml: unknown key 'zzz' (allowed: " + ", ".join(LIMIT_SPECS) + ")"
     )
 
 
@@ -301,8 +315,7 @@ def test_non_finite_limit(write):
 
 def test_percentage_above_100(write):
     assert error_of(write("defaults:\n  min_same_top_p: 150\n")) == (
-        "defaults in thresholds.yaml: min_same_top_p is a percentage and must be <= 100, "
-        "got 150"
+        "defaults in thresholds.yaml: min_same_top_p is a percentage and must be <= 100, got 150"
     )
 
 
@@ -342,9 +355,13 @@ def test_qtype_not_in_run_is_ignored_and_noted(write):
     both = load_thresholds(path, run_qtypes=["Q4_0", "q4_K", "iq2_k"])  # case as users type it
     assert both.notes == ()
     one = load_thresholds(path, run_qtypes=["q4_0,q5_K"])
-    assert one.notes == (("rule 1 (tensor='attn_v', qtype=[q4_0, q4_k]) in thresholds.yaml: "
-                          "qtype 'q4_k' is not among this run's qtypes (q4_0, q5_K): ignored "
-                          "for this run"),)
+    assert one.notes == (
+        (
+            "rule 1 (tensor='attn_v', qtype=[q4_0, q4_k]) in thresholds.yaml: "
+            "qtype 'q4_k' is not among this run's qtypes (q4_0, q5_K): ignored "
+            "for this run"
+        ),
+    )
     assert one.limits_for("blk.0.attn_v.weight", "q4_0")["max_kld"].value == 1
     assert one.limits_for("blk.0.attn_v.weight", "q5_K") == {}
     # without run_qtypes, the rule is accepted as is

@@ -15,10 +15,18 @@ STATS = ("mean_kld", "ppl_q", "same_top_p", "max_kld", "rms_dp")
 
 
 def test_type_summary_per_class():
-    assert type_summary({"blk.0.attn_v.weight": "q6_K", "blk.1.attn_v.weight": "q4_K",
-                         "blk.2.attn_v.weight": "q4_K", "blk.0.attn_q.weight": "q4_K",
-                         "token_embd.weight": "q8_0"}) == \
-        "attn_q=q4_K,attn_v=q4_K/q6_K,token_embd=q8_0"
+    assert (
+        type_summary(
+            {
+                "blk.0.attn_v.weight": "q6_K",
+                "blk.1.attn_v.weight": "q4_K",
+                "blk.2.attn_v.weight": "q4_K",
+                "blk.0.attn_q.weight": "q4_K",
+                "token_embd.weight": "q8_0",
+            }
+        )
+        == "attn_q=q4_K,attn_v=q4_K/q6_K,token_embd=q8_0"
+    )
 
 
 def test_compatibility_names_first_difference(synth_model, tmp_path):
@@ -62,15 +70,29 @@ def test_preset_file_recipe_and_preset_item_agree(pytester, qb_args, synth_model
     types = preset_tensor_types(synth_model, "Q4_K_M", threads=1)
     base = read_model_header(synth_model)
     recipe = tmp_path / "q4km-like.recipe"
-    recipe.write_text(format_recipe({t.name: types[t.name] for t in base.tensors},
-                                    ["the per-tensor types of llama-quantize Q4_K_M --dry-run"]))
+    recipe.write_text(
+        format_recipe(
+            {t.name: types[t.name] for t in base.tensors},
+            ["the per-tensor types of llama-quantize Q4_K_M --dry-run"],
+        )
+    )
     result = pytester.runpytest_subprocess(
-        *qb_args, "--quantbench-qtypes=q4_k_m", "--quantbench-group-tensors", ".*",
-        "--quantbench-groups-only", f"--quantbench-variant={variant}",
-        f"--quantbench-recipe={recipe}", "-v")
+        *qb_args,
+        "--quantbench-qtypes=q4_k_m",
+        "--quantbench-group-tensors",
+        ".*",
+        "--quantbench-groups-only",
+        f"--quantbench-variant={variant}",
+        f"--quantbench-recipe={recipe}",
+        "-v",
+    )
     result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(["*quantbench::variant[[]synth-Q4_K_M[]] PASSED*",
-                                 "*quantbench::recipe[[]q4km-like[]] PASSED*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*quantbench::variant[[]synth-Q4_K_M[]] PASSED*",
+            "*quantbench::recipe[[]q4km-like[]] PASSED*",
+        ]
+    )
     df = results(pytester).set_index("tensor")
     file_row, recipe_row, preset_row = df.loc["variant"], df.loc["recipe"], df.loc["group0"]
     for stat in STATS:
@@ -92,25 +114,27 @@ def test_preset_file_recipe_and_preset_item_agree(pytester, qb_args, synth_model
     assert (out / "summary.md").is_file()
     # a rerun reuses the stored results, facts included
     again = pytester.runpytest_subprocess(
-        *qb_args, f"--quantbench-variant={variant}", "--quantbench-plots=off")
+        *qb_args, f"--quantbench-variant={variant}", "--quantbench-plots=off"
+    )
     again.assert_outcomes(passed=1)
     row = results(pytester).set_index("tensor").loc["variant"]
     assert row["reused"] and row["file_size"] == variant.stat().st_size
     # a CI gate: thresholds judge the file like any item
     limits = tmp_path / "limits.yaml"
     limits.write_text("rules:\n  - tensor: '^variant$'\n    max_kld: 0.001\n")
-    gate = pytester.runpytest_subprocess(*qb_args, f"--quantbench-variant={variant}",
-                                         f"--quantbench-thresholds={limits}")
+    gate = pytester.runpytest_subprocess(
+        *qb_args, f"--quantbench-variant={variant}", f"--quantbench-thresholds={limits}"
+    )
     gate.assert_outcomes(failed=1)
-    gate.stdout.fnmatch_lines(["*quantbench variant[[]synth-Q4_K_M[]]*",
-                               "mean KLD 0.00* > max_kld 0.001 *"])
+    gate.stdout.fnmatch_lines(
+        ["*quantbench variant[[]synth-Q4_K_M[]]*", "mean KLD 0.00* > max_kld 0.001 *"]
+    )
 
 
 def test_recipe_with_unknown_qtype_is_exit_4(pytester, qb_args, tmp_path):
     recipe = tmp_path / "bad.recipe"
     recipe.write_text("# mix\nattn_=q4_0\nffn_=iq2-kt\n")
-    message = usage_error(pytester.runpytest_subprocess(*qb_args,
-                                                        f"--quantbench-recipe={recipe}"))
+    message = usage_error(pytester.runpytest_subprocess(*qb_args, f"--quantbench-recipe={recipe}"))
     assert "line 3 of bad.recipe" in message and "iq2_kt" in message
 
 
@@ -121,8 +145,10 @@ def test_other_architecture_is_named(synth_model):
 
     base = read_model_header(synth_model)
     qwen = dataclasses.replace(base, metadata={**base.metadata, "general.architecture": "qwen2"})
-    with pytest.raises(VariantError, match="variant q.gguf: architecture 'qwen2' differs from "
-                                           "the baseline's 'llama'"):
+    with pytest.raises(
+        VariantError,
+        match="variant q.gguf: architecture 'qwen2' differs from the baseline's 'llama'",
+    ):
         check_compatible(base, qwen, "variant q.gguf")
 
 
@@ -147,12 +173,21 @@ def test_recipe_fallback_is_skipped_unless_allowed(pytester, qb_args, tmp_path):
     recipe.write_text("token_embd=q4_0_r8\n")
     result = pytester.runpytest_subprocess(*qb_args, f"--quantbench-recipe={recipe}", "-rs")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines([("*recipe interleaved.recipe: llama-quantize writes q4_0 instead "
-                                  "of q4_0_r8 for token_embd.weight*")])
+    result.stdout.fnmatch_lines(
+        [
+            (
+                "*recipe interleaved.recipe: llama-quantize writes q4_0 instead "
+                "of q4_0_r8 for token_embd.weight*"
+            )
+        ]
+    )
     # with the file engine the recipe is written by llama-quantize: its size is known
-    allowed = pytester.runpytest_subprocess(*qb_args, f"--quantbench-recipe={recipe}",
-                                            "--quantbench-allow-fallback",
-                                            "--quantbench-engine=file")
+    allowed = pytester.runpytest_subprocess(
+        *qb_args,
+        f"--quantbench-recipe={recipe}",
+        "--quantbench-allow-fallback",
+        "--quantbench-engine=file",
+    )
     allowed.assert_outcomes(passed=1)
     row = results(pytester).set_index("tensor").loc["recipe"]
     assert row["engine_mode"] == "file" and row["file_size"] > 0

@@ -23,9 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         given = f"unknown command {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
-        print(f"usage: python -m pytest_quantbench {{{','.join(COMMANDS)}}} ...\n"
-              f"{given}commands: {', '.join(COMMANDS)} (each takes --help)",
-              file=sys.stderr if given or not argv else sys.stdout)
+        print(
+            f"usage: python -m pytest_quantbench {{{','.join(COMMANDS)}}} ...\n"
+            f"{given}commands: {', '.join(COMMANDS)} (each takes --help)",
+            file=sys.stderr if given or not argv else sys.stdout,
+        )
         return 4 if given or not argv else 0
     module, function = COMMANDS[argv[0]].split(":")
     command = getattr(importlib.import_module(f".{module}", __package__), function)

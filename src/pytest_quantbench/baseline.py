@@ -61,8 +61,10 @@ class RunIdentity:
 
 def baseline_cache_path(cache_dir: Path, identity: RunIdentity) -> Path:
     """``<cache_dir>/baselines/<model12>-c<n_ctx>-<chunks>ch-<digest>.kld``."""
-    name = (f"{identity.model_sha256[:12]}-c{identity.n_ctx}-{identity.chunks}ch-"
-            f"{identity.digest()}.kld")
+    name = (
+        f"{identity.model_sha256[:12]}-c{identity.n_ctx}-{identity.chunks}ch-"
+        f"{identity.digest()}.kld"
+    )
     return cache_dir / "baselines" / name
 
 
@@ -125,8 +127,9 @@ def ensure_baseline(
         try:
             compute(path)
             if source:
-                atomic_write_text(sidecar_path(path),
-                                  json.dumps({**baseline_facts(path), **source}) + "\n")
+                atomic_write_text(
+                    sidecar_path(path), json.dumps({**baseline_facts(path), **source}) + "\n"
+                )
         except OSError as exc:
             raise cache_write_error(exc) from exc
     base = KLDBaseFile(path)
@@ -142,8 +145,11 @@ def check_baseline_space(path: Path, shape: tuple[int, int], n_vocab: int) -> No
     :func:`diskspace.baseline_bytes`)."""
     from .diskspace import check_cache_space, plan_cache_files
 
-    check_cache_space(plan_cache_files(baseline=path, shape=shape, n_vocab=n_vocab,
-                                       imatrix=None, model_header=None))
+    check_cache_space(
+        plan_cache_files(
+            baseline=path, shape=shape, n_vocab=n_vocab, imatrix=None, model_header=None
+        )
+    )
 
 
 _SOURCE_LABELS = {"model_sha256": "sha256", "model_edges": "first/last MiB digest"}
@@ -159,8 +165,10 @@ def source_problem(path: Path, source: dict[str, str] | None) -> str | None:
         got = recorded.get(key)
         if got != want:
             label = _SOURCE_LABELS.get(key, key)
-            return (f"it was computed from a model whose {label} is "
-                    f"{str(got)[:12] if got else 'not recorded'}, the model now has {want[:12]}")
+            return (
+                f"it was computed from a model whose {label} is "
+                f"{str(got)[:12] if got else 'not recorded'}, the model now has {want[:12]}"
+            )
     return None
 
 
@@ -168,8 +176,10 @@ def cache_write_error(exc: OSError) -> OSError:
     """``exc`` (a failed write of the baseline cache) restated with what to do, same errno."""
     detail = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = ("the disk of the quantbench cache is full: free space there, or set "
-               "--quantbench-cache-dir to a directory on another disk, and run again")
+        fix = (
+            "the disk of the quantbench cache is full: free space there, or set "
+            "--quantbench-cache-dir to a directory on another disk, and run again"
+        )
     elif exc.errno == errno.EFBIG:
         fix = "a file-size limit (ulimit -f) stopped it: raise the limit and run again"
     else:
@@ -212,8 +222,10 @@ def record_failure(path: Path, message: str) -> None:
     from .report import atomic_write_text
 
     try:
-        atomic_write_text(failure_path(path), json.dumps(
-            {"run": os.environ.get(RUN_TOKEN_ENV), "message": message}) + "\n")
+        atomic_write_text(
+            failure_path(path),
+            json.dumps({"run": os.environ.get(RUN_TOKEN_ENV), "message": message}) + "\n",
+        )
     except OSError:
         pass
 
@@ -232,8 +244,10 @@ def baseline_failure(exc: BaseException, path: Path, expected_bytes: int) -> Bas
                 free = None
             have = f", {free / 1e6:.1f} MB free there" if free is not None else ""
             detail += f" (the baseline file needs {expected_bytes / 1e6:.1f} MB{have})"
-    return BaselineError(f"the baseline failed ({path}): {detail}; every item needs it, so no "
-                         "item of this run is measured")
+    return BaselineError(
+        f"the baseline failed ({path}): {detail}; every item needs it, so no "
+        "item of this run is measured"
+    )
 
 
 def sidecar_path(path: Path) -> Path:
@@ -241,8 +255,9 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def write_baseline(model, tokens: np.ndarray, path: Path,
-                   on_decode: Callable[[int], None] | None = None) -> None:
+def write_baseline(
+    model, tokens: np.ndarray, path: Path, on_decode: Callable[[int], None] | None = None
+) -> None:
     """Evaluate every chunk of ``tokens`` with ``model`` and write the base file at ``path``.
 
     model: :class:`pytest_quantbench.engine.llama.LlamaModel` of the baseline; tokens: int32
@@ -267,15 +282,25 @@ def write_baseline(model, tokens: np.ndarray, path: Path,
     with KLDBaseWriter(path, n_ctx, model.n_vocab, tokens) as writer:
         n_seq = model.settings.n_seq
         for first in range(0, n_chunk, n_seq):
-            for logits in model.eval_chunks(tokens[first:first + n_seq]):
+            for logits in model.eval_chunks(tokens[first : first + n_seq]):
                 ppl.add(writer.write_chunk(logits))
             progress.update(min(first + n_seq, n_chunk))
             if on_decode is not None:
                 on_decode(first)
     value, err = ppl.ppl()
-    atomic_write_text(sidecar_path(path), json.dumps({
-        "final_estimate": ppl.final_line(n_ctx), "ppl": value, "ppl_err": err,
-        "seconds": round(time.perf_counter() - start, 3), "bytes": path.stat().st_size}) + "\n")
+    atomic_write_text(
+        sidecar_path(path),
+        json.dumps(
+            {
+                "final_estimate": ppl.final_line(n_ctx),
+                "ppl": value,
+                "ppl_err": err,
+                "seconds": round(time.perf_counter() - start, 3),
+                "bytes": path.stat().st_size,
+            }
+        )
+        + "\n",
+    )
 
 
 def baseline_facts(path: Path) -> dict:
@@ -300,15 +325,19 @@ def open_user_base(config) -> KLDBaseFile:
     base = KLDBaseFile(path)
     ctx_from = config.sources.get("ctx", "default")
     if ctx_from != "default" and config.ctx != base.n_ctx:
-        raise ConfigError(f"--quantbench-ctx {config.ctx} (from {ctx_from}) but "
-                          f"--quantbench-kld-base {path} was computed with n_ctx={base.n_ctx}: "
-                          f"n_ctx comes from the base file; drop --quantbench-ctx or set it to "
-                          f"{base.n_ctx}")
+        raise ConfigError(
+            f"--quantbench-ctx {config.ctx} (from {ctx_from}) but "
+            f"--quantbench-kld-base {path} was computed with n_ctx={base.n_ctx}: "
+            f"n_ctx comes from the base file; drop --quantbench-ctx or set it to "
+            f"{base.n_ctx}"
+        )
     if config.chunks is not None and config.chunks != base.n_chunk:
         if config.chunks > base.n_chunk:
-            raise ConfigError(f"--quantbench-chunks {config.chunks} but --quantbench-kld-base "
-                              f"{path} holds {base.n_chunk} chunks: pass --quantbench-chunks "
-                              f"{base.n_chunk} or less, or a base file with more chunks")
+            raise ConfigError(
+                f"--quantbench-chunks {config.chunks} but --quantbench-kld-base "
+                f"{path} holds {base.n_chunk} chunks: pass --quantbench-chunks "
+                f"{base.n_chunk} or less, or a base file with more chunks"
+            )
         base = KLDBaseFile(path, chunks=config.chunks)
     return base
 
@@ -316,14 +345,20 @@ def open_user_base(config) -> KLDBaseFile:
 def user_base_header(base: KLDBaseFile) -> str:
     """The run header's corpus line for a user base file: where n_ctx, chunks and tokens come
     from."""
-    used = (f"all {base.n_chunk} chunks" if base.n_chunk == base.file_chunks else
-            f"its first {base.n_chunk} of {base.file_chunks} chunks")
-    return (f"kld-base {base.path} (n_ctx, chunks and tokens come from the base file; "
-            f"{used})")
+    used = (
+        f"all {base.n_chunk} chunks"
+        if base.n_chunk == base.file_chunks
+        else f"its first {base.n_chunk} of {base.file_chunks} chunks"
+    )
+    return f"kld-base {base.path} (n_ctx, chunks and tokens come from the base file; {used})"
 
 
-def check_user_baseline(base: KLDBaseFile, n_vocab: int, corpus: Path | None = None,
-                        corpus_tokens: Callable[[], np.ndarray] | None = None) -> KLDBaseFile:
+def check_user_baseline(
+    base: KLDBaseFile,
+    n_vocab: int,
+    corpus: Path | None = None,
+    corpus_tokens: Callable[[], np.ndarray] | None = None,
+) -> KLDBaseFile:
     """Check that a user-given ``--kl-divergence-base`` file fits the model (and the corpus, when
     ``--quantbench-corpus`` is given too); return it.
 
@@ -333,24 +368,32 @@ def check_user_baseline(base: KLDBaseFile, n_vocab: int, corpus: Path | None = N
     Raises ValueError when n_vocab differs or the tokens differ, naming the file and the fix.
     """
     if base.n_vocab != n_vocab:
-        raise ValueError(f"--quantbench-kld-base {base.path} was computed for "
-                         f"n_vocab={base.n_vocab} but the model has n_vocab={n_vocab}: use the "
-                         "base file of this model")
+        raise ValueError(
+            f"--quantbench-kld-base {base.path} was computed for "
+            f"n_vocab={base.n_vocab} but the model has n_vocab={n_vocab}: use the "
+            "base file of this model"
+        )
     if corpus is not None and corpus_tokens is not None:
         tokens, need = corpus_tokens(), base.n_chunk * base.n_ctx
         if len(tokens) < need:
-            why: str | None = (f"it has {len(tokens)} tokens, the file's {base.n_chunk} chunks "
-                               f"hold {need}")
+            why: str | None = (
+                f"it has {len(tokens)} tokens, the file's {base.n_chunk} chunks hold {need}"
+            )
         else:
             differ = np.flatnonzero(np.asarray(tokens[:need]) != np.asarray(base.tokens).ravel())
-            why = (None if differ.size == 0 else
-                   f"its tokens differ from the file's, first at chunk {differ[0] // base.n_ctx + 1}"
-                   f" position {differ[0] % base.n_ctx}")
+            why = (
+                None
+                if differ.size == 0
+                else f"its tokens differ from the file's, first at chunk {differ[0] // base.n_ctx + 1}"
+                f" position {differ[0] % base.n_ctx}"
+            )
         if why is not None:
-            raise ValueError(f"--quantbench-corpus {corpus} does not match --quantbench-kld-base "
-                             f"{base.path} ({why}): the base file already holds the tokens; "
-                             "drop --quantbench-corpus, or give the corpus the file was "
-                             "computed from")
+            raise ValueError(
+                f"--quantbench-corpus {corpus} does not match --quantbench-kld-base "
+                f"{base.path} ({why}): the base file already holds the tokens; "
+                "drop --quantbench-corpus, or give the corpus the file was "
+                "computed from"
+            )
     return base
 
 
@@ -394,14 +437,16 @@ class RunBaseline:
                 self._file = self._prefix.baseline(self.path)
             else:
                 try:
-                    self._file = ensure_baseline(self.path, ins.chunk_tokens, n_vocab,
-                                                 self._compute_once, ins.model_source)
+                    self._file = ensure_baseline(
+                        self.path, ins.chunk_tokens, n_vocab, self._compute_once, ins.model_source
+                    )
                 except BaselineError as exc:
                     self._failure = exc
                     raise
                 except (ValueError, OSError, RuntimeError) as exc:  # e.g. DiskSpaceError
-                    self._failure = BaselineError(f"the baseline failed ({self.path}): "
-                                                  f"{type(exc).__name__}: {exc}")
+                    self._failure = BaselineError(
+                        f"the baseline failed ({self.path}): {type(exc).__name__}: {exc}"
+                    )
                     raise self._failure from None
         return self._file
 
@@ -418,8 +463,11 @@ class RunBaseline:
             self._compute(dest)
         except (ValueError, OSError, RuntimeError) as exc:
             tokens = self.inputs.chunk_tokens
-            failure = baseline_failure(exc, dest, expected_file_size(
-                tokens.shape[1], self.inputs.tokenizer.n_vocab, tokens.shape[0]))
+            failure = baseline_failure(
+                exc,
+                dest,
+                expected_file_size(tokens.shape[1], self.inputs.tokenizer.n_vocab, tokens.shape[0]),
+            )
             record_failure(dest, str(failure))
             raise failure from None
 
@@ -449,5 +497,7 @@ class RunBaseline:
         facts = baseline_facts(self.path)
         if not facts:
             return []
-        return [f"baseline: {facts['final_estimate']} (cached: {self.path}, "
-                f"{facts['bytes'] / 1e6:.1f} MB, computed once in {facts['seconds']:.1f} s)"]
+        return [
+            f"baseline: {facts['final_estimate']} (cached: {self.path}, "
+            f"{facts['bytes'] / 1e6:.1f} MB, computed once in {facts['seconds']:.1f} s)"
+        ]

@@ -56,8 +56,18 @@ class Infeasible(BudgetError):
         self.min_bytes = min_bytes
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -72,8 +82,10 @@ def parse_budget(text: str, n_elements: int) -> int:
     m = _BUDGET_RE.match(str(text))
     unit = m.group(2).lower() if m else None
     if m is None or (unit != "bpw" and unit not in _UNITS):
-        raise BudgetError(f"--budget {text!r}: give bits per weight ('4.5bpw') or a size "
-                          "('12GiB', '12GB', '800MiB', a byte count)")
+        raise BudgetError(
+            f"--budget {text!r}: give bits per weight ('4.5bpw') or a size "
+            "('12GiB', '12GB', '800MiB', a byte count)"
+        )
     value = float(m.group(1))
     if value <= 0:
         raise BudgetError(f"--budget {text!r} must be positive")
@@ -82,8 +94,9 @@ def parse_budget(text: str, n_elements: int) -> int:
     return int(value * _UNITS[unit])
 
 
-def solve(choices: Sequence[Sequence[tuple[int, float]]], capacity: int, *,
-          max_cells: int = MAX_CELLS) -> list[int]:
+def solve(
+    choices: Sequence[Sequence[tuple[int, float]]], capacity: int, *, max_cells: int = MAX_CELLS
+) -> list[int]:
     """Multiple-choice knapsack: one option per item, least summed cost, summed size ≤ capacity.
 
     Args:
@@ -104,8 +117,9 @@ def solve(choices: Sequence[Sequence[tuple[int, float]]], capacity: int, *,
     floor = [min(s for s, _ in opts) for opts in choices]
     base = sum(floor)
     if base > capacity:
-        raise Infeasible(f"the smallest choice is {base} bytes, above the budget of {capacity}",
-                         base)
+        raise Infeasible(
+            f"the smallest choice is {base} bytes, above the budget of {capacity}", base
+        )
     steps = [[s - f for s, _ in opts] for opts, f in zip(choices, floor, strict=True)]
     room = capacity - base
     g = 0
@@ -188,16 +202,20 @@ def load_results(paths: Iterable[str | os.PathLike[str]]):
         if p.is_dir():
             p = p / "results.csv"
         if not p.is_file():
-            raise BudgetError(f"results {p} does not exist: give a results.csv or the "
-                              "--quantbench-output directory that holds one")
+            raise BudgetError(
+                f"results {p} does not exist: give a results.csv or the "
+                "--quantbench-output directory that holds one"
+            )
         try:
             df = pd.read_csv(p, dtype={"tensor": str, "qtype": str, "members": str})
         except (ValueError, OSError) as exc:
             raise BudgetError(f"results {p} cannot be read as CSV: {exc}") from None
         missing = {"tensor", "qtype", "mean_kld"} - set(df.columns)
         if missing:
-            raise BudgetError(f"results {p} lacks the column(s) {sorted(missing)}: is it a "
-                              "quantbench results.csv?")
+            raise BudgetError(
+                f"results {p} lacks the column(s) {sorted(missing)}: is it a "
+                "quantbench results.csv?"
+            )
         if "members" in df.columns:
             df = df[df["members"].isna() | (df["members"] == df["tensor"])]
         df = df.assign(mean_kld=pd.to_numeric(df["mean_kld"], errors="coerce"))
@@ -206,12 +224,17 @@ def load_results(paths: Iterable[str | os.PathLike[str]]):
             df = df.assign(model_sha256="")
         frames.append(df[["tensor", "qtype", "mean_kld", "model_sha256"]])
         hashes[p.name if p.name not in hashes else str(p)] = _sha256(p)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["tensor", "qtype", "mean_kld", "model_sha256"])
+    table = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["tensor", "qtype", "mean_kld", "model_sha256"])
+    )
     models = sorted({m for m in table["model_sha256"].fillna("") if m})
     if len(models) > 1:
-        raise BudgetError(f"the results are of {len(models)} different models "
-                          f"({', '.join(m[:12] for m in models)}): give results of one model")
+        raise BudgetError(
+            f"the results are of {len(models)} different models "
+            f"({', '.join(m[:12] for m in models)}): give results of one model"
+        )
     table = table.drop_duplicates(["tensor", "qtype"], keep="last").reset_index(drop=True)
     return table, hashes
 
@@ -265,9 +288,16 @@ def _written(qtype: GGMLType, info) -> GGMLType | None:
         return None
 
 
-def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = None,
-                fixed: Sequence[str] = (), default: str | None = None,
-                max_cells: int = MAX_CELLS) -> BudgetPlan:
+def plan_budget(
+    header,
+    table,
+    budget: str,
+    *,
+    qtypes: Sequence[str] | None = None,
+    fixed: Sequence[str] = (),
+    default: str | None = None,
+    max_cells: int = MAX_CELLS,
+) -> BudgetPlan:
     """Choose a written type for every quantizable tensor of ``header`` within ``budget``.
 
     Args:
@@ -293,8 +323,10 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
     budget_bytes = parse_budget(budget, n_elements)
     unknown = sorted(set(table["tensor"]) - set(infos))
     if unknown:
-        raise BudgetError(f"the results hold tensor {unknown[0]!r} (and {len(unknown) - 1} more) "
-                          "that the model lacks: give the model the results were measured on")
+        raise BudgetError(
+            f"the results hold tensor {unknown[0]!r} (and {len(unknown) - 1} more) "
+            "that the model lacks: give the model the results were measured on"
+        )
     measured_types = {}
     for label in sorted(set(table["qtype"])):
         try:
@@ -316,8 +348,10 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
     else:
         allowed = measured_types
     if not allowed:
-        raise BudgetError("no measured ggml type to choose from: the results hold "
-                          f"{sorted(set(table['qtype']))}; --qtypes {list(qtypes or [])}")
+        raise BudgetError(
+            "no measured ggml type to choose from: the results hold "
+            f"{sorted(set(table['qtype']))}; --qtypes {list(qtypes or [])}"
+        )
     if default is None:
         default_type = max(allowed.values(), key=lambda t: (t.bpw, t.name))
     else:
@@ -328,7 +362,7 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
     rules = parse_recipe(list(fixed), "--fixed")
     kld = {(r.tensor, r.qtype): float(r.mean_kld) for r in table.itertuples()}
     by_tensor: dict[str, list[str]] = {}
-    for (tensor, label) in kld:
+    for tensor, label in kld:
         if label in allowed:
             by_tensor.setdefault(tensor, []).append(label)
 
@@ -353,8 +387,9 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
             wtype = _written(want, info)
             if wtype is None:
                 how = f"--fixed {rule.where}" if rule else "--default"
-                raise BudgetError(f"{name} ({info.ne0} x {info.n_rows}) cannot be written as "
-                                  f"{want.name} ({how})")
+                raise BudgetError(
+                    f"{name} ({info.ne0} x {info.n_rows}) cannot be written as {want.name} ({how})"
+                )
             assignment[name] = wtype.name
             constant += _nbytes(wtype, info)
             (plan_fixed if rule is not None else unmeasured).append(name)
@@ -368,20 +403,26 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
             if wtype.name not in opts or k < opts[wtype.name][1]:
                 opts[wtype.name] = (_nbytes(wtype, info), k, wtype.name)
         if not opts:
-            raise BudgetError(f"{name}: none of its measured qtypes {by_tensor[name]} can be "
-                              "written for its shape")
+            raise BudgetError(
+                f"{name}: none of its measured qtypes {by_tensor[name]} can be "
+                "written for its shape"
+            )
         names.append(name)
         options.append(sorted(opts.values()))
     try:
-        chosen = solve([[(s, k) for s, k, _ in o] for o in options], budget_bytes - constant,
-                       max_cells=max_cells)
+        chosen = solve(
+            [[(s, k) for s, k, _ in o] for o in options],
+            budget_bytes - constant,
+            max_cells=max_cells,
+        )
     except Infeasible as exc:
         least = exc.min_bytes + constant
         raise Infeasible(
             f"the budget {budget} ({budget_bytes} bytes) is below the smallest feasible size "
             f"{least} bytes = {least / 2**30:.4f} GiB = {8 * least / n_elements:.4f} bpw "
             f"(every measured tensor at its smallest qtype, the others as fixed/default)",
-            least) from None
+            least,
+        ) from None
     total = constant
     summed = 0.0
     for name, sized, pick in zip(names, options, chosen, strict=True):
@@ -389,12 +430,27 @@ def plan_budget(header, table, budget: str, *, qtypes: Sequence[str] | None = No
         assignment[name] = wname
         total += size
         summed += k
-    return BudgetPlan(assignment, total, n_elements, budget_bytes, summed, plan_fixed,
-                      unmeasured, default_type.name, len(names))
+    return BudgetPlan(
+        assignment,
+        total,
+        n_elements,
+        budget_bytes,
+        summed,
+        plan_fixed,
+        unmeasured,
+        default_type.name,
+        len(names),
+    )
 
 
-def recipe_comments(plan: BudgetPlan, budget: str, hashes: dict[str, str], model: str,
-                    model_sha256: str | None, command: str) -> list[str]:
+def recipe_comments(
+    plan: BudgetPlan,
+    budget: str,
+    hashes: dict[str, str],
+    model: str,
+    model_sha256: str | None,
+    command: str,
+) -> list[str]:
     """The header comment lines of a budget recipe: budget, predicted size and bpw, predicted
     summed KLD, the inputs' hashes and the command."""
     from collections import Counter
@@ -403,17 +459,23 @@ def recipe_comments(plan: BudgetPlan, budget: str, hashes: dict[str, str], model
     lines = [
         "recipe written by pytest-quantbench (python -m pytest_quantbench recipe)",
         f"budget: {budget} = {plan.budget_bytes} bytes of tensor data",
-        (f"predicted size: {plan.predicted_bytes} bytes = {plan.predicted_bytes / 2**30:.4f} "
-         f"GiB = {plan.predicted_bpw:.4f} bpw ({plan.n_elements} weights)"),
-        (f"predicted summed mean KLD: {plan.predicted_kld:.6f} "
-         f"(sum over the {plan.n_measured} measured tensors of their single-tensor mean KLD)"),
+        (
+            f"predicted size: {plan.predicted_bytes} bytes = {plan.predicted_bytes / 2**30:.4f} "
+            f"GiB = {plan.predicted_bpw:.4f} bpw ({plan.n_elements} weights)"
+        ),
+        (
+            f"predicted summed mean KLD: {plan.predicted_kld:.6f} "
+            f"(sum over the {plan.n_measured} measured tensors of their single-tensor mean KLD)"
+        ),
         f"types: {', '.join(f'{t}={n}' for t, n in sorted(counts.items()))}",
     ]
     if plan.fixed:
         lines.append(f"fixed by --fixed: {len(plan.fixed)} tensors")
     if plan.unmeasured:
-        lines.append(f"unmeasured, set to --default {plan.default}: {len(plan.unmeasured)} "
-                     f"tensors (e.g. {plan.unmeasured[0]})")
+        lines.append(
+            f"unmeasured, set to --default {plan.default}: {len(plan.unmeasured)} "
+            f"tensors (e.g. {plan.unmeasured[0]})"
+        )
     lines.append(f"model: {model}" + (f" sha256 {model_sha256}" if model_sha256 else ""))
     lines += [f"input sha256 {h} {name}" for name, h in hashes.items()]
     lines.append(f"command: {command}")

@@ -27,8 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: (kind, folder, file pattern) of what the list shows.
-KINDS = (("baseline", "baselines", "*.kld"), ("model", "models", "*.gguf"),
-         ("imatrix", "imatrix", "*.imatrix.dat"), ("tmp", "tmp", "*"))
+KINDS = (
+    ("baseline", "baselines", "*.kld"),
+    ("model", "models", "*.gguf"),
+    ("imatrix", "imatrix", "*.imatrix.dat"),
+    ("tmp", "tmp", "*"),
+)
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,24 @@ def scan(cache_dir: Path) -> list[CacheEntry]:
     entries = []
     for kind, folder, pattern in KINDS:
         for path in sorted((cache_dir / folder).glob(pattern)):
-            if path.name.endswith(".lock") or (kind == "tmp" and path.name.startswith("faults-")
-                                               and path.stat().st_size == 0):
+            if path.name.endswith(".lock") or (
+                kind == "tmp" and path.name.startswith("faults-") and path.stat().st_size == 0
+            ):
                 continue
             sidecar = path.with_name(path.name + ".json")
             stat = path.stat()
             size = _size(path) + (sidecar.stat().st_size if sidecar.is_file() else 0)
-            key = path.name.removesuffix(".imatrix.dat").removesuffix(".kld") \
-                .removesuffix(".gguf")
+            key = path.name.removesuffix(".imatrix.dat").removesuffix(".kld").removesuffix(".gguf")
             entries.append(CacheEntry(kind, path, key, size, max(stat.st_atime, stat.st_mtime)))
     return entries
 
 
-def prune(entries: Sequence[CacheEntry], older_than_days: float, now: float | None = None,
-          dry_run: bool = False) -> list[CacheEntry]:
+def prune(
+    entries: Sequence[CacheEntry],
+    older_than_days: float,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> list[CacheEntry]:
     """Remove the entries not used for ``older_than_days`` (with their sidecar and lock file);
     an entry whose lock another process holds (being computed) is kept. Returns the removed."""
     from filelock import FileLock, Timeout
@@ -114,33 +122,50 @@ def _line(e: CacheEntry) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``cache list|prune [--older-than DAYS] [--cache-dir DIR] [--dry-run]``; exit 0, or 4."""
-    parser = argparse.ArgumentParser(prog="python -m pytest_quantbench cache",
-                                     description="List or prune the quantbench cache.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pytest_quantbench cache", description="List or prune the quantbench cache."
+    )
     parser.add_argument("action", choices=("list", "prune"))
-    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                        help="the cache (default: $QUANTBENCH_CACHE_DIR, else "
-                             ".pytest_cache/d/quantbench here)")
-    parser.add_argument("--older-than", type=float, default=None, metavar="DAYS",
-                        help="only entries not used for DAYS days (prune needs it)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the cache (default: $QUANTBENCH_CACHE_DIR, else .pytest_cache/d/quantbench here)",
+    )
+    parser.add_argument(
+        "--older-than",
+        type=float,
+        default=None,
+        metavar="DAYS",
+        help="only entries not used for DAYS days (prune needs it)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="prune: say what would go")
     args = parser.parse_args(argv)
     cache = args.cache_dir or default_cache_dir()
     if not cache.is_dir():
-        print(f"error: {cache} is not a directory; give the cache with --cache-dir DIR "
-              "(the run's --quantbench-cache-dir)", file=sys.stderr)
+        print(
+            f"error: {cache} is not a directory; give the cache with --cache-dir DIR "
+            "(the run's --quantbench-cache-dir)",
+            file=sys.stderr,
+        )
         return 4
     entries = scan(cache)
     if args.action == "prune":
         if args.older_than is None or args.older_than < 0:
-            print("error: prune needs --older-than DAYS (0 removes everything not in use)",
-                  file=sys.stderr)
+            print(
+                "error: prune needs --older-than DAYS (0 removes everything not in use)",
+                file=sys.stderr,
+            )
             return 4
         removed = prune(entries, args.older_than, dry_run=args.dry_run)
         verb = "would remove" if args.dry_run else "removed"
         for e in removed:
             print(f"{verb} {_line(e)}")
-        print(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, "
-              f"{_human(sum(e.size for e in removed))}")
+        print(
+            f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, "
+            f"{_human(sum(e.size for e in removed))}"
+        )
         return 0
     if args.older_than is not None:
         entries = [e for e in entries if e.last_use < time.time() - args.older_than * 86400]

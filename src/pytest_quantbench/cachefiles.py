@@ -17,8 +17,15 @@ from typing import Literal
 
 from filelock import FileLock, Timeout
 
-__all__ = ["CacheNotice", "cache_notice", "parse_temp_name", "remove_temps_of", "sweep_lines",
-           "sweep_stale_temps", "temp_prefix"]
+__all__ = [
+    "CacheNotice",
+    "cache_notice",
+    "parse_temp_name",
+    "remove_temps_of",
+    "sweep_lines",
+    "sweep_stale_temps",
+    "temp_prefix",
+]
 
 
 class CacheNotice(UserWarning):
@@ -86,7 +93,7 @@ def _locks_of(directory: Path, target: str) -> list[Path]:
     """Lock files that guard writes of ``target``: its own, or its baseline's (a sidecar)."""
     names = [target + ".lock"]
     if target.endswith(".json"):
-        names.append(target[:-len(".json")] + ".lock")
+        names.append(target[: -len(".json")] + ".lock")
     return [directory / n for n in names if (directory / n).exists()]
 
 
@@ -146,8 +153,12 @@ def sweep_lines(removed: list[tuple[Path, int]]) -> list[str]:
     if not removed:
         return []
     total = sum(n for _, n in removed)
-    return [(f"quantbench cache: removed {len(removed)} temporary file(s) ({total / 1e6:.1f} MB) "
-            f"left by killed runs, e.g. {removed[0][0].name}")]
+    return [
+        (
+            f"quantbench cache: removed {len(removed)} temporary file(s) ({total / 1e6:.1f} MB) "
+            f"left by killed runs, e.g. {removed[0][0].name}"
+        )
+    ]
 
 
 def _stale(entry: Path) -> Literal[True] | FileLock | None:

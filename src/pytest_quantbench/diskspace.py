@@ -15,9 +15,19 @@ from pathlib import Path
 
 from .config import ConfigError
 
-__all__ = ["DiskSpaceError", "PlannedFile", "baseline_bytes", "cache_header_line",
-           "check_cache_space", "converted_model_bytes", "format_bytes", "free_bytes",
-           "imatrix_bytes", "plan_cache_files", "require_space"]
+__all__ = [
+    "DiskSpaceError",
+    "PlannedFile",
+    "baseline_bytes",
+    "cache_header_line",
+    "check_cache_space",
+    "converted_model_bytes",
+    "format_bytes",
+    "free_bytes",
+    "imatrix_bytes",
+    "plan_cache_files",
+    "require_space",
+]
 
 #: Bytes kept free beyond a file's size: its sidecar, lock and the hash memo.
 HEADROOM = 1 << 20
@@ -72,8 +82,9 @@ def converted_model_bytes(header, qtype: str) -> int:
     from .qtypes import TYPES_BY_NAME
 
     target = TYPES_BY_NAME[qtype]
-    data = sum(t.n_bytes if t.n_dims < 2 else target.row_size(t.ne0) * t.n_rows
-               for t in header.tensors)
+    data = sum(
+        t.n_bytes if t.n_dims < 2 else target.row_size(t.ne0) * t.n_rows for t in header.tensors
+    )
     return header.data_offset + data + header.alignment * len(header.tensors)
 
 
@@ -86,9 +97,11 @@ def require_space(directory: Path, needed: int, what: str, fixes: str) -> None:
     """
     free = free_bytes(directory)
     if free < needed + HEADROOM:
-        raise DiskSpaceError(f"{what} needs {format_bytes(needed)} ({needed} bytes) in "
-                             f"{directory}, but only {format_bytes(free)} ({free} bytes) are free "
-                             f"there: {fixes}")
+        raise DiskSpaceError(
+            f"{what} needs {format_bytes(needed)} ({needed} bytes) in "
+            f"{directory}, but only {format_bytes(free)} ({free} bytes) are free "
+            f"there: {fixes}"
+        )
 
 
 @dataclass(frozen=True)
@@ -107,27 +120,41 @@ class PlannedFile:
         return self.what.split(" (")[0].removeprefix("the ")
 
 
-def plan_cache_files(*, baseline: Path | None, shape: tuple[int, int], n_vocab: int,
-                     imatrix: Path | None, model_header) -> tuple[PlannedFile, ...]:
+def plan_cache_files(
+    *,
+    baseline: Path | None,
+    shape: tuple[int, int],
+    n_vocab: int,
+    imatrix: Path | None,
+    model_header,
+) -> tuple[PlannedFile, ...]:
     """The cache files of a run: the baseline logits (None: a user base file, nothing cached)
     for chunks of ``shape`` (n_chunk, n_ctx) and ``n_vocab``; the auto imatrix at ``imatrix``
     (None: none) for the model of ``model_header``."""
     files = []
     if baseline is not None:
         n_chunk, n_ctx = shape
-        files.append(PlannedFile(baseline, baseline_bytes(n_ctx, n_vocab, n_chunk),
-                                 f"the baseline logits file ({n_chunk} chunks, n_ctx={n_ctx}, "
-                                 f"n_vocab={n_vocab})", baseline.exists()))
+        files.append(
+            PlannedFile(
+                baseline,
+                baseline_bytes(n_ctx, n_vocab, n_chunk),
+                f"the baseline logits file ({n_chunk} chunks, n_ctx={n_ctx}, n_vocab={n_vocab})",
+                baseline.exists(),
+            )
+        )
     if imatrix is not None:
-        files.append(PlannedFile(imatrix, imatrix_bytes(model_header), "the auto imatrix",
-                                 imatrix.exists()))
+        files.append(
+            PlannedFile(imatrix, imatrix_bytes(model_header), "the auto imatrix", imatrix.exists())
+        )
     return tuple(files)
 
 
 #: What to change when the run's cache files do not fit.
-SPACE_FIXES = ("set --quantbench-cache-dir to a directory on a disk with more free space, pass "
-               "fewer --quantbench-chunks (the baseline grows with the chunks), or free space "
-               "there")
+SPACE_FIXES = (
+    "set --quantbench-cache-dir to a directory on a disk with more free space, pass "
+    "fewer --quantbench-chunks (the baseline grows with the chunks), or free space "
+    "there"
+)
 
 
 def _device(directory: Path) -> int:
@@ -145,14 +172,19 @@ def check_cache_space(plan: tuple[PlannedFile, ...]) -> None:
         if not f.cached:
             by_disk.setdefault(_device(f.path.parent), []).append(f)
     for files in by_disk.values():
-        require_space(files[0].path.parent, sum(f.size for f in files),
-                      " and ".join(f.what for f in files), SPACE_FIXES)
+        require_space(
+            files[0].path.parent,
+            sum(f.size for f in files),
+            " and ".join(f.what for f in files),
+            SPACE_FIXES,
+        )
 
 
 def cache_header_line(cache_dir: Path, plan: tuple[PlannedFile, ...]) -> str:
     """The run header's cache line: the directory, what this run adds to it (and what it finds
     there already), and the free space."""
-    parts = [f"{f.label} {format_bytes(f.size)} {'cached' if f.cached else 'to compute'}"
-             for f in plan]
+    parts = [
+        f"{f.label} {format_bytes(f.size)} {'cached' if f.cached else 'to compute'}" for f in plan
+    ]
     parts.append(f"{format_bytes(free_bytes(cache_dir))} free")
     return f"quantbench cache: {cache_dir} ({', '.join(parts)})"

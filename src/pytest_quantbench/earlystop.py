@@ -149,10 +149,13 @@ class Decision:
         """One line for messages, e.g. ``early fail after 4 of 32 chunks: max_kld interval
         [0.0213, 0.0305] (99.67% per look)``."""
         keys = [self.limit] if self.limit else list(self.intervals)
-        shown = ", ".join(f"{k} interval [{self.intervals[k][0]:.6g}, {self.intervals[k][1]:.6g}]"
-                          for k in keys)
-        return (f"early {self.verdict} after {self.chunks} of {self.n_chunks} chunks: {shown} "
-                f"({100 * self.level:.4g}% per look, Bonferroni over the planned looks)")
+        shown = ", ".join(
+            f"{k} interval [{self.intervals[k][0]:.6g}, {self.intervals[k][1]:.6g}]" for k in keys
+        )
+        return (
+            f"early {self.verdict} after {self.chunks} of {self.n_chunks} chunks: {shown} "
+            f"({100 * self.level:.4g}% per look, Bonferroni over the planned looks)"
+        )
 
 
 class EarlyStop:
@@ -166,8 +169,9 @@ class EarlyStop:
     Raises ValueError for a confidence outside (0, 1).
     """
 
-    def __init__(self, limits: Mapping[str, float], n_chunks: int,
-                 confidence: float = DEFAULT_CONFIDENCE) -> None:
+    def __init__(
+        self, limits: Mapping[str, float], n_chunks: int, confidence: float = DEFAULT_CONFIDENCE
+    ) -> None:
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"early-stop confidence {confidence} must lie between 0 and 1")
         self.n_chunks = n_chunks
@@ -263,8 +267,11 @@ class EarlyStopAccumulator(KLDAccumulator):
 
 
 def _spec_digest(limits: Mapping[str, float], confidence: float) -> str:
-    payload = {"limits": {k: float(v) for k, v in sorted(limits.items())},
-               "confidence": confidence, "first_look": FIRST_LOOK}
+    payload = {
+        "limits": {k: float(v) for k, v in sorted(limits.items())},
+        "confidence": confidence,
+        "first_look": FIRST_LOOK,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -274,18 +281,21 @@ def early_store_run(run_key: str) -> str:
     return f"{run_key}:early-stop"
 
 
-def early_item_key(run_key: str, tensors, qtype: str, limits: Mapping[str, float],
-                   confidence: float) -> str:
+def early_item_key(
+    run_key: str, tensors, qtype: str, limits: Mapping[str, float], confidence: float
+) -> str:
     """The store key of one early-stopped result: the run, the item, and the limits and
     confidence that decided where it stopped (another limit needs another measurement)."""
     from .store import item_key
 
-    return item_key(f"{early_store_run(run_key)}:{_spec_digest(limits, confidence)}",
-                    tensors, qtype)
+    return item_key(
+        f"{early_store_run(run_key)}:{_spec_digest(limits, confidence)}", tensors, qtype
+    )
 
 
-def item_accumulator(limits: Mapping[str, float], n_chunks: int,
-                     confidence: float = DEFAULT_CONFIDENCE) -> KLDAccumulator:
+def item_accumulator(
+    limits: Mapping[str, float], n_chunks: int, confidence: float = DEFAULT_CONFIDENCE
+) -> KLDAccumulator:
     """The accumulator for one item: an :class:`EarlyStopAccumulator` when ``limits`` (the
     item's threshold limits under ``--quantbench-early-stop``) are given, else a plain
     :class:`KLDAccumulator` (all chunks)."""
@@ -299,6 +309,9 @@ def gating_facts(acc: KLDAccumulator, n_chunks: int) -> dict[str, object]:
     (:meth:`KLDAccumulator.chunk_errors`), ``chunks_used``, ``stopped_early`` and
     ``early_verdict`` ("pass"/"fail", "" when all ``n_chunks`` ran)."""
     decision = getattr(acc, "decision", None)
-    return {**acc.chunk_errors(), "chunks_used": acc.n_chunks,
-            "stopped_early": decision is not None and acc.n_chunks < n_chunks,
-            "early_verdict": decision.verdict if decision is not None else ""}
+    return {
+        **acc.chunk_errors(),
+        "chunks_used": acc.n_chunks,
+        "stopped_early": decision is not None and acc.n_chunks < n_chunks,
+        "early_verdict": decision.verdict if decision is not None else "",
+    }

@@ -36,16 +36,23 @@ class EngineChoice:
         if ins.config.engine == "file":
             return "file", None
         if "token_embd.weight" in unit.tensors and self._tied_embeddings:
-            return "file", ("token_embd.weight is tied to the output: the engine computes the "
-                            "output from its own duplicate of the tensor, which the in-process "
-                            "swap does not reach")
+            return "file", (
+                "token_embd.weight is tied to the output: the engine computes the "
+                "output from its own duplicate of the tensor, which the in-process "
+                "swap does not reach"
+            )
         for name in unit.tensors:
             info = ins.model_header.tensor(name)
             if info.type_name not in ("f32", "f16", "bf16"):
-                return "file", f"{name} is {info.type_name} in the baseline (in-process needs float)"
+                return (
+                    "file",
+                    f"{name} is {info.type_name} in the baseline (in-process needs float)",
+                )
             if ins.imatrix is not None and len(info.shape) > 2 and info.shape[2] > 1:
-                return "file", (f"{name} has {info.shape[2]} experts: the in-process engine "
-                                "applies importance matrices to 2-D tensors only")
+                return "file", (
+                    f"{name} has {info.shape[2]} experts: the in-process engine "
+                    "applies importance matrices to 2-D tensors only"
+                )
         if self.swap_model is None:
             return "file", self._swap_error
         for name in unit.tensors:  # split, merged or load-transformed tensors (GPU builds)
@@ -84,8 +91,9 @@ class EngineChoice:
 
     def quantized(self, name: str, wtype):
         """:func:`measure.quantized` with this process's swap model and the run's imatrix."""
-        return quantized(self.swap_model, self.inputs.model_header, self.inputs.imatrix, name,
-                         wtype)
+        return quantized(
+            self.swap_model, self.inputs.model_header, self.inputs.imatrix, name, wtype
+        )
 
     def probe_tensor(self, wtype) -> str | None:
         """The tensor the kernel of ``wtype`` is probed on: the first tensor of the model, in
@@ -99,18 +107,23 @@ class EngineChoice:
 
         ins = self.inputs
         for info in sorted(ins.model_header.tensors, key=lambda t: natural_key(t.name)):
-            if (info.name == "token_embd.weight" or info.type_name not in ("f32", "f16", "bf16")
-                    or not is_quantizable_tensor(info.name, info.n_dims)):
+            if (
+                info.name == "token_embd.weight"
+                or info.type_name not in ("f32", "f16", "bf16")
+                or not is_quantizable_tensor(info.name, info.n_dims)
+            ):
                 continue
             try:
-                written, _ = predict_written_type(wtype, info.ne0, info.n_rows,
-                                                  tensor_name=info.name)
+                written, _ = predict_written_type(
+                    wtype, info.ne0, info.n_rows, tensor_name=info.name
+                )
             except (UnsupportedShapeError, ValueError):
                 continue
             if written.name != wtype.name:
                 continue
-            if needs_imatrix(wtype) and (ins.imatrix is None
-                                         or ins.imatrix.weights_for(info.name) is None):
+            if needs_imatrix(wtype) and (
+                ins.imatrix is None or ins.imatrix.weights_for(info.name) is None
+            ):
                 continue
             return info.name
         return None
@@ -147,11 +160,19 @@ class EngineChoice:
             return None, None
         traits = swap.traits(wtype.type_id)
         if traits is not None and not traits.vec_dot:
-            return (f"this engine build has no CPU kernel for {wtype.name} (its vec_dot is "
-                    "missing; the type needs another build, e.g. ARM)"), None
+            return (
+                f"this engine build has no CPU kernel for {wtype.name} (its vec_dot is "
+                "missing; the type needs another build, e.g. ARM)"
+            ), None
         replacement = self.quantized(name, wtype)
-        deq = swap.dequantize(replacement[3], wtype.type_id, info.n_rows, info.ne0,
-                              wtype.row_size(info.ne0), wtype.interleave)
+        deq = swap.dequantize(
+            replacement[3],
+            wtype.type_id,
+            info.n_rows,
+            info.ne0,
+            wtype.row_size(info.ne0),
+            wtype.interleave,
+        )
         if deq is None:
             return None, None
         weights = swap.baseline_f32(name, info.type_name)
@@ -168,10 +189,12 @@ class EngineChoice:
         lq, ld = logprobs
         kld = float(np.mean(np.sum(np.exp(ld) * (ld - lq), axis=1)))
         if not np.isfinite(kld) or kld > KERNEL_PROBE_MAX_KLD:
-            return (f"this engine build computes {wtype.name} wrongly: with {name} in "
-                    f"{wtype.name}, the logits differ from the same weights dequantized to f32 by "
-                    f"mean KLD {kld:.4f} on chunk 1 (a working kernel gives less than "
-                    f"{KERNEL_PROBE_MAX_KLD})"), kld
+            return (
+                f"this engine build computes {wtype.name} wrongly: with {name} in "
+                f"{wtype.name}, the logits differ from the same weights dequantized to f32 by "
+                f"mean KLD {kld:.4f} on chunk 1 (a working kernel gives less than "
+                f"{KERNEL_PROBE_MAX_KLD})"
+            ), kld
         return None, kld
 
     def close(self) -> None:

@@ -57,12 +57,16 @@ LOG_LINES = 10
 WORKERINPUT_KEY = "quantbench_fault_prefix"
 
 # Lines worth showing even when more output followed them (gdb's backtrace after a GGML_ASSERT).
-_KEY_LINE = re.compile(r"GGML_ASSERT|GGML_ABORT|\berror\b|\bfatal\b|\bfailed\b|\babort|"
-                       r"segmentation fault|terminate called", re.IGNORECASE)
+_KEY_LINE = re.compile(
+    r"GGML_ASSERT|GGML_ABORT|\berror\b|\bfatal\b|\bfailed\b|\babort|"
+    r"segmentation fault|terminate called",
+    re.IGNORECASE,
+)
 
 
-def install_fault_reports(config: pytest.Config, session: Any,
-                          item_type: type[pytest.Item]) -> None:
+def install_fault_reports(
+    config: pytest.Config, session: Any, item_type: type[pytest.Item]
+) -> None:
     """Register the half of fault reporting this process needs (call from ``pytest_configure``).
 
     session: the :class:`~pytest_quantbench.session.QuantbenchSession`, with its units planned.
@@ -77,7 +81,8 @@ def install_fault_reports(config: pytest.Config, session: Any,
         if prefix:
             config.pluginmanager.register(
                 WorkerFaultRecorder(prefix, str(workerinput.get("workerid", "gw")), item_type),
-                "quantbench-fault-recorder")
+                "quantbench-fault-recorder",
+            )
     elif config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(CrashReporter(session), "quantbench-crash-reporter")
 
@@ -135,8 +140,9 @@ class WorkerFaultRecorder:
         self.item_type = item_type
         self.stderr_path, self.log_path = _fault_paths(prefix, worker_id)
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
-        self.stderr_fd = os.open(self.stderr_path,
-                                 os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        self.stderr_fd = os.open(
+            self.stderr_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
+        )
         self.log = _LogRing(self.log_path)
         from .engine.bindings import LogTail
 
@@ -213,7 +219,7 @@ def _copy_from(src_fd: int, offset: int, dest_fd: int) -> None:
             offset += len(data)
             view = memoryview(data)
             while view:
-                view = view[os.write(dest_fd, view):]
+                view = view[os.write(dest_fd, view) :]
     except OSError:
         pass
 
@@ -239,8 +245,11 @@ _GDB_NO_SOURCE = re.compile(r"^\d+\s+\S.*: No such file or directory\.$")
 
 
 def _lines(text: str) -> list[str]:
-    return [line.rstrip() for line in text.replace("\r", "\n").split("\n")
-            if line.strip() and not _GDB_NO_SOURCE.match(line.strip())]
+    return [
+        line.rstrip()
+        for line in text.replace("\r", "\n").split("\n")
+        if line.strip() and not _GDB_NO_SOURCE.match(line.strip())
+    ]
 
 
 def _stderr_excerpt(lines: list[str], n: int = STDERR_LINES) -> list[str]:
@@ -316,8 +325,7 @@ class CrashReporter:
     def _unit(self, nodeid: str):
         return self.units.get(nodeid) or self.units.get(nodeid.rsplit("@", 1)[0])
 
-    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport,
-                               sched: Any) -> None:
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport, sched: Any) -> None:
         """Add the engine's last stderr and log lines to the crash report of a quantbench item,
         make it an error of the phase it died in, and give it the item's result row."""
         unit = self._unit(crashitem)

@@ -21,21 +21,28 @@ def file_problems(baseline_header, header) -> list[str]:
     """
     problems = []
     if header.architecture != baseline_header.architecture:
-        problems.append(f"architecture {header.architecture!r}, the baseline's is "
-                        f"{baseline_header.architecture!r}")
+        problems.append(
+            f"architecture {header.architecture!r}, the baseline's is "
+            f"{baseline_header.architecture!r}"
+        )
     if header.n_vocab != baseline_header.n_vocab:
-        problems.append(f"vocabulary of {header.n_vocab} tokens, the baseline's has "
-                        f"{baseline_header.n_vocab}")
+        problems.append(
+            f"vocabulary of {header.n_vocab} tokens, the baseline's has {baseline_header.n_vocab}"
+        )
     base = {t.name: tuple(t.shape) for t in baseline_header.tensors}
     mine = {t.name: tuple(t.shape) for t in header.tensors}
-    for what, names in (("missing", sorted(set(base) - set(mine))),
-                        ("not in the baseline", sorted(set(mine) - set(base)))):
+    for what, names in (
+        ("missing", sorted(set(base) - set(mine))),
+        ("not in the baseline", sorted(set(mine) - set(base))),
+    ):
         if names:
             problems.append(f"{len(names)} tensor(s) {what}: {_some(names)}")
     reshaped = sorted(n for n in set(base) & set(mine) if base[n] != mine[n])
     if reshaped:
-        problems.append(f"{len(reshaped)} tensor(s) of another shape: " + _some(
-            [f"{n} {list(mine[n])} (baseline {list(base[n])})" for n in reshaped]))
+        problems.append(
+            f"{len(reshaped)} tensor(s) of another shape: "
+            + _some([f"{n} {list(mine[n])} (baseline {list(base[n])})" for n in reshaped])
+        )
     return problems
 
 

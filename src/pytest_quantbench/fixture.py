@@ -38,14 +38,16 @@ MISSING_SETTINGS = (
     "pass --quantbench-model PATH and --quantbench-corpus PATH, or set quantbench_model and "
     "quantbench_corpus in the ini file, or model and corpus in quantbench.yaml (any one "
     "quantbench setting, e.g. quantbench_chunks = 2, uses the default SmolLM2-135M-Instruct "
-    "model and corpus)")
+    "model and corpus)"
+)
 
 #: Characters the suite's unquoted CSV cannot hold in a column name (report.py's rule).
 _CSV_UNSAFE = str.maketrans({",": ";", '"': "'", "\n": " ", "\r": " "})
 
 
-def register(config: pytest.Config, get_session: Callable[[], Any],
-             to_builtin: Callable[[Any], Any]) -> None:
+def register(
+    config: pytest.Config, get_session: Callable[[], Any], to_builtin: Callable[[Any], Any]
+) -> None:
     """Make the ``quantbench`` fixture available in ``config``'s run.
 
     get_session: returns the process's QuantbenchSession, or None when quantbench is not
@@ -76,8 +78,9 @@ def quantbench(request: pytest.FixtureRequest) -> Quantbench:
     session = config.stash.get(_SESSION_GETTER, lambda: None)()
     if session is None:
         raise pytest.UsageError(MISSING_SETTINGS)
-    return Quantbench(session, lambda: config.stash.get(_CURRENT_ITEM, None),
-                      config.stash[_TO_BUILTIN])
+    return Quantbench(
+        session, lambda: config.stash.get(_CURRENT_ITEM, None), config.stash[_TO_BUILTIN]
+    )
 
 
 class Baseline:
@@ -106,8 +109,10 @@ class Baseline:
         self.tokens = file.tokens
 
     def __repr__(self) -> str:
-        return (f"Baseline({self.path.name}, n_ctx={self.n_ctx}, n_chunk={self.n_chunk}, "
-                f"n_vocab={self.n_vocab})")
+        return (
+            f"Baseline({self.path.name}, n_ctx={self.n_ctx}, n_chunk={self.n_chunk}, "
+            f"n_vocab={self.n_vocab})"
+        )
 
     def logprobs(self, chunk: int):
         """Base log-probabilities (nats) of chunk ``chunk``'s scored positions: a new float32
@@ -151,15 +156,18 @@ class Measurement:
             values = self.__dict__.get(part, {})
             if name in values:
                 return values[name]
-        raise AttributeError(f"Measurement has no {name!r}; statistics: "
-                             f"{', '.join(self.__dict__.get('stats', {}))}")
+        raise AttributeError(
+            f"Measurement has no {name!r}; statistics: {', '.join(self.__dict__.get('stats', {}))}"
+        )
 
     def __repr__(self) -> str:
         s = self.stats
-        return (f"Measurement({self.row.get('members')} as {self.row.get('qtype')}: mean_kld "
-                f"{s['mean_kld']:.6f} ± {s['mean_kld_err']:.6f}, ppl_ratio {s['ppl_ratio']:.4f} "
-                f"± {s['ppl_ratio_err']:.4f}, same_top_p {s['same_top_p']:.3f} ± "
-                f"{s['same_top_p_err']:.3f}%)")
+        return (
+            f"Measurement({self.row.get('members')} as {self.row.get('qtype')}: mean_kld "
+            f"{s['mean_kld']:.6f} ± {s['mean_kld_err']:.6f}, ppl_ratio {s['ppl_ratio']:.4f} "
+            f"± {s['ppl_ratio_err']:.4f}, same_top_p {s['same_top_p']:.3f} ± "
+            f"{s['same_top_p_err']:.3f}%)"
+        )
 
 
 class Quantbench:
@@ -171,8 +179,12 @@ class Quantbench:
         to_builtin: a row value as a builtin type (reports travel through execnet).
     """
 
-    def __init__(self, session, current_item: Callable[[], Any],
-                 to_builtin: Callable[[Any], Any] = lambda value: value) -> None:
+    def __init__(
+        self,
+        session,
+        current_item: Callable[[], Any],
+        to_builtin: Callable[[Any], Any] = lambda value: value,
+    ) -> None:
         self.session = session
         self._current_item = current_item
         self._to_builtin = to_builtin
@@ -200,16 +212,20 @@ class Quantbench:
             pattern = compile_regex(tensors)
             names = [n for n in eligible if pattern.search(n)]
             if not names:
-                raise ValueError(f"quantbench.measure: tensors={tensors!r} matches no "
-                                 f"quantizable tensor of {self.session.model_path.name} "
-                                 f"(e.g. {', '.join(eligible[:3])})")
+                raise ValueError(
+                    f"quantbench.measure: tensors={tensors!r} matches no "
+                    f"quantizable tensor of {self.session.model_path.name} "
+                    f"(e.g. {', '.join(eligible[:3])})"
+                )
         else:
             names = list(dict.fromkeys(tensors))
             unknown = [n for n in names if n not in eligible]
             if unknown or not names:
-                raise ValueError(f"quantbench.measure: {unknown or 'no tensor'} is not a "
-                                 f"quantizable tensor of {self.session.model_path.name} "
-                                 f"(e.g. {', '.join(eligible[:3])})")
+                raise ValueError(
+                    f"quantbench.measure: {unknown or 'no tensor'} is not a "
+                    f"quantizable tensor of {self.session.model_path.name} "
+                    f"(e.g. {', '.join(eligible[:3])})"
+                )
         return tuple(sorted(names, key=natural_key))
 
     def measure(self, tensors: str | Sequence[str], qtype: str) -> Measurement:
@@ -259,14 +275,20 @@ class Quantbench:
         header = read_model_header(path)
         problems = file_problems(self.session.model_header, header)
         if problems:
-            raise ValueError(f"quantbench.measure_file: {path} is not a quantization of "
-                             f"{self.session.model_path.name}: " + "; ".join(problems))
+            raise ValueError(
+                f"quantbench.measure_file: {path} is not a quantization of "
+                f"{self.session.model_path.name}: " + "; ".join(problems)
+            )
         digest = sha256_file(path, self.session.cache_dir)
-        unit = WorkUnit(name=self._label(), tensors=(f"file:{digest}",),
-                        qtype=path.name.translate(_CSV_UNSAFE))
-        row = {**self.session.identity_row(unit), "members": str(path),
-               "requested_type": "file",
-               "written_type": " ".join(sorted({t.type_name for t in header.tensors}))}
+        unit = WorkUnit(
+            name=self._label(), tensors=(f"file:{digest}",), qtype=path.name.translate(_CSV_UNSAFE)
+        )
+        row = {
+            **self.session.identity_row(unit),
+            "members": str(path),
+            "requested_type": "file",
+            "written_type": " ".join(sorted({t.type_name for t in header.tensors})),
+        }
 
         def evaluate_file(unit, row):
             from .engine.llama import LlamaModel
@@ -296,11 +318,14 @@ class Quantbench:
 
         unknown = sorted(set(limits) - set(LIMIT_SPECS))
         if unknown:
-            raise TypeError(f"quantbench.check: unknown limit(s) {', '.join(unknown)}; "
-                            f"use {', '.join(LIMIT_SPECS)}")
+            raise TypeError(
+                f"quantbench.check: unknown limit(s) {', '.join(unknown)}; "
+                f"use {', '.join(LIMIT_SPECS)}"
+            )
         parsed = {k: _parse_limit(k, v, "quantbench.check") for k, v in limits.items()}
-        rule = ThresholdRule(index=None, tensor=None, pattern=None, limits=parsed,
-                             describe="quantbench.check")
+        rule = ThresholdRule(
+            index=None, tensor=None, pattern=None, limits=parsed, describe="quantbench.check"
+        )
         violations = Thresholds([rule]).check(stats.tensor, stats.qtype, stats.stats)
         if violations:
             pytest.fail("\n".join(v.message for v in violations), pytrace=False)
@@ -358,5 +383,6 @@ def measurement_rows(props: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             rows.setdefault(f"#{n}", {})[name] = value
         else:
             rows.setdefault("", {})[key] = value
-    return [(suffix, row) for suffix, row in rows.items()
-            if "qtype" in row and "model_sha256" in row]
+    return [
+        (suffix, row) for suffix, row in rows.items() if "qtype" in row and "model_sha256" in row
+    ]

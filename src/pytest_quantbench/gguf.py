@@ -60,14 +60,33 @@ class GGUFError(ValueError):
 # value types (gguf.h enum gguf_type)
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
 _SCALAR_FMT = {
-    _U8: "B", _I8: "b", _U16: "H", _I16: "h", _U32: "I", _I32: "i",
-    _F32: "f", _BOOL: "?", _U64: "Q", _I64: "q", _F64: "d",
+    _U8: "B",
+    _I8: "b",
+    _U16: "H",
+    _I16: "h",
+    _U32: "I",
+    _I32: "i",
+    _F32: "f",
+    _BOOL: "?",
+    _U64: "Q",
+    _I64: "q",
+    _F64: "d",
 }
 _SCALAR_SIZE = {k: struct.calcsize("<" + v) for k, v in _SCALAR_FMT.items()}
 _VALUE_TYPE_NAMES = {
-    _U8: "uint8", _I8: "int8", _U16: "uint16", _I16: "int16", _U32: "uint32",
-    _I32: "int32", _F32: "float32", _BOOL: "bool", _STR: "string", _ARR: "array",
-    _U64: "uint64", _I64: "int64", _F64: "float64",
+    _U8: "uint8",
+    _I8: "int8",
+    _U16: "uint16",
+    _I16: "int16",
+    _U32: "uint32",
+    _I32: "int32",
+    _F32: "float32",
+    _BOOL: "bool",
+    _STR: "string",
+    _ARR: "array",
+    _U64: "uint64",
+    _I64: "int64",
+    _F64: "float64",
 }
 
 
@@ -340,15 +359,21 @@ def tensor_nbytes(t: GGMLType, shape: tuple[int, ...]) -> int:
     if ne0 == 0:
         return 0
     if ne0 % t.block_size:
-        raise ValueError(f"ne0 = {ne0} is not a multiple of the block size {t.block_size} of {t.name}")
+        raise ValueError(
+            f"ne0 = {ne0} is not a multiple of the block size {t.block_size} of {t.name}"
+        )
     return (n // ne0) * (t.row_meta + t.type_size * (ne0 // t.block_size))
 
 
 def _check_path(path: Path) -> None:
     if not path.exists():
-        raise GGUFError(f"{path}: no such file; check the model path (or build/download the model first)")
+        raise GGUFError(
+            f"{path}: no such file; check the model path (or build/download the model first)"
+        )
     if path.is_dir():
-        raise GGUFError(f"{path}: is a directory, not a GGUF file; point the option at the .gguf file inside it")
+        raise GGUFError(
+            f"{path}: is a directory, not a GGUF file; point the option at the .gguf file inside it"
+        )
 
 
 #: ggml type ids of mainline llama.cpp (ggml/include/ggml.h, enum ggml_type) that ik_llama.cpp does
@@ -369,16 +394,22 @@ def unknown_type_message(path: Path, tensor: str, type_id: int) -> str:
         engine = "ik-llama-cpp-python (not installed)"
     known = max(TYPES_BY_ID)
     if type_id in MAINLINE_ONLY_TYPE_IDS:
-        who = (f"id {type_id} is {MAINLINE_ONLY_TYPE_IDS[type_id]} in mainline llama.cpp, which "
-               f"ik_llama.cpp cannot load: quantize the model from its bf16/f16 original with "
-               f"ik_llama.cpp's llama-quantize, or use a model with ik or standard types")
+        who = (
+            f"id {type_id} is {MAINLINE_ONLY_TYPE_IDS[type_id]} in mainline llama.cpp, which "
+            f"ik_llama.cpp cannot load: quantize the model from its bf16/f16 original with "
+            f"ik_llama.cpp's llama-quantize, or use a model with ik or standard types"
+        )
     else:
-        who = (f"no llama.cpp build this plugin knows has it (ik ids go up to {known}): a newer "
-               f"ik_llama.cpp may; update ik-llama-cpp-python and pytest-quantbench (or give "
-               f"--quantbench-engine-lib for your own build), or re-quantize the model with the "
-               f"ik_llama.cpp llama-quantize")
-    return (f"{path}: tensor {tensor!r} has ggml type id {type_id}, unknown to the ggml type "
-            f"table of pytest-quantbench for the engine {engine} (ik_llama.cpp's ggml.h); {who}")
+        who = (
+            f"no llama.cpp build this plugin knows has it (ik ids go up to {known}): a newer "
+            f"ik_llama.cpp may; update ik-llama-cpp-python and pytest-quantbench (or give "
+            f"--quantbench-engine-lib for your own build), or re-quantize the model with the "
+            f"ik_llama.cpp llama-quantize"
+        )
+    return (
+        f"{path}: tensor {tensor!r} has ggml type id {type_id}, unknown to the ggml type "
+        f"table of pytest-quantbench for the engine {engine} (ik_llama.cpp's ggml.h); {who}"
+    )
 
 
 def read_header(path: str | os.PathLike[str], *, max_array_items: int | None = None) -> GGUFHeader:
@@ -471,8 +502,15 @@ def _parse(p: Path, mm, file_size: int, max_items: int | None) -> GGUFHeader:
         raise GGUFError(f"{p}: corrupt header: {e}; {_FIX_HINT}") from None
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{p}: general.alignment = {alignment!r} is not a power of two; corrupt header; {_FIX_HINT}")
+    if (
+        not isinstance(alignment, int)
+        or isinstance(alignment, bool)
+        or alignment <= 0
+        or alignment & (alignment - 1)
+    ):
+        raise GGUFError(
+            f"{p}: general.alignment = {alignment!r} is not a power of two; corrupt header; {_FIX_HINT}"
+        )
     data_offset = (r.pos + alignment - 1) // alignment * alignment
     path_s = str(p)
 
@@ -484,8 +522,10 @@ def _parse(p: Path, mm, file_size: int, max_items: int | None) -> GGUFHeader:
         try:
             n_bytes = tensor_nbytes(t, shape)
         except ValueError as e:
-            raise GGUFError(f"{p}: tensor {name!r} shape {list(shape)} type {t.name}: {e}; "
-                            f"corrupt header; {_FIX_HINT}") from None
+            raise GGUFError(
+                f"{p}: tensor {name!r} shape {list(shape)} type {t.name}: {e}; "
+                f"corrupt header; {_FIX_HINT}"
+            ) from None
         if offset % alignment:
             raise GGUFError(
                 f"{p}: tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}; "
@@ -530,7 +570,9 @@ def split_paths(path: str | os.PathLike[str], count: int | None = None) -> tuple
     return tuple(p.with_name(f"{prefix}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1))
 
 
-def read_model_header(path: str | os.PathLike[str], *, max_array_items: int | None = None) -> GGUFHeader:
+def read_model_header(
+    path: str | os.PathLike[str], *, max_array_items: int | None = None
+) -> GGUFHeader:
     """Read a whole model: one file, or all shards of a split model.
 
     ``path`` may name any shard of ``<prefix>-0000K-of-0000N.gguf``; the
@@ -591,4 +633,3 @@ def read_model_header(path: str | os.PathLike[str], *, max_array_items: int | No
         file_size=h0.file_size,
         shards=tuple(h.path for h in headers),
     )
-

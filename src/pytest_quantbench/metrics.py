@@ -103,6 +103,7 @@ _F64 = np.float64
 # float32 / C emulation primitives (docs/llama-perplexity.md#bit-exactness)
 # ---------------------------------------------------------------------------
 
+
 def expf(x: np.ndarray) -> np.ndarray:
     """C ``expf`` emulated as ``f32(exp(float64(x)))`` (docs/llama-perplexity.md#bit-exactness).
 
@@ -148,8 +149,9 @@ def for_row_blocks(n_rows: int, n_cols: int, fn: Callable[[slice], None]) -> Non
         return
     if _POOL is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, workers)),
-                                   thread_name_prefix="quantbench-metrics")
+        _POOL = ThreadPoolExecutor(
+            max_workers=max(1, min(8, workers)), thread_name_prefix="quantbench-metrics"
+        )
     for _ in _POOL.map(fn, blocks):
         pass
 
@@ -347,7 +349,9 @@ def percentile(x_sorted: np.ndarray, fraction: float, *, fma: bool = False) -> n
     x1 = x[min(k + 1, n - 1)]
     b = _F32(r * x1)
     if fma:
-        return _round_f32_exact(Fraction(float(one_minus_r)) * Fraction(float(x0)) + Fraction(float(b)))
+        return _round_f32_exact(
+            Fraction(float(one_minus_r)) * Fraction(float(x0)) + Fraction(float(b))
+        )
     a = _F32(one_minus_r * x0)
     return _F32(a + b)
 
@@ -377,6 +381,7 @@ MED = median
 # ---------------------------------------------------------------------------
 # plain / base run PPL (docs/llama-perplexity.md#ppl)
 # ---------------------------------------------------------------------------
+
 
 class PPLAccumulator:
     """PPL of a plain or base-writing llama-perplexity run
@@ -445,7 +450,11 @@ class PPLAccumulator:
             return "Unexpected negative standard deviation of log(prob)"
         if style == "ik":
             return "Final estimate: PPL over %d chunks for n_ctx=%d = %.4f +/- %.5f" % (
-                self.n_chunks, n_ctx, ppl, err)
+                self.n_chunks,
+                n_ctx,
+                ppl,
+                err,
+            )
         if style == "ml":
             return "Final estimate: PPL = %.4f +/- %.5f" % (ppl, err)
         raise ValueError(f"unknown style {style!r} (expected 'ik' or 'ml')")
@@ -455,15 +464,16 @@ class PPLAccumulator:
 # per-token quantities of a KLD run (docs/llama-perplexity.md#kld-token)
 # ---------------------------------------------------------------------------
 
+
 class TokenStats(NamedTuple):
     """Per-token quantities of one chunk of a KLD run (docs/llama-perplexity.md#kld-token); all
     arrays (S,)."""
 
-    nll: np.ndarray        #: float32, f32(A − l_t), nats
-    nll_base: np.ndarray   #: float32, −lp_t, nats
-    kld: np.ndarray        #: float64, Σ_{lp_i > −16} f32(expf(lp_i)·f32(f32(lp_i − l_i) + A)), nats
-    same_top: np.ndarray   #: bool, argmax(l) == argmax(lp)
-    dp: np.ndarray         #: float32, f32(expf(−nll) − expf(−nll_base)), probability (not %)
+    nll: np.ndarray  #: float32, f32(A − l_t), nats
+    nll_base: np.ndarray  #: float32, −lp_t, nats
+    kld: np.ndarray  #: float64, Σ_{lp_i > −16} f32(expf(lp_i)·f32(f32(lp_i − l_i) + A)), nats
+    same_top: np.ndarray  #: bool, argmax(l) == argmax(lp)
+    dp: np.ndarray  #: float32, f32(expf(−nll) − expf(−nll_base)), probability (not %)
 
 
 def kld_token_stats(
@@ -504,8 +514,8 @@ def kld_token_stats(
     rows = np.arange(n_rows)
 
     imax, mx, lse = row_max_lse(logits)
-    a = mx + lse                                   # A = f32(mx + lse)
-    nll = a - logits[rows, targets]                # f32(A − l_t)
+    a = mx + lse  # A = f32(mx + lse)
+    nll = a - logits[rows, targets]  # f32(A − l_t)
     nll_base = -base[rows, targets]
     imax_b = np.argmax(base, axis=1)
 
@@ -528,6 +538,7 @@ def kld_token_stats(
 # ---------------------------------------------------------------------------
 # statistics (docs/llama-perplexity.md#statistics)
 # ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FieldInfo:
@@ -559,21 +570,36 @@ def _fields() -> tuple[FieldInfo, ...]:
     val("ppl_ratio", "Mean PPL(Q)/PPL(base)", "", True)
     val("ppl_diff", "Mean PPL(Q)-PPL(base)", "", True)
     val("mean_kld", "Mean KLD", "nats", True)
-    for name, label in (("max_kld", "Maximum KLD"), ("kld_p99_9", "99.9% KLD"),
-                        ("kld_p99", "99.0% KLD"), ("kld_p95", "95.0% KLD"),
-                        ("kld_p90", "90.0% KLD"), ("median_kld", "Median KLD"),
-                        ("kld_p10", "10.0% KLD"), ("kld_p5", "5.0% KLD"),
-                        ("kld_p1", "1.0% KLD"), ("kld_p0_1", "0.1% KLD"),
-                        ("min_kld", "Minimum KLD")):
+    for name, label in (
+        ("max_kld", "Maximum KLD"),
+        ("kld_p99_9", "99.9% KLD"),
+        ("kld_p99", "99.0% KLD"),
+        ("kld_p95", "95.0% KLD"),
+        ("kld_p90", "90.0% KLD"),
+        ("median_kld", "Median KLD"),
+        ("kld_p10", "10.0% KLD"),
+        ("kld_p5", "5.0% KLD"),
+        ("kld_p1", "1.0% KLD"),
+        ("kld_p0_1", "0.1% KLD"),
+        ("min_kld", "Minimum KLD"),
+    ):
         val(name, label, "nats")
     val("mean_dp", "Mean \u0394p", "%", True)
-    for name, label in (("max_dp", "Maximum \u0394p"), ("dp_p99_9", "99.9% \u0394p"),
-                        ("dp_p99", "99.0% \u0394p"), ("dp_p95", "95.0% \u0394p"),
-                        ("dp_p90", "90.0% \u0394p"), ("dp_p75", "75.0% \u0394p"),
-                        ("median_dp", "Median \u0394p"), ("dp_p25", "25.0% \u0394p"),
-                        ("dp_p10", "10.0% \u0394p"), ("dp_p5", "5.0% \u0394p"),
-                        ("dp_p1", "1.0% \u0394p"), ("dp_p0_1", "0.1% \u0394p"),
-                        ("min_dp", "Minimum \u0394p")):
+    for name, label in (
+        ("max_dp", "Maximum \u0394p"),
+        ("dp_p99_9", "99.9% \u0394p"),
+        ("dp_p99", "99.0% \u0394p"),
+        ("dp_p95", "95.0% \u0394p"),
+        ("dp_p90", "90.0% \u0394p"),
+        ("dp_p75", "75.0% \u0394p"),
+        ("median_dp", "Median \u0394p"),
+        ("dp_p25", "25.0% \u0394p"),
+        ("dp_p10", "10.0% \u0394p"),
+        ("dp_p5", "5.0% \u0394p"),
+        ("dp_p1", "1.0% \u0394p"),
+        ("dp_p0_1", "0.1% \u0394p"),
+        ("min_dp", "Minimum \u0394p"),
+    ):
         val(name, label, "%")
     val("rms_dp", "RMS \u0394p", "%", True)
     val("same_top_p", "Same top p", "%", True)
@@ -657,7 +683,9 @@ class KLDStats:
     def as_dict(self) -> dict[str, float | int]:
         """All fields as ``{name: float|int}`` with builtin types only (xdist-safe)."""
         return {
-            f.name: (int(getattr(self, f.name)) if f.name == "n_tokens" else float(getattr(self, f.name)))
+            f.name: (
+                int(getattr(self, f.name)) if f.name == "n_tokens" else float(getattr(self, f.name))
+            )
             for f in dataclasses.fields(self)
         }
 
@@ -675,12 +703,27 @@ class KLDStats:
         f10 = "%10.6f"
         lines = [
             "====== Perplexity statistics ======",
-            "Mean PPL(Q)                   : " + _fmt(f10, self.ppl_q) + pm + _fmt(f10, self.ppl_q_err),
-            "Mean PPL(base)                : " + _fmt(f10, self.ppl_base) + pm + _fmt(f10, self.ppl_base_err),
+            "Mean PPL(Q)                   : "
+            + _fmt(f10, self.ppl_q)
+            + pm
+            + _fmt(f10, self.ppl_q_err),
+            "Mean PPL(base)                : "
+            + _fmt(f10, self.ppl_base)
+            + pm
+            + _fmt(f10, self.ppl_base_err),
             "Cor(ln(PPL(Q)), ln(PPL(base))): " + _fmt("%6.2f", self.cor_ln_ppl) + "%",
-            "Mean ln(PPL(Q)/PPL(base))     : " + _fmt(f10, self.ln_ratio) + pm + _fmt(f10, self.ln_ratio_err),
-            "Mean PPL(Q)/PPL(base)         : " + _fmt(f10, self.ppl_ratio) + pm + _fmt(f10, self.ppl_ratio_err),
-            "Mean PPL(Q)-PPL(base)         : " + _fmt(f10, self.ppl_diff) + pm + _fmt(f10, self.ppl_diff_err),
+            "Mean ln(PPL(Q)/PPL(base))     : "
+            + _fmt(f10, self.ln_ratio)
+            + pm
+            + _fmt(f10, self.ln_ratio_err),
+            "Mean PPL(Q)/PPL(base)         : "
+            + _fmt(f10, self.ppl_ratio)
+            + pm
+            + _fmt(f10, self.ppl_ratio_err),
+            "Mean PPL(Q)-PPL(base)         : "
+            + _fmt(f10, self.ppl_diff)
+            + pm
+            + _fmt(f10, self.ppl_diff_err),
             "",
             "====== KL divergence statistics ======",
             "Mean    KLD: " + _fmt(f10, self.mean_kld) + pm + _fmt(f10, self.mean_kld_err),
@@ -697,7 +740,11 @@ class KLDStats:
             "Minimum KLD: " + _fmt(f10, self.min_kld),
             "",
             "====== Token probability statistics ======",
-            f"Mean    {dl}p: " + _fmt("%6.3f", self.mean_dp) + pm + _fmt("%5.3f", self.mean_dp_err) + " %",
+            f"Mean    {dl}p: "
+            + _fmt("%6.3f", self.mean_dp)
+            + pm
+            + _fmt("%5.3f", self.mean_dp_err)
+            + " %",
             f"Maximum {dl}p: " + _fmt("%6.3f", self.max_dp) + "%",
             f"99.9%   {dl}p: " + _fmt("%6.3f", self.dp_p99_9) + "%",
             f"99.0%   {dl}p: " + _fmt("%6.3f", self.dp_p99) + "%",
@@ -711,8 +758,16 @@ class KLDStats:
             f" 1.0%   {dl}p: " + _fmt("%6.3f", self.dp_p1) + "%",
             f" 0.1%   {dl}p: " + _fmt("%6.3f", self.dp_p0_1) + "%",
             f"Minimum {dl}p: " + _fmt("%6.3f", self.min_dp) + "%",
-            f"RMS {dl}p    : " + _fmt("%6.3f", self.rms_dp) + pm + _fmt("%5.3f", self.rms_dp_err) + " %",
-            "Same top p: " + _fmt("%6.3f", self.same_top_p) + pm + _fmt("%5.3f", self.same_top_p_err) + " %",
+            f"RMS {dl}p    : "
+            + _fmt("%6.3f", self.rms_dp)
+            + pm
+            + _fmt("%5.3f", self.rms_dp_err)
+            + " %",
+            "Same top p: "
+            + _fmt("%6.3f", self.same_top_p)
+            + pm
+            + _fmt("%5.3f", self.same_top_p_err)
+            + " %",
         ]
         return "\n".join(lines) + "\n"
 
@@ -787,7 +842,9 @@ class KLDAccumulator:
         self._chunk_means: list[tuple[float, ...]] = []
 
     # -- accumulation ------------------------------------------------------
-    def add_chunk(self, logits: np.ndarray, base_logprobs: np.ndarray, targets: np.ndarray) -> TokenStats:
+    def add_chunk(
+        self, logits: np.ndarray, base_logprobs: np.ndarray, targets: np.ndarray
+    ) -> TokenStats:
         """Process one chunk: Q ``logits`` f32 (S, V), ``base_logprobs`` f32 (S, V), ``targets`` int (S,).
 
         Computes :func:`kld_token_stats` and adds them (see :meth:`add_token_stats`).
@@ -822,13 +879,15 @@ class KLDAccumulator:
         self._kld.append(kld.astype(_F32))
         self._dp.append(dp.copy())
         n = max(1, nll.shape[0])
-        self._chunk_means.append((
-            float(kld.sum()) / n,
-            float(dp.astype(_F64).sum()) / n,
-            float(np.count_nonzero(ts.same_top)) / n,
-            float((nll.astype(_F64) - nb.astype(_F64)).sum()) / n,
-            float(d2.sum()) / n,
-        ))
+        self._chunk_means.append(
+            (
+                float(kld.sum()) / n,
+                float(dp.astype(_F64).sum()) / n,
+                float(np.count_nonzero(ts.same_top)) / n,
+                float((nll.astype(_F64) - nb.astype(_F64)).sum()) / n,
+                float(d2.sum()) / n,
+            )
+        )
 
     # -- read-out ----------------------------------------------------------
     @property
@@ -904,11 +963,28 @@ class KLDAccumulator:
         rms, rms_err, p, p_err = self._rms_same()
         return (
             "%4d" % chunk_number
-            + "    " + _fmt("%9.4f", ppl) + " \u00b1 " + _fmt("%9.4f", _cmul(ppl, sq))
-            + "    " + _fmt("%10.5f", ln_ratio) + " \u00b1 " + _fmt("%10.5f", ln_ratio_err)
-            + "    " + _fmt("%10.5f", kl) + " \u00b1 " + _fmt("%10.5f", kl_err)
-            + "    " + _fmt("%6.3f", 100.0 * rms) + " \u00b1 " + _fmt("%6.3f", 100.0 * rms_err) + " %"
-            + "    " + _fmt("%6.3f", 100.0 * p) + " \u00b1 " + _fmt("%6.3f", 100.0 * p_err) + " %"
+            + "    "
+            + _fmt("%9.4f", ppl)
+            + " \u00b1 "
+            + _fmt("%9.4f", _cmul(ppl, sq))
+            + "    "
+            + _fmt("%10.5f", ln_ratio)
+            + " \u00b1 "
+            + _fmt("%10.5f", ln_ratio_err)
+            + "    "
+            + _fmt("%10.5f", kl)
+            + " \u00b1 "
+            + _fmt("%10.5f", kl_err)
+            + "    "
+            + _fmt("%6.3f", 100.0 * rms)
+            + " \u00b1 "
+            + _fmt("%6.3f", 100.0 * rms_err)
+            + " %"
+            + "    "
+            + _fmt("%6.3f", 100.0 * p)
+            + " \u00b1 "
+            + _fmt("%6.3f", 100.0 * p_err)
+            + " %"
         )
 
     def stats(self) -> KLDStats:
@@ -938,27 +1014,48 @@ class KLDAccumulator:
             return 100.0 * float(percentile(dp, PERCENTILE_FRACTIONS[key], fma=self.fma))
 
         return KLDStats(
-            ppl_q=pq, ppl_q_err=pq_err,
-            ppl_base=pb, ppl_base_err=pb_err,
+            ppl_q=pq,
+            ppl_q_err=pq_err,
+            ppl_base=pb,
+            ppl_base_err=pb_err,
             cor_ln_ppl=100.0 * _cdiv(c, sq * sb),
-            ln_ratio=ln_ratio, ln_ratio_err=ln_ratio_err,
-            ppl_ratio=ratio, ppl_ratio_err=_cmul(ratio, ln_ratio_err),
-            ppl_diff=pq - pb, ppl_diff_err=diff_err,
-            mean_kld=kl, mean_kld_err=kl_err,
+            ln_ratio=ln_ratio,
+            ln_ratio_err=ln_ratio_err,
+            ppl_ratio=ratio,
+            ppl_ratio_err=_cmul(ratio, ln_ratio_err),
+            ppl_diff=pq - pb,
+            ppl_diff_err=diff_err,
+            mean_kld=kl,
+            mean_kld_err=kl_err,
             max_kld=float(kld[-1]),
-            kld_p99_9=kp("p99_9"), kld_p99=kp("p99"), kld_p95=kp("p95"), kld_p90=kp("p90"),
+            kld_p99_9=kp("p99_9"),
+            kld_p99=kp("p99"),
+            kld_p95=kp("p95"),
+            kld_p90=kp("p90"),
             median_kld=float(median(kld)),
-            kld_p10=kp("p10"), kld_p5=kp("p5"), kld_p1=kp("p1"), kld_p0_1=kp("p0_1"),
+            kld_p10=kp("p10"),
+            kld_p5=kp("p5"),
+            kld_p1=kp("p1"),
+            kld_p0_1=kp("p0_1"),
             min_kld=float(kld[0]),
-            mean_dp=100.0 * mdp, mean_dp_err=100.0 * mdp_err,
+            mean_dp=100.0 * mdp,
+            mean_dp_err=100.0 * mdp_err,
             max_dp=100.0 * float(dp[-1]),
-            dp_p99_9=dpp("p99_9"), dp_p99=dpp("p99"), dp_p95=dpp("p95"), dp_p90=dpp("p90"),
+            dp_p99_9=dpp("p99_9"),
+            dp_p99=dpp("p99"),
+            dp_p95=dpp("p95"),
+            dp_p90=dpp("p90"),
             dp_p75=dpp("p75"),
             median_dp=100.0 * float(median(dp)),
-            dp_p25=dpp("p25"), dp_p10=dpp("p10"), dp_p5=dpp("p5"), dp_p1=dpp("p1"),
+            dp_p25=dpp("p25"),
+            dp_p10=dpp("p10"),
+            dp_p5=dpp("p5"),
+            dp_p1=dpp("p1"),
             dp_p0_1=dpp("p0_1"),
             min_dp=100.0 * float(dp[0]),
-            rms_dp=100.0 * rms, rms_dp_err=100.0 * rms_err,
-            same_top_p=100.0 * p, same_top_p_err=100.0 * p_err,
+            rms_dp=100.0 * rms,
+            rms_dp_err=100.0 * rms_err,
+            same_top_p=100.0 * p,
+            same_top_p_err=100.0 * p_err,
             n_tokens=int(self.n),
         )

@@ -42,8 +42,9 @@ def _written(qtype_name: str, info):
     if qtype.kind != "type":
         return None
     try:
-        wtype, why = predict_written_type(qtype.ggml_type, info.ne0, info.n_rows,
-                                          tensor_name=info.name)
+        wtype, why = predict_written_type(
+            qtype.ggml_type, info.ne0, info.n_rows, tensor_name=info.name
+        )
     except (UnsupportedShapeError, ValueError):
         return None
     return qtype.ggml_type, wtype, why
@@ -82,14 +83,18 @@ def types_needing_imatrix(units: Iterable, header, allow_fallback: bool) -> tupl
             if not allow_fallback and any(w.name != requested.name for _, _, w in planned):
                 continue
             for name, info, wtype in planned:
-                if (needs_imatrix(wtype) and wtype.name != info.type_name
-                        and not (wtype.imatrix == "rule" and name in _RULE_EXEMPT)):
+                if (
+                    needs_imatrix(wtype)
+                    and wtype.name != info.type_name
+                    and not (wtype.imatrix == "rule" and name in _RULE_EXEMPT)
+                ):
                     needed.add(wtype.name)
     return tuple(sorted(needed))
 
 
-def fallback_notes(units: Iterable, header, allow_fallback: bool,
-                   eligible: Iterable[str] = ()) -> list[str]:
+def fallback_notes(
+    units: Iterable, header, allow_fallback: bool, eligible: Iterable[str] = ()
+) -> list[str]:
     """One message per qtype that llama-quantize cannot write on most selected tensors.
 
     A ggml type falls back when the tensor's row length ne0 is not a multiple of its block (e.g.
@@ -133,13 +138,23 @@ def fallback_notes(units: Iterable, header, allow_fallback: bool,
             info = header.tensor(name)
             if info.ne0 % size == 0:
                 fits.setdefault(tensor_kind(name) or name, info.ne0)
-        where = ("; tensors of this model that take it: " + ", ".join(
-            f"{kind} (ne0 = {ne0} = {ne0 // size}·{size})" for kind, ne0 in fits.items())
-            if fits else "; no tensor of this model has rows it can hold")
-        action = ("they are measured as that type (--quantbench-allow-fallback)" if allow_fallback
-                  else "those items are skipped; --quantbench-allow-fallback measures the "
-                       "fallback type instead")
-        notes.append(f"{qtype} falls back on {len(falls)} of {total} selected tensors: their rows "
-                     f"({widths}) are not a multiple of its block {size}, so llama-quantize "
-                     f"writes {written}; {action}{where}")
+        where = (
+            "; tensors of this model that take it: "
+            + ", ".join(
+                f"{kind} (ne0 = {ne0} = {ne0 // size}·{size})" for kind, ne0 in fits.items()
+            )
+            if fits
+            else "; no tensor of this model has rows it can hold"
+        )
+        action = (
+            "they are measured as that type (--quantbench-allow-fallback)"
+            if allow_fallback
+            else "those items are skipped; --quantbench-allow-fallback measures the "
+            "fallback type instead"
+        )
+        notes.append(
+            f"{qtype} falls back on {len(falls)} of {total} selected tensors: their rows "
+            f"({widths}) are not a multiple of its block {size}, so llama-quantize "
+            f"writes {written}; {action}{where}"
+        )
     return notes

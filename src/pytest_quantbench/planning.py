@@ -34,24 +34,35 @@ def plan_units(session: QuantbenchSession, warn: Callable[[str], None]) -> list[
 
     config = session.config
     # no qtypes: no items, only the quantbench fixture measures
-    qtypes = sorted({qtype_label(q) for q in parse_qtype_list(list(config.qtypes))}
-                    if config.qtypes else ())
+    qtypes = sorted(
+        {qtype_label(q) for q in parse_qtype_list(list(config.qtypes))} if config.qtypes else ()
+    )
     header = session.model_header
     if header.n_ctx_train and config.kld_base is None and config.ctx > header.n_ctx_train:
-        raise ConfigError(f"--quantbench-ctx {config.ctx} is larger than the model's training "
-                          f"context ({header.n_ctx_train} tokens): use a smaller n_ctx")
+        raise ConfigError(
+            f"--quantbench-ctx {config.ctx} is larger than the model's training "
+            f"context ({header.n_ctx_train} tokens): use a smaller n_ctx"
+        )
     eligible = [t.name for t in header.tensors if is_quantizable_tensor(t.name, t.n_dims)]
     groups = select_groups(config.group_tensors, eligible, warn=warn)
     if config.groups_only and not groups and config.qtypes:
-        raise ConfigError("--quantbench-groups-only: no group has a member; give "
-                          "--quantbench-group-tensors REGEX[,REGEX] (e.g. '.*' for the whole model)")
+        raise ConfigError(
+            "--quantbench-groups-only: no group has a member; give "
+            "--quantbench-group-tensors REGEX[,REGEX] (e.g. '.*' for the whole model)"
+        )
     session.groups = groups
     grouped = {t for g in groups for t in g.members}
-    tensors = [] if config.groups_only else [
-        t for t in _selected_tensors(session, eligible, warn) if t not in grouped]
+    tensors = (
+        []
+        if config.groups_only
+        else [t for t in _selected_tensors(session, eligible, warn) if t not in grouped]
+    )
     units = [WorkUnit(name=g.name, tensors=g.members, qtype=q) for g in groups for q in qtypes]
-    units += [WorkUnit(name=t, tensors=(t,), qtype=q)
-              for t in sorted(tensors, key=natural_key) for q in qtypes]
+    units += [
+        WorkUnit(name=t, tensors=(t,), qtype=q)
+        for t in sorted(tensors, key=natural_key)
+        for q in qtypes
+    ]
     return units + _whole_units(session, warn)
 
 
@@ -65,15 +76,21 @@ def _whole_units(session: QuantbenchSession, warn: Callable[[str], None]) -> lis
     session.whole_paths = {}
     if not config.variant and not config.recipe:
         return []
-    units = whole_units(config.variant, config.recipe, session.model_header,
-                        lambda p: inputs.sha256_file(p, session.cache_dir), warn)
+    units = whole_units(
+        config.variant,
+        config.recipe,
+        session.model_header,
+        lambda p: inputs.sha256_file(p, session.cache_dir),
+        warn,
+    )
     given = [*config.variant, *config.recipe]
     session.whole_paths = {(u.name, u.qtype): p for u, p in zip(units, given, strict=True)}
     return units
 
 
-def _selected_tensors(session: QuantbenchSession, eligible: list[str],
-                      warn: Callable[[str], None]) -> tuple[str, ...]:
+def _selected_tensors(
+    session: QuantbenchSession, eligible: list[str], warn: Callable[[str], None]
+) -> tuple[str, ...]:
     """The tensors the selection rules (CLI, YAML/ini, tensors file, or the default) select."""
     from .selection import Rule, parse_rules, select_tensors
 
@@ -85,6 +102,8 @@ def _selected_tensors(session: QuantbenchSession, eligible: list[str],
         rules.extend(parse_rules(lines, "--quantbench-tensors" if source == "CLI" else source))
     selection = select_tensors(eligible, rules)
     for rule in selection.unmatched_rules:
-        warn(f"quantbench: selection rule {rule.describe()} matches no tensor of "
-             f"{session.model_path.name}")
+        warn(
+            f"quantbench: selection rule {rule.describe()} matches no tensor of "
+            f"{session.model_path.name}"
+        )
     return selection.tensors

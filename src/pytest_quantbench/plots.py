@@ -110,12 +110,14 @@ def heatmap_figure(rows: Iterable[Row], qtype: str):
     if hi <= lo:
         lo, hi = lo / 10, hi * 10
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(kinds), max(3.5, 2 + 0.35 * len(layers))),
-                           dpi=DPI)
+    fig, ax = plt.subplots(
+        figsize=(2.5 + 0.9 * len(kinds), max(3.5, 2 + 0.35 * len(layers))), dpi=DPI
+    )
     cmap = plt.get_cmap("viridis").with_extremes(bad=NOT_MEASURED_GREY)
     shown = np.ma.masked_invalid(np.where(grid > 0, grid, np.where(np.isfinite(grid), lo, np.nan)))
-    image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=lo, vmax=hi), aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(
+        shown, cmap=cmap, norm=LogNorm(vmin=lo, vmax=hi), aspect="auto", interpolation="nearest"
+    )
     ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("tensor kind")
@@ -139,8 +141,9 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def kld_vs_bpw_figure(rows: Sequence[Row], bpw_of: Callable[[Row], float | None],
-                      group: str = "group0"):
+def kld_vs_bpw_figure(
+    rows: Sequence[Row], bpw_of: Callable[[Row], float | None], group: str = "group0"
+):
     """The KLD-against-bpw Figure of ``group``'s items (one point per qtype), or None when fewer
     than two points have both a KLD > 0 and a bpw. Whole-file items (``variant`` / ``recipe``
     rows with a bpw) are drawn as triangles labelled with their file stem, outside the front.
@@ -160,23 +163,48 @@ def kld_vs_bpw_figure(rows: Sequence[Row], bpw_of: Callable[[Row], float | None]
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5), dpi=DPI)
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", s=18,
-               label="qtype")
+    ax.scatter(
+        [p[0] for p in points], [p[1] for p in points], color="tab:blue", s=18, label="qtype"
+    )
     front = pareto_front(points)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red",
-            marker="o", markerfacecolor="none", markersize=9, label="Pareto front")
+    ax.plot(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        color="tab:red",
+        marker="o",
+        markerfacecolor="none",
+        markersize=9,
+        label="Pareto front",
+    )
     for (x, y), label in zip(points, labels, strict=True):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    candidates = [(bpw_of(r), _kld(r), str(r.get("qtype"))) for r in rows
-                  if r.get("tensor") in ("variant", "recipe")]
-    files = [(x, y, label) for x, y, label in candidates
-             if x is not None and y is not None and y > 0]
+    candidates = [
+        (bpw_of(r), _kld(r), str(r.get("qtype")))
+        for r in rows
+        if r.get("tensor") in ("variant", "recipe")
+    ]
+    files = [
+        (x, y, label) for x, y, label in candidates if x is not None and y is not None and y > 0
+    ]
     if files:
-        ax.scatter([f[0] for f in files], [f[1] for f in files], marker="^", color="tab:green",
-                   s=40, label="variant / recipe file", zorder=3)
+        ax.scatter(
+            [f[0] for f in files],
+            [f[1] for f in files],
+            marker="^",
+            color="tab:green",
+            s=40,
+            label="variant / recipe file",
+            zorder=3,
+        )
         for x, y, label in files:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7,
-                        color="tab:green")
+            ax.annotate(
+                label,
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, -9),
+                fontsize=7,
+                color="tab:green",
+            )
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (tensor data of the whole model)")
     ax.set_ylabel("mean KLD (nats, log scale)")
@@ -208,8 +236,11 @@ def _safe(qtype: str) -> str:
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in qtype)
 
 
-def write_plots(rows: Sequence[Row], out_dir: str | os.PathLike[str],
-                bpw_of: Callable[[Row], float | None] | None = None) -> list[Path]:
+def write_plots(
+    rows: Sequence[Row],
+    out_dir: str | os.PathLike[str],
+    bpw_of: Callable[[Row], float | None] | None = None,
+) -> list[Path]:
     """Write ``heatmap-<qtype>.png`` for every qtype with a measured single-tensor row, and
     ``kld_vs_bpw.png`` when at least two ``group0`` qtypes have a KLD and a bpw.
 

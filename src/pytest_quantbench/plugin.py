@@ -59,15 +59,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             kwargs["metavar"] = opt.kind.upper() if opt.kind != "path" else "PATH"
         group.addoption(opt.flag, **kwargs)
         ini_type: Literal["linelist", "string"] = (
-            "linelist" if opt.kind in ("list", "groups", "paths") else "string")
+            "linelist" if opt.kind in ("list", "groups", "paths") else "string"
+        )
         parser.addini(opt.dest, opt.help, type=ini_type, default=None)
-    group.addoption("--quantbench-config", dest="quantbench_config", default=None, metavar="PATH",
-                    help="YAML file of quantbench settings (default: quantbench.yaml in the "
-                         "rootdir, if present)")
-    group.addoption("--quantbench-shard", dest="quantbench_shard", default=None, metavar="I/N",
-                    help="keep share I of N of the planned items (cost-balanced, the same on "
-                         "every host and rerun), or 'auto' from SLURM_ARRAY_TASK_ID/"
-                         "SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX/QUANTBENCH_SHARD_COUNT")
+    group.addoption(
+        "--quantbench-config",
+        dest="quantbench_config",
+        default=None,
+        metavar="PATH",
+        help="YAML file of quantbench settings (default: quantbench.yaml in the "
+        "rootdir, if present)",
+    )
+    group.addoption(
+        "--quantbench-shard",
+        dest="quantbench_shard",
+        default=None,
+        metavar="I/N",
+        help="keep share I of N of the planned items (cost-balanced, the same on "
+        "every host and rerun), or 'auto' from SLURM_ARRAY_TASK_ID/"
+        "SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX/QUANTBENCH_SHARD_COUNT",
+    )
 
 
 def _build_config(config: pytest.Config):
@@ -98,9 +109,11 @@ def _cache_dir(config: pytest.Config, qb_config) -> Path:
     return path
 
 
-MARKER = ("quantbench(tensor, qtype, layer, kind): a pytest-quantbench item; select with "
-          "-m quantbench, or exactly by argument, e.g. -m \"quantbench(layer=1)\" or "
-          "-m \"quantbench(qtype='q4_0') and quantbench(kind='attn_v')\"")
+MARKER = (
+    "quantbench(tensor, qtype, layer, kind): a pytest-quantbench item; select with "
+    '-m quantbench, or exactly by argument, e.g. -m "quantbench(layer=1)" or '
+    "-m \"quantbench(qtype='q4_0') and quantbench(kind='attn_v')\""
+)
 
 
 @pytest.hookimpl(trylast=True)
@@ -125,24 +138,35 @@ def pytest_configure(config: pytest.Config) -> None:
         _progress_to_terminal(config)
 
         numprocesses = getattr(config.option, "numprocesses", None)
-        n_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-                        or (numprocesses if isinstance(numprocesses, int) else 0) or 1)
+        n_workers = int(
+            os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+            or (numprocesses if isinstance(numprocesses, int) else 0)
+            or 1
+        )
         cache_dir = _cache_dir(config, qb_config)
         if not hasattr(config, "workerinput"):  # the cache is opened: a killed run's temp files
             from .cachefiles import sweep_stale_temps
 
             config.stash[SWEPT_KEY] = sweep_stale_temps(cache_dir)
         session = QuantbenchSession(qb_config, cache_dir, n_workers)
-        session.command = " ".join(shlex.quote(a) for a in ["pytest", *config.invocation_params.args])
-        session.units = plan_units(session, warn=lambda msg: config.issue_config_time_warning(
-            pytest.PytestWarning(msg), stacklevel=2))
+        session.command = " ".join(
+            shlex.quote(a) for a in ["pytest", *config.invocation_params.args]
+        )
+        session.units = plan_units(
+            session,
+            warn=lambda msg: config.issue_config_time_warning(
+                pytest.PytestWarning(msg), stacklevel=2
+            ),
+        )
         # a type that needs an importance matrix gets one computed when none is given (from
         # the units of every shard: all shards of a run share the imatrix identity)
         session.inputs.imatrix_needed_by = types_needing_imatrix(
-            session.units, session.model_header, qb_config.allow_fallback)
+            session.units, session.model_header, qb_config.allow_fallback
+        )
         if session.inputs.gpu_problem and not hasattr(config, "workerinput"):
-            config.issue_config_time_warning(pytest.PytestWarning(
-                f"quantbench: {session.inputs.gpu_problem}"), stacklevel=2)
+            config.issue_config_time_warning(
+                pytest.PytestWarning(f"quantbench: {session.inputs.gpu_problem}"), stacklevel=2
+            )
         config.stash[PLANNED_KEY] = session.units
         session.units = _shard_units(config, session)
         if not hasattr(config, "workerinput"):
@@ -159,6 +183,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None  # engine refusing the model or library
     config.stash[SESSION_KEY] = session
     from .faults import install_fault_reports  # a crashed xdist worker's engine stderr on its item
+
     install_fault_reports(config, session, QuantbenchItem)
     from .storewriter import HandoffStore, worker_lookup
 
@@ -175,7 +200,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[REPORTER_KEY] = reporter
         config.pluginmanager.register(reporter, "quantbench-reporter")
         session.results.store = HandoffStore(
-            (lambda key: None) if session.config.rerun else reporter.store.get)
+            (lambda key: None) if session.config.rerun else reporter.store.get
+        )
 
 
 def _shard_units(config: pytest.Config, session) -> list:
@@ -201,10 +227,12 @@ def _check_separate_path_args(config: pytest.Config) -> None:
     args = [str(a) for a in config.invocation_params.args]
     for flag, value in itertools.pairwise(args):
         if flag in flags and Path(config.invocation_params.dir, value).exists():
-            raise pytest.UsageError(f"{flag} {value}: with --tx workers write the path in the "
-                                    f"same argument, {flag}={value} (pytest-xdist takes a "
-                                    "separate path argument for a test path to send to the "
-                                    "hosts, and stops)")
+            raise pytest.UsageError(
+                f"{flag} {value}: with --tx workers write the path in the "
+                f"same argument, {flag}={value} (pytest-xdist takes a "
+                "separate path argument for a test path to send to the "
+                "hosts, and stops)"
+            )
 
 
 def _current_identity(session) -> dict[str, Any]:
@@ -234,8 +262,11 @@ def _progress_to_terminal(config: pytest.Config) -> None:
     capture = config.pluginmanager.get_plugin("capturemanager")
 
     def write(line: str) -> None:  # items measure with output captured: step outside of it
-        with (capture.global_and_fixture_disabled() if capture is not None
-              else contextlib.nullcontext()):
+        with (
+            capture.global_and_fixture_disabled()
+            if capture is not None
+            else contextlib.nullcontext()
+        ):
             reporter.write_line(line)
 
     progress.set_writer(write)
@@ -247,8 +278,11 @@ def _sigterm_as_interrupt() -> None:
     import signal
     import threading
 
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+
         def interrupt(signum, frame):
             raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
 
@@ -292,16 +326,25 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     from .planfacts import fallback_notes
 
     notes = session.thresholds.notes if config.get_verbosity() > 0 else ()
-    lines = [*session.header_lines(), *sweep_lines(config.stash.get(SWEPT_KEY, [])),
-             f"quantbench items: {len(session.units)}",
-             *(f"quantbench thresholds: {note}" for note in notes),
-             *(f"quantbench note: {note}" for note in fallback_notes(
-                 session.units, session.model_header, session.config.allow_fallback))]
+    lines = [
+        *session.header_lines(),
+        *sweep_lines(config.stash.get(SWEPT_KEY, [])),
+        f"quantbench items: {len(session.units)}",
+        *(f"quantbench thresholds: {note}" for note in notes),
+        *(
+            f"quantbench note: {note}"
+            for note in fallback_notes(
+                session.units, session.model_header, session.config.allow_fallback
+            )
+        ),
+    ]
     if COMPARE_KEY in config.stash:
         lines += config.stash[COMPARE_KEY][0].header_lines(_current_identity(session))
     if session.config.early_stop:
-        lines.append(f"quantbench early stop: items with limits are looked at after 4, 8, 16 … "
-                     f"chunks, {session.config.early_stop_confidence:.4g} overall confidence")
+        lines.append(
+            f"quantbench early stop: items with limits are looked at after 4, 8, 16 … "
+            f"chunks, {session.config.early_stop_confidence:.4g} overall confidence"
+        )
     return lines
 
 
@@ -309,11 +352,17 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
 def pytest_make_collect_report(collector: pytest.Collector):
     """Add the quantbench collector beside the session's own top-level nodes."""
     report = yield
-    if (isinstance(collector, pytest.Session) and SESSION_KEY in collector.config.stash
-            and report.passed):
+    if (
+        isinstance(collector, pytest.Session)
+        and SESSION_KEY in collector.config.stash
+        and report.passed
+    ):
         model = collector.config.stash[SESSION_KEY].model_path
-        report.result.append(QuantbenchCollector.from_parent(collector, name="quantbench",
-                                                             nodeid="quantbench", path=model))
+        report.result.append(
+            QuantbenchCollector.from_parent(
+                collector, name="quantbench", nodeid="quantbench", path=model
+            )
+        )
     return report
 
 
@@ -328,8 +377,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return
-    if (not session.units
-            and not any("quantbench" in getattr(item, "fixturenames", ()) for item in items)):
+    if not session.units and not any(
+        "quantbench" in getattr(item, "fixturenames", ()) for item in items
+    ):
         if hasattr(config, "workerinput"):
             import warnings
 
@@ -341,16 +391,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from .prefix import layer_major, start_layer
 
     slots = [i for i, item in enumerate(items) if isinstance(item, QuantbenchItem)]
-    ordered = layer_major([item for item in items if isinstance(item, QuantbenchItem)],
-                          lambda item: start_layer(item.unit.tensors))
+    ordered = layer_major(
+        [item for item in items if isinstance(item, QuantbenchItem)],
+        lambda item: start_layer(item.unit.tensors),
+    )
     for i, item in zip(slots, ordered, strict=True):
         items[i] = item
 
 
-NO_QTYPES = ("no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes=q4_0,q8_0), "
-             "--quantbench-variant FILE.gguf or --quantbench-recipe FILE.recipe, or set qtypes "
-             "in quantbench.yaml or quantbench_qtypes in ini, or use the quantbench fixture in a "
-             "test")
+NO_QTYPES = (
+    "no qtypes given: pass --quantbench-qtypes (e.g. --quantbench-qtypes=q4_0,q8_0), "
+    "--quantbench-variant FILE.gguf or --quantbench-recipe FILE.recipe, or set qtypes "
+    "in quantbench.yaml or quantbench_qtypes in ini, or use the quantbench fixture in a "
+    "test"
+)
 
 
 class QuantbenchCollector(pytest.Collector):
@@ -361,8 +415,9 @@ class QuantbenchCollector(pytest.Collector):
             # The node id is given as its text so pytest parses it as it parses the ids that
             # --lf, --ff and --sw read back from its cache (pytest 9: path, names, [params]);
             # built from the parent it would keep "[q4_0]" inside the name and never match them.
-            yield QuantbenchItem.from_parent(self, name=unit.id, unit=unit,
-                                             nodeid=f"{self.nodeid}::{unit.id}")
+            yield QuantbenchItem.from_parent(
+                self, name=unit.id, unit=unit, nodeid=f"{self.nodeid}::{unit.id}"
+            )
 
 
 class QuantbenchItem(pytest.Item):
@@ -381,8 +436,9 @@ class QuantbenchItem(pytest.Item):
             layer, kind = None, unit.name
         # No extra -k keywords: -k matches substrings ("layer1" would select layers 10-19 too,
         # "q4_0" q4_0_r8); the marker's arguments select exactly: -m "quantbench(layer=1)".
-        self.add_marker(pytest.mark.quantbench(tensor=unit.name, qtype=unit.qtype, layer=layer,
-                                               kind=kind))
+        self.add_marker(
+            pytest.mark.quantbench(tensor=unit.name, qtype=unit.qtype, layer=layer, kind=kind)
+        )
 
     def _session(self):
         return self.config.stash[SESSION_KEY]
@@ -397,8 +453,11 @@ class QuantbenchItem(pytest.Item):
             self.measured = qb.measure(self.unit, row)
             row.update(self.measured)
             qb.write_item_log(self.unit, row, self.measured)
-            unmeasured = [v for v in qb.thresholds.check(self.unit.name, self.unit.qtype,
-                                                         self.measured) if not v.measured]
+            unmeasured = [
+                v
+                for v in qb.thresholds.check(self.unit.name, self.unit.qtype, self.measured)
+                if not v.measured
+            ]
             if unmeasured:  # a limit that cannot be checked is a broken setup, not a pass/fail
                 raise ValueError("\n".join(v.message for v in unmeasured))
         except ItemSkip as exc:
@@ -415,15 +474,17 @@ class QuantbenchItem(pytest.Item):
         qb = self._session()
         assert self.measured is not None  # runtest follows a setup that measured
         measured = {**self.row, **self.measured}  # the row has the chunk-level ±
-        messages = [v.message for v in qb.thresholds.check(self.unit.name, self.unit.qtype,
-                                                           measured)]
+        messages = [
+            v.message for v in qb.thresholds.check(self.unit.name, self.unit.qtype, measured)
+        ]
         if messages and self.row.get("stopped_early"):
-            messages.append(f"(early verdict after {self.row.get('chunks_used')} of "
-                            f"{self.row.get('chunks')} chunks, --quantbench-early-stop)")
+            messages.append(
+                f"(early verdict after {self.row.get('chunks_used')} of "
+                f"{self.row.get('chunks')} chunks, --quantbench-early-stop)"
+            )
         if COMPARE_KEY in self.config.stash:
             reference, rules = self.config.stash[COMPARE_KEY]
-            props, failures = reference.compare(self.unit.tensors, self.unit.qtype, measured,
-                                                rules)
+            props, failures = reference.compare(self.unit.tensors, self.unit.qtype, measured, rules)
             self.user_properties.extend(props.items())
             messages += failures
         if messages:
@@ -432,7 +493,9 @@ class QuantbenchItem(pytest.Item):
             pytest.fail(message, pytrace=False)
 
     def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, _USER_ERRORS) and not isinstance(excinfo.value, AssertionError):
+        if isinstance(excinfo.value, _USER_ERRORS) and not isinstance(
+            excinfo.value, AssertionError
+        ):
             return f"{type(excinfo.value).__name__}: {excinfo.value}"
         return super().repr_failure(excinfo, style=style)
 
@@ -492,8 +555,11 @@ class ResultCollector:
             from .resultset import run_record
             from .storewriter import StoreWriter
 
-            self._writer = StoreWriter(self.store, self.session.results.run_key, lambda: run_record(
-                self.session, self.config.stash[PLANNED_KEY]))
+            self._writer = StoreWriter(
+                self.store,
+                self.session.results.run_key,
+                lambda: run_record(self.session, self.config.stash[PLANNED_KEY]),
+            )
             self._writer.controller_identity = self.session.run_identity.as_row()
         return self._writer
 
@@ -567,8 +633,9 @@ class ResultCollector:
         error = self._write_tables(rows)
         if error is None and rows:
             try:
-                self.written += _pictures_and_summary(self.session, rows,
-                                                      self.session.config.output)
+                self.written += _pictures_and_summary(
+                    self.session, rows, self.session.config.output
+                )
             except OSError as exc:
                 error = str(exc)
         if error is not None:
@@ -585,8 +652,7 @@ class ResultCollector:
             return None
         try:
             self.writer.record_run()
-            self.written = write_run_tables(rows, self.session.config.output,
-                                            self.writer._record())
+            self.written = write_run_tables(rows, self.session.config.output, self.writer._record())
         except OSError as exc:
             return str(exc)
         return None
@@ -611,9 +677,15 @@ class ResultCollector:
         for item in stored:
             key = (item["tensor"], item["qtype"])
             if key not in rows:
-                rows[key] = {**_current_identity(self.session), "tensor": item["tensor"],
-                             "qtype": item["qtype"], **item["facts"], **item["stats"],
-                             "status": "stored", "reused": True}
+                rows[key] = {
+                    **_current_identity(self.session),
+                    "tensor": item["tensor"],
+                    "qtype": item["qtype"],
+                    **item["facts"],
+                    **item["stats"],
+                    "status": "stored",
+                    "reused": True,
+                }
         return list(rows.values())
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -634,8 +706,9 @@ class ResultCollector:
         session_rows = [r for r in rows if r.get("status") != "stored"]  # this run's items
         failed = [r for r in session_rows if str(r.get("reason", "")).startswith("BaselineError")]
         if failed:  # one message for the items that all stopped on the same baseline failure
-            tr.write_line(f"{failed[0]['reason']} ({len(failed)} item(s) errored at once)",
-                          red=True)
+            tr.write_line(
+                f"{failed[0]['reason']} ({len(failed)} item(s) errored at once)", red=True
+            )
         for line in format_summary(session_rows, self.session.config.top):
             tr.write_line(line)
         for line in summary_lines(session_rows):
@@ -643,35 +716,44 @@ class ResultCollector:
         reused = sum(1 for r in rows if r.get("reused") and r.get("status") != "stored")
         stored = sum(1 for r in rows if r.get("status") == "stored")
         if reused or stored:
-            tr.write_line(f"{reused} item(s) reused from the results store "
-                          f"{self.store.path} (--quantbench-rerun measures again); "
-                          f"{stored} more stored result(s) of these settings are in the tables")
+            tr.write_line(
+                f"{reused} item(s) reused from the results store "
+                f"{self.store.path} (--quantbench-rerun measures again); "
+                f"{stored} more stored result(s) of these settings are in the tables"
+            )
         impure = [r for r in session_rows if r.get("fallback") and r.get("status") != "skipped"]
         if impure:
-            tr.write_line(f"{len(impure)} item(s) measured under a fallback type (impure, "
-                          f"--quantbench-allow-fallback): their numbers are for written_type, "
-                          f"e.g. {impure[0]['tensor']}[{impure[0]['qtype']}] as "
-                          f"{impure[0].get('written_type')}; results.csv column fallback",
-                          yellow=True)
+            tr.write_line(
+                f"{len(impure)} item(s) measured under a fallback type (impure, "
+                f"--quantbench-allow-fallback): their numbers are for written_type, "
+                f"e.g. {impure[0]['tensor']}[{impure[0]['qtype']}] as "
+                f"{impure[0].get('written_type')}; results.csv column fallback",
+                yellow=True,
+            )
         early = [r for r in session_rows if str(r.get("stopped_early")) == "True"]
         if early:
-            tr.write_line(f"{len(early)} item(s) stopped early (--quantbench-early-stop; "
-                          "chunks_used and early_verdict in results.csv; stored under their own "
-                          "key, never reused by a full-chunk run), e.g. "
-                          f"{early[0]['tensor']}[{early[0]['qtype']}] after "
-                          f"{early[0].get('chunks_used')} chunks: {early[0].get('early_verdict')}")
+            tr.write_line(
+                f"{len(early)} item(s) stopped early (--quantbench-early-stop; "
+                "chunks_used and early_verdict in results.csv; stored under their own "
+                "key, never reused by a full-chunk run), e.g. "
+                f"{early[0]['tensor']}[{early[0]['qtype']}] after "
+                f"{early[0].get('chunks_used')} chunks: {early[0].get('early_verdict')}"
+            )
         if COMPARE_KEY in self.config.stash:
             from .compare import format_comparison
 
             reference = self.config.stash[COMPARE_KEY][0]
             missing = reference.missing((u.tensors, u.qtype, u.id) for u in self.session.units)
-            for line in format_comparison(session_rows, reference, missing,
-                                          self.session.config.top):
+            for line in format_comparison(
+                session_rows, reference, missing, self.session.config.top
+            ):
                 tr.write_line(line)
         skipped = [r for r in rows if r.get("status") == "skipped"]
         if skipped:
-            tr.write_line(f"{len(skipped)} skipped, e.g. {skipped[0]['tensor']}[{skipped[0]['qtype']}]:"
-                          f" {skipped[0].get('reason', '')} (-rs lists all)")
+            tr.write_line(
+                f"{len(skipped)} skipped, e.g. {skipped[0]['tensor']}[{skipped[0]['qtype']}]:"
+                f" {skipped[0].get('reason', '')} (-rs lists all)"
+            )
         if self.write_error:
             tr.write_line(f"could not write the result tables: {self.write_error}", red=True)
         for path in self.written:
@@ -689,6 +771,8 @@ def failure_message(report: pytest.TestReport) -> str:
     if lines and _XDIST_WORKER_LINE.match(lines[0]):
         lines = lines[1:]
     return "\n".join(lines).strip()
+
+
 def _pictures_and_summary(session, rows, out: Path) -> list[Path]:
     """``heatmap-<qtype>.png`` / ``kld_vs_bpw.png`` (unless --quantbench-plots=off) and
     ``summary.md`` (also appended to $GITHUB_STEP_SUMMARY when set). Raises OSError."""
@@ -709,8 +793,14 @@ def _pictures_and_summary(session, rows, out: Path) -> list[Path]:
             return group_bpw(header, row)
 
         pictures = write_plots(rows, out, bpw_of=bpw_of)
-    summary = write_summary(rows, out, session.header_lines(), pictures, top=session.config.top,
-                            step_summary=os.environ.get("GITHUB_STEP_SUMMARY"))
+    summary = write_summary(
+        rows,
+        out,
+        session.header_lines(),
+        pictures,
+        top=session.config.top,
+        step_summary=os.environ.get("GITHUB_STEP_SUMMARY"),
+    )
     return [*pictures, summary]
 
 

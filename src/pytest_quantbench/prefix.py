@@ -64,8 +64,9 @@ def prefix_reuse_enabled(mode: str, engine: str, n_gpu_layers: int) -> tuple[boo
     if engine != "inplace":
         return False, f"prefix reuse: off (the {engine} engine evaluates whole models)"
     if n_gpu_layers > 0:
-        return False, ("prefix reuse: off on a GPU build (n_gpu_layers > 0) until it is "
-                       "verified on a device")
+        return False, (
+            "prefix reuse: off on a GPU build (n_gpu_layers > 0) until it is verified on a device"
+        )
     return True, "prefix reuse: auto (tails where the first-chunk self-check passes)"
 
 
@@ -111,9 +112,11 @@ class TailChunks:
         """float32 (k, S, V) logits of the next k chunks. Raises ValueError when ``tokens`` are
         not those chunks (the loop must go through the chunks in order, once)."""
         chunks = range(self.next_chunk, self.next_chunk + tokens.shape[0])
-        if not np.array_equal(tokens, self.tokens[chunks.start:chunks.stop]):
-            raise ValueError(f"the tail evaluates chunks in order; chunks {chunks.start}… do not "
-                             "hold the tokens passed")
+        if not np.array_equal(tokens, self.tokens[chunks.start : chunks.stop]):
+            raise ValueError(
+                f"the tail evaluates chunks in order; chunks {chunks.start}… do not "
+                "hold the tokens passed"
+            )
         self.next_chunk = chunks.stop % self.tokens.shape[0]
         return self.tail.eval_hidden(self.hidden(chunks), out)
 
@@ -131,8 +134,16 @@ class TailPool:
         off_reason: None, or why prefix reuse was turned off for this model in this run.
     """
 
-    def __init__(self, full, settings, cache_dir: Path, identity, model_sha256: str,
-                 tokens: np.ndarray, capacity: int = 2) -> None:
+    def __init__(
+        self,
+        full,
+        settings,
+        cache_dir: Path,
+        identity,
+        model_sha256: str,
+        tokens: np.ndarray,
+        capacity: int = 2,
+    ) -> None:
         self.full, self.settings = full, settings
         self.cache_dir, self.identity, self.model_sha256 = Path(cache_dir), identity, model_sha256
         self.tokens, self.capacity = tokens, max(1, capacity)
@@ -193,10 +204,19 @@ class TailPool:
             self._tails.popitem()[1].close()
 
 
-def ensure_baseline_and_hidden(model_path: Path, settings, lib_path: Path | None,
-                               cache_dir: Path, identity, tokens: np.ndarray, n_vocab: int,
-                               n_embd: int, layers: Iterable[int], base_path: Path,
-                               base_bytes: int):
+def ensure_baseline_and_hidden(
+    model_path: Path,
+    settings,
+    lib_path: Path | None,
+    cache_dir: Path,
+    identity,
+    tokens: np.ndarray,
+    n_vocab: int,
+    n_embd: int,
+    layers: Iterable[int],
+    base_path: Path,
+    base_bytes: int,
+):
     """The baseline file and the hidden states of ``layers``, each computed once per key.
 
     When hidden states are missing, one model is loaded with a
@@ -226,16 +246,22 @@ def ensure_baseline_and_hidden(model_path: Path, settings, lib_path: Path | None
             decoded.append(first)
             writer.add(first, capture.take())
 
-        with LlamaModel(Path(model_path), settings, lib_path,
-                        context_params_hook=capture.hook) as model:
-            ensure_baseline(base_path, tokens, n_vocab,
-                            lambda dest: write_baseline(model, tokens, dest, on_decode))
+        with LlamaModel(
+            Path(model_path), settings, lib_path, context_params_hook=capture.hook
+        ) as model:
+            ensure_baseline(
+                base_path,
+                tokens,
+                n_vocab,
+                lambda dest: write_baseline(model, tokens, dest, on_decode),
+            )
             if not decoded:  # the baseline was cached already: one capture pass
                 capture_pass(model, capture, tokens, writer)
 
     base_needed = 0 if Path(base_path).exists() else base_bytes
-    size = ensure_hidden_states(cache_dir, identity, layers, tokens, n_embd, compute,
-                                extra_needs={"baseline": base_needed})
+    size = ensure_hidden_states(
+        cache_dir, identity, layers, tokens, n_embd, compute, extra_needs={"baseline": base_needed}
+    )
 
     def compute_plain(dest: Path) -> None:
         with LlamaModel(Path(model_path), settings, lib_path) as model:
@@ -251,12 +277,12 @@ def header_line(note: str, n_layers: int, hidden_size: int) -> str:
 
     if not n_layers:
         return f"quantbench {note}"
-    return (f"quantbench {note}; hidden states of {n_layers} layer(s): "
-            f"{format_bytes(hidden_size)}")
+    return f"quantbench {note}; hidden states of {n_layers} layer(s): {format_bytes(hidden_size)}"
 
 
-def evaluate_item(pool: TailPool | None, swap, replacements: dict, evaluate,
-                  layer: int | None = None) -> str:
+def evaluate_item(
+    pool: TailPool | None, swap, replacements: dict, evaluate, layer: int | None = None
+) -> str:
     """Swap ``replacements`` in and run ``evaluate(model)`` on the tail of ``layer``, or on the
     full model; return the row's ``eval_path``.
 
@@ -289,8 +315,10 @@ def summary_lines(rows: Iterable[dict]) -> list[str]:
         return []
     tails = sum(1 for p in paths if p != "full")
     notes = sorted({r["prefix_note"] for r in rows if r.get("prefix_note")})
-    line = (f"prefix reuse: {tails} item(s) evaluated on tails, {len(paths) - tails} on the full "
-            "model (eval_path column)")
+    line = (
+        f"prefix reuse: {tails} item(s) evaluated on tails, {len(paths) - tails} on the full "
+        "model (eval_path column)"
+    )
     return [line] + [f"prefix reuse turned off: {note}" for note in notes]
 
 
@@ -305,8 +333,9 @@ class PrefixReuse:
             list (all of them: every xdist worker plans the same, so all want the same layers).
     """
 
-    def __init__(self, inputs, swap_model: Callable[[], SwapModel | None],
-                 units: Callable[[], Sequence]) -> None:
+    def __init__(
+        self, inputs, swap_model: Callable[[], SwapModel | None], units: Callable[[], Sequence]
+    ) -> None:
         self.inputs = inputs
         self._swap_model = swap_model
         self._units = units
@@ -319,15 +348,18 @@ class PrefixReuse:
         cfg = self.inputs.config
         on, note = prefix_reuse_enabled(cfg.prefix_reuse, cfg.engine, cfg.n_gpu_layers)
         if on and self.inputs.user_base is not None:
-            return False, ("prefix reuse: off (the baseline is the --quantbench-kld-base file; "
-                           "no baseline pass computes hidden states)")
+            return False, (
+                "prefix reuse: off (the baseline is the --quantbench-kld-base file; "
+                "no baseline pass computes hidden states)"
+            )
         return on, note
 
     @property
     def start_layers(self) -> list[int]:
         """The start layers (≥ 1) of the planned units, ascending."""
-        return sorted({layer for unit in self._units()
-                       if (layer := start_layer(unit.tensors)) is not None})
+        return sorted(
+            {layer for unit in self._units() if (layer := start_layer(unit.tensors)) is not None}
+        )
 
     @property
     def active(self) -> bool:
@@ -343,8 +375,7 @@ class PrefixReuse:
         from .hidden import hidden_bytes
 
         n_chunk, n_ctx = self.inputs.chunk_tokens.shape
-        return hidden_bytes(len(self.start_layers), n_chunk, n_ctx,
-                            self.inputs.model_header.n_embd)
+        return hidden_bytes(len(self.start_layers), n_chunk, n_ctx, self.inputs.model_header.n_embd)
 
     def header_lines(self) -> list[str]:
         """The run header's prefix-reuse line (:func:`header_line`)."""
@@ -373,9 +404,13 @@ class PrefixReuse:
         missing = set(layers) - cached_layers(cache_dir, identity, layers, tokens, n_embd)
         if missing:
             n_chunk, n_ctx = tokens.shape
-            check_free_space(cache_dir, {
-                "hidden states": hidden_bytes(len(missing), n_chunk, n_ctx, n_embd),
-                "baseline": 0 if Path(base_path).exists() else self._base_bytes()})
+            check_free_space(
+                cache_dir,
+                {
+                    "hidden states": hidden_bytes(len(missing), n_chunk, n_ctx, n_embd),
+                    "baseline": 0 if Path(base_path).exists() else self._base_bytes(),
+                },
+            )
 
     def baseline(self, base_path: Path):
         """The baseline file at ``base_path`` and the hidden states of :attr:`start_layers`,
@@ -384,9 +419,18 @@ class PrefixReuse:
         ins = self.inputs
         cache_dir, identity, layers, tokens = self._hidden_args()
         base, _ = ensure_baseline_and_hidden(
-            ins.model_path, ins.eval_settings, None, cache_dir, identity, tokens,
-            ins.tokenizer.n_vocab, ins.model_header.n_embd, layers, base_path,
-            self._base_bytes())
+            ins.model_path,
+            ins.eval_settings,
+            None,
+            cache_dir,
+            identity,
+            tokens,
+            ins.tokenizer.n_vocab,
+            ins.model_header.n_embd,
+            layers,
+            base_path,
+            self._base_bytes(),
+        )
         return base
 
     @property
@@ -396,8 +440,14 @@ class PrefixReuse:
             ins = self.inputs
             swap = self._swap_model()
             assert swap is not None  # active only with the in-process engine (its model loaded)
-            self._pool = TailPool(swap.model, ins.eval_settings, ins.cache_dir,
-                                  ins.run_identity, ins.model_sha256, ins.chunk_tokens)
+            self._pool = TailPool(
+                swap.model,
+                ins.eval_settings,
+                ins.cache_dir,
+                ins.run_identity,
+                ins.model_sha256,
+                ins.chunk_tokens,
+            )
         return self._pool
 
     def run_item(self, unit, row: dict, swap, replacements: dict, evaluate) -> str:

@@ -33,8 +33,13 @@ class Progress:
         clock: seconds (``time.perf_counter``; a test passes its own).
     """
 
-    def __init__(self, what: str, total: int, unit: str = "chunks",
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        unit: str = "chunks",
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.what, self.total, self.unit, self.clock = what, total, unit, clock
         self.start = clock()
         self._shown = -MIN_INTERVAL_S
@@ -42,10 +47,10 @@ class Progress:
     def line(self, done: int) -> str:
         """``quantbench baseline: 3/8 chunks, 12.3 s elapsed, ETA 20.5 s``."""
         elapsed = self.clock() - self.start
-        eta = (f", ETA {elapsed / done * (self.total - done):.1f} s" if 0 < done < self.total
-               else "")
-        return (f"quantbench {self.what}: {done}/{self.total} {self.unit}, "
-                f"{elapsed:.1f} s elapsed{eta}")
+        eta = f", ETA {elapsed / done * (self.total - done):.1f} s" if 0 < done < self.total else ""
+        return (
+            f"quantbench {self.what}: {done}/{self.total} {self.unit}, {elapsed:.1f} s elapsed{eta}"
+        )
 
     def update(self, done: int) -> None:
         """Report that ``done`` units are finished (printed when a writer is set, at most every

@@ -467,14 +467,18 @@ def _is_preset_name(p: Preset) -> bool:
     """True if the user-facing name of ``p`` resolves to the preset (not a type)."""
     low = p.name.lower()
     t = _TYPES_BY_LOWER.get(low)
-    return p.default_type is not None and (t is None or not t.quantizable or low in _PRESET_ONLY_LOWER)
+    return p.default_type is not None and (
+        t is None or not t.quantizable or low in _PRESET_ONLY_LOWER
+    )
 
 
 def valid_qtype_names() -> tuple[str, ...]:
     """Every accepted canonical name: the quantizable ggml types (exact
     spelling), then the presets whose names are not also ggml types
     (``Q4_K_M``, ``IQ2_M``, ``Q4_0_4_4``, ``Q8_KV_R8``...)."""
-    return tuple(t.name for t in _QUANTIZABLE) + tuple(p.name for p in PRESETS if _is_preset_name(p))
+    return tuple(t.name for t in _QUANTIZABLE) + tuple(
+        p.name for p in PRESETS if _is_preset_name(p)
+    )
 
 
 def _norm(s: str) -> str:
@@ -686,7 +690,8 @@ def needs_imatrix(t: GGMLType | QType | str) -> bool:
 IMATRIX_LEGEND = (
     "needs imatrix: quantizing to this type without an importance matrix fails (llama-quantize "
     "refuses, or its quantizer asserts; token_embd.weight and output.weight are exempt for some "
-    "types), so such items are skipped unless --quantbench-imatrix FILE or auto is given.")
+    "types), so such items are skipped unless --quantbench-imatrix FILE or auto is given."
+)
 
 #: The qtype names that differ only by case, and what each one is.
 _CASE_PAIRS_TEXT = "q8_KV_r8 is the ggml type, q8_kv_r8 (any other case) the preset Q8_KV_R8"
@@ -703,10 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pytest_quantbench.qtypes",
         description="The qtype names --quantbench-qtypes accepts, case as users type it "
-                    "(q4_k_r4 = q4_K_R4), except where two names differ only by case: "
-                    f"{_CASE_PAIRS_TEXT}. A ggml type quantizes a tensor to exactly that type; "
-                    "a preset applies llama-quantize's per-tensor mixture rules. "
-                    + IMATRIX_LEGEND)
+        "(q4_k_r4 = q4_K_R4), except where two names differ only by case: "
+        f"{_CASE_PAIRS_TEXT}. A ggml type quantizes a tensor to exactly that type; "
+        "a preset applies llama-quantize's per-tensor mixture rules. " + IMATRIX_LEGEND,
+    )
     parser.parse_args(argv)
     lines = []
     for name in valid_qtype_names():
@@ -717,8 +722,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines.append(f"{name:<12} ggml type, {t.bpw:.4g} bpw{need}")
         else:
             need = ", needs imatrix" if needs_imatrix(q) else ""
-            lines.append(f"{name.lower():<12} preset {q.name} (default type {q.ggml_type.name})"
-                         f"{need}")
+            lines.append(
+                f"{name.lower():<12} preset {q.name} (default type {q.ggml_type.name}){need}"
+            )
     lines.append("")
     lines.append(IMATRIX_LEGEND)
     try:

@@ -100,8 +100,10 @@ def parse_recipe(lines: Iterable[str], source: str, *, name: str | None = None) 
         regex, sep, qtext = line.rpartition("=")
         regex, qtext = regex.strip(), qtext.strip()
         if not sep or not regex or not qtext:
-            raise RecipeError(f"{where}: {line!r} is not 'regex=qtype' (e.g. "
-                              r"'^blk\.0\.attn_q\.weight$=q4_K')")
+            raise RecipeError(
+                f"{where}: {line!r} is not 'regex=qtype' (e.g. "
+                r"'^blk\.0\.attn_q\.weight$=q4_K')"
+            )
         try:
             pattern = compile_regex(regex)
         except re.error as exc:
@@ -111,9 +113,11 @@ def parse_recipe(lines: Iterable[str], source: str, *, name: str | None = None) 
         except UnknownQTypeError as exc:
             raise RecipeError(f"{where}: {exc}") from None
         if qtype.kind != "type":
-            raise RecipeError(f"{where}: {qtext!r} is a llama-quantize preset (a mixture of "
-                              f"types); a recipe line needs one ggml type, e.g. "
-                              f"{qtype.ggml_type.name!r}")
+            raise RecipeError(
+                f"{where}: {qtext!r} is a llama-quantize preset (a mixture of "
+                f"types); a recipe line needs one ggml type, e.g. "
+                f"{qtype.ggml_type.name!r}"
+            )
         rules.append(RecipeRule(regex, pattern, qtype.ggml_type, where))
     return Recipe(name or _stem(source), tuple(rules))
 
@@ -139,8 +143,9 @@ def read_recipe(path: str | os.PathLike[str]) -> Recipe:
     return parse_recipe(text.splitlines(), p.name)
 
 
-def apply_recipe(recipe: Recipe, tensors: Iterable[str],
-                 warn: Callable[[str], None] | None = None) -> dict[str, GGMLType]:
+def apply_recipe(
+    recipe: Recipe, tensors: Iterable[str], warn: Callable[[str], None] | None = None
+) -> dict[str, GGMLType]:
     """Tensor → requested ggml type: the first matching rule for each tensor.
 
     Args:
@@ -190,8 +195,11 @@ def written_types(requested: Mapping[str, GGMLType], header) -> dict[str, GGMLTy
     out = {}
     for info in header.tensors:
         want = requested.get(info.name)
-        if want is None or not is_quantizable_tensor(info.name, info.n_dims) \
-                or want.name == info.type_name:
+        if (
+            want is None
+            or not is_quantizable_tensor(info.name, info.n_dims)
+            or want.name == info.type_name
+        ):
             out[info.name] = info.type
             continue
         try:

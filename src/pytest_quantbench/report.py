@@ -68,19 +68,62 @@ ITEM_KEYS: tuple[str, ...] = ("tensor", "qtype", "written_type", "status")
 
 #: Keys that identify the run (what makes two numbers comparable): ``eval`` is the evaluation
 #: layout (``fa=…,ub=…,seq=…``).
-RUN_IDENTITY_KEYS: tuple[str, ...] = ("model_sha256", "corpus_sha256", "n_ctx", "chunks", "engine",
-                                      "eval")
+RUN_IDENTITY_KEYS: tuple[str, ...] = (
+    "model_sha256",
+    "corpus_sha256",
+    "n_ctx",
+    "chunks",
+    "engine",
+    "eval",
+)
 
 #: Metric keys in llama-perplexity's order (docs/llama-perplexity.md#statistics, #kld-output); Δp
 #: and same-top-p values are in percent.
 METRIC_KEYS: tuple[str, ...] = (
-    "ppl_q", "ppl_q_err", "ppl_base", "ppl_base_err", "cor_ln_ppl",
-    "ln_ratio", "ln_ratio_err", "ppl_ratio", "ppl_ratio_err", "ppl_diff", "ppl_diff_err",
-    "mean_kld", "mean_kld_err", "max_kld", "kld_p99_9", "kld_p99", "kld_p95", "kld_p90",
-    "median_kld", "kld_p10", "kld_p5", "kld_p1", "kld_p0_1", "min_kld",
-    "mean_dp", "mean_dp_err", "max_dp", "dp_p99_9", "dp_p99", "dp_p95", "dp_p90", "dp_p75",
-    "median_dp", "dp_p25", "dp_p10", "dp_p5", "dp_p1", "dp_p0_1", "min_dp",
-    "rms_dp", "rms_dp_err", "same_top_p", "same_top_p_err", "n_tokens",
+    "ppl_q",
+    "ppl_q_err",
+    "ppl_base",
+    "ppl_base_err",
+    "cor_ln_ppl",
+    "ln_ratio",
+    "ln_ratio_err",
+    "ppl_ratio",
+    "ppl_ratio_err",
+    "ppl_diff",
+    "ppl_diff_err",
+    "mean_kld",
+    "mean_kld_err",
+    "max_kld",
+    "kld_p99_9",
+    "kld_p99",
+    "kld_p95",
+    "kld_p90",
+    "median_kld",
+    "kld_p10",
+    "kld_p5",
+    "kld_p1",
+    "kld_p0_1",
+    "min_kld",
+    "mean_dp",
+    "mean_dp_err",
+    "max_dp",
+    "dp_p99_9",
+    "dp_p99",
+    "dp_p95",
+    "dp_p90",
+    "dp_p75",
+    "median_dp",
+    "dp_p25",
+    "dp_p10",
+    "dp_p5",
+    "dp_p1",
+    "dp_p0_1",
+    "min_dp",
+    "rms_dp",
+    "rms_dp_err",
+    "same_top_p",
+    "same_top_p_err",
+    "n_tokens",
 )
 
 #: Columns of the gating features, after the metrics: the run's imatrix identity (sha256 of the
@@ -89,14 +132,18 @@ METRIC_KEYS: tuple[str, ...] = (
 #: :meth:`~pytest_quantbench.metrics.KLDAccumulator.chunk_errors` and the early-verdict facts of
 #: :mod:`~pytest_quantbench.earlystop` (the comparison's columns: :func:`comparison_columns`).
 GATING_KEYS: tuple[str, ...] = (
-    "imatrix", "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
-    "chunks_used", "stopped_early", "early_verdict",
+    "imatrix",
+    "mean_kld_err_chunks",
+    "mean_dp_err_chunks",
+    "same_top_p_err_chunks",
+    "chunks_used",
+    "stopped_early",
+    "early_verdict",
 )
 
 #: Metrics every item compared with a reference run (``--quantbench-compare``) gets
 #: ``ref_<metric>`` / ``delta_<metric>`` for; each fail rule's metric adds its own pair.
 COMPARED_METRICS: tuple[str, ...] = ("mean_kld", "ppl_ratio", "mean_dp", "same_top_p")
-
 
 
 def comparison_columns(metrics: Iterable[str] = COMPARED_METRICS) -> tuple[str, ...]:
@@ -110,27 +157,27 @@ def comparison_columns(metrics: Iterable[str] = COMPARED_METRICS) -> tuple[str, 
 #: (an absent value is an empty cell; a key not listed here is not written). A new row key
 #: becomes a column by adding one line here (and one line to the README's results.csv list).
 RESULT_COLUMNS: tuple[str, ...] = (
-    *ITEM_KEYS,                                  # tensor, qtype, written_type, status
-    "requested_type",                            # the ggml type asked for, or "preset Q4_K_M"
-    "members",                                   # the tensors quantized (comma-separated)
-    "fallback",                                  # True: written_type is llama-quantize's fallback
-    "reused",                                    # True: statistics from the results store
+    *ITEM_KEYS,  # tensor, qtype, written_type, status
+    "requested_type",  # the ggml type asked for, or "preset Q4_K_M"
+    "members",  # the tensors quantized (comma-separated)
+    "fallback",  # True: written_type is llama-quantize's fallback
+    "reused",  # True: statistics from the results store
     *RUN_IDENTITY_KEYS,
-    "engine_mode",                               # inplace or file
-    "device",                                    # cpu, or cuda:<visible id> <GPU name>
-    "engine_note",                               # why the file engine was used instead
-    "kernel_probe_kld",                          # the type's kernel vs its dequantized weights
-    "seconds",                                   # the item's measuring time
-    "eval_path",                                 # full, or tail:L (prefix reuse from layer L)
-    "prefix_note",                               # why prefix reuse measured it in full instead
-    "file_size",                                 # whole-file items: the file's bytes
-    "bpw",                                       # whole-file items: bits per weight
-    "types",                                     # whole-file items: type of each tensor class
+    "engine_mode",  # inplace or file
+    "device",  # cpu, or cuda:<visible id> <GPU name>
+    "engine_note",  # why the file engine was used instead
+    "kernel_probe_kld",  # the type's kernel vs its dequantized weights
+    "seconds",  # the item's measuring time
+    "eval_path",  # full, or tail:L (prefix reuse from layer L)
+    "prefix_note",  # why prefix reuse measured it in full instead
+    "file_size",  # whole-file items: the file's bytes
+    "bpw",  # whole-file items: bits per weight
+    "types",  # whole-file items: type of each tensor class
     *METRIC_KEYS,
-    *GATING_KEYS,                                # imatrix, chunk-level ±, early-verdict facts
-    *comparison_columns(),                       # ref_/delta_ of --quantbench-compare
+    *GATING_KEYS,  # imatrix, chunk-level ±, early-verdict facts
+    *comparison_columns(),  # ref_/delta_ of --quantbench-compare
     "nodeid",
-    "reason",                                    # skip/failure/error message, whole
+    "reason",  # skip/failure/error message, whole
 )
 
 #: Values written where a row has no value for a boolean column.
@@ -365,8 +412,11 @@ def tidy_columns(rows: Iterable[Row] = ()) -> list[str]:
     ``ref_``/``delta_`` pair of a ``--quantbench-compare-fail`` rule's metric outside
     :data:`COMPARED_METRICS` where the rows have one (before ``nodeid`` and ``reason``)."""
     keys = {key for row in rows for key in row}
-    extra = [c for c in comparison_columns(k[len("ref_"):] for k in sorted(keys)
-                                           if k.startswith("ref_")) if c not in RESULT_COLUMNS]
+    extra = [
+        c
+        for c in comparison_columns(k[len("ref_") :] for k in sorted(keys) if k.startswith("ref_"))
+        if c not in RESULT_COLUMNS
+    ]
     return [*RESULT_COLUMNS[:-2], *extra, *RESULT_COLUMNS[-2:]]
 
 
@@ -414,8 +464,10 @@ def write_tidy_csv(rows: Iterable[Row], path: str | os.PathLike[str]) -> Path:
 
     ordered = sorted(rows, key=_item_order)
     columns = list(RESULT_COLUMNS)
-    data = {col: [_tidy_cell(row.get(col, _RESULT_DEFAULTS.get(col))) for row in ordered]
-            for col in columns}
+    data = {
+        col: [_tidy_cell(row.get(col, _RESULT_DEFAULTS.get(col))) for row in ordered]
+        for col in columns
+    }
     df = pd.DataFrame(data, columns=columns, dtype=object)
     text = df.to_csv(index=False, lineterminator="\n")
     atomic_write_text(path, text)
@@ -522,8 +574,13 @@ def write_suite_tables(
     written: list[Path] = []
     for name, metric in (*SUITE_TABLES.items(), *((f"{m}_results.csv", m) for m in extra)):
         percent = metric == "ppl_q" and ppl_percent
-        df = wide_table(rows, metric, tensors=tensors, qtypes=qtypes,
-                        percent_of=(b if b is not None else 0.0) if percent else None)
+        df = wide_table(
+            rows,
+            metric,
+            tensors=tensors,
+            qtypes=qtypes,
+            percent_of=(b if b is not None else 0.0) if percent else None,
+        )
         is_base = df["QTYPE"] == baseline_qtype
         if baseline_qtype is not None and is_base.any():
             if metric == "mean_kld":
@@ -597,8 +654,7 @@ def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld"
     worst = worst_items(rows, n, metric)
     if not worst:
         return []
-    header = ("rank", "tensor", "qtype", "written", "mean KLD", "PPL ratio", "same top p",
-              "result")
+    header = ("rank", "tensor", "qtype", "written", "mean KLD", "PPL ratio", "same top p", "result")
     table = [header]
     for rank, row in enumerate(worst, start=1):
         table.append(
@@ -628,8 +684,9 @@ def format_summary(rows: Iterable[Row], n: int = 10, *, metric: str = "mean_kld"
 # --------------------------------------------------------------------------
 
 
-def write_group_files(groups: Sequence[Any], out_dir: str | os.PathLike[str], *, baseline: str,
-                      chunks: int) -> list[Path]:
+def write_group_files(
+    groups: Sequence[Any], out_dir: str | os.PathLike[str], *, baseline: str, chunks: int
+) -> list[Path]:
     """Write the group mapping files of a grouped run into ``out_dir``.
 
     ``bench_ppl_kld_group_mapping.<baseline>.<chunks>.txt``: one line per group,
@@ -648,9 +705,17 @@ def write_group_files(groups: Sequence[Any], out_dir: str | os.PathLike[str], *,
     mapping = out / f"bench_ppl_kld_group_mapping.{baseline}.{chunks}.txt"
     atomic_write_text(mapping, "".join(f"{g.name}:{g.spec}\n" for g in groups))
     table = pd.DataFrame(
-        [{"group": g.name, "regexes": g.spec, "n_members": len(g.members),
-          "members": " ".join(g.members)} for g in groups],
-        columns=["group", "regexes", "n_members", "members"])
+        [
+            {
+                "group": g.name,
+                "regexes": g.spec,
+                "n_members": len(g.members),
+                "members": " ".join(g.members),
+            }
+            for g in groups
+        ],
+        columns=["group", "regexes", "n_members", "members"],
+    )
     csv_path = out / "groups.csv"
     atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
     return [mapping, csv_path]

@@ -15,15 +15,30 @@ from typing import Any
 from .measure import ItemSkip, WorkUnit
 
 #: The row facts the results store keeps with an item's statistics.
-_FACTS = ("members", "requested_type", "written_type", "engine_mode", "engine_note",
-          "kernel_probe_kld", "reason", "fallback",
-          "seconds",
-          # chunk-level ± and early verdicts (earlystop.gating_facts)
-          "mean_kld_err_chunks", "mean_dp_err_chunks", "same_top_p_err_chunks",
-          "chunks_used", "stopped_early", "early_verdict",
-          "file_size", "bpw", "types",  # whole-file items (variants.file_facts)
-          "eval_path", "prefix_note",  # prefix reuse: facts of the path, never part of a key
-          "device")  # which device measured it (engine.devices): a merged table keeps it
+_FACTS = (
+    "members",
+    "requested_type",
+    "written_type",
+    "engine_mode",
+    "engine_note",
+    "kernel_probe_kld",
+    "reason",
+    "fallback",
+    "seconds",
+    # chunk-level ± and early verdicts (earlystop.gating_facts)
+    "mean_kld_err_chunks",
+    "mean_dp_err_chunks",
+    "same_top_p_err_chunks",
+    "chunks_used",
+    "stopped_early",
+    "early_verdict",
+    "file_size",
+    "bpw",
+    "types",  # whole-file items (variants.file_facts)
+    "eval_path",
+    "prefix_note",  # prefix reuse: facts of the path, never part of a key
+    "device",
+)  # which device measured it (engine.devices): a merged table keeps it
 
 
 class RunResults:
@@ -58,9 +73,13 @@ class RunResults:
 
         return item_key(self.run_key, unit.tensors, unit.qtype)
 
-    def reuse_or_measure(self, unit: WorkUnit, row: dict[str, Any],
-                         measure: Callable[[WorkUnit, dict[str, Any]], Any],
-                         early_limits: Mapping[str, float] | None = None) -> dict[str, Any]:
+    def reuse_or_measure(
+        self,
+        unit: WorkUnit,
+        row: dict[str, Any],
+        measure: Callable[[WorkUnit, dict[str, Any]], Any],
+        early_limits: Mapping[str, float] | None = None,
+    ) -> dict[str, Any]:
         """The statistics of ``unit``: reused from the results store when it holds them for these
         settings (unless ``--quantbench-rerun``), else ``measure(unit, row)`` (a KLDStats) and
         stored at once.
@@ -77,10 +96,18 @@ class RunResults:
 
         config = self.inputs.config
         key, run = self.item_key(unit), self.run_key
-        early_key = (early_item_key(run, unit.tensors, unit.qtype, early_limits,
-                                    config.early_stop_confidence) if early_limits else None)
-        stored = None if config.rerun else (
-            self.store.get(key) or (self.store.get(early_key) if early_key else None))
+        early_key = (
+            early_item_key(
+                run, unit.tensors, unit.qtype, early_limits, config.early_stop_confidence
+            )
+            if early_limits
+            else None
+        )
+        stored = (
+            None
+            if config.rerun
+            else (self.store.get(key) or (self.store.get(early_key) if early_key else None))
+        )
         if stored is not None:
             row.update(stored["facts"], reused=True)
             if row.get("fallback") and not config.allow_fallback:
@@ -91,8 +118,11 @@ class RunResults:
         if row.get("stopped_early"):  # never reused for, nor listed by, a full-chunk run
             assert early_key is not None  # only a run with early-stop limits stops early
             key, run = early_key, early_store_run(run)
-        self.store.put(key, run, {"tensor": unit.name, "qtype": unit.qtype,
-                                  "facts": facts, "stats": stats.as_dict()})
+        self.store.put(
+            key,
+            run,
+            {"tensor": unit.name, "qtype": unit.qtype, "facts": facts, "stats": stats.as_dict()},
+        )
         return stats.as_dict()
 
     def write_item_log(self, unit: WorkUnit, row: dict[str, Any], stats: dict[str, Any]) -> None:
@@ -104,10 +134,19 @@ class RunResults:
         from .itemlog import write_item_log
         from .metrics import KLDStats
 
-        facts = {k: row.get(k) for k in ("members", "requested_type", "written_type", "engine_mode",
-                                          "n_ctx", "reused")}
-        write_item_log(config.logs, unit.name, unit.qtype, self.inputs.run_identity.chunks,
-                       KLDStats(**stats), command=self.command, facts=facts)
+        facts = {
+            k: row.get(k)
+            for k in ("members", "requested_type", "written_type", "engine_mode", "n_ctx", "reused")
+        }
+        write_item_log(
+            config.logs,
+            unit.name,
+            unit.qtype,
+            self.inputs.run_identity.chunks,
+            KLDStats(**stats),
+            command=self.command,
+            facts=facts,
+        )
 
     def close(self) -> None:
         """Close the store if it was opened."""

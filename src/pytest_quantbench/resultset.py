@@ -16,8 +16,17 @@ from types import SimpleNamespace
 from typing import Any
 
 #: The record fields a merge requires to agree (the shard's own index is not among them).
-RECORD_FIELDS = ("identity", "imatrix", "tensors", "qtypes", "csv_metrics", "ppl_percent",
-                 "baseline_ppl", "baseline_qtype", "groups")
+RECORD_FIELDS = (
+    "identity",
+    "imatrix",
+    "tensors",
+    "qtypes",
+    "csv_metrics",
+    "ppl_percent",
+    "baseline_ppl",
+    "baseline_qtype",
+    "groups",
+)
 
 
 def run_record(session, units: Sequence[Any]) -> dict[str, Any]:
@@ -35,8 +44,9 @@ def run_record(session, units: Sequence[Any]) -> dict[str, Any]:
         "ppl_percent": bool(cfg.ppl_percent),
         "baseline_ppl": cfg.baseline_ppl,
         "baseline_qtype": cfg.baseline_qtype,
-        "groups": [{"name": g.name, "spec": g.spec, "members": list(g.members)}
-                   for g in session.groups],
+        "groups": [
+            {"name": g.name, "spec": g.spec, "members": list(g.members)} for g in session.groups
+        ],
     }
 
 
@@ -45,12 +55,19 @@ def stored_row(record: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]
     tensor, qtype, facts, statistics and the outcome (status, nodeid, reason) it was judged
     with. Rows stored before outcomes were kept get ``status="stored"``."""
     outcome = stored.get("outcome") or {"status": "stored"}
-    return {**record["identity"], "tensor": stored["tensor"], "qtype": stored["qtype"],
-            **stored["facts"], **stored["stats"], **outcome}
+    return {
+        **record["identity"],
+        "tensor": stored["tensor"],
+        "qtype": stored["qtype"],
+        **stored["facts"],
+        **stored["stats"],
+        **outcome,
+    }
 
 
-def write_run_tables(rows: Sequence[dict[str, Any]], out: Path,
-                     record: dict[str, Any]) -> list[Path]:
+def write_run_tables(
+    rows: Sequence[dict[str, Any]], out: Path, record: dict[str, Any]
+) -> list[Path]:
     """Write the suite tables, ``results.csv`` and (for a grouped run) the group files of
     ``rows`` into ``out`` (each file atomically), as :func:`report.write_suite_tables` and
     :func:`report.write_group_files` do. Returns the paths written. Raises OSError."""
@@ -60,12 +77,21 @@ def write_run_tables(rows: Sequence[dict[str, Any]], out: Path,
     tensors = sorted(set(record["tensors"]) | {r["tensor"] for r in rows}, key=natural_key)
     qtypes = sorted(set(record["qtypes"]) | {r["qtype"] for r in rows})
     written = write_suite_tables(
-        rows, out, tensors=tensors, qtypes=qtypes, metrics=record["csv_metrics"],
-        ppl_percent=record["ppl_percent"], baseline_ppl=record["baseline_ppl"],
-        baseline_qtype=record["baseline_qtype"])
+        rows,
+        out,
+        tensors=tensors,
+        qtypes=qtypes,
+        metrics=record["csv_metrics"],
+        ppl_percent=record["ppl_percent"],
+        baseline_ppl=record["baseline_ppl"],
+        baseline_qtype=record["baseline_qtype"],
+    )
     if record["groups"]:
-        groups = [SimpleNamespace(name=g["name"], spec=g["spec"], members=tuple(g["members"]))
-                  for g in record["groups"]]
-        written += write_group_files(groups, out, baseline=record["baseline_qtype"],
-                                     chunks=record["identity"]["chunks"])
+        groups = [
+            SimpleNamespace(name=g["name"], spec=g["spec"], members=tuple(g["members"]))
+            for g in record["groups"]
+        ]
+        written += write_group_files(
+            groups, out, baseline=record["baseline_qtype"], chunks=record["identity"]["chunks"]
+        )
     return written

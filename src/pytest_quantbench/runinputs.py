@@ -56,8 +56,10 @@ class RunInputs:
         self.imatrix_needed_by: tuple[str, ...] = ()
         if config.engine_lib is not None:  # read by the engine bindings, inherited by workers
             if not config.engine_lib.is_file():
-                raise ConfigError(f"--quantbench-engine-lib {config.engine_lib} does not exist: "
-                                  "give the libllama.so of an ik_llama.cpp build")
+                raise ConfigError(
+                    f"--quantbench-engine-lib {config.engine_lib} does not exist: "
+                    "give the libllama.so of an ik_llama.cpp build"
+                )
             os.environ["IK_LLAMA_CPP_LIB_PATH"] = str(config.engine_lib)
         self.gpu = _process_gpu(config)  # before the engine loads: the worker's GPU, graphs off
 
@@ -66,8 +68,7 @@ class RunInputs:
         """The baseline GGUF (the default one is converted on first use)."""
         if self.config.model is not None:
             return self.config.model
-        return inputs.ensure_default_model(self.cache_dir, self.config.baseline_qtype,
-                                           self.threads)
+        return inputs.ensure_default_model(self.cache_dir, self.config.baseline_qtype, self.threads)
 
     @cached_property
     def model_header(self):
@@ -122,9 +123,14 @@ class RunInputs:
 
         n_seq, n_gpu_layers = self.config.n_seq, self.config.n_gpu_layers
         all_on_gpu = n_gpu_layers > (self.model_header.n_layer or 0)
-        return EvalSettings(n_ctx=self.n_ctx, threads=self.threads, n_gpu_layers=n_gpu_layers,
-                            n_seq=n_seq, flash_attn=n_seq == 1 or all_on_gpu,
-                            single_gpu=self.config.gpus is not None)
+        return EvalSettings(
+            n_ctx=self.n_ctx,
+            threads=self.threads,
+            n_gpu_layers=n_gpu_layers,
+            n_seq=n_seq,
+            flash_attn=n_seq == 1 or all_on_gpu,
+            single_gpu=self.config.gpus is not None,
+        )
 
     @cached_property
     def tokenizer(self):
@@ -199,8 +205,12 @@ class RunInputs:
         if self.user_base is not None:
             from .baseline import check_user_baseline
 
-            check_user_baseline(self.user_base, self.tokenizer.n_vocab, self.config.corpus,
-                                lambda: self.corpus_tokens)
+            check_user_baseline(
+                self.user_base,
+                self.tokenizer.n_vocab,
+                self.config.corpus,
+                lambda: self.corpus_tokens,
+            )
 
     @cached_property
     def cache_plan(self):
@@ -212,11 +222,20 @@ class RunInputs:
         from .imatrix import auto_imatrix_path
 
         return plan_cache_files(
-            baseline=(None if self.user_base is not None else
-                      baseline_cache_path(self.cache_dir, self.run_identity)),
-            shape=self.chunk_tokens.shape, n_vocab=self.tokenizer.n_vocab,
-            imatrix=(auto_imatrix_path(self.cache_dir, self._auto_imatrix_key)
-                     if self.imatrix_source == "auto" else None), model_header=self.model_header)
+            baseline=(
+                None
+                if self.user_base is not None
+                else baseline_cache_path(self.cache_dir, self.run_identity)
+            ),
+            shape=self.chunk_tokens.shape,
+            n_vocab=self.tokenizer.n_vocab,
+            imatrix=(
+                auto_imatrix_path(self.cache_dir, self._auto_imatrix_key)
+                if self.imatrix_source == "auto"
+                else None
+            ),
+            model_header=self.model_header,
+        )
 
     def header_lines(self) -> list[str]:
         """The run-header lines: model + hash, corpus + tokens, n_ctx, chunks, engine, cache."""
@@ -224,19 +243,26 @@ class RunInputs:
         from .diskspace import cache_header_line
 
         ident = self.run_identity
-        corpus = (user_base_header(self.user_base) if self.user_base is not None else
-                  f"{self.config.corpus or inputs.DEFAULT_CORPUS_NAME} "
-                  f"({len(self.corpus_tokens)} tokens, sha256 {ident.corpus_sha256[:12]})")
-        return [
-            f"quantbench model: {self.model_path} (sha256 {ident.model_sha256[:12]}, "
-            f"baseline type {self.config.baseline_qtype})",
-            f"quantbench corpus: {corpus}",
-            f"quantbench n_ctx={ident.n_ctx}, chunks={ident.chunks}, threads={self.threads}, "
-            f"{ident.eval}",
-            f"quantbench engine: {self.identity_engine.describe()}",
-            cache_header_line(self.cache_dir, self.cache_plan),
-        ] + self._device_header() + self._imatrix_header() + (
-            [f"quantbench gpu: {self.gpu_problem}"] if self.gpu_problem else [])
+        corpus = (
+            user_base_header(self.user_base)
+            if self.user_base is not None
+            else f"{self.config.corpus or inputs.DEFAULT_CORPUS_NAME} "
+            f"({len(self.corpus_tokens)} tokens, sha256 {ident.corpus_sha256[:12]})"
+        )
+        return (
+            [
+                f"quantbench model: {self.model_path} (sha256 {ident.model_sha256[:12]}, "
+                f"baseline type {self.config.baseline_qtype})",
+                f"quantbench corpus: {corpus}",
+                f"quantbench n_ctx={ident.n_ctx}, chunks={ident.chunks}, threads={self.threads}, "
+                f"{ident.eval}",
+                f"quantbench engine: {self.identity_engine.describe()}",
+                cache_header_line(self.cache_dir, self.cache_plan),
+            ]
+            + self._device_header()
+            + self._imatrix_header()
+            + ([f"quantbench gpu: {self.gpu_problem}"] if self.gpu_problem else [])
+        )
 
     @cached_property
     def gpu_problem(self) -> str | None:
@@ -245,34 +271,42 @@ class RunInputs:
         n = self.config.n_gpu_layers
         if not n or n <= 0 or self.identity_engine.device != "cpu":
             return None
-        return (f"--quantbench-n-gpu-layers {n} has no effect: the engine build "
-                f"{self.identity_engine.libllama} has no GPU backend, so everything runs on the "
-                "CPU (pass --quantbench-engine-lib PATH to the libllama of a CUDA/Vulkan/Metal "
-                "build of ik_llama.cpp to offload)")
+        return (
+            f"--quantbench-n-gpu-layers {n} has no effect: the engine build "
+            f"{self.identity_engine.libllama} has no GPU backend, so everything runs on the "
+            "CPU (pass --quantbench-engine-lib PATH to the libllama of a CUDA/Vulkan/Metal "
+            "build of ik_llama.cpp to offload)"
+        )
 
     def _device_header(self) -> list[str]:
         """The device line of a GPU build: which GPUs, one per worker or not, graphs off."""
         engine = self.identity_engine
         if engine.device == "cpu":
             return []
-        per_worker = (f"one per worker from --quantbench-gpus {self.config.gpus}"
-                      if self.config.gpus is not None else "the engine's own split")
-        return [f"quantbench device: {engine.device} ({per_worker}; n_gpu_layers="
-                f"{self.config.n_gpu_layers}; CUDA graphs off)"]
+        per_worker = (
+            f"one per worker from --quantbench-gpus {self.config.gpus}"
+            if self.config.gpus is not None
+            else "the engine's own split"
+        )
+        return [
+            f"quantbench device: {engine.device} ({per_worker}; n_gpu_layers="
+            f"{self.config.n_gpu_layers}; CUDA graphs off)"
+        ]
 
     def _imatrix_header(self) -> list[str]:
         source = self.imatrix_source
         if source is None:
             return []
         if source == "auto":
-            cached = (f"once, cached in {self.cache_dir / 'imatrix'}; key "
-                      f"{self._auto_imatrix_key}")
+            cached = f"once, cached in {self.cache_dir / 'imatrix'}; key {self._auto_imatrix_key}"
             if self.config.imatrix is None:
                 types = ", ".join(self.imatrix_needed_by)
                 verb = "needs" if len(self.imatrix_needed_by) == 1 else "need"
-                return [f"quantbench imatrix: computed from the corpus because {types} {verb} "
-                        "one; pass --quantbench-imatrix FILE to use yours, or =none to skip such "
-                        f"items ({cached})"]
+                return [
+                    f"quantbench imatrix: computed from the corpus because {types} {verb} "
+                    "one; pass --quantbench-imatrix FILE to use yours, or =none to skip such "
+                    f"items ({cached})"
+                ]
             return [f"quantbench imatrix: auto (computed from the corpus chunks {cached})"]
         sha = self.imatrix_identity or ""  # a file is the source here: its sha256
         return [f"quantbench imatrix: {source} (sha256 {sha[:12]})"]
@@ -307,8 +341,9 @@ class RunInputs:
         from .imatrix import auto_imatrix_key
 
         ident = self.run_identity
-        return auto_imatrix_key(ident.model_sha256, ident.corpus_sha256, ident.n_ctx,
-                                ident.chunks, ident.engine)
+        return auto_imatrix_key(
+            ident.model_sha256, ident.corpus_sha256, ident.n_ctx, ident.chunks, ident.engine
+        )
 
     @cached_property
     def imatrix(self):
@@ -332,9 +367,13 @@ class RunInputs:
             # one chunk per decode with flash attention, whatever --quantbench-n-seq says: the
             # cached matrix's key holds no evaluation layout
             settings = replace(self.eval_settings, n_seq=1, flash_attn=True)
-            path = ensure_auto_imatrix(self.cache_dir, self._auto_imatrix_key, lambda dest:
-                                       compute_imatrix(self.model_path, settings,
-                                                       self.chunk_tokens, dest, dataset=name))
+            path = ensure_auto_imatrix(
+                self.cache_dir,
+                self._auto_imatrix_key,
+                lambda dest: compute_imatrix(
+                    self.model_path, settings, self.chunk_tokens, dest, dataset=name
+                ),
+            )
         else:
             path = source
         imx = load_imatrix(path)
@@ -353,10 +392,15 @@ class RunInputs:
             facts = json.loads(inputs.default_model_facts_path(self.model_path).read_text())
         except (OSError, ValueError):
             return []
-        when = ("converted in this run" if facts.get("computed_at", 0) >= since else
-                "taken from the cache; converted earlier")
-        return [f"default model: {when} in {facts['seconds']:.1f} s (cached: {self.model_path}, "
-                f"{facts['bytes'] / 1e6:.1f} MB)"]
+        when = (
+            "converted in this run"
+            if facts.get("computed_at", 0) >= since
+            else "taken from the cache; converted earlier"
+        )
+        return [
+            f"default model: {when} in {facts['seconds']:.1f} s (cached: {self.model_path}, "
+            f"{facts['bytes'] / 1e6:.1f} MB)"
+        ]
 
     def imatrix_summary_lines(self, since: float) -> list[str]:
         """The summary line of a computed importance matrix: where it is cached, its size, and
@@ -371,10 +415,15 @@ class RunInputs:
         facts = auto_imatrix_facts(path)
         if not facts or not path.exists():
             return []
-        when = ("computed in this run" if facts.get("computed_at", 0) >= since else
-                "taken from the cache; computed earlier")
-        return [f"imatrix: {when} in {facts['seconds']:.1f} s (cached: {path}, "
-                f"{facts['bytes'] / 1e6:.1f} MB)"]
+        when = (
+            "computed in this run"
+            if facts.get("computed_at", 0) >= since
+            else "taken from the cache; computed earlier"
+        )
+        return [
+            f"imatrix: {when} in {facts['seconds']:.1f} s (cached: {path}, "
+            f"{facts['bytes'] / 1e6:.1f} MB)"
+        ]
 
     @cached_property
     def imatrix_path(self) -> Path | None:

@@ -255,8 +255,10 @@ def _file_prefix(s: str) -> str:
             return s[:prefixlen]
         i += 1
         prefixlen = i
-        while i + 1 < n and s[i] == "." and (
-            (s[i + 1].isascii() and s[i + 1].isalpha()) or s[i + 1] == "~"
+        while (
+            i + 1 < n
+            and s[i] == "."
+            and ((s[i + 1].isascii() and s[i + 1].isalpha()) or s[i + 1] == "~")
         ):
             i += 2
             while i < n and ((s[i].isascii() and s[i].isalnum()) or s[i] == "~"):
@@ -437,22 +439,27 @@ def select_groups(
         name = f"group{index}"
         regexes = tuple(part.strip() for part in arg.split(","))
         if not arg.strip() or not all(regexes):
-            raise SelectionError(f"--quantbench-group-tensors {name} {arg!r}: an empty regex; "
-                                 "give comma-separated regexes such as '^blk\\.0\\.attn_.*'")
+            raise SelectionError(
+                f"--quantbench-group-tensors {name} {arg!r}: an empty regex; "
+                "give comma-separated regexes such as '^blk\\.0\\.attn_.*'"
+            )
         patterns = []
         for regex in regexes:
             try:
                 patterns.append(compile_regex(regex))
             except re.error as exc:
-                raise SelectionError(f"--quantbench-group-tensors {name}: invalid regex "
-                                     f"'{regex}': {exc}") from None
+                raise SelectionError(
+                    f"--quantbench-group-tensors {name}: invalid regex '{regex}': {exc}"
+                ) from None
         members = tuple(n for n in names if any(p.search(n) for p in patterns))
         if not members:
             warn(f"quantbench: group {name} ({arg}) matches no tensor")
             continue
         if members in seen:
-            warn(f"quantbench: group {name} ({arg}) has the same members as {seen[members]}: "
-                 "measured once, as " + seen[members])
+            warn(
+                f"quantbench: group {name} ({arg}) has the same members as {seen[members]}: "
+                "measured once, as " + seen[members]
+            )
             continue
         seen[members] = name
         groups.append(Group(name, regexes, members))
@@ -529,7 +536,7 @@ def tensor_kind(name: str) -> str:
     unchanged. Used for markers and per-kind summaries. Raises nothing.
     """
     m = _LAYER_RE.search(name)
-    rest = name[m.end():] if m else name
+    rest = name[m.end() :] if m else name
     if rest.endswith(".weight"):
         rest = rest[: -len(".weight")]
     return rest

@@ -32,14 +32,23 @@ from .results import RunResults
 from .runinputs import RunInputs, default_threads
 from .typeplan import TypePlanner
 
-__all__ = ["QuantbenchSession", "ItemSkip", "WorkUnit", "ChunkBuffers", "default_threads",
-           "fallback_reason", "KERNEL_PROBE_MAX_KLD"]
+__all__ = [
+    "QuantbenchSession",
+    "ItemSkip",
+    "WorkUnit",
+    "ChunkBuffers",
+    "default_threads",
+    "fallback_reason",
+    "KERNEL_PROBE_MAX_KLD",
+]
 
 
 def _part(part: str, name: str) -> property:
     """A read-only attribute of the session that is ``name`` of its part ``part``."""
-    return property(lambda self: getattr(getattr(self, part), name),
-                    doc=f"``{part}.{name}`` (read by plugin.py, planning.py, faults.py, tests).")
+    return property(
+        lambda self: getattr(getattr(self, part), name),
+        doc=f"``{part}.{name}`` (read by plugin.py, planning.py, faults.py, tests).",
+    )
 
 
 class QuantbenchSession:
@@ -52,8 +61,7 @@ class QuantbenchSession:
     def __init__(self, config: QuantbenchConfig, cache_dir: Path, n_workers: int = 1) -> None:
         self.inputs = RunInputs(config, cache_dir, n_workers)
         self.engines = EngineChoice(self.inputs)
-        self.prefix = PrefixReuse(self.inputs, lambda: self.engines.swap_model,
-                                  lambda: self.units)
+        self.prefix = PrefixReuse(self.inputs, lambda: self.engines.swap_model, lambda: self.units)
         self.base = RunBaseline(self.inputs, lambda: self.engines.swap_model, self.prefix)
         self.planner = TypePlanner(self.inputs)
         self.results = RunResults(self.inputs)
@@ -115,8 +123,13 @@ class QuantbenchSession:
     # ---- one item -----------------------------------------------------------------------------
     def identity_row(self, unit: WorkUnit) -> dict[str, Any]:
         """The row columns every result of ``unit`` carries (builtin types)."""
-        return {"tensor": unit.name, "qtype": unit.qtype, "members": ",".join(unit.tensors),
-                **self.run_identity.as_row(), "device": self.inputs.identity_engine.device}
+        return {
+            "tensor": unit.name,
+            "qtype": unit.qtype,
+            "members": ",".join(unit.tensors),
+            **self.run_identity.as_row(),
+            "device": self.inputs.identity_engine.device,
+        }
 
     def measure(self, unit: WorkUnit, row: dict[str, Any]) -> dict[str, Any]:
         """The statistics of ``unit``: reused from the results store when it holds them for these
@@ -128,8 +141,9 @@ class QuantbenchSession:
         Raises: ItemSkip (fallback type, missing imatrix, a type this build cannot run),
             EngineError, StoreError, ValueError (non-finite logits: the message says where).
         """
-        return self.results.reuse_or_measure(unit, row, self._measure,
-                                             early_limits=self.early_limits(unit))  # [gating]
+        return self.results.reuse_or_measure(
+            unit, row, self._measure, early_limits=self.early_limits(unit)
+        )  # [gating]
 
     def _measure(self, unit: WorkUnit, row: dict[str, Any]):
         """Plan the written types, quantize, evaluate every chunk; return the KLDStats."""
@@ -140,9 +154,17 @@ class QuantbenchSession:
 
         if unit.name in ("variant", "recipe"):  # issue 15: whole files and recipes (variants.py)
             from .variants import measure_whole
-            return measure_whole(unit, self.whole_paths[(unit.name, unit.qtype)], row,
-                                 inputs=self.inputs, planner=self.planner, engines=self.engines,
-                                 baseline=self.base, buffers=self.chunk_buffers)
+
+            return measure_whole(
+                unit,
+                self.whole_paths[(unit.name, unit.qtype)],
+                row,
+                inputs=self.inputs,
+                planner=self.planner,
+                engines=self.engines,
+                baseline=self.base,
+                buffers=self.chunk_buffers,
+            )
         started = time.perf_counter()
         qtype = resolve_qtype(unit.qtype)
         written = self.planner.plan_types(unit, qtype, row)
@@ -153,23 +175,37 @@ class QuantbenchSession:
         if note:
             row["engine_note"] = note
         header = self.model_header
-        probes = [self.engines.check_kernel(name, wtype, base) for name, wtype in written.items()
-                  if wtype.name != header.tensor(name).type_name]
+        probes = [
+            self.engines.check_kernel(name, wtype, base)
+            for name, wtype in written.items()
+            if wtype.name != header.tensor(name).type_name
+        ]
         probes = [k for k in probes if k is not None]
         if probes:  # how far the type's kernel is from its dequantized weights (nats), probed on
             row["kernel_probe_kld"] = max(probes)  # one fixed tensor per type (enginechoice)
         n_chunks = self.run_identity.chunks
-        acc = item_accumulator(self.early_limits(unit), n_chunks,  # [gating]
-                               self.config.early_stop_confidence)
+        acc = item_accumulator(
+            self.early_limits(unit),
+            n_chunks,  # [gating]
+            self.config.early_stop_confidence,
+        )
         try:
             if engine == "inplace":  # on the unit's tail or the full model (prefix.run_item)
                 row["eval_path"] = measuring.measure_inplace(
-                    self.engines.swap_model, header, self.imatrix, written, base, acc,
-                    self.chunk_buffers, run=lambda *args: self.prefix.run_item(unit, row, *args))
+                    self.engines.swap_model,
+                    header,
+                    self.imatrix,
+                    written,
+                    base,
+                    acc,
+                    self.chunk_buffers,
+                    run=lambda *args: self.prefix.run_item(unit, row, *args),
+                )
             else:
                 row["eval_path"] = eval_path(None)  # the file engine never uses tails
-                measuring.measure_file(self.inputs, unit, qtype, written, base, acc,
-                                       self.chunk_buffers)
+                measuring.measure_file(
+                    self.inputs, unit, qtype, written, base, acc, self.chunk_buffers
+                )
         except EarlyVerdict:  # [gating] the verdict is sure: acc holds the chunks looked at
             pass
         row.update(gating_facts(acc, n_chunks))  # [gating] chunk-level ±, chunks_used

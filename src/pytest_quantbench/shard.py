@@ -60,8 +60,10 @@ def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> Shard
     except ValueError:
         shard = None
     if not sep or shard is None or not 1 <= shard.index <= shard.count:
-        raise ConfigError(f"--quantbench-shard {text!r}: give I/N with 1 <= I <= N (e.g. 2/4), "
-                          "or auto under a Slurm job array or a Kubernetes Indexed Job")
+        raise ConfigError(
+            f"--quantbench-shard {text!r}: give I/N with 1 <= I <= N (e.g. 2/4), "
+            "or auto under a Slurm job array or a Kubernetes Indexed Job"
+        )
     return shard
 
 
@@ -70,27 +72,39 @@ def _from_scheduler(env: Mapping[str, str]) -> Shard:
         try:
             return int(env[name])
         except ValueError:
-            raise ConfigError(f"--quantbench-shard=auto: {name}={env[name]!r} is not a "
-                              "number") from None
+            raise ConfigError(
+                f"--quantbench-shard=auto: {name}={env[name]!r} is not a number"
+            ) from None
 
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         first = number("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
-        index, count, source = (number("SLURM_ARRAY_TASK_ID") - first,
-                                number("SLURM_ARRAY_TASK_COUNT"), "Slurm job array")
+        index, count, source = (
+            number("SLURM_ARRAY_TASK_ID") - first,
+            number("SLURM_ARRAY_TASK_COUNT"),
+            "Slurm job array",
+        )
         fix = "submit with a contiguous --array range (e.g. --array=0-3)"
     elif "JOB_COMPLETION_INDEX" in env:
         if COUNT_ENV not in env:
-            raise ConfigError(f"--quantbench-shard=auto: JOB_COMPLETION_INDEX is set but "
-                              f"{COUNT_ENV} is not; set it in the Job's env to its completions")
-        index, count, source = (number("JOB_COMPLETION_INDEX"), number(COUNT_ENV),
-                                "Kubernetes Indexed Job")
+            raise ConfigError(
+                f"--quantbench-shard=auto: JOB_COMPLETION_INDEX is set but "
+                f"{COUNT_ENV} is not; set it in the Job's env to its completions"
+            )
+        index, count, source = (
+            number("JOB_COMPLETION_INDEX"),
+            number(COUNT_ENV),
+            "Kubernetes Indexed Job",
+        )
         fix = f"set {COUNT_ENV} to the Job's completions"
     else:
-        raise ConfigError("--quantbench-shard=auto: no scheduler index found (SLURM_ARRAY_TASK_ID"
-                          "/SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX); give I/N instead")
+        raise ConfigError(
+            "--quantbench-shard=auto: no scheduler index found (SLURM_ARRAY_TASK_ID"
+            "/SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX); give I/N instead"
+        )
     if not 0 <= index < count:
-        raise ConfigError(f"--quantbench-shard=auto: {source} index {index} is outside 0..{count - 1}"
-                          f": {fix}")
+        raise ConfigError(
+            f"--quantbench-shard=auto: {source} index {index} is outside 0..{count - 1}: {fix}"
+        )
     return Shard(index + 1, count, source)
 
 
@@ -110,8 +124,9 @@ def assign_shards(ids: Sequence[str], costs: Sequence[float], count: int) -> lis
     return share
 
 
-def select_shard(units: Sequence[T], shard: Shard, cost: Callable[[T], float],
-                 ident: Callable[[T], str]) -> list[T]:
+def select_shard(
+    units: Sequence[T], shard: Shard, cost: Callable[[T], float], ident: Callable[[T], str]
+) -> list[T]:
     """The units of ``shard``, in their planned order (see :func:`assign_shards`)."""
     shares = assign_shards([ident(u) for u in units], [cost(u) for u in units], shard.count)
     return [u for u, s in zip(units, shares, strict=True) if s == shard.index - 1]

@@ -72,9 +72,11 @@ class ResultsStore:
                 with FileLock(f"{self.path}.lock", timeout=_BUSY_TIMEOUT_S):
                     conn = self._open()
             except (OSError, sqlite3.Error, Timeout) as exc:
-                raise StoreError(f"results store {self.path}: cannot open it ({exc}); check that "
-                                 "the output directory is writable and has free space, or "
-                                 "remove the file if it is not a quantbench store") from None
+                raise StoreError(
+                    f"results store {self.path}: cannot open it ({exc}); check that "
+                    "the output directory is writable and has free space, or "
+                    "remove the file if it is not a quantbench store"
+                ) from None
             self._conn = conn
         return self._conn
 
@@ -86,18 +88,20 @@ class ResultsStore:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS results (item_key TEXT PRIMARY KEY, "
             "run_key TEXT NOT NULL, tensor TEXT NOT NULL, qtype TEXT NOT NULL, "
-            "row_json TEXT NOT NULL, stored_at REAL NOT NULL)")
+            "row_json TEXT NOT NULL, stored_at REAL NOT NULL)"
+        )
         conn.execute("CREATE INDEX IF NOT EXISTS by_run ON results (run_key)")
-        conn.execute("CREATE TABLE IF NOT EXISTS runs (run_key TEXT PRIMARY KEY, "
-                     "record_json TEXT NOT NULL, stored_at REAL NOT NULL)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS runs (run_key TEXT PRIMARY KEY, "
+            "record_json TEXT NOT NULL, stored_at REAL NOT NULL)"
+        )
         conn.commit()
         return conn
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored row of ``key``, or None."""
         try:
-            cur = self._connect().execute("SELECT row_json FROM results WHERE item_key = ?",
-                                          (key,))
+            cur = self._connect().execute("SELECT row_json FROM results WHERE item_key = ?", (key,))
             found = cur.fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"results store {self.path}: cannot read it ({exc})") from None
@@ -109,13 +113,16 @@ class ResultsStore:
         try:
             conn = self._connect()
             with conn:
-                conn.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-                             (key, run, str(row.get("tensor")), str(row.get("qtype")), text,
-                              time.time()))
+                conn.execute(
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                    (key, run, str(row.get("tensor")), str(row.get("qtype")), text, time.time()),
+                )
         except sqlite3.Error as exc:
-            raise StoreError(f"results store {self.path}: cannot write the result of "
-                             f"{row.get('tensor')}[{row.get('qtype')}] ({exc}); check free "
-                             "space and permissions of the output directory") from None
+            raise StoreError(
+                f"results store {self.path}: cannot write the result of "
+                f"{row.get('tensor')}[{row.get('qtype')}] ({exc}); check free "
+                "space and permissions of the output directory"
+            ) from None
 
     def rows(self, run: str) -> list[dict[str, Any]]:
         """Every stored row of the run key ``run``, oldest first."""
@@ -123,7 +130,8 @@ class ResultsStore:
             return []
         try:
             cur = self._connect().execute(
-                "SELECT row_json FROM results WHERE run_key = ? ORDER BY stored_at", (run,))
+                "SELECT row_json FROM results WHERE run_key = ? ORDER BY stored_at", (run,)
+            )
             return [json.loads(text) for (text,) in cur.fetchall()]
         except sqlite3.Error as exc:
             raise StoreError(f"results store {self.path}: cannot read it ({exc})") from None
@@ -134,7 +142,8 @@ class ResultsStore:
             return {}
         try:
             cur = self._connect().execute(
-                "SELECT item_key, row_json FROM results WHERE run_key = ?", (run,))
+                "SELECT item_key, row_json FROM results WHERE run_key = ?", (run,)
+            )
             return {key: json.loads(text) for key, text in cur.fetchall()}
         except sqlite3.Error as exc:
             raise StoreError(f"results store {self.path}: cannot read it ({exc})") from None
@@ -146,11 +155,14 @@ class ResultsStore:
         try:
             conn = self._connect()
             with conn:
-                conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?)",
-                             (run, json.dumps(record, sort_keys=True), time.time()))
+                conn.execute(
+                    "INSERT OR REPLACE INTO runs VALUES (?, ?, ?)",
+                    (run, json.dumps(record, sort_keys=True), time.time()),
+                )
         except sqlite3.Error as exc:
-            raise StoreError(f"results store {self.path}: cannot write the run record ({exc})"
-                             ) from None
+            raise StoreError(
+                f"results store {self.path}: cannot write the run record ({exc})"
+            ) from None
 
     def close(self) -> None:
         """Close this process's connection (idempotent)."""

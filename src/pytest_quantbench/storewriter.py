@@ -87,8 +87,14 @@ def handoff(session, tensor: str | None, qtype: str | None) -> dict[str, Any] | 
 
         base = inputs.config.kld_base if inputs.user_base is not None else session.base.path
         store.base_sha256 = sha256_file(Path(base), inputs.cache_dir)
-    return {"key": key, "run": run, "row": row, "identity": inputs.run_identity.as_row(),
-            "base_sha256": store.base_sha256, "host": socket.gethostname()}
+    return {
+        "key": key,
+        "run": run,
+        "row": row,
+        "identity": inputs.run_identity.as_row(),
+        "base_sha256": store.base_sha256,
+        "host": socket.gethostname(),
+    }
 
 
 class MixedBaselinesError(ValueError):
@@ -125,7 +131,8 @@ class StoreWriter:
             raise MixedBaselinesError(
                 f"{host} measures with other settings than the controller (run key "
                 f"{payload['run'][:12]} != {self.run[:12]}; differing: {', '.join(diff) or 'imatrix'}"
-                "): give every host the same model file, engine build and options")
+                "): give every host the same model file, engine build and options"
+            )
         sha = payload.get("base_sha256")
         if sha is not None:
             first = self._baselines.setdefault(self.run, (sha, host))
@@ -134,7 +141,8 @@ class StoreWriter:
                     f"baseline logits differ between hosts for one run: {first[1]} has sha256 "
                     f"{first[0][:12]}, {host} has {sha[:12]}; results of both cannot be mixed: "
                     "use the same engine build (and threads) on every host, or run each host as "
-                    "its own shard (--quantbench-shard) and compare")
+                    "its own shard (--quantbench-shard) and compare"
+                )
         self._pending[nodeid] = (payload, host)
 
     def finish(self, nodeid: str, outcome: dict[str, Any]) -> bool:

@@ -49,8 +49,9 @@ def _item(row: Row) -> str:
     return f"`{row.get('tensor')}[{row.get('qtype')}]`"
 
 
-def format_summary_md(rows: Sequence[Row], settings: Iterable[str], pictures: Iterable[str] = (),
-                      *, top: int = 10) -> str:
+def format_summary_md(
+    rows: Sequence[Row], settings: Iterable[str], pictures: Iterable[str] = (), *, top: int = 10
+) -> str:
     """The page's Markdown text.
 
     Args:
@@ -65,12 +66,19 @@ def format_summary_md(rows: Sequence[Row], settings: Iterable[str], pictures: It
     out += ["", "## Run settings", ""] + [f"- {_cell(line)}" for line in settings]
     worst = worst_items(rows, top)
     if worst:
-        out += ["", f"## Worst {len(worst)} items by mean KLD", "",
-                "| item | written type | mean KLD | PPL ratio | same top p (%) | status |",
-                "|---|---|---|---|---|---|"]
-        out += [f"| {_item(r)} | {_cell(r.get('written_type'))} | {_num(r, 'mean_kld', 6)} | "
-                f"{_num(r, 'ppl_ratio', 4)} | {_num(r, 'same_top_p', 3)} | "
-                f"{_cell(r.get('status'))} |" for r in worst]
+        out += [
+            "",
+            f"## Worst {len(worst)} items by mean KLD",
+            "",
+            "| item | written type | mean KLD | PPL ratio | same top p (%) | status |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {_item(r)} | {_cell(r.get('written_type'))} | {_num(r, 'mean_kld', 6)} | "
+            f"{_num(r, 'ppl_ratio', 4)} | {_num(r, 'same_top_p', 3)} | "
+            f"{_cell(r.get('status'))} |"
+            for r in worst
+        ]
     bad = [r for r in rows if r.get("status") in ("failed", "error")]
     out += ["", "## Failures and errors", ""]
     if bad:
@@ -81,10 +89,13 @@ def format_summary_md(rows: Sequence[Row], settings: Iterable[str], pictures: It
     regressions = [r for r in rows if str(r.get("regression", "")).lower() in ("true", "1")]
     if regressions:
         out += ["", "## Regressions", "", "| item | mean KLD | reason |", "|---|---|---|"]
-        out += [f"| {_item(r)} | {_num(r, 'mean_kld', 6)} | {_cell(r.get('reason'))} |"
-                for r in regressions]
-    skips = Counter(_cell(r.get("reason") or "no reason given")
-                    for r in rows if r.get("status") == "skipped")
+        out += [
+            f"| {_item(r)} | {_num(r, 'mean_kld', 6)} | {_cell(r.get('reason'))} |"
+            for r in regressions
+        ]
+    skips = Counter(
+        _cell(r.get("reason") or "no reason given") for r in rows if r.get("status") == "skipped"
+    )
     if skips:
         out += ["", "## Skips by reason", "", "| items | reason |", "|---|---|"]
         out += [f"| {n} | {reason} |" for reason, n in skips.most_common()]
@@ -94,9 +105,15 @@ def format_summary_md(rows: Sequence[Row], settings: Iterable[str], pictures: It
     return "\n".join(out) + "\n"
 
 
-def write_summary(rows: Sequence[Row], out_dir: str | os.PathLike[str], settings: Iterable[str],
-                  pictures: Iterable[str | os.PathLike[str]] = (), *, top: int = 10,
-                  step_summary: str | None = None) -> Path:
+def write_summary(
+    rows: Sequence[Row],
+    out_dir: str | os.PathLike[str],
+    settings: Iterable[str],
+    pictures: Iterable[str | os.PathLike[str]] = (),
+    *,
+    top: int = 10,
+    step_summary: str | None = None,
+) -> Path:
     """Write ``<out_dir>/summary.md`` (atomically) and append it to ``step_summary`` when given.
 
     Args: see :func:`format_summary_md`; pictures may be paths (their names are linked);

@@ -99,17 +99,36 @@ LIMIT_SPECS: Mapping[str, LimitSpec] = {
         _kld_pct("max_kld_p90", "kld_p90", "90.0% KLD"),
         _kld_pct("max_median_kld", "median_kld", "median KLD"),
         LimitSpec(
-            "max_ppl_ratio", "ppl_ratio", "ppl_ratio_err", "PPL(Q)/PPL(base)", "max", 4,
+            "max_ppl_ratio",
+            "ppl_ratio",
+            "ppl_ratio_err",
+            "PPL(Q)/PPL(base)",
+            "max",
+            4,
             slot="ppl_ratio",
         ),
         LimitSpec(
-            "max_ppl_increase_pct", "ppl_ratio", "ppl_ratio_err", "PPL increase", "max", 2,
-            scale=100.0, offset=-1.0, unit="%", slot="ppl_ratio",
+            "max_ppl_increase_pct",
+            "ppl_ratio",
+            "ppl_ratio_err",
+            "PPL increase",
+            "max",
+            2,
+            scale=100.0,
+            offset=-1.0,
+            unit="%",
+            slot="ppl_ratio",
         ),
         LimitSpec("max_rms_dp", "rms_dp", "rms_dp_err", "RMS Δp", "max", 3, unit="%"),
         LimitSpec(
-            "min_same_top_p", "same_top_p", "same_top_p_err", "same top p", "min", 3,
-            unit="%", upper=100.0,
+            "min_same_top_p",
+            "same_top_p",
+            "same_top_p_err",
+            "same top p",
+            "min",
+            3,
+            unit="%",
+            upper=100.0,
         ),
     )
 }
@@ -198,8 +217,9 @@ class Thresholds:
     Build with :func:`load_thresholds` or :meth:`Thresholds.empty`.
     """
 
-    def __init__(self, rules: Sequence[ThresholdRule], path: str | None = None,
-                 notes: Sequence[str] = ()) -> None:
+    def __init__(
+        self, rules: Sequence[ThresholdRule], path: str | None = None, notes: Sequence[str] = ()
+    ) -> None:
         self.rules: tuple[ThresholdRule, ...] = tuple(rules)
         self.path = path
         #: One line per rule qtype that is not in this run (ignored), for ``-v``.
@@ -239,9 +259,7 @@ class Thresholds:
         chosen = {lim.key: lim for lim in by_slot.values()}
         return {key: chosen[key] for key in LIMIT_SPECS if key in chosen}
 
-    def check(
-        self, tensor: str, qtype: str, row_metrics: Mapping[str, Any]
-    ) -> list[Violation]:
+    def check(self, tensor: str, qtype: str, row_metrics: Mapping[str, Any]) -> list[Violation]:
         """Check one item's metrics against its limits.
 
         Inputs: tensor name, requested qtype, and the item's metrics (a row:
@@ -285,8 +303,11 @@ class Thresholds:
             # correlated, so llama-perplexity's ± understates the uncertainty of a verdict
             chunk_err = _as_float(row_metrics.get(f"{spec.err}_chunks")) if spec.err else None
             chunk_level = chunk_err is not None and math.isfinite(chunk_err)
-            err = chunk_err if chunk_level else (
-                _as_float(row_metrics.get(spec.err)) if spec.err else None)
+            err = (
+                chunk_err
+                if chunk_level
+                else (_as_float(row_metrics.get(spec.err)) if spec.err else None)
+            )
             if err is not None and math.isfinite(err):
                 err = err * abs(spec.scale)
             else:
@@ -525,8 +546,9 @@ def load_thresholds(
 
     run_labels: list[str] | None = None  # a run of whole files only has no qtypes
     if run_qtypes is not None:
-        run_labels = [qtype_label(q) for q in parse_qtype_list(list(run_qtypes))] \
-            if run_qtypes else []
+        run_labels = (
+            [qtype_label(q) for q in parse_qtype_list(list(run_qtypes))] if run_qtypes else []
+        )
     notes: list[str] = []
     for index, raw in enumerate(rules or (), start=1):
         if not isinstance(raw, Mapping):
@@ -537,9 +559,7 @@ def load_thresholds(
         where = _describe_rule(index, raw, shown)
         limits = _parse_limits(raw, where, _RULE_SELECTORS + limit_keys)
         if not limits:
-            raise ThresholdsError(
-                f"{where} sets no limit; add one of {', '.join(limit_keys)}"
-            )
+            raise ThresholdsError(f"{where} sets no limit; add one of {', '.join(limit_keys)}")
 
         tensor = raw.get("tensor")
         pattern = None
@@ -568,11 +588,14 @@ def load_thresholds(
                 try:
                     labels.append(qtype_label(resolve_qtype(name)))
                 except UnknownQTypeError as exc:
-                    raise ThresholdsError(f"{where}: {exc}; fix the qtype or remove the rule") \
-                        from None
+                    raise ThresholdsError(
+                        f"{where}: {exc}; fix the qtype or remove the rule"
+                    ) from None
                 if run_labels is not None and labels[-1] not in run_labels:
-                    notes.append(f"{where}: qtype '{name}' is not among this run's qtypes "
-                                 f"({', '.join(run_labels)}): ignored for this run")
+                    notes.append(
+                        f"{where}: qtype '{name}' is not among this run's qtypes "
+                        f"({', '.join(run_labels)}): ignored for this run"
+                    )
             qtypes = tuple(labels)
 
         parsed.append(ThresholdRule(index, tensor, pattern, qtypes, limits, where))

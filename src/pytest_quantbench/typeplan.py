@@ -45,8 +45,10 @@ class TypePlanner:
             chosen = self.preset_types(qtype)
             for name in unit.tensors:
                 if chosen.get(name) not in TYPES_BY_NAME:
-                    raise ItemSkip(f"preset {qtype.name} gives {name} type {chosen.get(name)}, "
-                                   "which this build cannot quantize to")
+                    raise ItemSkip(
+                        f"preset {qtype.name} gives {name} type {chosen.get(name)}, "
+                        "which this build cannot quantize to"
+                    )
                 written[name] = TYPES_BY_NAME[chosen[name]]
         else:
             target = qtype.ggml_type
@@ -54,8 +56,9 @@ class TypePlanner:
             for name in unit.tensors:
                 info = header.tensor(name)
                 try:
-                    wtype, why = predict_written_type(target, info.ne0, info.n_rows,
-                                                      tensor_name=name)
+                    wtype, why = predict_written_type(
+                        target, info.ne0, info.n_rows, tensor_name=name
+                    )
                 except UnsupportedShapeError as exc:
                     raise ItemSkip(str(exc)) from None
                 written[name] = wtype
@@ -64,8 +67,11 @@ class TypePlanner:
         row["written_type"] = ",".join(sorted({t.name for t in written.values()}))
         if fallbacks:
             row["fallback"] = True
-            more = (f" (and {len(fallbacks) - 1} more of the {len(unit.tensors)} members)"
-                    if len(fallbacks) > 1 else "")
+            more = (
+                f" (and {len(fallbacks) - 1} more of the {len(unit.tensors)} members)"
+                if len(fallbacks) > 1
+                else ""
+            )
             row["reason"] = fallbacks[0][1] + more
             if not self.inputs.config.allow_fallback:
                 raise ItemSkip(row["reason"])
@@ -86,16 +92,20 @@ class TypePlanner:
         if not needs_imatrix(wtype) or wtype.name == ins.model_header.tensor(name).type_name:
             return None
         if ins.imatrix_source is None:
-            return (f"{wtype.name} needs an importance matrix ({name}): pass "
-                    "--quantbench-imatrix FILE, or --quantbench-imatrix=auto to compute one "
-                    "from the corpus")
+            return (
+                f"{wtype.name} needs an importance matrix ({name}): pass "
+                "--quantbench-imatrix FILE, or --quantbench-imatrix=auto to compute one "
+                "from the corpus"
+            )
         if ins.imatrix.weights_for(name) is not None:
             return None
         if wtype.imatrix == "rule" and name in ("token_embd.weight", "output.weight"):
             return None
-        return (f"{wtype.name} needs importance-matrix data for {name}, and "
-                f"{ins.imatrix.path.name} has no entry for it (llama-quantize: Missing "
-                "importance matrix for tensor in a very low-bit quantization)")
+        return (
+            f"{wtype.name} needs importance-matrix data for {name}, and "
+            f"{ins.imatrix.path.name} has no entry for it (llama-quantize: Missing "
+            "importance matrix for tensor in a very low-bit quantization)"
+        )
 
     def preset_types(self, qtype) -> dict[str, str]:
         """Tensor → ggml type name under llama-quantize preset ``qtype`` on the baseline model
@@ -109,14 +119,17 @@ class TypePlanner:
         if qtype.name not in cache:
             try:
                 cache[qtype.name] = preset_tensor_types(
-                    ins.model_path, qtype.preset.name, threads=ins.threads,
-                    imatrix=ins.imatrix_path)
+                    ins.model_path, qtype.preset.name, threads=ins.threads, imatrix=ins.imatrix_path
+                )
             except EngineError as exc:
-                said = [line.strip() for line in str(exc).splitlines()
-                        if "importance matrix" in line]
+                said = [
+                    line.strip() for line in str(exc).splitlines() if "importance matrix" in line
+                ]
                 if said and ins.imatrix_source is None:
-                    raise ItemSkip(f"preset {qtype.name.lower()} needs an importance matrix "
-                                   f"(llama-quantize says: {said[-1]}): pass "
-                                   "--quantbench-imatrix FILE") from None
+                    raise ItemSkip(
+                        f"preset {qtype.name.lower()} needs an importance matrix "
+                        f"(llama-quantize says: {said[-1]}): pass "
+                        "--quantbench-imatrix FILE"
+                    ) from None
                 raise
         return cache[qtype.name]

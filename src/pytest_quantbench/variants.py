@@ -74,30 +74,38 @@ def check_compatible(base, other, what: str) -> None:
     Args: base: the baseline's GGUFHeader; other: the variant's; what: how messages name it.
     """
     if base.architecture != other.architecture:
-        raise VariantError(f"{what}: architecture {other.architecture!r} differs from the "
-                           f"baseline's {base.architecture!r}")
+        raise VariantError(
+            f"{what}: architecture {other.architecture!r} differs from the "
+            f"baseline's {base.architecture!r}"
+        )
     if base.n_vocab != other.n_vocab:
-        raise VariantError(f"{what}: vocabulary of {other.n_vocab} tokens, the baseline has "
-                           f"{base.n_vocab}")
+        raise VariantError(
+            f"{what}: vocabulary of {other.n_vocab} tokens, the baseline has {base.n_vocab}"
+        )
     a = base.metadata.get("tokenizer.ggml.tokens")
     b = other.metadata.get("tokenizer.ggml.tokens")
     if a is not None and b is not None and tuple(a) != tuple(b):
         i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-        raise VariantError(f"{what}: token {i} is {b[i]!r}, the baseline's is {a[i]!r} "
-                           "(another tokenizer)")
+        raise VariantError(
+            f"{what}: token {i} is {b[i]!r}, the baseline's is {a[i]!r} (another tokenizer)"
+        )
     mine = {t.name: t for t in base.tensors}
     theirs = {t.name: t for t in other.tensors}
     missing = sorted(set(mine) - set(theirs), key=natural_key)
     if missing:
-        raise VariantError(f"{what}: has no tensor {missing[0]!r} (and {len(missing) - 1} more "
-                           "missing) that the baseline has")
+        raise VariantError(
+            f"{what}: has no tensor {missing[0]!r} (and {len(missing) - 1} more "
+            "missing) that the baseline has"
+        )
     extra = sorted(set(theirs) - set(mine), key=natural_key)
     if extra:
         raise VariantError(f"{what}: has tensor {extra[0]!r} that the baseline lacks")
     for name in sorted(mine, key=natural_key):
         if mine[name].shape != theirs[name].shape:
-            raise VariantError(f"{what}: tensor {name} has shape {list(theirs[name].shape)}, "
-                               f"the baseline's is {list(mine[name].shape)}")
+            raise VariantError(
+                f"{what}: tensor {name} has shape {list(theirs[name].shape)}, "
+                f"the baseline's is {list(mine[name].shape)}"
+            )
 
 
 def type_summary(types: Mapping[str, str]) -> str:
@@ -109,8 +117,10 @@ def type_summary(types: Mapping[str, str]) -> str:
     by_kind: dict[str, Counter] = {}
     for name, t in types.items():
         by_kind.setdefault(tensor_kind(name), Counter())[t] += 1
-    return ",".join(f"{kind}={'/'.join(t for t, _ in by_kind[kind].most_common())}"
-                    for kind in sorted(by_kind, key=natural_key))
+    return ",".join(
+        f"{kind}={'/'.join(t for t, _ in by_kind[kind].most_common())}"
+        for kind in sorted(by_kind, key=natural_key)
+    )
 
 
 def file_facts(header) -> dict[str, Any]:
@@ -120,14 +130,21 @@ def file_facts(header) -> dict[str, Any]:
     shards = header.shards or (header.path,)
     n_elements = sum(t.n_elements for t in header.tensors)
     matrices = {t.name: t.type_name for t in header.tensors if t.n_dims >= 2}
-    return {"file_size": sum(os.path.getsize(p) for p in shards),
-            "bpw": round(8.0 * header.n_bytes / n_elements, 6) if n_elements else None,
-            "types": type_summary(matrices),
-            "written_type": ",".join(sorted(set(matrices.values())))}
+    return {
+        "file_size": sum(os.path.getsize(p) for p in shards),
+        "bpw": round(8.0 * header.n_bytes / n_elements, 6) if n_elements else None,
+        "types": type_summary(matrices),
+        "written_type": ",".join(sorted(set(matrices.values()))),
+    }
 
 
-def whole_units(variants: Iterable[Path], recipes: Iterable[Path], base_header,
-                digest: Callable[[Path], str], warn: Callable[[str], None]):
+def whole_units(
+    variants: Iterable[Path],
+    recipes: Iterable[Path],
+    base_header,
+    digest: Callable[[Path], str],
+    warn: Callable[[str], None],
+):
     """Work units of ``--quantbench-variant`` files and ``--quantbench-recipe`` files.
 
     Each unit is ``WorkUnit(name="variant"|"recipe", tensors=("sha256:<file digest>",),
@@ -151,20 +168,25 @@ def whole_units(variants: Iterable[Path], recipes: Iterable[Path], base_header,
                 raise VariantError(f"--quantbench-{kind} {path} does not exist")
             stem = _stem(path)
             if (kind, stem) in seen:
-                raise VariantError(f"--quantbench-{kind}: {path} and {seen[(kind, stem)]} have "
-                                   f"the same name {stem!r}; rename one")
+                raise VariantError(
+                    f"--quantbench-{kind}: {path} and {seen[(kind, stem)]} have "
+                    f"the same name {stem!r}; rename one"
+                )
             seen[(kind, stem)] = path
             key = digest(path)
             if kind == VARIANT:
                 header = read_model_header(path)
                 check_compatible(base_header, header, f"variant {path.name}")
                 if len(header.shards) > 1:  # every shard's content is part of the key
-                    key = hashlib.sha256("".join(digest(Path(s)) for s in header.shards)
-                                         .encode()).hexdigest()
+                    key = hashlib.sha256(
+                        "".join(digest(Path(s)) for s in header.shards).encode()
+                    ).hexdigest()
             else:
                 recipe = read_recipe(path)
-                written_types(apply_recipe(recipe, [t.name for t in base_header.tensors],
-                                           warn=warn), base_header)
+                written_types(
+                    apply_recipe(recipe, [t.name for t in base_header.tensors], warn=warn),
+                    base_header,
+                )
             units.append(WorkUnit(name=kind, tensors=(f"sha256:{key}",), qtype=stem))
     return units
 
@@ -174,8 +196,9 @@ def recipe_changes(recipe_path: Path, base_header) -> dict[str, str]:
     changes from the baseline (row-length fallbacks applied: recipes.written_types)."""
     from .recipes import apply_recipe, read_recipe, written_types
 
-    planned = written_types(apply_recipe(read_recipe(recipe_path),
-                                         [t.name for t in base_header.tensors]), base_header)
+    planned = written_types(
+        apply_recipe(read_recipe(recipe_path), [t.name for t in base_header.tensors]), base_header
+    )
     return {n: t.name for n, t in planned.items() if t.name != base_header.tensor(n).type_name}
 
 
@@ -192,13 +215,23 @@ def recipe_fallbacks(recipe_path: Path, base_header) -> list[str]:
     for name in sorted(requested, key=natural_key):
         info = base_header.tensor(name)
         if is_quantizable_tensor(name, info.n_dims) and planned[name].name != requested[name].name:
-            out.append(f"llama-quantize writes {planned[name].name} instead of "
-                       f"{requested[name].name} for {name}")
+            out.append(
+                f"llama-quantize writes {planned[name].name} instead of "
+                f"{requested[name].name} for {name}"
+            )
     return out
 
 
-def write_recipe_model(model: Path, recipe_path: Path, base_header, dest: Path, *,
-                       baseline_type: str, threads: int, imatrix: Path | None) -> dict[str, str]:
+def write_recipe_model(
+    model: Path,
+    recipe_path: Path,
+    base_header,
+    dest: Path,
+    *,
+    baseline_type: str,
+    threads: int,
+    imatrix: Path | None,
+) -> dict[str, str]:
     """Write the recipe's model with llama-quantize (engine/quantize.run_llama_quantize) and
     check the written types against the plan.
 
@@ -210,14 +243,17 @@ def write_recipe_model(model: Path, recipe_path: Path, base_header, dest: Path, 
     from .gguf import read_model_header
 
     changes = recipe_changes(recipe_path, base_header)
-    run_llama_quantize(model, dest, changes, baseline_type=baseline_type, threads=threads,
-                       imatrix=imatrix)
+    run_llama_quantize(
+        model, dest, changes, baseline_type=baseline_type, threads=threads, imatrix=imatrix
+    )
     written = {t.name: t.type_name for t in read_model_header(dest).tensors}
     expected = {t.name: changes.get(t.name, t.type_name) for t in base_header.tensors}
     wrong = sorted((n for n in expected if written.get(n) != expected[n]), key=natural_key)
     if wrong:
-        raise EngineError(f"llama-quantize wrote {[written.get(n) for n in wrong[:5]]} for "
-                          f"{wrong[:5]} where the recipe plans {[expected[n] for n in wrong[:5]]}")
+        raise EngineError(
+            f"llama-quantize wrote {[written.get(n) for n in wrong[:5]]} for "
+            f"{wrong[:5]} where the recipe plans {[expected[n] for n in wrong[:5]]}"
+        )
     return changes
 
 
@@ -250,18 +286,24 @@ def recipe_facts(base_header, changes: Mapping[str, str]) -> dict[str, Any]:
     from .gguf import tensor_nbytes
     from .qtypes import TYPES_BY_NAME
 
-    n_bytes = sum(tensor_nbytes(TYPES_BY_NAME[changes[t.name]], t.shape) if t.name in changes
-                  else t.n_bytes for t in base_header.tensors)
+    n_bytes = sum(
+        tensor_nbytes(TYPES_BY_NAME[changes[t.name]], t.shape) if t.name in changes else t.n_bytes
+        for t in base_header.tensors
+    )
     n_elements = sum(t.n_elements for t in base_header.tensors)
-    matrices = {t.name: changes.get(t.name, t.type_name) for t in base_header.tensors
-                if t.n_dims >= 2}
-    return {"bpw": round(8.0 * n_bytes / n_elements, 6) if n_elements else None,
-            "types": type_summary(matrices),
-            "written_type": ",".join(sorted(set(matrices.values())))}
+    matrices = {
+        t.name: changes.get(t.name, t.type_name) for t in base_header.tensors if t.n_dims >= 2
+    }
+    return {
+        "bpw": round(8.0 * n_bytes / n_elements, 6) if n_elements else None,
+        "types": type_summary(matrices),
+        "written_type": ",".join(sorted(set(matrices.values()))),
+    }
 
 
-def measure_whole(unit, path: Path, row: dict[str, Any], *, inputs, planner, engines, baseline,
-                  buffers=None):
+def measure_whole(
+    unit, path: Path, row: dict[str, Any], *, inputs, planner, engines, baseline, buffers=None
+):
     """Measure a ``variant`` or ``recipe`` unit against the baseline logits.
 
     A variant file is evaluated as it is (engine ``file``). A recipe is measured like an item
@@ -328,9 +370,15 @@ def measure_whole(unit, path: Path, row: dict[str, Any], *, inputs, planner, eng
     else:
         dest = inputs.work_dir / f"recipe-{unit.qtype}.gguf"
         try:
-            write_recipe_model(inputs.model_path, path, header, dest,
-                               baseline_type=inputs.config.baseline_qtype,
-                               threads=inputs.threads, imatrix=inputs.imatrix_path)
+            write_recipe_model(
+                inputs.model_path,
+                path,
+                header,
+                dest,
+                baseline_type=inputs.config.baseline_qtype,
+                threads=inputs.threads,
+                imatrix=inputs.imatrix_path,
+            )
             row.update(file_facts(read_model_header(dest)))
             stats = evaluate_gguf(dest, inputs.eval_settings, base, evaluate, buffers)
         finally:

@@ -177,8 +177,15 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "llama_vocab_get_add_eos": ([_P], ctypes.c_bool),
     "llama_vocab_bos": ([_P], llama_token),
     "llama_tokenize": (
-        [_P, ctypes.c_char_p, ctypes.c_int32, ctypes.POINTER(llama_token), ctypes.c_int32,
-         ctypes.c_bool, ctypes.c_bool],
+        [
+            _P,
+            ctypes.c_char_p,
+            ctypes.c_int32,
+            ctypes.POINTER(llama_token),
+            ctypes.c_int32,
+            ctypes.c_bool,
+            ctypes.c_bool,
+        ],
         ctypes.c_int32,
     ),
     "llama_batch_init": ([ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], llama_batch),

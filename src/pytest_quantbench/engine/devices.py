@@ -33,6 +33,7 @@ DISABLE_GRAPHS_ENV = "GGML_CUDA_DISABLE_GRAPHS"
 #: passes the same text).
 CUDA_PARAMS_NO_GRAPHS = b"graphs=0"
 
+
 class GpuSpecError(ValueError):
     """``--quantbench-gpus`` is neither ``auto`` nor a list of device ids."""
 
@@ -52,8 +53,10 @@ def parse_gpus(value: str | None) -> str | tuple[str, ...] | None:
     ids = tuple(p for p in re.split(r"[,\s\[\]'\"]+", text) if p)
     bad = [p for p in ids if not re.fullmatch(r"\d+|(GPU|MIG)-[0-9A-Za-z-]+", p)]
     if bad or not ids:
-        raise GpuSpecError(f"--quantbench-gpus {value!r}: {bad or 'no id'} is not a device id; "
-                           "give 'auto' or device numbers such as 0,1,2,3")
+        raise GpuSpecError(
+            f"--quantbench-gpus {value!r}: {bad or 'no id'} is not a device id; "
+            "give 'auto' or device numbers such as 0,1,2,3"
+        )
     return ids
 
 
@@ -75,16 +78,23 @@ def worker_gpu(worker_id: str | None, gpus: tuple[str, ...]) -> str | None:
 def _probe_cuda_devices(lib_path: str | None) -> tuple[str, ...]:
     """Device ids the CUDA build sees, probed in a child process (so that this process has not
     initialised CUDA before ``CUDA_VISIBLE_DEVICES`` is set). () on a CPU build."""
-    code = ("import ctypes,sys\n"
-            "from pytest_quantbench.engine import bindings\n"
-            "from pathlib import Path\n"
-            "bindings.load_library(Path(sys.argv[1]) if sys.argv[1] else None)\n"
-            "g = ctypes.CDLL(bindings.mapped_library(r'^libggml'))\n"
-            "f = getattr(g, 'ggml_backend_cuda_get_device_count', None)\n"
-            "print(f() if f else 0)\n")
+    code = (
+        "import ctypes,sys\n"
+        "from pytest_quantbench.engine import bindings\n"
+        "from pathlib import Path\n"
+        "bindings.load_library(Path(sys.argv[1]) if sys.argv[1] else None)\n"
+        "g = ctypes.CDLL(bindings.mapped_library(r'^libggml'))\n"
+        "f = getattr(g, 'ggml_backend_cuda_get_device_count', None)\n"
+        "print(f() if f else 0)\n"
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", code, lib_path or ""], capture_output=True,
-                             text=True, timeout=300, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code, lib_path or ""],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout
         count = int(out.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError, OSError):
         return ()
@@ -113,8 +123,9 @@ class EngineAlreadyLoaded(RuntimeError):
     """The engine library is loaded before the process's GPU environment was set."""
 
 
-def apply_process_env(spec, worker_id: str | None, environ=os.environ,
-                      probe=_probe_cuda_devices) -> str | None:
+def apply_process_env(
+    spec, worker_id: str | None, environ=os.environ, probe=_probe_cuda_devices
+) -> str | None:
     """Set what the engine reads once per process, before it is loaded: CUDA graphs off
     (:data:`DISABLE_GRAPHS_ENV`) and, with ``--quantbench-gpus``, ``CUDA_VISIBLE_DEVICES`` to the
     worker's one device (:func:`worker_gpu`). Returns that device id (None: none chosen).
@@ -132,7 +143,8 @@ def apply_process_env(spec, worker_id: str | None, environ=os.environ,
             raise EngineAlreadyLoaded(
                 f"--quantbench-gpus: the engine library is already loaded in this process, so "
                 f"CUDA_VISIBLE_DEVICES={device} would not take effect; load the engine only "
-                "after the quantbench session is configured")
+                "after the quantbench session is configured"
+            )
         environ["CUDA_VISIBLE_DEVICES"] = device
     return device
 
@@ -216,9 +228,16 @@ def device_note(written: dict, baseline_types: dict[str, str], offloaded: bool) 
     baseline_types: tensor → baseline type name (unchanged tensors need no note)."""
     if not offloaded:
         return None
-    slow = sorted({w.name for t, w in written.items()
-                   if w.name != baseline_types.get(t) and not has_cuda_matmul(w.name)})
+    slow = sorted(
+        {
+            w.name
+            for t, w in written.items()
+            if w.name != baseline_types.get(t) and not has_cuda_matmul(w.name)
+        }
+    )
     if not slow:
         return None
-    return (f"{', '.join(slow)} has no CUDA matmul in this engine: the scheduler computes it on "
-            "the CPU with a weight copy per decode, as llama-perplexity would (slow, not wrong)")
+    return (
+        f"{', '.join(slow)} has no CUDA matmul in this engine: the scheduler computes it on "
+        "the CPU with a weight copy per decode, as llama-perplexity would (slow, not wrong)"
+    )

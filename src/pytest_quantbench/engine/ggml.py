@@ -33,14 +33,29 @@ from . import bindings
 from .llama import EngineError
 
 _CTYPES: dict[str, type[ctypes._SimpleCData[Any]]] = {
-    "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64, "int32_t": ctypes.c_int32,
-    "uint32_t": ctypes.c_uint32, "int16_t": ctypes.c_int16, "uint16_t": ctypes.c_uint16,
-    "int8_t": ctypes.c_int8, "uint8_t": ctypes.c_uint8, "size_t": ctypes.c_size_t,
-    "char": ctypes.c_char, "bool": ctypes.c_bool, "float": ctypes.c_float, "int": ctypes.c_int,
+    "int64_t": ctypes.c_int64,
+    "uint64_t": ctypes.c_uint64,
+    "int32_t": ctypes.c_int32,
+    "uint32_t": ctypes.c_uint32,
+    "int16_t": ctypes.c_int16,
+    "uint16_t": ctypes.c_uint16,
+    "int8_t": ctypes.c_int8,
+    "uint8_t": ctypes.c_uint8,
+    "size_t": ctypes.c_size_t,
+    "char": ctypes.c_char,
+    "bool": ctypes.c_bool,
+    "float": ctypes.c_float,
+    "int": ctypes.c_int,
     "double": ctypes.c_double,
 }
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.floordiv, ast.FloorDiv: operator.floordiv, ast.LShift: operator.lshift}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.floordiv,
+    ast.FloorDiv: operator.floordiv,
+    ast.LShift: operator.lshift,
+}
 
 
 def _strip_comments(text: str) -> str:
@@ -50,6 +65,7 @@ def _strip_comments(text: str) -> str:
 
 def _eval_int(expr: str, names: Mapping[str, int]) -> int:
     """Evaluate a C integer constant expression of literals, known names and sizeof(type)."""
+
     def sizeof(m: re.Match) -> str:
         t = m.group(1).strip()
         if t not in _CTYPES:
@@ -89,18 +105,24 @@ class GgmlHeader:
         self.path = Path(path)
         text = _strip_comments(self.path.read_text(errors="replace"))
         self.defines: dict[str, int] = {}
-        for name, value in re.findall(r"^\s*#\s*define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text,
-                                      re.M):
+        for name, value in re.findall(
+            r"^\s*#\s*define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text, re.M
+        ):
             self.defines.setdefault(name, int(value, 0))
         try:
             self.ops = self._enum(text, "ggml_op")
             self.types = self._enum(text, "ggml_type")
             self.Tensor = self._struct(text, "ggml_tensor")
-            self.Object = self._struct(text, "ggml_object") if re.search(
-                r"struct\s+ggml_object\s*\{", text) else None
+            self.Object = (
+                self._struct(text, "ggml_object")
+                if re.search(r"struct\s+ggml_object\s*\{", text)
+                else None
+            )
         except (KeyError, ValueError) as exc:
-            raise EngineError(f"{self.path}: cannot read {exc} from the loaded library's ggml.h; "
-                              "the ggml binding needs it") from None
+            raise EngineError(
+                f"{self.path}: cannot read {exc} from the loaded library's ggml.h; "
+                "the ggml binding needs it"
+            ) from None
         names = {f[0] for f in self.Tensor._fields_}
         missing = {"type", "buffer", "ne", "nb", "op", "src", "view_src", "data", "name"} - names
         if missing:
@@ -155,14 +177,24 @@ class TypeTraits(ctypes.Structure):
     """``ggml_type_traits_t`` as ik's ggml.h declares it (returned by value by
     ``ggml_internal_get_type_traits``; field order checked against the header at bind time)."""
 
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                ("from_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p),
-                ("from_float_to_mat", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
-                ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64),
-                ("ncols", ctypes.c_int64), ("gemv", ctypes.c_void_p), ("gemm", ctypes.c_void_p),
-                ("row_meta_size", ctypes.c_int64)]
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+        ("from_float_to_mat", ctypes.c_void_p),
+        ("vec_dot", ctypes.c_void_p),
+        ("vec_dot_type", ctypes.c_int),
+        ("nrows", ctypes.c_int64),
+        ("ncols", ctypes.c_int64),
+        ("gemv", ctypes.c_void_p),
+        ("gemm", ctypes.c_void_p),
+        ("row_meta_size", ctypes.c_int64),
+    ]
 
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
@@ -175,7 +207,7 @@ def _traits_match_header(header: Path) -> bool:
     end = text.find("} ggml_type_traits_t;")
     if end < 0:
         return False
-    body = text[text.rfind("typedef struct {", 0, end):end]
+    body = text[text.rfind("typedef struct {", 0, end) : end]
     names = re.findall(r"\b(\w+)\s*;", re.sub(r"//[^\n]*", "", body))
     return names == [field[0] for field in TypeTraits._fields_]
 
@@ -195,22 +227,30 @@ def quantize_chunk_arity(header: Path) -> int:
 
 def header_for(libllama: Path) -> Path:
     """The ggml.h shipped with the loaded library (wheel layout: site-packages/include)."""
-    for candidate in (libllama.parent.parent.parent / "include" / "ggml.h",
-                      libllama.parent.parent / "include" / "ggml.h",
-                      libllama.parent / "ggml.h"):
+    for candidate in (
+        libllama.parent.parent.parent / "include" / "ggml.h",
+        libllama.parent.parent / "include" / "ggml.h",
+        libllama.parent / "ggml.h",
+    ):
         if candidate.is_file():
             return candidate
-    raise EngineError(f"no ggml.h found beside {libllama}: the in-process engine must bind "
-                      "ggml_quantize_chunk to the header of the loaded library; use "
-                      "--quantbench-engine=file")
+    raise EngineError(
+        f"no ggml.h found beside {libllama}: the in-process engine must bind "
+        "ggml_quantize_chunk to the header of the loaded library; use "
+        "--quantbench-engine=file"
+    )
 
 
 _SIGNATURES = {
     "ggml_backend_buffer_is_host": ([ctypes.c_void_p], ctypes.c_bool),
-    "ggml_backend_tensor_get": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                 ctypes.c_size_t], None),
-    "ggml_backend_tensor_set": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                 ctypes.c_size_t], None),
+    "ggml_backend_tensor_get": (
+        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t],
+        None,
+    ),
+    "ggml_backend_tensor_set": (
+        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t],
+        None,
+    ),
     "ggml_backend_buffer_get_type": ([ctypes.c_void_p], ctypes.c_void_p),
     "ggml_backend_buft_get_alloc_size": ([ctypes.c_void_p, ctypes.c_void_p], ctypes.c_size_t),
     "ggml_backend_buft_alloc_buffer": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p),
@@ -262,7 +302,8 @@ class Ggml:
             if lib.ggml_tensor_overhead() != expect:
                 raise EngineError(
                     f"{h.path} does not describe the loaded {libggml}: ggml_tensor_overhead() is "
-                    f"{lib.ggml_tensor_overhead()} bytes, the header's structs make {expect}")
+                    f"{lib.ggml_tensor_overhead()} bytes, the header's structs make {expect}"
+                )
         try:
             self.MUL_MAT = h.ops["GGML_OP_MUL_MAT"]
             self.MUL_MAT_ID = h.ops["GGML_OP_MUL_MAT_ID"]
@@ -272,14 +313,22 @@ class Ggml:
             raise EngineError(f"{h.path} does not declare {exc}") from None
         self.arity = quantize_chunk_arity(header_path)
         quantize_args: list[type[ctypes._SimpleCData[Any]]] = [
-            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_int64, ctypes.c_void_p]
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
         if self.arity == 8:
             quantize_args.append(ctypes.c_void_p)
         elif self.arity != 7:
-            raise EngineError(f"ggml_quantize_chunk has {self.arity} parameters in "
-                              f"{libllama_path}'s ggml.h; this plugin knows 7 "
-                              "(ik-llama-cpp-python 0.1.5) and 8 (newer ik)")
+            raise EngineError(
+                f"ggml_quantize_chunk has {self.arity} parameters in "
+                f"{libllama_path}'s ggml.h; this plugin knows 7 "
+                "(ik-llama-cpp-python 0.1.5) and 8 (newer ik)"
+            )
         lib.ggml_quantize_chunk.argtypes = quantize_args
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
         self._user_data = (ctypes.c_bool * 2)(False, False)  # llama-quantize passes {false,false}
@@ -301,8 +350,9 @@ class Ggml:
 
     def host_array(self, address: int, nbytes: int) -> np.ndarray:
         """uint8 (nbytes,) view of host memory at ``address`` (no copy)."""
-        return np.frombuffer(memoryview((ctypes.c_char * nbytes).from_address(address)),
-                             dtype=np.uint8)
+        return np.frombuffer(
+            memoryview((ctypes.c_char * nbytes).from_address(address)), dtype=np.uint8
+        )
 
     def read(self, ptr: int, dtype) -> np.ndarray:
         """A tensor's elements as an ndarray of shape (ne3, ne2, ne1, ne0) (a copy), from host
@@ -317,18 +367,21 @@ class Ggml:
             raw = self.host_array(t.data, nbytes)
         shape = tuple(int(t.ne[i]) for i in (3, 2, 1, 0))
         strides = tuple(int(t.nb[i]) for i in (3, 2, 1, 0))
-        view = np.lib.stride_tricks.as_strided(raw.view(np.uint8), shape=shape + (np.dtype(
-            dtype).itemsize,), strides=strides + (1,))
+        view = np.lib.stride_tricks.as_strided(
+            raw.view(np.uint8), shape=shape + (np.dtype(dtype).itemsize,), strides=strides + (1,)
+        )
         return np.ascontiguousarray(view).view(dtype).reshape(shape)
 
     # ---- quantization -----------------------------------------------------------------------
-    def quantize_chunk(self, type_id: int, src: int, dst: int, n_rows: int, n_per_row: int,
-                       imatrix: int | None) -> int:
+    def quantize_chunk(
+        self, type_id: int, src: int, dst: int, n_rows: int, n_per_row: int, imatrix: int | None
+    ) -> int:
         """``ggml_quantize_chunk(type, src, dst, 0, n_rows, n_per_row, imatrix[, user_data])``
         on float32 rows at address ``src`` into ``dst``; returns the bytes written."""
         extra = (ctypes.addressof(self._user_data),) if self.arity == 8 else ()
-        return self.lib.ggml_quantize_chunk(type_id, src, dst, 0, n_rows, n_per_row, imatrix,
-                                            *extra)
+        return self.lib.ggml_quantize_chunk(
+            type_id, src, dst, 0, n_rows, n_per_row, imatrix, *extra
+        )
 
     def traits(self, type_id: int) -> TypeTraits | None:
         """The type traits of ``type_id`` (None when the header's layout is not the one this

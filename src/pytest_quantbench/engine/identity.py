@@ -48,8 +48,10 @@ class EngineIdentity:
         """``ik-llama-cpp-python 0.1.5, libllama <path> [AVX2 FMA F16C], engine id <key>``
         (``, device cuda:0 <GPU name>`` on a GPU build)."""
         device = f", device {self.device}" if self.device != "cpu" else ""
-        return (f"ik-llama-cpp-python {self.package_version}, libllama {self.libllama} "
-                f"[{self.cpu_features}]{device}, engine id {self.key}")
+        return (
+            f"ik-llama-cpp-python {self.package_version}, libllama {self.libllama} "
+            f"[{self.cpu_features}]{device}, engine id {self.key}"
+        )
 
 
 @lru_cache(maxsize=4)
@@ -64,13 +66,23 @@ def engine_identity(lib_path: Path | None = None) -> EngineIdentity:
     quantize = str(find_quantize_binary())
     hashes = [sha256_file(Path(p)) for p in (libllama, libggml, quantize) if p]
     info = (lib.llama_print_system_info() or b"").decode()
-    features = " ".join(name for name, on in re.findall(r"(\w+) = (\d)", info)
-                        if on == "1" and name not in ("SSE3", "SSSE3"))
+    features = " ".join(
+        name
+        for name, on in re.findall(r"(\w+) = (\d)", info)
+        if on == "1" and name not in ("SSE3", "SSSE3")
+    )
     try:
         version = metadata.version("ik-llama-cpp-python")
     except metadata.PackageNotFoundError:
         version = "unknown"
     dev = device_info()
-    return EngineIdentity(version, libllama, libggml, quantize,
-                          hashlib.sha256("|".join(hashes).encode()).hexdigest(), features,
-                          dev.describe(), dev.key)
+    return EngineIdentity(
+        version,
+        libllama,
+        libggml,
+        quantize,
+        hashlib.sha256("|".join(hashes).encode()).hexdigest(),
+        features,
+        dev.describe(),
+        dev.key,
+    )

@@ -81,10 +81,15 @@ class LlamaModel:
     refuses the file (the message holds the engine's log tail: unknown architecture, bad tensor…).
     """
 
-    def __init__(self, path: Path, settings: EvalSettings, lib_path: Path | None = None, *,
-                 vocab_only: bool = False,
-                 context_params_hook: Callable[[bindings.llama_context_params], None] | None
-                 = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        settings: EvalSettings,
+        lib_path: Path | None = None,
+        *,
+        vocab_only: bool = False,
+        context_params_hook: Callable[[bindings.llama_context_params], None] | None = None,
+    ) -> None:
         """``vocab_only`` loads just the vocabulary (tokenize only: no weights, no context).
 
         ``context_params_hook`` is called with the ``llama_context_params`` just before the
@@ -258,8 +263,9 @@ class LlamaModel:
             raise EngineError(f"{self.path} was loaded for tokenizing only; it cannot evaluate")
         n_ctx, n_seq = self.settings.n_ctx, self.settings.n_seq
         if tokens.ndim != 2 or tokens.shape[1] != n_ctx or not 1 <= tokens.shape[0] <= n_seq:
-            raise ValueError(f"chunks must be (k ≤ {n_seq}, n_ctx={n_ctx}) tokens, got shape "
-                             f"{tokens.shape}")
+            raise ValueError(
+                f"chunks must be (k ≤ {n_seq}, n_ctx={n_ctx}) tokens, got shape {tokens.shape}"
+            )
         k = tokens.shape[0]
         n = k * n_ctx
         batch = self._batch

@@ -46,8 +46,9 @@ def find_quantize_binary() -> Path:
     )
 
 
-def custom_q_rules(changes: dict[str, str], baseline_type: str,
-                   keep: dict[str, str] | None = None) -> str:
+def custom_q_rules(
+    changes: dict[str, str], baseline_type: str, keep: dict[str, str] | None = None
+) -> str:
     """The ``--custom-q`` argument that sets ``changes`` (tensor → exact ggml type name).
 
     Every other eligible tensor is pinned to its own type so it is copied unchanged: ``keep``
@@ -80,13 +81,20 @@ def _run(cmd: list[str], what: str, on_line: Callable[[str], None] | None = None
     last log lines when it exits non-zero.
     """
     if on_line is None:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              errors="replace", check=False)
+        proc = subprocess.run(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            check=False,
+        )
         returncode, out = proc.returncode, proc.stdout
     else:
         lines = []
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              errors="replace") as proc:
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        ) as proc:
             assert proc.stdout is not None  # stdout=PIPE
             for line in proc.stdout:
                 lines.append(line)
@@ -117,8 +125,9 @@ def parse_tensor_types(log: str) -> dict[str, str]:
     return types
 
 
-def preset_tensor_types(source: Path, preset: str, *, threads: int,
-                        imatrix: Path | None = None) -> dict[str, str]:
+def preset_tensor_types(
+    source: Path, preset: str, *, threads: int, imatrix: Path | None = None
+) -> dict[str, str]:
     """The ggml type of every tensor under llama-quantize preset ``preset`` (e.g. ``Q4_K_M``),
     with its mixture rules and row-length fallbacks, from ``llama-quantize --dry-run`` (nothing
     is written, so this costs seconds even for very large models).
@@ -134,8 +143,10 @@ def preset_tensor_types(source: Path, preset: str, *, threads: int,
         log = _run(cmd, f"on preset {preset} (--dry-run)")
     types = parse_tensor_types(log)
     if not types:
-        raise EngineError(f"llama-quantize --dry-run {preset} printed no tensor records; "
-                          "is this ik_llama.cpp's llama-quantize?")
+        raise EngineError(
+            f"llama-quantize --dry-run {preset} printed no tensor records; "
+            "is this ik_llama.cpp's llama-quantize?"
+        )
     return types
 
 
@@ -172,8 +183,9 @@ def run_llama_quantize(
     """
     exe = find_quantize_binary()
     dest = Path(dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{dest.name}.{os.getpid()}.", suffix=".tmp",
-                                    dir=dest.parent)  # the PID: cachefiles.sweep_stale_temps
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f"{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent
+    )  # the PID: cachefiles.sweep_stale_temps
     os.close(fd)
     cmd = [str(exe)]
     if requantize:

@@ -70,7 +70,6 @@ class TensorSwap:
             return False
         return not t.buffer or bool(self.ggml.lib.ggml_backend_buffer_is_host(t.buffer))
 
-
     def _swap_private(self, t, data: np.ndarray, quantized: bool) -> int:
         """Give ``t`` (type and strides already set to the target) a private buffer on its own
         buffer type holding ``data``; returns the buffer. Raises EngineError when it cannot be
@@ -80,12 +79,15 @@ class TensorSwap:
         buft = lib.ggml_backend_buffer_get_type(t.buffer)
         size = int(lib.ggml_backend_buft_get_alloc_size(buft, addr))
         if self.private_buffers:  # forced on a host buffer: allocate CUDA's padding as well
-            size = max(size, len(data) + cuda_padding(lib.ggml_row_size, t.type, int(t.ne[0]),
-                                                      quantized))
+            size = max(
+                size, len(data) + cuda_padding(lib.ggml_row_size, t.type, int(t.ne[0]), quantized)
+            )
         buf = lib.ggml_backend_buft_alloc_buffer(buft, size)
         if not buf:
-            raise EngineError(f"cannot allocate {size} bytes on the buffer type of "
-                              f"{t.name.decode(errors='replace')} for the swap")
+            raise EngineError(
+                f"cannot allocate {size} bytes on the buffer type of "
+                f"{t.name.decode(errors='replace')} for the swap"
+            )
         lib.ggml_backend_buffer_clear(buf, 0)
         lib.ggml_backend_buffer_set_usage(buf, BUFFER_USAGE_WEIGHTS)
         t.buffer = buf
@@ -149,8 +151,9 @@ class SwapModel(TensorSwap):
     Raises EngineError when the engine's libggml or its header cannot be bound.
     """
 
-    def __init__(self, path: Path, settings: EvalSettings, *,
-                 private_buffers: bool = False) -> None:
+    def __init__(
+        self, path: Path, settings: EvalSettings, *, private_buffers: bool = False
+    ) -> None:
         self.model = LlamaModel(path, settings)
         try:
             self.ggml = Ggml(self.model.lib.quantbench_path)
@@ -178,8 +181,10 @@ class SwapModel(TensorSwap):
         """
         t = self.tensor(name)
         if type_name not in _FLOAT_TYPES:
-            raise EngineError(f"{name} is {type_name} in the baseline; the in-process engine "
-                              "quantizes from f32/f16/bf16 only")
+            raise EngineError(
+                f"{name} is {type_name} in the baseline; the in-process engine "
+                "quantizes from f32/f16/bf16 only"
+            )
         dtype, size = _FLOAT_TYPES[type_name]
         ne0 = t.ne[0]
         rows = t.ne[1] * t.ne[2] * t.ne[3]
@@ -194,8 +199,14 @@ class SwapModel(TensorSwap):
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32)
 
-    def quantize(self, weights: np.ndarray, type_id: int, row_size: int, interleave: int,
-                 imatrix: np.ndarray | None = None) -> np.ndarray:
+    def quantize(
+        self,
+        weights: np.ndarray,
+        type_id: int,
+        row_size: int,
+        interleave: int,
+        imatrix: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Quantize float32 (rows, ne0) weights to ggml type ``type_id`` → uint8 (rows·row_size,).
 
         Calls ``ggml_quantize_chunk`` over blocks of rows (a multiple of ``interleave`` rows) on
@@ -215,14 +226,17 @@ class SwapModel(TensorSwap):
         imx = imatrix.ctypes.data if imatrix is not None else None
 
         def block(start: int) -> None:
-            part = np.ascontiguousarray(weights[start:start + step])
+            part = np.ascontiguousarray(weights[start : start + step])
             n = part.shape[0]
-            dst = out[start * row_size:(start + n) * row_size]
-            written = self.ggml.quantize_chunk(type_id, part.ctypes.data, dst.ctypes.data, n,
-                                               ne0, imx)
+            dst = out[start * row_size : (start + n) * row_size]
+            written = self.ggml.quantize_chunk(
+                type_id, part.ctypes.data, dst.ctypes.data, n, ne0, imx
+            )
             if written != n * row_size:
-                raise EngineError(f"ggml_quantize_chunk wrote {written} bytes for {n} rows, "
-                                  f"expected {n * row_size}")
+                raise EngineError(
+                    f"ggml_quantize_chunk wrote {written} bytes for {n} rows, "
+                    f"expected {n * row_size}"
+                )
 
         starts = range(0, rows, step)
         if threads == 1 or len(starts) == 1:
@@ -238,8 +252,9 @@ class SwapModel(TensorSwap):
         the one this plugin knows)."""
         return self.ggml.traits(type_id)
 
-    def dequantize(self, data: np.ndarray, type_id: int, rows: int, ne0: int, row_size: int,
-                   interleave: int) -> np.ndarray | None:
+    def dequantize(
+        self, data: np.ndarray, type_id: int, rows: int, ne0: int, row_size: int, interleave: int
+    ) -> np.ndarray | None:
         """uint8 quantized rows → float32 (rows, ne0) with the type's ``to_float`` (one row, or
         one group of ``interleave`` rows, per call: docs/llama-quantize.md#ggml-api). None when the
         type has no ``to_float`` in this build or its traits cannot be read."""
@@ -249,8 +264,7 @@ class SwapModel(TensorSwap):
             return None
         out = np.empty((rows, ne0), dtype=np.float32)
         for start in range(0, rows, interleave):
-            to_float(data.ctypes.data + start * row_size, out[start].ctypes.data,
-                     interleave * ne0)
+            to_float(data.ctypes.data + start * row_size, out[start].ctypes.data, interleave * ne0)
         return out
 
     def swap_problem(self, name: str, type_name: str, shape: tuple[int, ...]) -> str | None:
@@ -262,17 +276,25 @@ class SwapModel(TensorSwap):
         same tensors."""
         t = self.tensor(name)
         if getattr(t, "extra", None):
-            return (f"{name} is split over several devices (tensor->extra is set); the in-process "
-                    "swap cannot replace its parts")
+            return (
+                f"{name} is split over several devices (tensor->extra is set); the in-process "
+                "swap cannot replace its parts"
+            )
         if t.view_src:
-            return (f"{name} is a view into a merged tensor (-mqkv/-muge); the in-process swap "
-                    "cannot replace part of it")
+            return (
+                f"{name} is a view into a merged tensor (-mqkv/-muge); the in-process swap "
+                "cannot replace part of it"
+            )
         type_id = self.ggml.header.types.get(f"GGML_TYPE_{type_name.upper()}")
         loaded = tuple(int(t.ne[i]) for i in range(len(shape)))
         if t.type != type_id or loaded != tuple(shape):
-            return (f"{name} was transformed at load (the engine holds it as type {t.type}, "
-                    f"shape {loaded}; the file has {type_name} {tuple(shape)})")
+            return (
+                f"{name} was transformed at load (the engine holds it as type {t.type}, "
+                f"shape {loaded}; the file has {type_name} {tuple(shape)})"
+            )
         if name.endswith("attn_kv_b.weight"):
-            return (f"{name} is converted at load into MLA's own tensors; swapping it would not "
-                    "change what the engine computes")
+            return (
+                f"{name} is converted at load into MLA's own tensors; swapping it would not "
+                "change what the engine computes"
+            )
         return None

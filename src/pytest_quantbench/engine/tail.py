@@ -93,13 +93,19 @@ class HiddenCapture:
             if ask or layer is None:
                 return layer is not None
             if t.type != self.ggml.F32 or t.ne[0] != self.n_embd or t.ne[2] != 1 or t.ne[3] != 1:
-                raise EngineError(f"graph node {t.name.decode()} is type {t.type} shape "
-                                  f"{list(t.ne)}, expected f32 ({self.n_embd}, n_tokens)")
+                raise EngineError(
+                    f"graph node {t.name.decode()} is type {t.type} shape "
+                    f"{list(t.ne)}, expected f32 ({self.n_embd}, n_tokens)"
+                )
             n_tokens = int(t.ne[1])
             rows = np.lib.stride_tricks.as_strided(
-                np.frombuffer(memoryview((ctypes.c_char * (int(t.nb[1]) * n_tokens))
-                                         .from_address(t.data)), dtype=np.float32),
-                shape=(n_tokens, self.n_embd), strides=(int(t.nb[1]), int(t.nb[0])))
+                np.frombuffer(
+                    memoryview((ctypes.c_char * (int(t.nb[1]) * n_tokens)).from_address(t.data)),
+                    dtype=np.float32,
+                ),
+                shape=(n_tokens, self.n_embd),
+                strides=(int(t.nb[1]), int(t.nb[0])),
+            )
             self._rows[layer].append(rows.copy())
         except Exception as exc:  # noqa: BLE001 (a ctypes callback must not raise)
             self._error = self._error or f"{type(exc).__name__}: {exc}"
@@ -116,9 +122,11 @@ class HiddenCapture:
         out = {}
         for layer, parts in self._rows.items():
             if not parts:
-                raise EngineError(f"the engine's graph has no node {hidden_node_name(layer)}: "
-                                  "prefix reuse cannot capture the input of layer "
-                                  f"{layer}; use --quantbench-prefix-reuse=off")
+                raise EngineError(
+                    f"the engine's graph has no node {hidden_node_name(layer)}: "
+                    "prefix reuse cannot capture the input of layer "
+                    f"{layer}; use --quantbench-prefix-reuse=off"
+                )
             out[layer] = np.concatenate(parts) if len(parts) > 1 else parts[0]
             parts.clear()
         return out
@@ -144,7 +152,7 @@ def _kv_records(path: Path) -> tuple[int, list[tuple[str, bytes]], int]:
             start = r.pos
             vtype = r.u32(f"value type of {key}")
             gguf_reader._read_value(r, vtype, key, 0)
-            records.append((key, bytes(buf[start:r.pos])))
+            records.append((key, bytes(buf[start : r.pos])))
         return version, records, r.pos
 
 
@@ -161,7 +169,7 @@ def _slice_layer_array(raw: bytes, n_layer: int, first_layer: int) -> bytes:
     size = gguf_reader._SCALAR_SIZE.get(etype)
     if vtype != gguf_reader._ARR or size is None or count != n_layer:
         return raw
-    body = raw[16 + first_layer * size:16 + count * size]
+    body = raw[16 + first_layer * size : 16 + count * size]
     return struct.pack("<IIQ", vtype, etype, n_layer - first_layer) + body
 
 
@@ -192,8 +200,10 @@ def write_tail_gguf(model_path: Path, first_layer: int, dest: Path) -> Path:
     header = gguf_reader.read_model_header(model_path, max_array_items=0)
     arch, n_layer = header.architecture, header.n_layer
     if not n_layer or not 1 <= first_layer < n_layer:
-        raise ValueError(f"a tail must start at a layer 1…{(n_layer or 1) - 1} of {model_path}, "
-                         f"got {first_layer}")
+        raise ValueError(
+            f"a tail must start at a layer 1…{(n_layer or 1) - 1} of {model_path}, "
+            f"got {first_layer}"
+        )
     version, records, _ = _kv_records(Path(header.shards[0]) if header.shards else model_path)
     kv = []
     for key, raw in records:
@@ -210,8 +220,10 @@ def write_tail_gguf(model_path: Path, first_layer: int, dest: Path) -> Path:
     infos = []
     for tail_name, full_name in names.items():
         t = header.tensor(full_name)
-        infos.append(_gguf_string(tail_name) + struct.pack(f"<I{len(t.shape)}QIQ", len(t.shape),
-                                                           *t.shape, t.ggml_type, 0))
+        infos.append(
+            _gguf_string(tail_name)
+            + struct.pack(f"<I{len(t.shape)}QIQ", len(t.shape), *t.shape, t.ggml_type, 0)
+        )
     head = b"GGUF" + struct.pack("<IQQ", version, len(infos), len(kv)) + b"".join(kv + infos)
     alignment = header.alignment
     data_offset = -(-len(head) // alignment) * alignment
@@ -238,8 +250,10 @@ def _point(dst, src) -> None:
     """Make ``dst`` read ``src``'s weights (both ``Ggml.Tensor`` views): same type, strides and
     data pointer."""
     if tuple(dst.ne) != tuple(src.ne):
-        raise EngineError(f"tail tensor {dst.name.decode()} has shape {list(dst.ne)}, the full "
-                          f"model's {src.name.decode()} {list(src.ne)}")
+        raise EngineError(
+            f"tail tensor {dst.name.decode()} has shape {list(dst.ne)}, the full "
+            f"model's {src.name.decode()} {list(src.ne)}"
+        )
     dst.type = src.type
     for i in range(len(dst.nb)):
         dst.nb[i] = src.nb[i]
@@ -260,8 +274,9 @@ class TailModel(TensorSwap):
     Raises EngineError when the engine refuses the file or a tensor cannot be matched.
     """
 
-    def __init__(self, full: LlamaModel, tail_path: Path, first_layer: int,
-                 settings: EvalSettings) -> None:
+    def __init__(
+        self, full: LlamaModel, tail_path: Path, first_layer: int, settings: EvalSettings
+    ) -> None:
         self.full = full
         self.ggml = ggml_for(full.lib.quantbench_path)
         self._init_swap(private_buffers=False)  # an item's swap on the tail's tensors: the same
@@ -273,14 +288,16 @@ class TailModel(TensorSwap):
         self._error: str | None = None
         self._callback = bindings.ggml_backend_sched_eval_callback(self._on_node)
         header = gguf_reader.read_header(tail_path, max_array_items=0)
-        full_names = [t.name for t in
-                      gguf_reader.read_model_header(full.path, max_array_items=0).tensors]
+        full_names = [
+            t.name for t in gguf_reader.read_model_header(full.path, max_array_items=0).tensors
+        ]
         self.names = tail_tensor_names(full_names, first_layer)
         self._tail_name = {full_name: name for name, full_name in self.names.items()}
         if set(self.names) != {t.name for t in header.tensors}:
             raise EngineError(f"{tail_path} is not the tail at layer {first_layer} of {full.path}")
-        self.model = LlamaModel(Path(tail_path), settings, full.lib.quantbench_path,
-                                context_params_hook=self._hook)
+        self.model = LlamaModel(
+            Path(tail_path), settings, full.lib.quantbench_path, context_params_hook=self._hook
+        )
         lib = self.model.lib
         # lib["…"] is a function object of our own: the declarations other modules give the
         # shared library's attributes (Ggml.bind_model_tensor_lookup's llama_get_model_tensor) stay as they are
@@ -291,8 +308,9 @@ class TailModel(TensorSwap):
         n_embd.argtypes, n_embd.restype = [ctypes.c_void_p], ctypes.c_int32
         self.n_embd = int(n_embd(self.model._model))
         self._embd_batch = lib.llama_batch_init(settings.n_batch, self.n_embd, 1)
-        self._full_tensor = {name: self._tensor(full, full_name)
-                             for name, full_name in self.names.items()}
+        self._full_tensor = {
+            name: self._tensor(full, full_name) for name, full_name in self.names.items()
+        }
         self._own = set()  # addresses of the tensors the model file declares (not duplicates)
         for name, src in self._full_tensor.items():
             dst = self._tensor(self.model, name)
@@ -311,8 +329,10 @@ class TailModel(TensorSwap):
         Raises EngineError for a tensor of a layer before L."""
         tail_name = self._tail_name.get(name)
         if tail_name is None:
-            raise EngineError(f"{name} is not in the tail at layer {self.first_layer}: an item "
-                              "that changes it must start at its layer or earlier")
+            raise EngineError(
+                f"{name} is not in the tail at layer {self.first_layer}: an item "
+                "that changes it must start at its layer or earlier"
+            )
         return self._tensor(self.model, tail_name)
 
     def _hook(self, cparams: bindings.llama_context_params) -> None:
@@ -364,10 +384,16 @@ class TailModel(TensorSwap):
         """
         settings, lib = self.settings, self.model.lib
         n_ctx = settings.n_ctx
-        if (hidden.ndim != 3 or hidden.shape[1:] != (n_ctx, self.n_embd)
-                or not 1 <= hidden.shape[0] <= settings.n_seq or hidden.dtype != np.float32):
-            raise ValueError(f"hidden states must be float32 (k ≤ {settings.n_seq}, {n_ctx}, "
-                             f"{self.n_embd}), got {hidden.dtype} {hidden.shape}")
+        if (
+            hidden.ndim != 3
+            or hidden.shape[1:] != (n_ctx, self.n_embd)
+            or not 1 <= hidden.shape[0] <= settings.n_seq
+            or hidden.dtype != np.float32
+        ):
+            raise ValueError(
+                f"hidden states must be float32 (k ≤ {settings.n_seq}, {n_ctx}, "
+                f"{self.n_embd}), got {hidden.dtype} {hidden.shape}"
+            )
         k = hidden.shape[0]
         first, n_scored = scored_range(n_ctx)
         shape = (k, n_scored, self.model.n_vocab)
@@ -375,16 +401,19 @@ class TailModel(TensorSwap):
             raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
         n = k * n_ctx
         batch = self._embd_batch
-        np.copyto(np.ctypeslib.as_array(batch.embd, shape=(n, self.n_embd)),
-                  hidden.reshape(n, self.n_embd))
+        np.copyto(
+            np.ctypeslib.as_array(batch.embd, shape=(n, self.n_embd)),
+            hidden.reshape(n, self.n_embd),
+        )
         np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = np.tile(
-            np.arange(n_ctx, dtype=np.int32), k)
+            np.arange(n_ctx, dtype=np.int32), k
+        )
         np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
         for i in range(n):
             batch.seq_id[i][0] = i // n_ctx
         want = np.ctypeslib.as_array(batch.logits, shape=(k, n_ctx))
         want[:] = 0
-        want[:, first:first + n_scored] = 1
+        want[:, first : first + n_scored] = 1
         batch.n_tokens = n
         lib.llama_kv_cache_clear(self.model._ctx)
         rc = lib.llama_decode(self.model._ctx, batch)
@@ -416,7 +445,9 @@ def self_check(tail: TailModel, hidden: np.ndarray, full_logits: np.ndarray) -> 
     if np.array_equal(logits.view(np.uint32), full_logits.view(np.uint32)):
         return None
     diff = np.abs(logits.astype(np.float64) - full_logits)
-    return (f"the tail at layer {tail.first_layer} gives logits that differ from the full "
-            f"model's (max |Δlogit| = {np.nanmax(diff):.3g} in "
-            f"{int(np.count_nonzero(logits.view(np.uint32) != full_logits.view(np.uint32)))} of "
-            f"{logits.size}): this architecture or build treats embeddings input differently")
+    return (
+        f"the tail at layer {tail.first_layer} gives logits that differ from the full "
+        f"model's (max |Δlogit| = {np.nanmax(diff):.3g} in "
+        f"{int(np.count_nonzero(logits.view(np.uint32) != full_logits.view(np.uint32)))} of "
+        f"{logits.size}): this architecture or build treats embeddings input differently"
+    )

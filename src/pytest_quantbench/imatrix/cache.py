@@ -14,14 +14,16 @@ from ..cachefiles import cache_notice
 from .formats import ImatrixError, load_imatrix
 
 
-def auto_imatrix_key(model_sha256: str, corpus_sha256: str, n_ctx: int, chunks: int,
-                     engine: str = "") -> str:
+def auto_imatrix_key(
+    model_sha256: str, corpus_sha256: str, n_ctx: int, chunks: int, engine: str = ""
+) -> str:
     """File stem of a cached auto imatrix: ``<model12>-c<n_ctx>-<chunks>ch-<digest16>``.
 
     The digest covers all arguments (``engine``: e.g. :attr:`EngineIdentity.key`).
     """
-    text = f"model={model_sha256}|corpus={corpus_sha256}|n_ctx={n_ctx}|chunks={chunks}|" \
-           f"engine={engine}"
+    text = (
+        f"model={model_sha256}|corpus={corpus_sha256}|n_ctx={n_ctx}|chunks={chunks}|engine={engine}"
+    )
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return f"{model_sha256[:12]}-c{n_ctx}-{chunks}ch-{digest}"
 
@@ -31,8 +33,9 @@ def auto_imatrix_path(cache_dir: str | os.PathLike[str], key: str) -> Path:
     return Path(cache_dir) / "imatrix" / f"{key}.imatrix.dat"
 
 
-def ensure_auto_imatrix(cache_dir: str | os.PathLike[str], key: str,
-                        compute: Callable[[Path], object]) -> Path:
+def ensure_auto_imatrix(
+    cache_dir: str | os.PathLike[str], key: str, compute: Callable[[Path], object]
+) -> Path:
     """Return the cached auto imatrix for ``key``, computing it once across processes if needed.
 
     Under a :class:`filelock.FileLock` beside the file (as :func:`baseline.ensure_baseline`): an
@@ -66,9 +69,17 @@ def ensure_auto_imatrix(cache_dir: str | os.PathLike[str], key: str,
         load_imatrix(path)
         from ..report import atomic_write_text
 
-        atomic_write_text(auto_imatrix_facts_path(path), json.dumps({
-            "seconds": round(time.perf_counter() - started, 3), "computed_at": time.time(),
-            "bytes": path.stat().st_size}) + "\n")
+        atomic_write_text(
+            auto_imatrix_facts_path(path),
+            json.dumps(
+                {
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "computed_at": time.time(),
+                    "bytes": path.stat().st_size,
+                }
+            )
+            + "\n",
+        )
     return path
 
 

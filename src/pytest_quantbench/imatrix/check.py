@@ -15,8 +15,9 @@ def _quantizable(t) -> bool:
     return t.name.endswith("weight") and t.n_dims >= 2 and "_norm.weight" not in t.name
 
 
-def check_imatrix(imatrix: Imatrix, header, path: str | os.PathLike[str] | None = None
-                  ) -> dict[str, str]:
+def check_imatrix(
+    imatrix: Imatrix, header, path: str | os.PathLike[str] | None = None
+) -> dict[str, str]:
     """Check that ``imatrix`` belongs to the model of ``header`` and bind it to the model.
 
     For every weight llama-quantize may quantize (name ending ``weight``, ≥ 2-D, not a norm), the
@@ -58,12 +59,14 @@ def check_imatrix(imatrix: Imatrix, header, path: str | os.PathLike[str] | None 
             raise ImatrixError(
                 f"{where}: the importance matrix holds {entry.n_values} values for {t.name}{via} "
                 f"but that tensor of {model} needs ne0·ne2 = {ne0}·{ne2} = {ne0 * ne2} (shape "
-                f"{list(t.shape)}): the imatrix is likely for another model; {_FIX}")
+                f"{list(t.shape)}): the imatrix is likely for another model; {_FIX}"
+            )
         bound[t.name] = (entry.name, ne0, ne2)
     if not bound:
         sample = ", ".join(list(imatrix.entries)[:3])
         raise ImatrixError(
             f"{where}: none of its {len(imatrix.entries)} entries ({sample}, …) names a weight of "
-            f"{model}: the imatrix is likely for another model; {_FIX}")
+            f"{model}: the imatrix is likely for another model; {_FIX}"
+        )
     imatrix.bound = bound
     return {name: hit[0] for name, hit in bound.items()}

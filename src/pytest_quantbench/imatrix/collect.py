@@ -24,6 +24,7 @@ from .formats import (
 
 log = logging.getLogger(__name__)
 
+
 def _filter_tensor_name(name: str) -> str:
     """llama-imatrix's filter_tensor_name: ``CUDA0#blk.0.attn_k.weight#0`` → the weight name."""
     if "#" in name:
@@ -112,8 +113,10 @@ class _Collector:
         if e is None:
             e = self.stats[name] = _Stats(ne0, n_as)
         elif e.values.shape != (n_as, ne0):
-            raise ImatrixError(f"inconsistent size for {name}: {e.values.size} vs {ne0 * n_as} "
-                               "(llama-imatrix: 'Oops: inconsistent size')")
+            raise ImatrixError(
+                f"inconsistent size for {name}: {e.values.size} vs {ne0 * n_as} "
+                "(llama-imatrix: 'Oops: inconsistent size')"
+            )
         return e
 
     def _collect(self, t) -> None:
@@ -137,8 +140,8 @@ class _Collector:
             e.ncall += 1
             # llama-imatrix adds, per expert, rows in (idx, token) order; np.add.at is unbuffered
             # and applies them in this order too.
-            experts = ids.T.reshape(-1)                                  # (n_ids·n_tokens,)
-            rows = x[:, np.arange(n_ids) % x.shape[1], :]                # (n_tokens, n_ids, ne10)
+            experts = ids.T.reshape(-1)  # (n_ids·n_tokens,)
+            rows = x[:, np.arange(n_ids) % x.shape[1], :]  # (n_tokens, n_ids, ne10)
             rows = rows.transpose(1, 0, 2).reshape(-1, ne10)
             np.add.at(e.values, experts, rows * rows)
             np.add.at(e.counts, experts, 1)
@@ -174,13 +177,21 @@ class _Collector:
                 continue
             if zero.any():
                 if e.n_as > 1 and zero.sum() < math.floor(e.n_as * 0.05 + 0.5):
-                    log.warning("imatrix entry %s: %d of %d experts are missing data; storing 1 "
-                                "for them", name, int(zero.sum()), e.n_as)
+                    log.warning(
+                        "imatrix entry %s: %d of %d experts are missing data; storing 1 for them",
+                        name,
+                        int(zero.sum()),
+                        e.n_as,
+                    )
                     counts[zero] = 1
                     values[zero] = 1
                 else:
-                    log.warning("imatrix entry %s has partial data (%d of %d experts) - skipping",
-                                name, int((~zero).sum()), e.n_as)
+                    log.warning(
+                        "imatrix entry %s has partial data (%d of %d experts) - skipping",
+                        name,
+                        int((~zero).sum()),
+                        e.n_as,
+                    )
                     continue
             mean = values / counts.astype(np.float32)[:, None]
             out.append((name, e.ncall, (mean * np.float32(e.ncall)).astype(np.float32).ravel()))
@@ -230,8 +241,10 @@ def compute_imatrix(
 
     tokens = np.ascontiguousarray(chunk_tokens, dtype=np.int32)
     if tokens.ndim != 2 or tokens.shape[1] != eval_settings.n_ctx or tokens.shape[0] < 1:
-        raise ValueError(f"chunk_tokens must be int32 (n_chunk ≥ 1, n_ctx={eval_settings.n_ctx}), "
-                         f"got shape {tokens.shape}")
+        raise ValueError(
+            f"chunk_tokens must be int32 (n_chunk ≥ 1, n_ctx={eval_settings.n_ctx}), "
+            f"got shape {tokens.shape}"
+        )
     header = read_model_header(model_path)
     lib = bindings.load_library(lib_path)
     api = Ggml(lib.quantbench_path)
@@ -256,10 +269,18 @@ def compute_imatrix(
             progress.update(done)
     records = collector.records()
     if not records:
-        raise ImatrixError(f"computing an importance matrix for {model_path}: the engine ran no "
-                           "matrix multiplication of a blk.* weight with ≥ 16 tokens; use chunks "
-                           "of ≥ 16 tokens")
+        raise ImatrixError(
+            f"computing an importance matrix for {model_path}: the engine ran no "
+            "matrix multiplication of a blk.* weight with ≥ 16 tokens; use chunks "
+            "of ≥ 16 tokens"
+        )
     _atomic_write_bytes(Path(dest), _legacy_bytes(records, collector.last_call, dataset))
-    log.info("imatrix: %d entries from %d chunks of %d tokens in %.1f s -> %s", len(records),
-             tokens.shape[0], tokens.shape[1], time.perf_counter() - start, dest)
+    log.info(
+        "imatrix: %d entries from %d chunks of %d tokens in %.1f s -> %s",
+        len(records),
+        tokens.shape[0],
+        tokens.shape[1],
+        time.perf_counter() - start,
+        dest,
+    )
     return load_imatrix(dest)

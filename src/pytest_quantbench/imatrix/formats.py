@@ -25,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-_NOT_IMATRIX = ("not an importance matrix: expected the legacy llama-imatrix .dat layout or a "
-                "GGUF imatrix")
-_FIX = ("pass a file written by llama-imatrix (-o imatrix.dat or imatrix.gguf) for this model, or "
-        "--quantbench-imatrix=auto to compute one")
+_NOT_IMATRIX = (
+    "not an importance matrix: expected the legacy llama-imatrix .dat layout or a GGUF imatrix"
+)
+_FIX = (
+    "pass a file written by llama-imatrix (-o imatrix.dat or imatrix.gguf) for this model, or "
+    "--quantbench-imatrix=auto to compute one"
+)
 _MAX_NAME = 4096  # longer legacy entry names mean the file is not an imatrix
 
 
@@ -154,16 +157,20 @@ class Imatrix:
         w = entry.weights
         if expert is None:
             if ne0 is not None and w.size != ne0:
-                raise ValueError(f"{tensor_name}: imatrix entry {entry.name} holds {w.size // ne0} "
-                                 f"matrices of {ne0} columns: pass expert=0…{w.size // ne0 - 1}")
+                raise ValueError(
+                    f"{tensor_name}: imatrix entry {entry.name} holds {w.size // ne0} "
+                    f"matrices of {ne0} columns: pass expert=0…{w.size // ne0 - 1}"
+                )
             return w
         if ne0 is None:
-            raise ValueError(f"{tensor_name}: the row length of {entry.name} is unknown in the "
-                             f"legacy file {self.path}: call check_imatrix(imatrix, header) first")
+            raise ValueError(
+                f"{tensor_name}: the row length of {entry.name} is unknown in the "
+                f"legacy file {self.path}: call check_imatrix(imatrix, header) first"
+            )
         n_mat = w.size // ne0
         if not 0 <= expert < n_mat:
             raise ValueError(f"{tensor_name}: expert {expert} out of range 0…{n_mat - 1}")
-        return w[expert * ne0:(expert + 1) * ne0]
+        return w[expert * ne0 : (expert + 1) * ne0]
 
 
 def imatrix_names_for(tensor_name: str, *, gate_to_up: bool = True) -> list[str]:
@@ -218,8 +225,7 @@ def quantize_has_gate_to_up_fallback(lib_path: str | os.PathLike[str] | None = N
     if key not in _GATE_TO_UP_CACHE:
         try:
             data = path.read_bytes()
-            _GATE_TO_UP_CACHE[key] = (b"ffn_gate.weight\0" in data
-                                       and b"ffn_up.weight\0" in data)
+            _GATE_TO_UP_CACHE[key] = b"ffn_gate.weight\0" in data and b"ffn_up.weight\0" in data
         except OSError:
             return True
     return _GATE_TO_UP_CACHE[key]
@@ -266,8 +272,9 @@ def load_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise ImatrixError(f"{p}: cannot read ({exc.strerror}); check the path and permissions") \
-            from None
+        raise ImatrixError(
+            f"{p}: cannot read ({exc.strerror}); check the path and permissions"
+        ) from None
     if data[:4] == b"GGUF":
         return _load_gguf(p)
     return _load_legacy(p, data)
@@ -284,8 +291,9 @@ def _load_legacy(p: Path, data: bytes) -> Imatrix:
     (n_entries,) = struct.unpack_from("<i", data, 0)
     # each entry needs at least len + 1 name byte + ncall + nval + one float = 17 bytes
     if n_entries <= 0 or 4 + 17 * n_entries > size:
-        raise _garbage(p, f"it starts with n_entries = {n_entries}, impossible for a "
-                          f"{size}-byte file")
+        raise _garbage(
+            p, f"it starts with n_entries = {n_entries}, impossible for a {size}-byte file"
+        )
     pos = 4
     entries: dict[str, ImatrixEntry] = {}
     for i in range(n_entries):
@@ -297,7 +305,7 @@ def _load_legacy(p: Path, data: bytes) -> Imatrix:
             raise _garbage(p, f"{where} has a name length of {length}")
         if pos + 4 + length + 8 > size:
             raise _garbage(p, f"truncated: the file ends inside {where}")
-        raw_name = data[pos + 4:pos + 4 + length]
+        raw_name = data[pos + 4 : pos + 4 + length]
         try:
             name = raw_name.decode("utf-8")
         except UnicodeDecodeError:
@@ -310,13 +318,17 @@ def _load_legacy(p: Path, data: bytes) -> Imatrix:
         if ncall < 0 or nval <= 0:
             raise _garbage(p, f"entry {name!r} has ncall = {ncall}, nval = {nval}")
         if pos + 4 * nval > size:
-            raise _garbage(p, f"truncated: entry {name!r} needs {4 * nval} bytes of values at "
-                              f"byte {pos}, the file has {size - pos}")
+            raise _garbage(
+                p,
+                f"truncated: entry {name!r} needs {4 * nval} bytes of values at "
+                f"byte {pos}, the file has {size - pos}",
+            )
         values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
         pos += 4 * nval
         _check_values(p, name, values)
-        entries[name] = ImatrixEntry(name, _readonly(_legacy_weights(values, ncall)),
-                                     _readonly(values), ncall=ncall)
+        entries[name] = ImatrixEntry(
+            name, _readonly(_legacy_weights(values, ncall)), _readonly(values), ncall=ncall
+        )
     rest = size - pos
     last_call: int | None = None
     datasets: tuple[str, ...] = ()
@@ -326,7 +338,7 @@ def _load_legacy(p: Path, data: bytes) -> Imatrix:
         last_call, dataset_len = struct.unpack_from("<ii", data, pos)
         if dataset_len < 0 or rest != 8 + dataset_len:
             raise _garbage(p, f"{rest} unexpected bytes after the last entry (at byte {pos})")
-        dataset = data[pos + 8:pos + 8 + dataset_len].decode("utf-8", "replace")
+        dataset = data[pos + 8 : pos + 8 + dataset_len].decode("utf-8", "replace")
         datasets = (dataset,) if dataset else ()
     elif rest:
         raise _garbage(p, f"{rest} unexpected bytes after the last entry (at byte {pos})")
@@ -337,8 +349,10 @@ def _check_values(p: Path, name: str, values: np.ndarray) -> None:
     bad = ~np.isfinite(values) | (values < 0)
     if bad.any():
         j = int(np.argmax(bad))
-        raise ImatrixError(f"{p}: entry {name!r} holds {values[j]} at column {j}; importance "
-                           f"values are sums of squares (finite, ≥ 0): the file is corrupt; {_FIX}")
+        raise ImatrixError(
+            f"{p}: entry {name!r} holds {values[j]} at column {j}; importance "
+            f"values are sums of squares (finite, ≥ 0): the file is corrupt; {_FIX}"
+        )
 
 
 def _load_gguf(p: Path) -> Imatrix:
@@ -349,28 +363,35 @@ def _load_gguf(p: Path) -> Imatrix:
     except GGUFError as exc:
         raise ImatrixError(f"{p}: {_NOT_IMATRIX}: the GGUF header cannot be read ({exc})") from None
     kind = header.metadata.get("general.type")
-    sums = {t.name[:-len(".in_sum2")]: t for t in header.tensors if t.name.endswith(".in_sum2")}
-    counts = {t.name[:-len(".counts")]: t for t in header.tensors if t.name.endswith(".counts")}
+    sums = {t.name[: -len(".in_sum2")]: t for t in header.tensors if t.name.endswith(".in_sum2")}
+    counts = {t.name[: -len(".counts")]: t for t in header.tensors if t.name.endswith(".counts")}
     if kind not in (None, "imatrix") or not sums:
         what = f"a GGUF with general.type = {kind!r}" if kind else "a GGUF without imatrix tensors"
-        raise ImatrixError(f"{p}: {_NOT_IMATRIX}; this is {what} (a model?), with no "
-                           f"<name>.in_sum2 / <name>.counts tensors; {_FIX}")
+        raise ImatrixError(
+            f"{p}: {_NOT_IMATRIX}; this is {what} (a model?), with no "
+            f"<name>.in_sum2 / <name>.counts tensors; {_FIX}"
+        )
     entries: dict[str, ImatrixEntry] = {}
     for name, st in sums.items():
         ct = counts.get(name)
         if ct is None:
-            raise ImatrixError(f"{p}: GGUF imatrix has {name}.in_sum2 but no {name}.counts: "
-                               f"incomplete file; {_FIX}")
+            raise ImatrixError(
+                f"{p}: GGUF imatrix has {name}.in_sum2 but no {name}.counts: "
+                f"incomplete file; {_FIX}"
+            )
         for t in (st, ct):
             if t.type_name != "f32":
-                raise ImatrixError(f"{p}: GGUF imatrix tensor {t.name} is {t.type_name}, "
-                                   f"expected f32; {_FIX}")
+                raise ImatrixError(
+                    f"{p}: GGUF imatrix tensor {t.name} is {t.type_name}, expected f32; {_FIX}"
+                )
         n_mat = ct.n_elements
         ne0 = st.shape[0]
         if n_mat <= 0 or st.n_elements != ne0 * n_mat:
-            raise ImatrixError(f"{p}: GGUF imatrix {name}.in_sum2 has shape {list(st.shape)} "
-                               f"but {name}.counts has {n_mat} values (expected ne0 × {n_mat}); "
-                               f"{_FIX}")
+            raise ImatrixError(
+                f"{p}: GGUF imatrix {name}.in_sum2 has shape {list(st.shape)} "
+                f"but {name}.counts has {n_mat} values (expected ne0 × {n_mat}); "
+                f"{_FIX}"
+            )
         sum2 = np.fromfile(p, dtype="<f4", count=st.n_elements, offset=st.data_offset)
         cnt = np.fromfile(p, dtype="<f4", count=n_mat, offset=ct.data_offset)
         sum2 = sum2.astype(np.float32)
@@ -380,17 +401,28 @@ def _load_gguf(p: Path) -> Imatrix:
         weights = np.ones(sum2.size, dtype=np.float32)
         for j in range(n_mat):
             if cnt[j] > 0:
-                weights[j * ne0:(j + 1) * ne0] = sum2[j * ne0:(j + 1) * ne0] / cnt[j]
-        entries[name] = ImatrixEntry(name, _readonly(weights), _readonly(sum2), ncall=None,
-                                     counts=_readonly(cnt), n_per_row=ne0)
+                weights[j * ne0 : (j + 1) * ne0] = sum2[j * ne0 : (j + 1) * ne0] / cnt[j]
+        entries[name] = ImatrixEntry(
+            name,
+            _readonly(weights),
+            _readonly(sum2),
+            ncall=None,
+            counts=_readonly(cnt),
+            n_per_row=ne0,
+        )
     meta = header.metadata
     ds = meta.get("imatrix.datasets", ())
     datasets = tuple(str(d) for d in ds) if isinstance(ds, (tuple, list)) else ()
     cc = meta.get("imatrix.chunk_count")
     cs = meta.get("imatrix.chunk_size")
-    return Imatrix(p, "gguf", entries, datasets, int(cc) if cc is not None else None,
-                   int(cs) if cs is not None else None)
-
+    return Imatrix(
+        p,
+        "gguf",
+        entries,
+        datasets,
+        int(cc) if cc is not None else None,
+        int(cs) if cs is not None else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,8 +444,9 @@ def _atomic_write_bytes(dest: Path, chunks: Iterable[bytes]) -> None:
             os.unlink(tmp)
 
 
-def _legacy_bytes(records: Iterable[tuple[str, int, np.ndarray]], last_call: int,
-                  dataset: str) -> Iterable[bytes]:
+def _legacy_bytes(
+    records: Iterable[tuple[str, int, np.ndarray]], last_call: int, dataset: str
+) -> Iterable[bytes]:
     records = list(records)
     yield struct.pack("<i", len(records))
     for name, ncall, values in records:
@@ -444,8 +477,11 @@ def write_legacy(imatrix: Imatrix, path: str | os.PathLike[str]) -> Path:
             records.append((e.name, e.ncall, e.values))
         else:
             records.append((e.name, 1, e.weights))
-    last_call = imatrix.chunk_count if imatrix.chunk_count is not None else \
-        max((r[1] for r in records), default=0)
+    last_call = (
+        imatrix.chunk_count
+        if imatrix.chunk_count is not None
+        else max((r[1] for r in records), default=0)
+    )
     dest = Path(path)
     _atomic_write_bytes(dest, _legacy_bytes(records, int(last_call), ", ".join(imatrix.datasets)))
     return dest
