@@ -111,7 +111,7 @@ def heatmap_figure(rows: Iterable[Row], qtype: str):
         lo, hi = lo / 10, hi * 10
     plt = _pyplot()
     fig, ax = plt.subplots(
-        figsize=(2.5 + 0.9 * len(kinds), max(3.5, 2 + 0.35 * len(layers))), dpi=DPI
+        figsize=(max(4.5, 2.5 + 0.9 * len(kinds)), max(3.5, 2 + 0.35 * len(layers))), dpi=DPI
     )
     cmap = plt.get_cmap("viridis").with_extremes(bad=NOT_MEASURED_GREY)
     shown = np.ma.masked_invalid(np.where(grid > 0, grid, np.where(np.isfinite(grid), lo, np.nan)))
@@ -122,7 +122,7 @@ def heatmap_figure(rows: Iterable[Row], qtype: str):
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("tensor kind")
     ax.set_ylabel("layer")
-    ax.set_title(f"mean KLD per tensor at {qtype} (grey: not measured)")
+    ax.set_title(f"mean KLD per tensor at {qtype}\n(grey: not measured)")
     bar = fig.colorbar(image, ax=ax)
     bar.set_label("mean KLD (nats, log scale)")
     fig.tight_layout()
