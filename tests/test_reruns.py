@@ -119,3 +119,15 @@ def test_marker_selects_benchmark_items_and_one_layer_exactly(pytester, tmp_path
     ]
     keyword = pytester.runpytest_subprocess(*args, "-k", "layer1")
     assert not [line for line in keyword.stdout.lines if line.startswith("quantbench::")]
+
+
+def test_pytest_help_lists_every_option_and_survives_percent_signs(pytester):
+    """``pytest --help`` runs wherever the plugin is installed (argparse %-formats help texts;
+    --quantbench-gpus' help has a literal percent sign)."""
+    from pytest_quantbench.config import OPTIONS
+
+    result = pytester.runpytest_subprocess("--help")
+    assert result.ret == 0, result.stderr.str()
+    text = result.stdout.str()
+    assert "N % len(LIST)" in text
+    assert all(opt.flag in text for opt in OPTIONS)

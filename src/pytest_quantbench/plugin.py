@@ -44,7 +44,12 @@ CACHE_ENV = "QUANTBENCH_CACHE_DIR"
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("quantbench", "pytest-quantbench: per-tensor quantization benchmarks")
     for opt in OPTIONS:
-        kwargs: dict[str, Any] = {"dest": opt.dest, "default": None, "help": opt.help}
+        # argparse %-formats help texts ("LIST[N % len(LIST)]" would crash pytest --help)
+        kwargs: dict[str, Any] = {
+            "dest": opt.dest,
+            "default": None,
+            "help": opt.help.replace("%", "%%"),
+        }
         if opt.kind == "list" and opt.name == "tensors":
             kwargs.update(nargs="+", action="extend", metavar="RULE")
         elif opt.kind == "groups":
