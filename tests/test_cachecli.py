@@ -58,3 +58,21 @@ def test_bad_use_is_exit_4_with_the_fix(tmp_path, capsys):
     assert "--older-than DAYS" in capsys.readouterr().err
     assert main(["list", "--cache-dir", str(tmp_path / "none")]) == 4
     assert "--cache-dir DIR" in capsys.readouterr().err
+
+
+def test_prefix_reuse_files_are_listed_and_found_from_a_subfolder(tmp_path, monkeypatch):
+    from pytest_quantbench.cachecli import default_cache_dir
+
+    root = tmp_path / ".pytest_cache" / "d" / "quantbench"
+    _entry(root / "hidden" / "aaaa-c64-2ch-1111" / "L001" / "chunk00000.npy", 4096, 1)
+    tail = root / "tails" / "aaaa-L001.gguf"
+    tail.parent.mkdir(parents=True)
+    with open(tail, "wb") as f:  # a sparse tail model: a long file with one written block
+        f.write(b"GGUF")
+        f.truncate(50_000_000)
+    kinds = {e.kind: e for e in scan(root)}
+    assert kinds["hidden"].key == "aaaa-c64-2ch-1111" and kinds["hidden"].size >= 4096
+    assert kinds["tail"].key == "aaaa-L001" and kinds["tail"].size < 1_000_000  # on disk
+    monkeypatch.delenv("QUANTBENCH_CACHE_DIR", raising=False)
+    (tmp_path / "demo").mkdir()
+    assert default_cache_dir(tmp_path / "demo") == root  # pytest's rootdir is a parent

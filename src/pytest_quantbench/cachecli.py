@@ -9,6 +9,9 @@ The cache (``--quantbench-cache-dir``, else ``$QUANTBENCH_CACHE_DIR``, else pyte
   chunks of 512;
 * ``models/*.gguf``: the default model converted to the baseline type;
 * ``imatrix/*.imatrix.dat``: importance matrices of ``--quantbench-imatrix=auto``;
+* ``hidden/<baseline key>/``: prefix reuse's hidden states of that baseline (f32, per layer and
+  chunk);
+* ``tails/*.gguf``: prefix reuse's header-only tail models (sparse: little space on disk);
 * ``tmp/``: variant models of running processes (left behind only by a killed one).
 
 Last use is the file's access time when newer than its modification time (file systems mounted
@@ -31,6 +34,8 @@ KINDS = (
     ("baseline", "baselines", "*.kld"),
     ("model", "models", "*.gguf"),
     ("imatrix", "imatrix", "*.imatrix.dat"),
+    ("hidden", "hidden", "*"),
+    ("tail", "tails", "*.gguf"),
     ("tmp", "tmp", "*"),
 )
 
@@ -48,15 +53,29 @@ class CacheEntry:
 
 
 def default_cache_dir(cwd: Path | None = None) -> Path:
-    """``$QUANTBENCH_CACHE_DIR``, else ``<cwd>/.pytest_cache/d/quantbench``."""
+    """``$QUANTBENCH_CACHE_DIR``, else the nearest ``.pytest_cache/d/quantbench`` in ``cwd`` or
+    one of its parents (pytest keeps its cache in the rootdir, often a parent of where it runs),
+    else ``<cwd>/.pytest_cache/d/quantbench``."""
     env = os.environ.get("QUANTBENCH_CACHE_DIR")
-    return Path(env) if env else (cwd or Path.cwd()) / ".pytest_cache" / "d" / "quantbench"
+    if env:
+        return Path(env)
+    here = (cwd or Path.cwd()).absolute()
+    for folder in (here, *here.parents):
+        if (folder / ".pytest_cache" / "d" / "quantbench").is_dir():
+            return folder / ".pytest_cache" / "d" / "quantbench"
+    return here / ".pytest_cache" / "d" / "quantbench"
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes ``path`` takes on disk (a sparse tail model takes far less than its length)."""
+    stat = path.stat()
+    return min(stat.st_size, getattr(stat, "st_blocks", stat.st_size // 512 + 1) * 512)
 
 
 def _size(path: Path) -> int:
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+        return sum(_disk_bytes(p) for p in path.rglob("*") if p.is_file())
+    return _disk_bytes(path)
 
 
 def scan(cache_dir: Path) -> list[CacheEntry]:
