@@ -690,7 +690,8 @@ def needs_imatrix(t: GGMLType | QType | str) -> bool:
 IMATRIX_LEGEND = (
     "needs imatrix: quantizing to this type without an importance matrix fails (llama-quantize "
     "refuses, or its quantizer asserts; token_embd.weight and output.weight are exempt for some "
-    "types), so such items are skipped unless --quantbench-imatrix FILE or auto is given."
+    "types), so a run computes one from the corpus for such items unless --quantbench-imatrix "
+    "gives a FILE, or skips them with --quantbench-imatrix=none."
 )
 
 #: The qtype names that differ only by case, and what each one is.
